@@ -1,0 +1,110 @@
+"""EngineConfig: the one place where engine settings live and are validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2"
+    # KV cache
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests force tiny pools)
+    enable_prefix_caching: bool = True
+    # scheduling
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's own context length
+    max_waiting_requests: int = 1024
+    # model
+    dtype: str = "float32"
+    quantization: str = "auto"  # auto: keep a GGUF's quantized weights quantized
+    quant_group_size: int = 32
+    seed: int = 0
+    num_threads: int | None = None
+    debug_checks: bool = False  # assert pool invariants after every step
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_waiting_requests", self.max_waiting_requests)
+        _positive("quant_group_size", self.quant_group_size)
+        if self.num_kv_blocks is not None:
+            _positive("num_kv_blocks", self.num_kv_blocks)
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.num_threads is not None:
+            _positive("num_threads", self.num_threads)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama-family decoder; Qwen2/Qwen3/Mistral differ only by flags."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    architecture: str = "llama"
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        model_type = cfg.get("model_type", "llama")
+        supported = ("llama", "mistral", "qwen2", "qwen3")
+        if model_type not in supported:
+            raise ValueError(f"unsupported architecture {model_type!r} ({arch}); supported: {supported}")
+        num_heads = cfg["num_attention_heads"]
+        # transformers >= 5 folds theta and scaling into "rope_parameters"
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
+            qk_norm=model_type == "qwen3",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            architecture=model_type,
+        )
