@@ -1,0 +1,230 @@
+"""Engine: step() = schedule -> execute -> update. Requests in, cumulative outputs out."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.detokenize import IncrementalDetokenizer
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.sampling import SamplingParams
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    num_preemptions: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_steps: int = 0
+    last_step_seconds: float = 0.0
+    last_step_tokens: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass
+class _Group:
+    """One user request; n > 1 fans out to n engine requests that share the prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    metrics: RequestMetrics
+    finish_reasons: list[str | None] = field(default_factory=list)
+    logprobs: list[list] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(r is not None for r in self.finish_reasons)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, runner, tokenizer, max_model_len: int, num_blocks: int):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        self.groups: dict[str, _Group] = {}
+        self.child_to_group: dict[str, tuple[_Group, int]] = {}
+        self._arrivals = 0
+        self.stats = EngineStats(kv_blocks_total=num_blocks)
+
+    # -- requests ------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None
+    ) -> None:
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if self.scheduler.num_waiting + params.n > self.config.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+            vocab = self.runner.model.config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        if max_tokens < 1:
+            raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room in the context ({self.max_model_len})")
+        eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
+        children, detoks = [], []
+        for j in range(params.n):
+            child_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + j
+                child_params = dataclasses.replace(params, n=1, seed=seed)
+            child = Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{j}",
+                prompt_token_ids=ids,
+                params=child_params,
+                arrival_order=self._arrivals,
+                max_tokens=max_tokens,
+                eos_token_ids=eos,
+            )
+            self._arrivals += 1
+            self.scheduler.check_admissible(child)
+            children.append(child)
+            detoks.append(
+                IncrementalDetokenizer(
+                    self.tokenizer, ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+                )
+            )
+        group = _Group(
+            request_id, text, ids, children, detoks,
+            RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.monotonic()),
+            finish_reasons=[None] * params.n,
+            logprobs=[[] for _ in range(params.n)],
+        )
+        for j, child in enumerate(children):
+            self.scheduler.add_request(child)
+            self.child_to_group[child.request_id] = (group, j)
+        self.groups[request_id] = group
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        for j, child in enumerate(group.children):
+            if group.finish_reasons[j] is None:
+                self.scheduler.abort(child.request_id)
+                group.finish_reasons[j] = "abort"
+        return self._finish_group(group)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    # -- one step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        touched: dict[str, _Group] = {}
+        if not sched.is_empty:
+            results = self.runner.execute(sched)
+            now = time.monotonic()
+            for chunk in sched.chunks:
+                group, _ = self.child_to_group[chunk.request.request_id]
+                if group.metrics.scheduled_time is None:
+                    group.metrics.scheduled_time = now
+            finished = self.scheduler.update(sched, {rid: r.token_id for rid, r in results.items()})
+            for rid, result in results.items():
+                group, j = self.child_to_group[rid]
+                request = group.children[j]
+                touched[group.request_id] = group
+                if group.metrics.first_token_time is None:
+                    group.metrics.first_token_time = now
+                    self.stats.prompt_tokens_total += len(group.prompt_token_ids)
+                self.stats.generation_tokens_total += 1
+                if result.logprobs is not None:
+                    group.logprobs[j].append(result.logprobs)
+                if group.detoks[j].add_token(result.token_id):
+                    request.stop_reason = group.detoks[j].stop_reason
+                    self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)  # no-op if done
+                    group.finish_reasons[j] = "stop"
+                elif request.is_finished:
+                    group.finish_reasons[j] = request.status.value
+            for request in finished:
+                self.runner.sampler.forget(request.request_id)
+        outputs = []
+        for group in touched.values():
+            if group.finished:
+                outputs.append(self._finish_group(group))
+            else:
+                outputs.append(self._output(group))
+        self._update_stats(time.perf_counter() - t0, sched.num_batched_tokens)
+        if self.config.debug_checks:
+            self.check_invariants()
+        return outputs
+
+    def _output(self, group: _Group) -> RequestOutput:
+        completions = []
+        for j, (child, detok) in enumerate(zip(group.children, group.detoks)):
+            want_lp = child.params.logprobs is not None
+            completions.append(
+                CompletionOutput(
+                    index=j,
+                    text=detok.text if group.finish_reasons[j] else detok.visible_text,
+                    token_ids=list(child.output_token_ids),
+                    logprobs=list(group.logprobs[j]) if want_lp else None,
+                    finish_reason=group.finish_reasons[j],
+                    stop_reason=child.stop_reason,
+                )
+            )
+        cached = max(0, min(c.num_cached_tokens for c in group.children))
+        return RequestOutput(
+            group.request_id, group.prompt, group.prompt_token_ids, completions,
+            finished=group.finished, num_cached_tokens=cached, metrics=group.metrics,
+        )
+
+    def _finish_group(self, group: _Group) -> RequestOutput:
+        group.metrics.finished_time = time.monotonic()
+        for child in group.children:
+            self.child_to_group.pop(child.request_id, None)
+            self.runner.sampler.forget(child.request_id)
+        self.groups.pop(group.request_id, None)
+        return self._output(group)
+
+    def _update_stats(self, seconds: float, tokens: int) -> None:
+        s = self.stats
+        s.num_running = self.scheduler.num_running
+        s.num_waiting = self.scheduler.num_waiting
+        s.kv_blocks_used = self.kv.pool.num_used_blocks
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries = self.kv.prefix_queries
+        s.prefix_cache_hits = self.kv.prefix_hits
+        if tokens:
+            s.num_steps += 1
+            s.last_step_seconds = seconds
+            s.last_step_tokens = tokens
+
+    def check_invariants(self) -> None:
+        self.kv.pool.check_invariants()
+        held = sum(len(r.block_ids) for r in self.scheduler.running)
+        refs = sum(b.ref_cnt for b in self.kv.pool.blocks)
+        assert held == refs, (held, refs)
+        assert all(not r.block_ids for r in self.scheduler.waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()

@@ -1,0 +1,206 @@
+"""Paged KV cache bookkeeping: a pool of fixed-size blocks with reference counts and a
+prefix cache keyed by chained block hashes. Pure Python: no torch, no clock.
+
+A block that no request uses goes to the free queue but keeps its hash, so a later request
+with the same prefix can take it back (a prefix-cache hit). The free queue is LRU order:
+allocation evicts from its front. A request frees its blocks tail-first, so within one
+chain the leaves are evicted before the blocks they depend on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from tokenmill.engine.request import Request
+
+# 128 bits of SHA-256 over (parent digest, token ids): a collision needs ~2^64 distinct blocks
+# (birthday bound), far beyond any cache's lifetime, so a hit is treated as exact. Python's
+# built-in 64-bit hash() is not used: it is cheap to collide on purpose.
+_DIGEST_BYTES = 16
+_ROOT = b"tokenmill-kv-v1"
+
+
+def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
+    h = hashlib.sha256(parent or _ROOT)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()[:_DIGEST_BYTES]
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True):
+        if num_blocks <= 0:
+            raise ValueError("the KV pool needs at least one block")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[bytes, int] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self.cached.get(block_hash)
+
+    def allocate(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        assert block.ref_cnt == 0
+        if block.block_hash is not None:
+            del self.cached[block.block_hash]
+            block.block_hash = None
+            self.num_evictions += 1
+        block.ref_cnt = 1
+        return block_id
+
+    def touch(self, block_id: int) -> None:
+        """Take a reference on a cached block (removing it from the free queue if idle)."""
+        block = self.blocks[block_id]
+        if block.ref_cnt == 0:
+            del self.free_queue[block_id]
+        block.ref_cnt += 1
+
+    def release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_cnt <= 0:
+            raise RuntimeError(f"double free of KV block {block_id}")
+        block.ref_cnt -= 1
+        if block.ref_cnt == 0:
+            if block.block_hash is None:
+                # Nothing to reuse: hand it out before any cached block.
+                self.free_queue[block_id] = None
+                self.free_queue.move_to_end(block_id, last=False)
+            else:
+                self.free_queue[block_id] = None
+
+    def cache_block(self, block_id: int, block_hash: bytes) -> None:
+        if not self.enable_caching or block_hash in self.cached:
+            return  # another request computed the same block first; that one stays canonical
+        block = self.blocks[block_id]
+        if block.block_hash is None:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block_id
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached hashes; only possible when no block is in use."""
+        if self.num_used_blocks:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+        return True
+
+    def check_invariants(self) -> None:
+        for block in self.blocks:
+            assert block.ref_cnt >= 0, block
+            assert (block.ref_cnt == 0) == (block.block_id in self.free_queue), block
+            if block.block_hash is not None:
+                assert self.cached.get(block.block_hash) == block.block_id, block
+        assert len(self.cached) == sum(b.block_hash is not None for b in self.blocks)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.enable_caching = enable_caching
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which were found
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _update_hashes(self, request: Request) -> None:
+        full = request.num_tokens // self.block_size
+        hashes = request.block_hashes
+        bs = self.block_size
+        while len(hashes) < full:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, request.tokens_slice(i * bs, (i + 1) * bs)))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """Longest run of cached full blocks at the start of the request's tokens.
+
+        At least one token is always left to compute: its logits give the next token.
+        """
+        if not self.enable_caching:
+            return [], 0
+        self._update_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
+        held = len(request.block_ids) + len(computed_blocks)
+        need = self.blocks_for(request.num_computed_tokens + num_new_tokens) - held
+        # Cached-but-idle blocks we are about to take back are counted in the free queue too.
+        reclaimed = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_cnt == 0)
+        return need <= self.pool.num_free_blocks - reclaimed
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
+        """Make room for num_new_tokens more tokens of KV; False (and no change) if the pool can't.
+
+        computed_blocks (prefix-cache hits) are attached first; request.num_computed_tokens must
+        already count them.
+        """
+        if not self.can_allocate(request, num_new_tokens, computed_blocks):
+            return False
+        for block_id in computed_blocks:
+            self.pool.touch(block_id)
+        request.block_ids.extend(computed_blocks)
+        total = request.num_computed_tokens + num_new_tokens
+        while len(request.block_ids) < self.blocks_for(total):
+            request.block_ids.append(self.pool.allocate())
+        if self.enable_caching:
+            self._cache_full_blocks(request, total)
+        return True
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        # The tokens of every scheduled position are known now, so their blocks can be keyed
+        # before the forward pass fills them (the step runs before anyone else can hit them).
+        self._update_hashes(request)
+        for i in range(min(num_tokens // self.block_size, len(request.block_hashes))):
+            self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
+
+    def free(self, request: Request) -> None:
+        for block_id in reversed(request.block_ids):
+            self.pool.release(block_id)
+        request.block_ids = []
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

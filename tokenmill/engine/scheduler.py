@@ -1,0 +1,198 @@
+"""Continuous batching: which requests run this step and how many tokens each computes.
+
+One step, one batch: decode tokens and prefill chunks share a single token budget. Running
+requests go first (in arrival order), then waiting ones are admitted FCFS while budget,
+sequence slots and KV blocks last. Out of blocks, the running request that loses least work
+(fewest computed tokens) is preempted: its blocks are freed and it is recomputed later.
+Pure Python: no torch, no wall clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_tokens: int  # tokens to compute this step, starting at request.num_computed_tokens
+
+    @property
+    def start(self) -> int:
+        return self.request.num_computed_tokens
+
+    @property
+    def end(self) -> int:
+        return self.request.num_computed_tokens + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last token, so its logits give a new token."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- admission -----------------------------------------------------------------------
+    def check_admissible(self, request: Request) -> None:
+        """Refuse up front what could never run, so it can't starve the queue."""
+        if request.num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if request.max_total_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.max_tokens}) = "
+                f"{request.max_total_tokens} exceeds the maximum context length {self.max_model_len}"
+            )
+        if self.kv.blocks_for(request.max_total_tokens) > self.kv.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens = {request.max_total_tokens} tokens needs more KV blocks "
+                f"than the whole pool holds ({self.kv.num_blocks} blocks of {self.kv.block_size})"
+            )
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_admissible(request)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: dict[Request, int] = {}
+        preempted: list[Request] = []
+
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens_to_compute, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self._pick_victim()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim in scheduled:
+                    budget += scheduled.pop(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled[request] = num_new
+                budget -= num_new
+
+        # Admitting new work right after preempting would only thrash.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+            request.num_computed_tokens = num_hit
+            num_new = min(request.num_tokens_to_compute, budget)
+            if not self.kv.allocate_slots(request, num_new, computed_blocks):
+                request.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request] = num_new
+            budget -= num_new
+
+        chunks = [ScheduledChunk(r, n) for r, n in scheduled.items()]
+        return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _pick_victim(self) -> Request:
+        # Least work lost: fewest computed tokens; among equals the latest arrival.
+        return min(self.running, key=lambda r: (r.num_computed_tokens, -r.arrival_order))
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        # Back into the queue in arrival order, so it resumes before later arrivals.
+        index = bisect.bisect_left([r.arrival_order for r in self.waiting], request.arrival_order)
+        self.waiting.insert(index, request)
+
+    # -- after the forward pass ----------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed tokens, append sampled tokens; return requests finished by a stop
+        token or length (their blocks are already freed)."""
+        finished: list[Request] = []
+        for chunk in output.chunks:
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            status = request.check_stop_token()
+            if status is not None:
+                self.finish(request, status)
+                finished.append(request)
+        return finished
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Finish a request for any reason (stop, length, abort): free its blocks, forget it."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = status
+        self.requests.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+        return request

@@ -1,0 +1,57 @@
+"""LLM: the offline API. `LLM(model, **config).generate(prompts, params) -> list[RequestOutput]`."""
+
+from __future__ import annotations
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.build import build_engine
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.sampling import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2", *, loaded=None, **config):
+        self.config = EngineConfig(model=model, **config)
+        self.engine = build_engine(self.config, loaded)
+        self._next_id = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str | list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or a single one for all")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                rid = str(self._next_id)
+                self._next_id += 1
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished:
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None):
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        # The template writes every special token itself, so no BOS is added on top.
+        prompts = [
+            self.tokenizer.encode(self.tokenizer.apply_chat_template(m, add_generation_prompt=True), False)
+            for m in conversations
+        ]
+        return self.generate(prompts, sampling_params)

@@ -1,0 +1,75 @@
+"""Paged attention, torch backend: the CPU path and the reference for faster backends.
+
+The batch is flattened to T tokens, decode tokens (one query each) first, then prefill
+chunks. Every token's K/V is written into the pool at its slot before any attention runs,
+so a chunk attends to all earlier KV of its own request, whoever computed it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # first token of the chunk in the flattened batch
+    num_tokens: int
+    context_len: int  # tokens of KV the chunk attends to, its own included
+    block_table: torch.Tensor  # [blocks covering context_len]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat slot index into the pool of each token
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks]
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size], True = masked
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+    # Pool layout [num_blocks, block_size, kv_heads, head_dim] flattens to one slot per token.
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        # Gather each request's blocks into [B, kv_heads, L, D] and do GQA as a batched matmul
+        # with the query heads of one KV head grouped, so each KV head is read once.
+        bt = meta.decode_block_tables
+        k = k_cache[bt].flatten(1, 2).transpose(1, 2)
+        v = v_cache[bt].flatten(1, 2).transpose(1, 2)
+        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
+        scores = torch.matmul(qd, k.transpose(-1, -2)).float() * scale
+        scores.masked_fill_(meta.decode_mask, float("-inf"))
+        probs = scores.softmax(-1).to(v.dtype)
+        out[:nd] = torch.matmul(probs, v).view(nd, num_heads, head_dim)
+    for chunk in meta.prefills:
+        s, n, ctx = chunk.start, chunk.num_tokens, chunk.context_len
+        k = k_cache[chunk.block_table].flatten(0, 1)[:ctx].transpose(0, 1)
+        v = v_cache[chunk.block_table].flatten(0, 1)[:ctx].transpose(0, 1)
+        qp = q[s : s + n].transpose(0, 1)
+        if ctx == n:
+            o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # Query i sits at position ctx - n + i and sees keys 0..that position.
+            qpos = torch.arange(ctx - n, ctx)
+            mask = torch.arange(ctx)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[s : s + n] = o.transpose(0, 1)
+    return out

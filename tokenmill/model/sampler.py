@@ -1,0 +1,141 @@
+"""The batched sampler: one call turns a batch's last-position logits into next tokens.
+
+Kept out of tokenmill/sampling.py (which holds SamplingParams) so that the scheduler, which
+sees SamplingParams, stays free of torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.outputs import Logprob, TokenLogprobs
+from tokenmill.engine.request import Request
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+        # One generator per seeded request: its draws depend on nothing else in the batch.
+        self.request_generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self.request_generators.pop(request_id, None)
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.params.seed
+        if seed is None:
+            return None
+        g = self.request_generators.get(request.request_id)
+        if g is None:
+            g = self.request_generators[request.request_id] = torch.Generator().manual_seed(seed)
+        return g
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+        logits = logits.float()
+        batch, vocab = logits.shape
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in requests):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        logits = logits.clone()
+        self._apply_penalties(logits, requests)
+        self._apply_min_tokens(logits, requests)
+
+        greedy = torch.tensor([r.params.greedy for r in requests])
+        tokens = logits.argmax(dim=-1)
+        random_rows = (~greedy).nonzero().flatten().tolist()
+        if random_rows:
+            rows = torch.tensor(random_rows)
+            sampled = self._sample(logits[rows], [requests[i] for i in random_rows])
+            tokens[rows] = sampled
+
+        token_list = tokens.tolist()
+        results = []
+        for i, request in enumerate(requests):
+            lp = None
+            if raw_logprobs is not None and request.params.logprobs is not None:
+                lp = _logprobs(raw_logprobs[i], token_list[i], request.params.logprobs)
+            results.append(SampleResult(token_list[i], lp))
+        return results
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        for i, request in enumerate(requests):
+            p = request.params
+            if not p.needs_penalties:
+                continue
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and request.output_token_ids:
+                counts = torch.bincount(torch.tensor(request.output_token_ids), minlength=row.shape[0])
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+    def _apply_min_tokens(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        for i, request in enumerate(requests):
+            p = request.params
+            if request.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(request.eos_token_ids))
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        temps = torch.tensor([r.params.temperature for r in requests]).unsqueeze(1)
+        logits = logits / temps
+        top_k = [r.params.top_k for r in requests]
+        top_p = [r.params.top_p for r in requests]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _top_k_top_p(logits, top_k, top_p)
+        probs = logits.softmax(dim=-1)
+        min_p = torch.tensor([r.params.min_p for r in requests])
+        if (min_p > 0).any():
+            limit = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+            probs = probs.masked_fill(probs < limit, 0.0)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p, and lets each
+        # seeded row take its noise from its own generator.
+        noise = torch.empty_like(probs)
+        unseeded = []
+        for i, request in enumerate(requests):
+            g = self._generator(request)
+            if g is None:
+                unseeded.append(i)
+            else:
+                noise[i].exponential_(generator=g)
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab).unsqueeze(0)
+    k = torch.tensor([v if v > 0 else vocab for v in top_k]).unsqueeze(1)
+    remove = ranks >= k
+    p = torch.tensor(top_p).unsqueeze(1)
+    if (p < 1.0).any():
+        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        # Drop a token when the mass strictly before it already reaches top_p (the first stays).
+        before = probs.cumsum(dim=-1) - probs
+        remove |= before >= p
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _logprobs(row: torch.Tensor, token: int, top_n: int) -> TokenLogprobs:
+    sampled = Logprob(token, float(row[token]))
+    top = []
+    if top_n:
+        values, ids = row.topk(top_n)
+        top = [Logprob(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
+    return TokenLogprobs(sampled, top)
