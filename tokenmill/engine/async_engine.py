@@ -1,0 +1,186 @@
+"""AsyncEngine: the engine loop on its own thread behind an asyncio API.
+
+The forward pass runs in a worker thread (torch releases the GIL), so the event loop that
+serves HTTP is never blocked. All engine state is touched by that thread only: callers send
+it commands (add, abort) through a queue and get outputs back on per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import Engine
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.sampling import SamplingParams
+
+log = logging.getLogger("tokenmill")
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    """Run fn(engine) on the engine thread (e.g. reset the prefix cache) and return its value."""
+
+    fn: object
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.errored: BaseException | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, loaded=None) -> "AsyncEngine":
+        from tokenmill.engine.build import build_engine
+
+        return cls(build_engine(config, loaded))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def stats(self):
+        return self.engine.stats
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, arrival_time: float | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative outputs until the request finishes. Closing the generator early
+        (a client that went away) aborts the request and frees its KV blocks."""
+        import time
+
+        self.start()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, q)
+        self._commands.put(_Add(request_id, prompt, params, arrival_time or time.monotonic()))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine never kept it, or already dropped it
+                    raise item
+                # Coalesce: only the newest cumulative output matters to a slow consumer.
+                while not q.empty() and not item.finished:
+                    nxt = q.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        finished = True
+                        raise nxt
+                    item = nxt
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    async def call(self, fn):
+        """Run fn(engine) between two steps, on the engine thread."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(_Call(fn, future, loop))
+        return await future
+
+    # -- engine thread -------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _handle(self, command) -> None:
+        if isinstance(command, _Add):
+            try:
+                self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
+            except Exception as exc:  # bad request: tell the caller, keep serving
+                self._deliver(command.request_id, exc)
+            else:
+                if command.request_id not in self._streams:  # caller left before we got here
+                    self.engine.abort_request(command.request_id)
+        elif isinstance(command, _Abort):
+            out = self.engine.abort_request(command.request_id)
+            if out is not None:
+                self._deliver(command.request_id, out)
+        elif isinstance(command, _Call):
+            try:
+                result = command.fn(self.engine)
+            except Exception as exc:
+                command.loop.call_soon_threadsafe(command.future.set_exception, exc)
+            else:
+                command.loop.call_soon_threadsafe(command.future.set_result, result)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            # Idle: sleep until a command comes. Busy: take whatever is queued, then step.
+            try:
+                command = self._commands.get(timeout=None if not self.engine.has_unfinished else 0)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._handle(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self._stop.is_set() or not self.engine.has_unfinished:
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # never leave callers hanging: fail their requests, free blocks
+                log.exception("engine step failed; aborting running requests")
+                for request_id in list(self.engine.groups):
+                    self.engine.abort_request(request_id)
+                    self._deliver(request_id, RuntimeError(f"engine error: {exc}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
