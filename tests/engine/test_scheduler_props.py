@@ -1,0 +1,161 @@
+"""Property tests on the scheduler + KV cache manager alone (no model, no torch)."""
+
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.sampling import SamplingParams
+
+BLOCK = 4
+PREFIXES = [[7] * 9, [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 8, 8, 7, 7]]
+
+
+def check(sched: Scheduler, out=None):
+    kv = sched.kv
+    kv.pool.check_invariants()
+    held = sum(len(r.block_ids) for r in sched.running)
+    assert held == sum(b.ref_cnt for b in kv.pool.blocks)
+    assert all(not r.block_ids for r in sched.waiting)
+    assert len(sched.running) <= sched.max_num_seqs
+    if out is not None:
+        assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        for c in out.chunks:
+            assert c.num_tokens >= 1
+            assert len(c.request.block_ids) * BLOCK >= c.end
+            assert c.request.status is RequestStatus.RUNNING
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 20), st.integers(-1, 2)),
+        st.tuples(st.just("step"), st.integers(1, 3)),
+        st.tuples(st.just("abort"), st.integers(0, 50)),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=ops,
+    num_blocks=st.integers(16, 48),
+    budget=st.integers(1, 48),
+    max_seqs=st.integers(1, 6),
+    caching=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_random_interleavings_never_leak(ops, num_blocks, budget, max_seqs, caching, seed):
+    rng = random.Random(seed)
+    kv = KVCacheManager(num_blocks, BLOCK, enable_caching=caching)
+    sched = Scheduler(kv, max_seqs, budget, max_model_len=64)
+    ids = []
+
+    def step():
+        out = sched.schedule()
+        check(sched, out)
+        # Tokens from a tiny alphabet so that generated text repeats and shares blocks too.
+        sampled = {c.request.request_id: rng.randrange(3) for c in out.chunks if c.samples}
+        for r in sched.update(out, sampled):
+            assert not r.block_ids
+        check(sched)
+        return out
+
+    for op in ops:
+        if op[0] == "add":
+            _, plen, max_tokens, prefix = op
+            prompt = (PREFIXES[prefix] if prefix >= 0 else []) + [rng.randrange(20) for _ in range(plen)]
+            r = Request(f"r{len(ids)}", prompt, SamplingParams(max_tokens=max_tokens), len(ids), max_tokens)
+            try:
+                sched.add_request(r)
+                ids.append(r.request_id)
+            except ValueError:
+                assert kv.blocks_for(r.max_total_tokens) > num_blocks or r.max_total_tokens > 64
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                step()
+        else:
+            if ids:
+                sched.abort(ids[op[1] % len(ids)])
+                check(sched)
+
+    for _ in range(5000):  # drain: every admitted request must finish
+        if not sched.has_unfinished:
+            break
+        out = step()
+        assert not out.is_empty, "scheduler stalled with unfinished requests"
+    assert not sched.has_unfinished
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_preemption_picks_least_work_and_counts():
+    kv = KVCacheManager(6, BLOCK)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    a = Request("a", list(range(8)), SamplingParams(max_tokens=12), 0, 12)  # 2 blocks
+    b = Request("b", list(range(100, 104)), SamplingParams(max_tokens=12), 1, 12)  # 1 block
+    c = Request("c", list(range(200, 208)), SamplingParams(max_tokens=12), 2, 12)  # 2 blocks
+    for r in (a, b, c):
+        sched.add_request(r)
+    out = sched.schedule()
+    assert [x.request.request_id for x in out.chunks] == ["a", "b", "c"]
+    sched.update(out, {"a": 1, "b": 1, "c": 1})
+    # Decode until the pool (6 blocks) runs out: b has the least computed work, so it goes.
+    while not sched.num_preemptions:
+        out = sched.schedule()
+        sched.update(out, {x.request.request_id: 1 for x in out.chunks if x.samples})
+    assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and not b.block_ids
+    assert sched.num_preemptions == 1 and b.num_preemptions == 1
+    check(sched)
+
+
+def test_request_that_can_never_fit_is_refused():
+    kv = KVCacheManager(4, BLOCK)
+    sched = Scheduler(kv, 4, 64, max_model_len=64)
+    too_long = Request("x", [1] * 60, SamplingParams(max_tokens=10), 0, 10)
+    bigger_than_pool = Request("y", [1] * 10, SamplingParams(max_tokens=10), 1, 10)
+    for r, msg in ((too_long, "maximum context length"), (bigger_than_pool, "whole pool")):
+        try:
+            sched.add_request(r)
+        except ValueError as e:
+            assert msg in str(e)
+        else:
+            raise AssertionError("should have been refused")
+    assert not sched.has_unfinished
+
+
+def test_prefix_blocks_are_shared_and_evicted_lru_leaves_first():
+    kv = KVCacheManager(8, BLOCK)
+    sched = Scheduler(kv, 4, 64, max_model_len=64)
+    prompt = list(range(13))  # 3 full blocks + 1 token
+    first = Request("a", prompt, SamplingParams(max_tokens=1), 0, 1)
+    sched.add_request(first)
+    out = sched.schedule()
+    first_chain = list(first.block_ids[:3])
+    sched.update(out, {"a": 5})
+    assert first.is_finished and kv.num_free_blocks == 8
+    second = Request("b", prompt + [99], SamplingParams(max_tokens=1), 1, 1)
+    sched.add_request(second)
+    out = sched.schedule()
+    assert second.num_cached_tokens == 12 and out.chunks[0].num_tokens == 2
+    chain = list(second.block_ids)  # [shared 0, shared 1, shared 2, own 3]
+    assert chain[:3] == first_chain
+    sched.update(out, {"b": 5})
+    # Freed tail-first, so in LRU order a chain's leaf is evicted before its parents.
+    cached = [b for b in kv.pool.free_queue if kv.pool.blocks[b].block_hash is not None]
+    assert [b for b in cached if b in chain] == list(reversed(chain[:3]))
+    assert kv.num_free_blocks == kv.num_blocks
+    # Eviction under pressure: 7 new blocks, 5 never-cached free ones go first, then the two
+    # deepest blocks of the chain; its root survives.
+    big = Request("c", list(range(500, 528)), SamplingParams(max_tokens=4), 2, 4)
+    sched.add_request(big)
+    out = sched.schedule()
+    assert kv.pool.num_evictions == 2
+    hashes = second.block_hashes
+    assert kv.pool.lookup(hashes[0]) == chain[0]
+    assert kv.pool.lookup(hashes[1]) is None and kv.pool.lookup(hashes[2]) is None
+    sched.abort("c")
+    assert kv.num_free_blocks == kv.num_blocks
