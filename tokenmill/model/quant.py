@@ -6,9 +6,9 @@ Which format runs which kernel (see `make_linear`):
 |-------------------------|--------------|---------------|---------------------------------------------|
 | float                   | none / auto  | FloatLinear   | F.linear in `dtype`                         |
 | float or any GGUF type  | int4         | Int4Linear    | aten._weight_int4pack_mm_for_cpu, group-wise|
-| float or any GGUF type  | int8         | Int8Linear    | aten._weight_int8pack_mm, per output channel|
+| float or any GGUF type  | int8         | Int8Linear    | aten._weight_int8pack_mm, per output row    |
 | GGUF Q4_0 / Q4_1        | auto         | Int4Linear    | the file's own int4 values, exactly         |
-| GGUF Q8_0               | auto         | Int8Linear    | requantized per output channel (see below)  |
+| GGUF Q8_0               | auto         | Int8Linear    | the file's int8 values and per-32 scales    |
 | GGUF other types        | auto         | FloatLinear   | dequantized with gguf.quants                |
 | GGUF any type           | none         | FloatLinear   | dequantized with gguf.quants                |
 
@@ -140,15 +140,25 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale[:, None]).T with symmetric int8 per output channel: the only
-    granularity _weight_int8pack_mm has."""
+    """y = x @ W.T with symmetric int8 weights, W[n, k] = q[n, k] * scale[g, n], g = k // group_size.
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias, out_dtype):
+    _weight_int8pack_mm only knows one scale per output row, so a group size below in_features
+    runs one kernel call per input group and sums them: used for GGUF Q8_0, whose per-32 scales
+    are worth keeping (requantizing the tied LM head of SmolLM2 per row moves its logits by up
+    to 0.5, enough to flip greedy tokens). Float checkpoints quantized on load use per-row."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, bias, out_dtype):
         super().__init__()
-        self.out_features, self.in_features = q.shape
+        out, inp = q.shape
+        if inp % group_size:
+            raise ValueError(f"int8 group size {group_size} does not divide in_features={inp}")
+        self.out_features, self.in_features, self.group_size = out, inp, group_size
         self.out_dtype = out_dtype
-        self.register_buffer("qweight", q.to(torch.int8).contiguous())
-        self.register_buffer("scales", scale.to(KERNEL_DTYPE).contiguous())
+        groups = inp // group_size
+        # [groups, out, group_size]: each group's slice is a contiguous matrix for the kernel.
+        qg = q.to(torch.int8).reshape(out, groups, group_size).transpose(0, 1).contiguous()
+        self.register_buffer("qweight", qg)
+        self.register_buffer("scales", scale.reshape(groups, out).to(KERNEL_DTYPE).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
 
     @classmethod
@@ -158,10 +168,27 @@ class Int8Linear(nn.Module):
         # Round the scale to the kernel's dtype first so q is chosen against the scale it runs with.
         scale = scale.to(KERNEL_DTYPE).float()
         q = (w / scale[:, None]).round().clamp(-127, 127)
-        return cls(q, scale, bias, out_dtype)
+        return cls(q, scale[None, :], w.shape[1], bias, out_dtype)
+
+    @classmethod
+    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int8Linear":
+        blocks = _blocks(w)  # Q8_0 block: fp16 scale d, then 32 int8 values; w = d * q
+        out, inp = w.shape
+        d = torch.from_numpy(blocks[:, 0:2].view(np.float16).astype(np.float32).reshape(out, inp // 32))
+        q = torch.from_numpy(blocks[:, 2:].view(np.int8).reshape(out, inp).copy())
+        return cls(q, d.t(), 32, bias, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.qweight, self.scales).to(self.out_dtype)
+        xs = x.to(KERNEL_DTYPE)
+        groups = self.qweight.shape[0]
+        if groups == 1:
+            y = torch._weight_int8pack_mm(xs, self.qweight[0], self.scales[0]).to(self.out_dtype)
+        else:
+            xg = xs.view(-1, groups, self.group_size)
+            y = torch.zeros(x.shape[0], self.out_features, dtype=torch.float32)
+            for g in range(groups):  # accumulate in float32: bf16 partial sums would lose bits
+                y += torch._weight_int8pack_mm(xg[:, g].contiguous(), self.qweight[g], self.scales[g])
+            y = y.to(self.out_dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -177,9 +204,7 @@ def make_linear(
         if weight.qtype in (Q.Q4_0, Q.Q4_1):
             return Int4Linear.from_gguf(weight, bias, dtype)
         if weight.qtype == Q.Q8_0:
-            # Q8_0 has a scale per 32 inputs, the kernel one per row: requantizing per row adds
-            # at most half a (row) step of error, and keeps 1 byte per weight.
-            return Int8Linear.from_float(dequantize(weight), bias, dtype)
+            return Int8Linear.from_gguf(weight, bias, dtype)
     if isinstance(weight, QuantizedWeight):
         weight = dequantize(weight)
     if quantization == "int8":
