@@ -99,6 +99,18 @@ def q4_values_scales_mins(w: QuantizedWeight) -> tuple[torch.Tensor, torch.Tenso
 # --- modules ---
 
 
+def int4_group_size(in_features: int, requested: int) -> int:
+    """The requested group size, or the largest smaller one the kernel takes that divides
+    in_features (e.g. 128 -> 64 for SmolLM2's 576): a model-wide setting should not fail on
+    one odd layer width."""
+    fits = [g for g in INT4_GROUP_SIZES if g <= requested and in_features % g == 0]
+    if not fits:
+        raise ValueError(
+            f"int4 group size {requested}: none of {INT4_GROUP_SIZES} up to it divides in_features={in_features}"
+        )
+    return max(fits)
+
+
 class Int4Linear(nn.Module):
     """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // group_size:
     that is _weight_int4pack_mm_for_cpu's zero-point convention (checked in tests)."""
@@ -121,6 +133,7 @@ class Int4Linear(nn.Module):
     def from_float(cls, w: torch.Tensor, bias, group_size: int, out_dtype) -> "Int4Linear":
         # Asymmetric min/max per group: q = round((w - min) / s), stored zero = min + 8s.
         out, inp = w.shape
+        group_size = int4_group_size(inp, group_size)
         g = w.float().reshape(out, inp // group_size, group_size)
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-8)

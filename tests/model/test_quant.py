@@ -1,0 +1,115 @@
+"""Quantized linears against float linears over the same (dequantized) weights.
+
+Tolerances: the kernels run bfloat16 activations (see quant.py), so outputs agree with the
+float32 reference to about 1% of the output scale; the weight values themselves are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
+
+from tokenmill.model.layers import FloatLinear
+from tokenmill.model.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedWeight,
+    dequantize,
+    make_linear,
+    q4_values_scales_mins,
+    weight_nbytes,
+)
+
+OUT, IN = 96, 128
+
+
+def gguf_weight(qtype: Q, seed: int = 0) -> QuantizedWeight:
+    w = np.random.default_rng(seed).standard_normal((OUT, IN)).astype(np.float32)
+    return QuantizedWeight(quantize(w, qtype), qtype, (OUT, IN))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def x(rows: int = 5) -> torch.Tensor:
+    return torch.randn(rows, IN, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_q4_values_reconstruct_exactly(qtype):
+    w = gguf_weight(qtype)
+    q, d, m = q4_values_scales_mins(w)
+    assert q.min() >= 0 and q.max() <= 15
+    rebuilt = q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
+    assert torch.equal(rebuilt, dequantize(w))
+
+
+def test_int4_kernel_zero_point_convention():
+    # W = (q - 8) * scale + zero: build the module from known q/scale/zero and compare.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (OUT, IN), generator=g, dtype=torch.int32)
+    scale = torch.rand(OUT, IN // 32, generator=g) + 0.5
+    zero = torch.randn(OUT, IN // 32, generator=g)
+    lin = Int4Linear(q, scale, zero, 32, None, torch.float32)
+    s, z = (t.to(torch.bfloat16).float().repeat_interleave(32, 1) for t in (scale, zero))
+    w = (q - 8) * s + z
+    assert rel_err(lin(x()), x().to(torch.bfloat16).float() @ w.t()) < 1e-2
+
+
+@pytest.mark.parametrize("qtype,cls", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_gguf_auto_stays_quantized_and_matches_float(qtype, cls, rows):
+    w = gguf_weight(qtype)
+    bias = torch.randn(OUT)
+    lin = make_linear(w, bias, torch.float32, "auto", 32)
+    assert isinstance(lin, cls)
+    ref = torch.nn.functional.linear(x(rows), dequantize(w), bias)
+    out = lin(x(rows))
+    assert out.dtype == torch.float32 and out.shape == (rows, OUT)
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_gguf_none_dequantizes_exactly():
+    w = gguf_weight(Q.Q4_1)
+    lin = make_linear(w, None, torch.float32, "none", 32)
+    assert isinstance(lin, FloatLinear)
+    assert torch.equal(lin.weight, dequantize(w))
+    lin16 = make_linear(w, None, torch.bfloat16, "none", 32)
+    assert lin16.weight.dtype == torch.bfloat16 and lin16(x().bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("quantization,cls,tol", [("int8", Int8Linear, 2e-2), ("int4", Int4Linear, 0.15)])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_float_quantized_on_load(quantization, cls, tol, group_size):
+    w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(3))
+    lin = make_linear(w, None, torch.float32, quantization, group_size)
+    assert isinstance(lin, cls)
+    assert rel_err(lin(x()), x() @ w.t()) < tol
+
+
+def test_float_auto_is_plain_linear():
+    w = torch.randn(OUT, IN)
+    lin = make_linear(w, None, torch.float32, "auto", 32)
+    assert isinstance(lin, FloatLinear) and torch.equal(lin(x()), x() @ w.t())
+
+
+def test_group_size_falls_back_to_one_that_divides():
+    lin = make_linear(torch.randn(OUT, 96), None, torch.float32, "int4", 64)  # 96 % 64 != 0
+    assert lin.group_size == 32
+    with pytest.raises(ValueError, match="group size"):
+        make_linear(torch.randn(OUT, IN), None, torch.float32, "int4", 16)
+
+
+def test_weight_nbytes():
+    w = torch.randn(OUT, IN)
+    assert weight_nbytes(make_linear(w, None, torch.float32, "none", 32)) == OUT * IN * 4
+    # int4: half a byte per weight plus bf16 (scale, zero) per group of 32
+    assert weight_nbytes(make_linear(w, None, torch.float32, "int4", 32)) == OUT * IN // 2 + OUT * IN // 32 * 4
+    # int8 per row: one byte per weight plus one bf16 scale per row
+    assert weight_nbytes(make_linear(w, None, torch.float32, "int8", 32)) == OUT * IN + OUT * 2
+    # a module shared twice counts once
+    shared = make_linear(w, None, torch.float32, "none", 32)
+    assert weight_nbytes(torch.nn.ModuleList([shared, shared])) == OUT * IN * 4
