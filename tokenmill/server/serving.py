@@ -1,0 +1,350 @@
+"""The OpenAI endpoints' logic: request -> (prompt ids, SamplingParams) -> engine -> response.
+
+Kept apart from app.py so routes stay thin and this can be read top to bottom: validation
+first (every problem becomes a 400 that names the field), then running, then formatting.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import jinja2
+import jinja2.ext  # noqa: F401  (the tokenizer's sandbox environment needs the submodule loaded)
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tokenmill.sampling import SamplingParams
+from tokenmill.server.errors import APIError
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.protocol import (
+    ROLES,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+    _SamplingFields,
+)
+from tokenmill.server.streams import Started, merged, start_requests, until_disconnect
+
+_SEED_MOD = 2**63  # keeps seed + choice index inside torch's 64-bit range
+
+
+@dataclass
+class Serving:
+    engine: object  # AsyncEngine
+    model_name: str
+    metrics: ServerMetrics
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    # -- validation ----------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(400, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def check_length(self, prompts: list[list[int]], max_tokens: int | None, param: str) -> int:
+        """Return max_tokens (the rest of the context when None); say the numbers when over."""
+        if not prompts or any(not ids for ids in prompts):
+            raise APIError(400, "the prompt is empty", param="prompt" if param == "max_tokens" else "messages")
+        longest = max(len(ids) for ids in prompts)
+        wanted = max_tokens if max_tokens is not None else self.max_model_len - longest
+        if longest >= self.max_model_len or longest + wanted > self.max_model_len:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{longest + wanted} tokens ({longest} in the prompt, {wanted} for the completion)",
+                param=param, code="context_length_exceeded",
+            )
+        return wanted
+
+    def sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        top_k = -1 if req.top_k is None else req.top_k
+        if top_k >= self.tokenizer.vocab_size:  # the same as no top-k, and keeps the sampler's tensors small
+            top_k = -1
+        try:
+            return SamplingParams(
+                n=req.n,
+                max_tokens=max_tokens,
+                min_tokens=req.min_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=top_k,
+                min_p=0.0 if req.min_p is None else req.min_p,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                seed=None if req.seed is None else req.seed % _SEED_MOD,
+                stop=req.stop or [],
+                stop_token_ids=req.stop_token_ids or [],
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+            )
+        except ValueError as e:
+            message = str(e)
+            raise APIError(400, message, param=message.split(" ", 1)[0]) from None
+
+    # -- formatting helpers --------------------------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(self._token_text) < 1_000_000:
+                self._token_text[token_id] = text
+        return text
+
+    def usage(self, finals: dict[int, RequestOutput]) -> Usage:
+        prompt = sum(len(o.prompt_token_ids) for o in finals.values())
+        completion = sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
+        cached = sum(o.num_cached_tokens for o in finals.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    def completion_logprobs(self, entries: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
+        lp = CompletionLogprobs()
+        for e in entries:
+            token = self.token_text(e.sampled.token_id)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(e.sampled.logprob)
+            top: dict[str, float] = {}
+            for t in e.top:  # tokens that decode alike (partial UTF-8) keep the likelier entry
+                top.setdefault(self.token_text(t.token_id), t.logprob)
+            lp.top_logprobs.append(top)
+            lp.text_offset.append(offset)
+            offset += len(token)
+        return lp
+
+    def chat_logprobs(self, entries: list[TokenLogprobs]) -> ChatLogprobs:
+        def top(t) -> TopLogprob:
+            text = self.token_text(t.token_id)
+            return TopLogprob(token=text, logprob=t.logprob, bytes=list(text.encode("utf-8")))
+
+        content = []
+        for e in entries:
+            s = top(e.sampled)
+            content.append(ChatTokenLogprob(token=s.token, logprob=s.logprob, bytes=s.bytes,
+                                            top_logprobs=[top(t) for t in e.top]))
+        return ChatLogprobs(content=content)
+
+    # -- running -------------------------------------------------------------------------
+    async def _run(self, http: Request, prompts: list[list[int]], params: SamplingParams, prefix: str) -> Started:
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        return await until_disconnect(http, start_requests(self.engine, prompts, params, request_id))
+
+    async def _collect(self, http: Request, started: Started) -> dict[int, RequestOutput]:
+        async def gather() -> dict[int, RequestOutput]:
+            finals: dict[int, RequestOutput] = {}
+            async for i, out in merged(started):
+                finals[i] = out
+                if out.finished:
+                    self.metrics.observe_finished(out)
+            return finals
+
+        return await until_disconnect(http, gather())
+
+    # -- /v1/completions -----------------------------------------------------------------
+    def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        p = req.prompt
+        if isinstance(p, str):
+            texts: list[str | list[int]] = [p]
+        elif p and isinstance(p[0], int):
+            texts = [p]
+        else:
+            texts = list(p)
+        ids, echo = [], []
+        for t in texts:
+            if isinstance(t, str):
+                ids.append(self.tokenizer.encode(t))
+                echo.append(t)
+            else:
+                ids.append(list(t))
+                echo.append(None)
+        # Decoding token prompts (for echo) is done only when asked, and after validation.
+        return ids, echo
+
+    async def completions(self, req: CompletionRequest, http: Request):
+        self.check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        prompts, prompt_texts = self.completion_prompts(req)
+        max_tokens = self.check_length(prompts, req.max_tokens, "max_tokens")
+        params = self.sampling_params(req, max_tokens, req.logprobs)
+        started = await self._run(http, prompts, params, "cmpl")
+        base = started[0][1].request_id.rsplit("-", 1)[0]
+        echo = [""] * len(prompts)
+        if req.echo:
+            echo = [t if t is not None else self.tokenizer.decode(ids) for t, ids in zip(prompt_texts, prompts)]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self._completion_stream(started, base, req, echo, include_usage))
+        finals = await self._collect(http, started)
+        choices = []
+        for i in sorted(finals):
+            for c in finals[i].outputs:
+                choices.append(self._completion_choice(i * req.n + c.index, c, echo[i], req.logprobs))
+        return CompletionResponse(id=base, model=self.model_name, choices=choices, usage=self.usage(finals))
+
+    def _completion_choice(self, index: int, c: CompletionOutput, echo: str, logprobs: int | None) -> CompletionChoice:
+        lp = self.completion_logprobs(c.logprobs or [], len(echo)) if logprobs is not None else None
+        return CompletionChoice(index=index, text=echo + c.text, logprobs=lp,
+                                finish_reason=_finish(c), stop_reason=c.stop_reason)
+
+    async def _completion_stream(
+        self, started: Started, base: str, req: CompletionRequest, echo: list[str], include_usage: bool
+    ) -> AsyncIterator[str]:
+        sent_text: dict[tuple[int, int], int] = {}
+        sent_lp: dict[tuple[int, int], int] = {}
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in merged(started):
+            finals[i] = out
+            if out.finished:
+                self.metrics.observe_finished(out)
+            choices = []
+            for c in out.outputs:
+                key = (i, c.index)
+                first = key not in sent_text
+                start, lp_start = sent_text.get(key, 0), sent_lp.get(key, 0)
+                delta = c.text[start:]
+                new_lp = (c.logprobs or [])[lp_start:]
+                if not delta and not c.finished and not new_lp and not first:
+                    continue
+                prefix = echo[i] if first else ""
+                sent_text[key], sent_lp[key] = len(c.text), lp_start + len(new_lp)
+                lp = None
+                if req.logprobs is not None:
+                    offset = len(echo[i]) + start
+                    lp = self.completion_logprobs(new_lp, offset)
+                choices.append(CompletionChoice(index=i * req.n + c.index, text=prefix + delta, logprobs=lp,
+                                                finish_reason=_finish(c), stop_reason=c.stop_reason))
+            if choices:
+                yield _event(CompletionResponse(id=base, model=self.model_name, choices=choices))
+        if include_usage:
+            yield _event(CompletionResponse(id=base, model=self.model_name, choices=[], usage=self.usage(finals)))
+        yield "data: [DONE]\n\n"
+
+    # -- /v1/chat/completions ------------------------------------------------------------
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if not req.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        for k, m in enumerate(req.messages):
+            if m.role not in ROLES:
+                raise APIError(400, f"messages.{k}.role: unknown role {m.role[:40]!r}; expected one of {ROLES}",
+                               param=f"messages.{k}.role")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        except (jinja2.TemplateError, ValueError) as e:
+            raise APIError(400, f"could not render the chat template: {e}", param="messages") from None
+        # The template writes BOS and every special token itself.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def chat(self, req: ChatCompletionRequest, http: Request):
+        self.check_model(req.model)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        prompt = self.chat_prompt(req)
+        wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.check_length([prompt], wanted, param)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling_params(req, max_tokens, logprobs)
+        started = await self._run(http, [prompt], params, "chatcmpl")
+        base = started[0][1].request_id.rsplit("-", 1)[0]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self._chat_stream(started, base, req, include_usage))
+        finals = await self._collect(http, started)
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage(content=c.text),
+                logprobs=self.chat_logprobs(c.logprobs or []) if req.logprobs else None,
+                finish_reason=_finish(c),
+                stop_reason=c.stop_reason,
+            )
+            for c in finals[0].outputs
+        ]
+        return ChatCompletionResponse(id=base, model=self.model_name, choices=choices, usage=self.usage(finals))
+
+    async def _chat_stream(
+        self, started: Started, base: str, req: ChatCompletionRequest, include_usage: bool
+    ) -> AsyncIterator[str]:
+        def chunk(choices, usage=None) -> str:
+            return _event(ChatCompletionChunk(id=base, model=self.model_name, choices=choices, usage=usage))
+
+        # The first chunk of every choice carries the role, as OpenAI's does.
+        yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
+                     for j in range(req.n)])
+        sent_text: dict[int, int] = {}
+        sent_lp: dict[int, int] = {}
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in merged(started):
+            finals[i] = out
+            if out.finished:
+                self.metrics.observe_finished(out)
+            choices = []
+            for c in out.outputs:
+                start, lp_start = sent_text.get(c.index, 0), sent_lp.get(c.index, 0)
+                delta = c.text[start:]
+                new_lp = (c.logprobs or [])[lp_start:]
+                if not delta and not c.finished and not new_lp:
+                    continue
+                sent_text[c.index], sent_lp[c.index] = len(c.text), lp_start + len(new_lp)
+                choices.append(ChatChunkChoice(
+                    index=c.index,
+                    delta=DeltaMessage(content=delta),
+                    logprobs=self.chat_logprobs(new_lp) if req.logprobs else None,
+                    finish_reason=_finish(c),
+                ))
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            yield chunk([], self.usage(finals))
+        yield "data: [DONE]\n\n"
+
+
+def _finish(c: CompletionOutput) -> str | None:
+    return c.finish_reason
+
+
+def _event(model) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its iterator however the response ends, so a client that vanished mid-stream
+    aborts its engine requests now rather than whenever the generator is collected."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return _SSEResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
