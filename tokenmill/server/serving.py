@@ -50,6 +50,8 @@ class Serving:
     model_name: str
     metrics: ServerMetrics
     _token_text: dict[int, str] = field(default_factory=dict)
+    # Engine request ids being answered now, so a drain that runs out of time can end them.
+    active: set[str] = field(default_factory=set)
 
     @property
     def tokenizer(self):
@@ -153,15 +155,32 @@ class Serving:
     # -- running -------------------------------------------------------------------------
     async def _run(self, http: Request, prompts: list[list[int]], params: SamplingParams, prefix: str) -> Started:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
-        return await until_disconnect(http, start_requests(self.engine, prompts, params, request_id))
+        started = await until_disconnect(http, start_requests(self.engine, prompts, params, request_id))
+        self.active.update(first.request_id for _, first in started)
+        return started
+
+    async def _merged(self, started: Started) -> AsyncIterator[tuple[int, RequestOutput]]:
+        try:
+            async for i, out in merged(started):
+                if out.finished:
+                    self.metrics.observe_finished(out)
+                yield i, out
+        finally:
+            self.active.difference_update(first.request_id for _, first in started)
+
+    def abort_all(self) -> int:
+        """End every request being answered (finish_reason "abort"); their clients still get
+        a well-formed response with what was generated so far."""
+        ids = list(self.active)
+        for request_id in ids:
+            self.engine.abort(request_id)
+        return len(ids)
 
     async def _collect(self, http: Request, started: Started) -> dict[int, RequestOutput]:
         async def gather() -> dict[int, RequestOutput]:
             finals: dict[int, RequestOutput] = {}
-            async for i, out in merged(started):
+            async for i, out in self._merged(started):
                 finals[i] = out
-                if out.finished:
-                    self.metrics.observe_finished(out)
             return finals
 
         return await until_disconnect(http, gather())
@@ -219,10 +238,8 @@ class Serving:
         sent_text: dict[tuple[int, int], int] = {}
         sent_lp: dict[tuple[int, int], int] = {}
         finals: dict[int, RequestOutput] = {}
-        async for i, out in merged(started):
+        async for i, out in self._merged(started):
             finals[i] = out
-            if out.finished:
-                self.metrics.observe_finished(out)
             choices = []
             for c in out.outputs:
                 key = (i, c.index)
@@ -302,10 +319,8 @@ class Serving:
         sent_text: dict[int, int] = {}
         sent_lp: dict[int, int] = {}
         finals: dict[int, RequestOutput] = {}
-        async for i, out in merged(started):
+        async for i, out in self._merged(started):
             finals[i] = out
-            if out.finished:
-                self.metrics.observe_finished(out)
             choices = []
             for c in out.outputs:
                 start, lp_start = sent_text.get(c.index, 0), sent_lp.get(c.index, 0)

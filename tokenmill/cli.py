@@ -1,0 +1,238 @@
+"""tokenmill serve | generate | chat | bench: one entry point.
+
+The CLI is (with the server) the only place an EngineConfig is built, from flags; nothing
+reads environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from tokenmill.config import DTYPES, QUANTIZATIONS, EngineConfig
+
+DEFAULT_MODEL = "smollm2"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '1.5GiB', '2G', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2', a .gguf file or an HF checkpoint dir")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default="auto")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=512 * 2**20, help="e.g. 512MiB, 2GiB")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-cache", action="store_true", help="disable automatic prefix caching")
+    g.add_argument("--max-waiting-requests", type=int, default=1024, help="beyond this, 429")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        block_size=args.block_size,
+        enable_prefix_caching=not args.no_prefix_cache,
+        max_waiting_requests=args.max_waiting_requests,
+        seed=args.seed,
+        num_threads=args.num_threads,
+    )
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (reproducible samples)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from tokenmill.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sampling_seed, stop=args.stop,
+    )
+
+
+def read_api_keys(keys: list[str], key_file: str | None) -> list[str]:
+    """Keys from --api-key flags plus a file (one per line; blank lines and #comments skipped)."""
+    out = [k for k in keys if k]
+    if key_file:
+        for line in Path(key_file).read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="An LLM serving engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_arguments(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
+    s.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable)")
+    s.add_argument("--api-key-file", default=None, help="file of accepted keys, one per line")
+    s.add_argument("--max-body-bytes", type=parse_bytes, default=None, help="request body limit (default 4MiB)")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    g = sub.add_parser("generate", help="complete one prompt offline and print the text")
+    g.add_argument("prompt")
+    add_engine_arguments(g)
+    add_sampling_arguments(g, max_tokens=64)
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal (/exit or EOF to leave)")
+    add_engine_arguments(c)
+    add_sampling_arguments(c, max_tokens=256)
+    c.add_argument("--system", default=None, help="system prompt")
+
+    b = sub.add_parser("bench", help="benchmark (tokenmill.bench)", add_help=not with_bench)
+    if with_bench:
+        from tokenmill.bench.cli import add_bench_arguments
+
+        b.add_argument("-h", "--help", action="help")
+        add_bench_arguments(b)
+    else:
+        b.add_argument("bench_args", nargs=argparse.REMAINDER, help="(tokenmill.bench is not installed)")
+    return parser
+
+
+def _bench_available() -> bool:
+    try:
+        import tokenmill.bench.cli  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with_bench = bool(argv) and argv[0] == "bench" and _bench_available()
+    if argv and argv[0] == "bench" and not with_bench:
+        print("tokenmill bench: the benchmark module (tokenmill.bench.cli) is not available in this install",
+              file=sys.stderr)
+        return 2
+    args = build_parser(with_bench).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "chat":
+            return cmd_chat(args)
+        if args.command == "bench":
+            from tokenmill.bench.cli import run_bench
+
+            return int(run_bench(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as e:  # bad flags (EngineConfig/SamplingParams) or a model that will not load
+        print(f"tokenmill {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.server.run import serve
+
+    config = engine_config(args)  # validated now, before the port opens
+    keys = read_api_keys(args.api_key, args.api_key_file)
+    logging.getLogger("tokenmill").info("API keys: %s", f"{len(keys)} configured" if keys else "none (open)")
+    return serve(
+        lambda: AsyncEngine.from_config(config),
+        model_name=args.served_model_name or args.model,
+        host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
+        drain_timeout=args.drain_timeout, log_level=args.log_level,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tokenmill.llm import LLM
+
+    params = sampling_params(args)
+    config = engine_config(args)
+    llm = LLM(config.model, **{k: v for k, v in vars(config).items() if k != "model"})
+    out = llm.generate(args.prompt, params)[0]
+    print(out.outputs[0].text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    return asyncio.run(run_chat(engine_config(args), sampling_params(args), args.system))
+
+
+async def run_chat(config: EngineConfig, params, system: str | None, stdin=None, stdout=None) -> int:
+    """Read a line, stream the reply token by token, keep the history; /exit or EOF ends it."""
+    import asyncio
+    import itertools
+
+    import jinja2.ext  # noqa: F401  (the tokenizer's template sandbox needs the submodule)
+
+    from tokenmill.engine.async_engine import AsyncEngine
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    engine = AsyncEngine.from_config(config)
+    tok = engine.tokenizer
+    messages = [{"role": "system", "content": system}] if system else []
+    try:
+        for turn in itertools.count():
+            stdout.write("> ")
+            stdout.flush()
+            line = await asyncio.to_thread(stdin.readline)
+            if not line or line.strip() == "/exit":
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), False)
+            shown = ""
+            async for out in engine.generate(prompt, params, f"chat-{turn}"):
+                text = out.outputs[0].text
+                stdout.write(text[len(shown):])
+                stdout.flush()
+                shown = text
+            stdout.write("\n")
+            messages.append({"role": "assistant", "content": shown})
+    finally:
+        engine.shutdown()
+    return 0

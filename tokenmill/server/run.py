@@ -1,0 +1,98 @@
+"""Run the app under uvicorn with a graceful drain on SIGTERM.
+
+uvicorn's own SIGTERM handling closes the listening socket at once, so new clients see
+"connection refused" rather than a 503 a load balancer understands, and it re-raises the
+signal afterwards (exit status -15). Here the first SIGTERM only starts a drain: new engine
+requests and /health get 503, in-flight ones finish (up to a deadline), then the server
+exits normally with status 0. A second SIGTERM, or SIGINT, stops at once as uvicorn does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import uvicorn
+
+from tokenmill.server.app import attach_engine, begin_drain, create_app
+
+log = logging.getLogger("tokenmill.server")
+
+
+class DrainingServer(uvicorn.Server):
+    # After the deadline, requests still running are aborted; they answer within a step,
+    # but a client that stopped reading should not hold the exit forever.
+    ABORT_GRACE_SECONDS = 5.0
+
+    def __init__(self, config: uvicorn.Config, drain_timeout: float):
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+        self.drain_started: float | None = None
+        self.aborted_at: float | None = None
+
+    @property
+    def _state(self):
+        return self.config.app.state.tm
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and self.drain_started is None and not self.should_exit:
+            self.drain_started = time.monotonic()
+            begin_drain(self.config.app)
+            log.info("SIGTERM: draining %d in-flight requests (up to %.0fs)", self._state.in_flight, self.drain_timeout)
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and not self.should_exit:
+            self.should_exit = self._drained(time.monotonic())
+        return await super().on_tick(counter)
+
+    def _drained(self, now: float) -> bool:
+        if self._state.in_flight == 0:
+            return True
+        if self.aborted_at is None:
+            if now - self.drain_started <= self.drain_timeout:
+                return False
+            serving = self.config.app.state.serving
+            n = serving.abort_all() if serving is not None else 0
+            log.warning("drain deadline passed: aborted %d requests", n)
+            self.aborted_at = now
+            return False
+        return now - self.aborted_at > self.ABORT_GRACE_SECONDS
+
+
+def serve(
+    load_engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_keys: list[str] = (),
+    max_body_bytes: int | None = None, drain_timeout: float = 30.0, log_level: str = "info",
+) -> int:
+    """Start answering at once (503 until the model is loaded by `load_engine()` on a
+    thread), serve until drained or stopped, and return the process exit status."""
+    kwargs = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+    app = create_app(None, model_name, api_keys=api_keys, **kwargs)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=5)
+    server = DrainingServer(config, drain_timeout)
+    engines: list = []
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            engine = load_engine()
+            engine.start()
+            engines.append(engine)
+            attach_engine(app, engine)
+            log.info("model %r loaded; serving on http://%s:%d", model_name, host, port)
+        except BaseException as e:  # the server cannot serve without it: stop
+            failed.append(e)
+            log.error("could not load the model: %s", e)
+            server.should_exit = True
+
+    threading.Thread(target=load, name="tokenmill-load", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        for engine in engines:
+            engine.shutdown()
+    return 1 if failed else 0
