@@ -88,3 +88,15 @@ def test_chat_repl_streams_and_exits(tiny_dir):
     stdin, stdout = io.StringIO("hello\n\nsecond turn\n/exit\nnever read\n"), io.StringIO()
     assert asyncio.run(run_chat(engine_config(args), sampling_params(args), "be brief", stdin, stdout)) == 0
     assert stdout.getvalue().count("> ") == 4  # two answered turns, one blank line, then /exit
+
+
+def test_serve_exits_1_when_the_model_does_not_load(tmp_path):
+    from tests.server.conftest import free_port
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenmill", "serve", "--model", str(tmp_path / "missing.gguf"),
+         "--port", str(free_port())],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 1
+    assert "missing.gguf" in out.stderr

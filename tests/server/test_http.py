@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -258,3 +259,40 @@ def test_sse_wire_format(server):
     first = json.loads(events[0])
     assert first["object"] == "chat.completion.chunk"
     assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_prefix_cache_reported_in_usage(server):
+    http = server.http()
+    http.post("/reset_prefix_cache")
+    prompt = "Paged attention keeps the KV cache in fixed-size blocks. " * 4  # several full blocks
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    first = http.post("/v1/completions", json=body).json()["usage"]
+    second = http.post("/v1/completions", json=body).json()["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] >= 16
+
+
+def test_drain_deadline_aborts_and_answers(tiny_loaded):
+    """Past the drain deadline the server ends what still runs (finish_reason "abort"), the
+    clients still get a whole response, and the server exits."""
+    from tokenmill.server.run import DrainingServer
+
+    engine = make_engine(tiny_loaded, max_num_seqs=1)
+    app = create_app(engine, MODEL)
+    live = LiveServer(app, make_server=lambda config: DrainingServer(config, drain_timeout=0.1))
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "n": 8, "ignore_eos": True}
+    done: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: done.append(httpx.post(live.url + "/v1/completions", json=body, timeout=60)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not engine.engine.has_unfinished and time.monotonic() < deadline:
+        time.sleep(0.005)
+    live.server.handle_exit(signal.SIGTERM, None)
+    t.join(30)
+    live.thread.join(30)
+    assert not live.thread.is_alive()
+    assert done[0].status_code == 200
+    reasons = {c["finish_reason"] for c in done[0].json()["choices"]}
+    assert "abort" in reasons
+    wait_pool_whole(engine)
+    engine.shutdown()

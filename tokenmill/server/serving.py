@@ -6,6 +6,7 @@ first (every problem becomes a 400 that names the field), then running, then for
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,12 +35,16 @@ from tokenmill.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
     PromptTokensDetails,
     TopLogprob,
     Usage,
     _SamplingFields,
 )
 from tokenmill.server.streams import Started, merged, start_requests, until_disconnect
+
+log = logging.getLogger("tokenmill.server")
 
 _SEED_MOD = 2**63  # keeps seed + choice index inside torch's 64-bit range
 
@@ -219,7 +224,7 @@ class Serving:
             echo = [t if t is not None else self.tokenizer.decode(ids) for t, ids in zip(prompt_texts, prompts)]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._completion_stream(started, base, req, echo, include_usage))
+            return _sse(self._completion_events(started, base, req, echo, include_usage))
         finals = await self._collect(http, started)
         choices = []
         for i in sorted(finals):
@@ -232,7 +237,7 @@ class Serving:
         return CompletionChoice(index=index, text=echo + c.text, logprobs=lp,
                                 finish_reason=_finish(c), stop_reason=c.stop_reason)
 
-    async def _completion_stream(
+    async def _completion_events(
         self, started: Started, base: str, req: CompletionRequest, echo: list[str], include_usage: bool
     ) -> AsyncIterator[str]:
         sent_text: dict[tuple[int, int], int] = {}
@@ -293,7 +298,7 @@ class Serving:
         base = started[0][1].request_id.rsplit("-", 1)[0]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._chat_stream(started, base, req, include_usage))
+            return _sse(self._chat_events(started, base, req, include_usage))
         finals = await self._collect(http, started)
         choices = [
             ChatChoice(
@@ -307,7 +312,7 @@ class Serving:
         ]
         return ChatCompletionResponse(id=base, model=self.model_name, choices=choices, usage=self.usage(finals))
 
-    async def _chat_stream(
+    async def _chat_events(
         self, started: Started, base: str, req: ChatCompletionRequest, include_usage: bool
     ) -> AsyncIterator[str]:
         def chunk(choices, usage=None) -> str:
@@ -346,6 +351,21 @@ def _finish(c: CompletionOutput) -> str | None:
     return c.finish_reason
 
 
+async def _errors_as_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once a stream has started its status is sent; an engine failure after that can only be
+    reported in-band, as OpenAI does: an error event, then the end of the stream."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        log.exception("stream failed")
+        error = ErrorResponse(error=ErrorInfo(message=f"generation failed: {exc}", type="internal_server_error"))
+        yield f"data: {error.model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()
+
+
 def _event(model) -> str:
     return f"data: {model.model_dump_json()}\n\n"
 
@@ -362,4 +382,4 @@ class _SSEResponse(StreamingResponse):
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return _SSEResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _SSEResponse(_errors_as_events(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
