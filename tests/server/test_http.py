@@ -296,3 +296,20 @@ def test_drain_deadline_aborts_and_answers(tiny_loaded):
     assert "abort" in reasons
     wait_pool_whole(engine)
     engine.shutdown()
+
+
+def test_default_max_tokens_fits_a_small_pool(tiny_loaded):
+    """Without max_tokens the completion may use the rest of the context, capped by what
+    the KV pool can hold (8 blocks x 16 = 128 tokens here, under the 512-token context)."""
+    engine = make_engine(tiny_loaded, num_kv_blocks=8)
+    live = LiveServer(create_app(engine, MODEL))
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+        r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 128
+    finally:
+        live.stop()
+        wait_pool_whole(engine)
+        engine.shutdown()

@@ -74,7 +74,8 @@ class ServerMetrics:
                                ["model_name", "finished_reason"], registry=self.registry)
 
     def observe_finished(self, out: RequestOutput) -> None:
-        """Record one finished request (all n of its completions count as one request)."""
+        """Record one finished request: latencies once per request, and one success count per
+        completion (n > 1 finishes n sequences, possibly for different reasons)."""
         m = out.metrics
         if m is not None:
             if m.first_token_time is not None:

@@ -77,7 +77,14 @@ class Serving:
         if not prompts or any(not ids for ids in prompts):
             raise APIError(400, "the prompt is empty", param="prompt" if param == "max_tokens" else "messages")
         longest = max(len(ids) for ids in prompts)
-        wanted = max_tokens if max_tokens is not None else self.max_model_len - longest
+        if max_tokens is None:
+            # "The rest of the context", but never more than the KV pool could ever hold, or a
+            # small pool would refuse every request that leaves max_tokens out.
+            kv = self.engine.engine.kv
+            room = min(self.max_model_len, kv.num_blocks * kv.block_size) - longest
+            wanted = room if room >= 1 else self.max_model_len - longest
+        else:
+            wanted = max_tokens
         if longest >= self.max_model_len or longest + wanted > self.max_model_len:
             raise APIError(
                 400,
