@@ -99,15 +99,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
 
-def _samples(args: argparse.Namespace, tok: BenchTokenizer) -> list[SampleRequest]:
+def _samples(args: argparse.Namespace, tok: BenchTokenizer, seed: int) -> tuple[list[SampleRequest], SampleRequest]:
+    """The measured samples plus one more for the warm-ups (never one of the measured prompts)."""
+    n = args.num_prompts + 1
     if args.dataset_name == "random":
-        return random_dataset(tok, args.num_prompts, args.random_input_len, args.random_output_len,
-                              args.random_range_ratio, args.random_prefix_len, args.seed)
-    if args.dataset_name == "sharegpt":
+        out = random_dataset(tok, n, args.random_input_len, args.random_output_len,
+                             args.random_range_ratio, args.random_prefix_len, seed)
+    elif args.dataset_name == "sharegpt":
         if not args.dataset_path:
             raise ValueError("--dataset-name sharegpt needs --dataset-path FILE.json")
-        return sharegpt_dataset(tok, args.dataset_path, args.num_prompts, args.sharegpt_output_len, args.seed)
-    return synthetic_dataset(tok, args.num_prompts, args.seed, args.synthetic_max_output_len, args.synthetic_max_context)
+        out = sharegpt_dataset(tok, args.dataset_path, n, args.sharegpt_output_len, seed)
+    else:
+        out = synthetic_dataset(tok, n, seed, args.synthetic_max_output_len, args.synthetic_max_context)
+    return out[:-1], out[-1]
 
 
 def discover_model(base_url: str, api_key: str | None) -> str:
@@ -164,18 +168,23 @@ async def _bench(args: argparse.Namespace, console: Console) -> int:
     model = args.model or discover_model(args.base_url, args.api_key)
     settings = RequestSettings(args.base_url, model, args.backend, args.ignore_eos, args.temperature, args.api_key)
     tok = load_tokenizer(args.tokenizer)
-    samples = _samples(args, tok)
     base = LoadShape(args.request_rate, args.burstiness, args.max_concurrency, args.seed)
     label = args.label or args.base_url
     meta = {"backend": args.backend, "label": label, "base_url": args.base_url, "model_id": model,
             "tokenizer_id": args.tokenizer, "dataset_name": args.dataset_name, "ignore_eos": args.ignore_eos}
     live = _LiveProgress(console, enabled=not args.no_progress)
 
+    points = 0
+
     async def run_point(shape: LoadShape) -> tuple[RunResult, BenchmarkMetrics]:
+        nonlocal points
+        # Fresh prompts per sweep point: the same prompts again would be prefix-cache hits.
+        samples, warmup = _samples(args, tok, args.seed + points)
+        points += 1
         with live.progress:
             warm = live.task("warm-up", args.num_warmups) if args.num_warmups else None
             done = live.task(shape.label, len(samples))
-            run = await run_load(settings, samples, shape, args.num_warmups, args.request_timeout, done, warm)
+            run = await run_load(settings, samples, shape, args.num_warmups, warmup, args.request_timeout, done, warm)
         fill_output_tokens(run.records, tok.count)
         metrics = compute_metrics(run.records, run.duration, args.percentiles, slos)
         console.print(summary_table(metrics, f"{label}: {shape.label}"))

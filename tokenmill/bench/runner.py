@@ -57,6 +57,7 @@ async def run_load(
     samples: Sequence[SampleRequest],
     shape: LoadShape,
     num_warmups: int = 0,
+    warmup_sample: SampleRequest | None = None,
     request_timeout: float = 600.0,
     on_done: Progress | None = None,
     on_warmup_done: Progress | None = None,
@@ -81,7 +82,10 @@ async def run_load(
 
         warm = []
         if num_warmups and samples:
-            warm = await asyncio.gather(*(one(samples[0], on_warmup_done) for _ in range(num_warmups)))
+            # A prompt of its own by default: re-sending a measured prompt would let a prefix
+            # cache serve that request's prefill from the warm-up.
+            sample = warmup_sample or samples[0]
+            warm = await asyncio.gather(*(one(sample, on_warmup_done) for _ in range(num_warmups)))
 
         offsets = arrival_offsets(len(samples), shape.request_rate, shape.burstiness, shape.seed)
         start = time.perf_counter()
