@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Run one `tokenmill bench` workload against tokenmill, llama.cpp's llama-server and (optionally)
 the transformers floor peer, one server at a time on the same machine, and print the figures
 side by side with tokenmill's ratios to each peer.
@@ -133,6 +134,10 @@ COLUMNS = (
 )
 
 
+def _ratio(tm: Row, peer: Row, key: str) -> str:
+    return f"{tm.get(key) / peer.get(key):.2f}x" if peer.get(key) else "n/a"
+
+
 def markdown(rows: list[Row], args: argparse.Namespace) -> str:
     head = "| server | concurrency | " + " | ".join(c[0] for c in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
@@ -144,10 +149,8 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
         for peer in rows:
             if tm is None or peer.peer == "tokenmill" or peer.concurrency != c:
                 continue
-            def ratio(key: str) -> str:
-                return f"{tm.get(key) / peer.get(key):.2f}x" if peer.get(key) else "n/a"
-            ratios.append(f"| {peer.peer} | {c} | {ratio('output_throughput')} | {ratio('median_ttft_ms')} "
-                          f"| {ratio('median_tpot_ms')} |")
+            cells = [_ratio(tm, peer, k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms")]
+            ratios.append(f"| {peer.peer} | {c} | " + " | ".join(cells) + " |")
     if ratios:
         lines += ["", "tokenmill / peer (throughput: higher is better; TTFT and TPOT: lower is better)", "",
                   "| peer | concurrency | output tok/s | TTFT p50 | TPOT p50 |", "|---|---|---|---|---|", *ratios]

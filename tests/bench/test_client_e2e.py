@@ -11,8 +11,8 @@ import math
 import pytest
 
 from tests.bench.fake_openai import FakeServer, Script
-from tokenmill.bench.client import RequestSettings
 from tokenmill.bench.cli import add_bench_arguments, run_bench
+from tokenmill.bench.client import RequestSettings
 from tokenmill.bench.datasets import SampleRequest
 from tokenmill.bench.metrics import compute_metrics, fill_output_tokens
 from tokenmill.bench.runner import LoadShape, run_load
@@ -26,7 +26,8 @@ def samples(n, out=8):
     return [SampleRequest(f"t{i} t2 t3", 3, out) for i in range(n)]
 
 
-def run(server, backend="completions", n=4, out=8, shape=LoadShape(max_concurrency=2), **kw):
+def run(server, backend="completions", n=4, out=8, shape=None, **kw):
+    shape = shape or LoadShape(max_concurrency=2)
     settings = RequestSettings(server.base_url, "fake-model", backend, **kw)
     result = asyncio.run(run_load(settings, samples(n, out), shape))
     fill_output_tokens(result.records, lambda t: len(t.split()))
@@ -52,7 +53,7 @@ def test_measured_ttft_and_tpot_match_the_script(backend):
 
 def test_without_usage_output_is_recounted():
     with FakeServer(Script(ttft_s=0.01, itl_s=0.005, send_usage=False)) as server:
-        result, m = run(server, n=2, out=5)
+        result, _ = run(server, n=2, out=5)
     assert [r.output_tokens for r in result.records] == [5, 5]
 
 
@@ -75,7 +76,7 @@ def test_connection_refused_is_a_failure():
 
 def test_request_rate_spaces_the_sends():
     with FakeServer(Script(ttft_s=0.005, itl_s=0.001)) as server:
-        result, m = run(server, n=5, out=2, shape=LoadShape(request_rate=20.0, burstiness=math.inf))
+        result, _ = run(server, n=5, out=2, shape=LoadShape(request_rate=20.0, burstiness=math.inf))
     starts = sorted(r.start_time for r in result.records)
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert all(g == pytest.approx(0.05, abs=0.02) for g in gaps)

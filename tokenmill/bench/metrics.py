@@ -138,13 +138,14 @@ def is_good(r: RequestRecord, slos: dict[str, float]) -> bool:
 
 
 def peak_output_rate(records: Sequence[RequestRecord]) -> tuple[float, int]:
-    """Highest text-chunk count in any one-second bucket, and the most requests in flight in
-    any bucket (vLLM's max_output_tokens_per_s / max_concurrent_requests)."""
+    """Highest text-chunk count in any one-second bucket, and the most requests active at some
+    time within one bucket (vLLM's max_output_tokens_per_s / max_concurrent_requests; the latter
+    counts requests that merely overlap the same second, so it can exceed --max-concurrency)."""
     ok = [r for r in records if r.success]
     if not ok:
         return 0.0, 0
     t0 = min(r.start_time for r in ok)
-    n = int(math.ceil(max(r.end_time for r in ok) - t0)) + 1
+    n = math.ceil(max(r.end_time for r in ok) - t0) + 1
     tokens = np.zeros(n)
     active = np.zeros(n)
     for r in ok:
