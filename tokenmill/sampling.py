@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -38,6 +39,10 @@ class SamplingParams:
             _check("max_tokens", self.max_tokens, 1, None)
         _check("min_tokens", self.min_tokens, 0, self.max_tokens)
         _check("temperature", self.temperature, 0.0, 100.0)
+        _check("top_p", self.top_p, 0.0, 1.0)
+        _check("repetition_penalty", self.repetition_penalty, 0.0, 100.0)
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63):
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k != -1:
@@ -68,6 +73,8 @@ class SamplingParams:
 def _check(name: str, value, lo, hi) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if value < lo or (hi is not None and value > hi):
         upper = "inf" if hi is None else hi
         raise ValueError(f"{name} must be in [{lo}, {upper}], got {value}")

@@ -178,6 +178,7 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # never leave callers hanging: fail their requests, free blocks
                 log.exception("engine step failed; aborting running requests")
+                self.errored = exc
                 for request_id in list(self.engine.groups):
                     self.engine.abort_request(request_id)
                     self._deliver(request_id, RuntimeError(f"engine error: {exc}"))

@@ -49,16 +49,16 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        # Gather each request's blocks into [B, kv_heads, L, D] and do GQA as a batched matmul
-        # with the query heads of one KV head grouped, so each KV head is read once.
-        bt = meta.decode_block_tables
-        k = k_cache[bt].flatten(1, 2).transpose(1, 2)
-        v = v_cache[bt].flatten(1, 2).transpose(1, 2)
+        # Gather each request's blocks into [B, L, kv_heads, D] and contract with the query
+        # heads grouped per KV head (GQA), so each KV head is read once; einsum keeps the
+        # gathered layout as is instead of transposing copies of it.
+        k = k_cache[meta.decode_block_tables].flatten(1, 2)
+        v = v_cache[meta.decode_block_tables].flatten(1, 2)
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-        scores = torch.matmul(qd, k.transpose(-1, -2)).float() * scale
+        scores = torch.einsum("bhgd,blhd->bhgl", qd, k).float() * scale
         scores.masked_fill_(meta.decode_mask, float("-inf"))
         probs = scores.softmax(-1).to(v.dtype)
-        out[:nd] = torch.matmul(probs, v).view(nd, num_heads, head_dim)
+        out[:nd] = torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(nd, num_heads, head_dim)
     for chunk in meta.prefills:
         s, n, ctx = chunk.start, chunk.num_tokens, chunk.context_len
         k = k_cache[chunk.block_table].flatten(0, 1)[:ctx].transpose(0, 1)

@@ -120,7 +120,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab).unsqueeze(0)
-    k = torch.tensor([v if v > 0 else vocab for v in top_k]).unsqueeze(1)
+    k = torch.tensor([min(v, vocab) if v > 0 else vocab for v in top_k]).unsqueeze(1)
     remove = ranks >= k
     p = torch.tensor(top_p).unsqueeze(1)
     if (p < 1.0).any():

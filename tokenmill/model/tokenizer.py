@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
