@@ -1,0 +1,269 @@
+"""Prefix caching end to end on a tiny model: output with the cache on is token-identical
+(greedy) to output with it off, hits are counted, and the pool always ends whole."""
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.tiny import VOCAB
+from tokenmill import LLM, SamplingParams
+
+BS = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(2, VOCAB) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models):
+    return tiny_models("llama")[1]
+
+
+def _llm(loaded, cache: bool, **cfg) -> LLM:
+    cfg.setdefault("num_kv_blocks", 128)
+    return LLM("tiny", loaded=loaded, block_size=BS, debug_checks=True, enable_prefix_caching=cache, **cfg)
+
+
+def _ids(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _assert_whole(llm: LLM) -> None:
+    llm.engine.check_invariants()
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def _reference(loaded, prompts, params=GREEDY, **cfg) -> list[list[int]]:
+    """Cache-off output, each prompt alone in a roomy pool."""
+    llm = _llm(loaded, False, **{**cfg, "num_kv_blocks": 256})
+    return [_ids(llm.generate([p], params))[0] for p in prompts]
+
+
+def test_shared_prefix_batch(loaded):
+    rng = random.Random(0)
+    system = _tokens(rng, 43)  # 5 full blocks + 3 tokens
+    prompts = [system + _tokens(rng, n) for n in (1, 3, 5, 8, 13, 21)]
+    ref = _reference(loaded, prompts)
+
+    off = _llm(loaded, False)
+    assert _ids(off.generate(prompts, GREEDY)) == ref
+    assert off.engine.kv.prefix_hits == 0
+    _assert_whole(off)
+
+    on = _llm(loaded, True)
+    outs = on.generate(prompts, GREEDY)
+    assert _ids(outs) == ref
+    # The first request computes the system prompt; the others in the same batch reuse its
+    # 5 full blocks (the 6th block also holds suffix tokens, so it differs per prompt).
+    assert outs[0].num_cached_tokens == 0
+    assert [o.num_cached_tokens for o in outs[1:]] == [40] * 5
+    assert on.engine.kv.prefix_hits == 5 * 40
+    assert on.engine.kv.prefix_queries == sum(map(len, prompts))
+    assert on.engine.stats.prefix_cache_hits == 5 * 40
+    _assert_whole(on)
+
+    # Run again: every prompt now hits all its full blocks but the one holding its last token.
+    again = on.generate(prompts, GREEDY)
+    assert _ids(again) == ref
+    for p, o in zip(prompts, again):
+        assert o.num_cached_tokens == (len(p) - 1) // BS * BS
+    _assert_whole(on)
+
+
+def test_multi_turn_chat_reuses_answers(loaded):
+    rng = random.Random(1)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    on, off = _llm(loaded, True), _llm(loaded, False)
+    prompt = _tokens(rng, 30)
+    for turn in range(4):
+        ref = _ids(off.generate([prompt], params))[0]
+        out = on.generate([prompt], params)[0]
+        assert out.outputs[0].token_ids == ref
+        if turn:
+            # Everything up to the last sampled token of the previous turn was computed; all
+            # full blocks of it are cached, generated tokens included.
+            assert out.num_cached_tokens >= prev_len - BS
+            assert out.num_cached_tokens > prev_prompt_len  # covers part of the previous answer
+        prev_prompt_len = len(prompt)
+        prev_len = len(prompt) + len(ref)
+        prompt = prompt + ref + _tokens(rng, 5 + 3 * turn)
+    assert off.engine.kv.prefix_hits == 0
+    _assert_whole(on)
+    _assert_whole(off)
+
+
+@pytest.mark.parametrize("length", [BS * 2 - 1, BS * 2, BS * 2 + 1, BS * 4, BS * 4 + 1])
+def test_block_boundaries(loaded, length):
+    rng = random.Random(length)
+    base = _tokens(rng, length)
+    # the same prompt twice, a longer one that extends it, a shorter one that it extends
+    prompts = [base, base, base + _tokens(rng, 3), base[: length - 1]]
+    ref = _reference(loaded, prompts)
+    on = _llm(loaded, True)
+    outs = [on.generate([p], GREEDY)[0] for p in prompts]
+    assert _ids(outs) == ref
+    # A prompt never hits its own last token: its logits are needed for the next one.
+    assert outs[0].num_cached_tokens == 0
+    assert outs[1].num_cached_tokens == (length - 1) // BS * BS
+    # base + 3: the whole of base's full blocks, and the block holding base's last token (it
+    # was filled by base's first generated tokens, which differ from the new tokens) isn't.
+    assert outs[2].num_cached_tokens == length // BS * BS
+    assert outs[3].num_cached_tokens == (length - 2) // BS * BS
+    _assert_whole(on)
+
+
+def test_eviction_pressure(loaded):
+    rng = random.Random(2)
+    systems = [_tokens(rng, 24) for _ in range(3)]
+    prompts = [systems[i % 3] + _tokens(rng, 2 + i) for i in range(12)]
+    ref = _reference(loaded, prompts)
+    # 10 blocks: one request at a time fits (at most 37 + 12 tokens = 7 blocks), three
+    # cached systems plus answers do not.
+    on = _llm(loaded, True, num_kv_blocks=10, max_num_seqs=1)
+    outs = [on.generate([p], GREEDY)[0] for p in prompts]
+    assert _ids(outs) == ref
+    assert on.engine.kv.pool.num_evictions > 0
+    assert on.engine.kv.prefix_hits > 0  # some systems survived long enough to be reused
+    _assert_whole(on)
+    # ...and all at once, in the same small pool
+    on2 = _llm(loaded, True, num_kv_blocks=10, max_num_batched_tokens=16)
+    assert _ids(on2.generate(prompts, GREEDY)) == ref
+    assert on2.engine.kv.pool.num_evictions > 0
+    _assert_whole(on2)
+
+
+@pytest.mark.parametrize("budget", [32, 512])
+def test_preemption(loaded, budget):
+    rng = random.Random(3)
+    system = _tokens(rng, 20)
+    prompts = [system + _tokens(rng, n) for n in (4, 9, 17, 30, 2, 11)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ref = _reference(loaded, prompts, params)
+    for cache in (False, True):
+        llm = _llm(loaded, cache, num_kv_blocks=14, max_num_batched_tokens=budget)
+        assert _ids(llm.generate(prompts, params)) == ref, cache
+        assert llm.engine.stats.num_preemptions > 0
+        _assert_whole(llm)
+        if cache:
+            assert llm.engine.kv.prefix_hits > 0
+
+
+def test_n_children_share_the_prompt(loaded):
+    rng = random.Random(4)
+    prompt = _tokens(rng, 27)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=3)
+    on = _llm(loaded, True)
+    out = on.generate([prompt], params)[0]
+    ref = _reference(loaded, [prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert [c.token_ids for c in out.outputs] == [ref] * 3
+    # RequestOutput reports the least cached child: the first computed the prompt.
+    assert out.num_cached_tokens == 0
+    assert on.engine.kv.prefix_hits == 2 * 24
+    _assert_whole(on)
+
+
+def test_reset_prefix_cache(loaded):
+    rng = random.Random(5)
+    prompt = _tokens(rng, 33)
+    on = _llm(loaded, True)
+    first = on.generate([prompt], GREEDY)[0]
+    pool = on.engine.kv.pool
+    assert pool.cached
+    # Not while a request holds blocks.
+    on.engine.add_request("busy", prompt, GREEDY)
+    on.engine.step()
+    assert on.engine.reset_prefix_cache() is False
+    assert pool.cached
+    on.engine.abort_request("busy")
+    _assert_whole(on)
+    assert on.engine.reset_prefix_cache() is True
+    assert not pool.cached
+    assert all(b.block_hash is None for b in pool.blocks)
+    _assert_whole(on)
+    again = on.generate([prompt], GREEDY)[0]
+    assert again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert on.generate([prompt], GREEDY)[0].num_cached_tokens == 32
+
+
+def test_cache_off_never_hits(loaded):
+    rng = random.Random(6)
+    prompt = _tokens(rng, 40)
+    off = _llm(loaded, False)
+    outs = off.generate([prompt, prompt], GREEDY) + off.generate([prompt], GREEDY)
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 0]
+    assert off.engine.kv.prefix_hits == 0
+    assert not off.engine.kv.pool.cached
+    assert off.engine.kv.pool.num_evictions == 0
+
+
+# -- random interleavings at the engine level ------------------------------------------------
+_PREFIX_RNG = random.Random(7)
+PREFIXES = [_tokens(_PREFIX_RNG, n) for n in (16, 11, 24)]
+
+engine_ops = st.lists(
+    st.one_of(
+        # add: prefix index (-1: none), prefix length cut, suffix length, max_tokens
+        st.tuples(st.just("add"), st.integers(-1, 2), st.integers(0, 24), st.integers(1, 10), st.integers(1, 8)),
+        st.tuples(st.just("step"), st.integers(1, 4)),
+        st.tuples(st.just("abort"), st.integers(0, 30)),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=engine_ops, num_blocks=st.integers(8, 24), budget=st.integers(4, 40), seed=st.integers(0, 999))
+def test_engine_random_interleavings(loaded, ops, num_blocks, budget, seed):
+    rng = random.Random(seed)
+    llm = LLM(
+        "tiny", loaded=loaded, block_size=4, num_kv_blocks=num_blocks, max_num_batched_tokens=budget,
+        max_num_seqs=4, debug_checks=True, enable_prefix_caching=True,
+    )
+    engine = llm.engine
+    ids: list[str] = []
+    finished: dict[str, list[int]] = {}
+    prompts: dict[str, tuple[list[int], int]] = {}
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+        engine.check_invariants()
+
+    for op in ops:
+        if op[0] == "add":
+            _, which, cut, suffix, max_tokens = op
+            prompt = (PREFIXES[which][:cut] if which >= 0 else []) + _tokens(rng, suffix)
+            rid = f"r{len(ids)}"
+            try:
+                engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            except ValueError:
+                continue  # more than the whole pool
+            ids.append(rid)
+            prompts[rid] = (prompt, max_tokens)
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                step()
+        elif ids:
+            rid = ids[op[1] % len(ids)]
+            if engine.abort_request(rid) is not None:
+                prompts.pop(rid)
+            engine.check_invariants()
+    for _ in range(1000):
+        if not engine.has_unfinished:
+            break
+        step()
+    assert not engine.has_unfinished
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert all(b.ref_cnt == 0 for b in engine.kv.pool.blocks)
+    # Whatever was shared, evicted or preempted, completed requests match a cache-off run.
+    ref = _llm(loaded, False, num_kv_blocks=64)
+    for rid, (prompt, max_tokens) in prompts.items():
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        assert finished[rid] == _ids(ref.generate([prompt], params))[0], rid
