@@ -2,8 +2,53 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """One output constraint; exactly one field is set. Compiled by tokenmill.structured."""
+
+    json: dict | str | None = None  # a JSON schema (object or its JSON text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # Lark, or GBNF/EBNF (llguidance converts it)
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            choice = tuple(self.choice)
+            if not choice or any(not isinstance(c, str) for c in choice):
+                raise ValueError("choice must be a non-empty list of strings")
+            object.__setattr__(self, "choice", choice)
+        set_ = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object:
+            set_.append("json_object")
+        if len(set_) != 1:
+            raise ValueError(f"exactly one structured output constraint must be given, got {set_ or 'none'}")
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"json schema is not valid JSON: {e}") from None
+            object.__setattr__(self, "json", schema)
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError("json schema must be a JSON object")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): what compiled grammars are cached by."""
+        if self.json is not None:
+            return "json", json.dumps(self.json, separators=(",", ":"))  # key order matters: it is the output order
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(list(self.choice))
+        return "grammar", self.grammar
 
 
 @dataclass
@@ -26,6 +71,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs besides the sampled token's
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +106,8 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError("structured must be a StructuredOutput")
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,10 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.sampling import SamplingParams
 
+# How long add_request waits for a new grammar to compile before letting it finish in the
+# background (the request then waits outside the scheduler and never holds up the batch).
+GRAMMAR_WAIT_S = 0.05
+
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
@@ -69,6 +73,17 @@ class Engine:
         self.child_to_group: dict[str, tuple[_Group, int]] = {}
         self._arrivals = 0
         self.stats = EngineStats(kv_blocks_total=num_blocks)
+        self._grammars = None  # tokenmill.structured.compiler.GrammarCompiler, built on first use
+        self._compiling: dict[str, object] = {}  # request id -> Future of its grammar
+
+    @property
+    def grammars(self):
+        """The grammar compiler (llguidance loads on the first constrained request)."""
+        if self._grammars is None:
+            from tokenmill.structured.compiler import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.runner.model.config.vocab_size)
+        return self._grammars
 
     # -- requests ------------------------------------------------------------------------
     def add_request(
@@ -89,6 +104,13 @@ class Engine:
         if max_tokens < 1:
             raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room in the context ({self.max_model_len})")
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
+        grammar = None
+        if params.structured is not None:
+            grammar = self.grammars.submit(params.structured)
+            try:
+                grammar.result(GRAMMAR_WAIT_S)  # raises ValueError naming what is wrong
+            except TimeoutError:
+                pass
         children, detoks = [], []
         for j in range(params.n):
             child_params = params
@@ -118,14 +140,47 @@ class Engine:
             logprobs=[[] for _ in range(params.n)],
         )
         for j, child in enumerate(children):
-            self.scheduler.add_request(child)
             self.child_to_group[child.request_id] = (group, j)
         self.groups[request_id] = group
+        if grammar is not None and not grammar.done():
+            self._compiling[request_id] = grammar
+        else:
+            self._admit(group, grammar)
+
+    def _admit(self, group: _Group, grammar) -> None:
+        """Hand a group's requests to the scheduler, each with its own grammar matcher."""
+        if grammar is not None:
+            template = grammar.result()
+            for child in group.children:
+                child.grammar = self.grammars.matcher(template)
+        for child in group.children:
+            self.scheduler.add_request(child)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar finished compiling join the scheduler; a failed one finishes."""
+        outputs = []
+        for request_id, fut in list(self._compiling.items()):
+            if not fut.done():
+                continue
+            del self._compiling[request_id]
+            group = self.groups[request_id]
+            try:
+                fut.result()
+            except ValueError as e:
+                for j, child in enumerate(group.children):
+                    child.status = RequestStatus.FINISHED_ABORTED
+                    child.stop_reason = str(e)
+                    group.finish_reasons[j] = "abort"
+                outputs.append(self._finish_group(group))
+                continue
+            self._admit(group, fut)
+        return outputs
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         group = self.groups.get(request_id)
         if group is None:
             return None
+        self._compiling.pop(request_id, None)
         for j, child in enumerate(group.children):
             if group.finish_reasons[j] is None:
                 self.scheduler.abort(child.request_id)
@@ -139,6 +194,7 @@ class Engine:
     # -- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        early = self._admit_compiled() if self._compiling else []
         sched = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
         if not sched.is_empty:
@@ -159,6 +215,8 @@ class Engine:
                 self.stats.generation_tokens_total += 1
                 if result.logprobs is not None:
                     group.logprobs[j].append(result.logprobs)
+                if request.grammar is not None and not request.is_finished:
+                    self._advance_grammar(request)
                 if group.detoks[j].add_token(result.token_id):
                     request.stop_reason = group.detoks[j].stop_reason
                     self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)  # no-op if done
@@ -167,7 +225,7 @@ class Engine:
                     group.finish_reasons[j] = request.status.value
             for request in finished:
                 self.runner.sampler.forget(request.request_id)
-        outputs = []
+        outputs = early
         for group in touched.values():
             if group.finished:
                 outputs.append(self._finish_group(group))
@@ -177,6 +235,18 @@ class Engine:
         if self.config.debug_checks:
             self.check_invariants()
         return outputs
+
+    def _advance_grammar(self, request: Request) -> None:
+        """Follow the accepted token; a grammar at its end finishes the request ("stop")."""
+        grammar = request.grammar
+        if not grammar.advance(request.output_token_ids[-1]):
+            # Cannot happen with the mask applied; end the request rather than emit garbage.
+            request.stop_reason = f"grammar error: {grammar.error}"
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        elif grammar.is_stopped:
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+        if request.is_finished:
+            self.runner.sampler.forget(request.request_id)
 
     def _output(self, group: _Group) -> RequestOutput:
         completions = []

@@ -36,6 +36,9 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not scheduled yet)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    # tokenmill.structured.GrammarMatcher when the output is constrained: the sampler masks
+    # with it, the engine advances it with each accepted token.
+    grammar: object | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

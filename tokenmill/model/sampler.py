@@ -12,6 +12,7 @@ import torch
 
 from tokenmill.engine.outputs import Logprob, TokenLogprobs
 from tokenmill.engine.request import Request
+from tokenmill.structured.mask import allocate_bitmask, apply_bitmask_
 
 
 @dataclass
@@ -47,8 +48,13 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
         logits = logits.clone()
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if constrained:
+            self._apply_grammar(logits, requests, constrained)
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)
+        if constrained:
+            self._unblock_eos(logits, requests, constrained)
 
         greedy = torch.tensor([r.params.greedy for r in requests])
         tokens = logits.argmax(dim=-1)
@@ -66,6 +72,19 @@ class Sampler:
                 lp = _logprobs(raw_logprobs[i], token_list[i], request.params.logprobs)
             results.append(SampleResult(token_list[i], lp))
         return results
+
+    def _apply_grammar(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
+        """Constrained rows keep only the tokens their grammar allows next (EOS once it accepts)."""
+        bitmask = allocate_bitmask(len(rows), logits.shape[1])
+        for k, i in enumerate(rows):
+            requests[i].grammar.fill_bitmask(bitmask, k)
+        apply_bitmask_(logits, rows, bitmask)
+
+    def _unblock_eos(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
+        # min_tokens may have banned the only token the grammar still allows (EOS): the grammar wins.
+        for i in rows:
+            if torch.isneginf(logits[i]).all() and requests[i].eos_token_ids:
+                logits[i, list(requests[i].eos_token_ids)] = 0.0
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
         for i, request in enumerate(requests):

@@ -1,0 +1,20 @@
+"""Apply allowed-token bitmasks to logits (torch, CPU). The sampler's half of structured output."""
+
+from __future__ import annotations
+
+import torch
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+def apply_bitmask_(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """logits[rows[k]] keeps only the tokens whose bit is set in bitmask[k]; other rows untouched.
+    (llguidance.torch has a torch.compile'd version; compiling is not worth it on CPU.)"""
+    vocab = logits.shape[1]
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)[:, :vocab]
+    idx = torch.tensor(rows, dtype=torch.long)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
