@@ -46,7 +46,7 @@ def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16) -
     cfg = m.config
     t = len(ids)
     blocks = -(-t // block_size)
-    kv = torch.zeros(2, cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=m.dtype)
+    kv = torch.zeros(2, cfg.num_layers, blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=m.dtype)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(t),
         num_decodes=0,

@@ -31,38 +31,44 @@ class AttentionMetadata:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
-    # Pool layout [num_blocks, block_size, kv_heads, head_dim] flattens to one slot per token.
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    # Pool layout [num_blocks, kv_heads, block_size, head_dim]: slot = block * block_size + offset.
+    block_size = k_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
-    k_cache: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, kv_heads, block_size, head_dim]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        # Gather each request's blocks into [B, L, kv_heads, D] and contract with the query
-        # heads grouped per KV head (GQA), so each KV head is read once; einsum keeps the
-        # gathered layout as is instead of transposing copies of it.
-        k = k_cache[meta.decode_block_tables].flatten(1, 2)
-        v = v_cache[meta.decode_block_tables].flatten(1, 2)
-        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-        scores = torch.einsum("bhgd,blhd->bhgl", qd, k).float() * scale
+        # Gathering blocks gives [B, nb, kv_heads, bs, D]; the query heads of each KV head
+        # (GQA) multiply every block in place as one broadcast batched matmul, so the gathered
+        # K/V are never transposed into a copy and each KV head is read once.
+        k = k_cache[meta.decode_block_tables]
+        v = v_cache[meta.decode_block_tables]
+        nb = k.shape[1]
+        qd = q[:nd].view(nd, 1, num_kv_heads, group, head_dim)
+        scores = torch.matmul(qd, k.transpose(-1, -2))  # [B, nb, kv_heads, group, bs]
+        scores = scores.permute(0, 2, 3, 1, 4).reshape(nd, num_kv_heads, group, nb * block_size)
+        scores = scores.float() * scale
         scores.masked_fill_(meta.decode_mask, float("-inf"))
-        probs = scores.softmax(-1).to(v.dtype)
-        out[:nd] = torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(nd, num_heads, head_dim)
+        probs = scores.softmax(-1).to(v.dtype).view(nd, num_kv_heads, group, nb, block_size)
+        o = torch.matmul(probs.permute(0, 3, 1, 2, 4), v).sum(1, dtype=torch.float32)  # [B, kv_heads, group, D]
+        out[:nd] = o.reshape(nd, num_heads, head_dim).to(q.dtype)
     for chunk in meta.prefills:
         s, n, ctx = chunk.start, chunk.num_tokens, chunk.context_len
-        k = k_cache[chunk.block_table].flatten(0, 1)[:ctx].transpose(0, 1)
-        v = v_cache[chunk.block_table].flatten(0, 1)[:ctx].transpose(0, 1)
+        k = k_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :ctx]  # [kv_heads, L, D]
+        v = v_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :ctx]
         qp = q[s : s + n].transpose(0, 1)
         if ctx == n:
             o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=True)

@@ -1,6 +1,6 @@
 """ModelRunner: SchedulerOutput -> input tensors -> forward -> sampled tokens.
 
-Owns the KV pool tensor: [2 (k, v), layers, blocks, block_size, kv_heads, head_dim].
+Owns the KV pool tensor: [2 (k, v), layers, blocks, kv_heads, block_size, head_dim].
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.kv_caches = torch.zeros(
-            2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype
+            2, cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.dtype
         )
         self.sampler = Sampler(seed)
 
