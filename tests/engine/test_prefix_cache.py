@@ -317,7 +317,6 @@ def _written_tracker(engine):
     return stale_blocks
 
 
-@pytest.mark.xfail(strict=True, reason="bug: preemption leaves uncomputed blocks in the prefix cache")
 def test_preempted_chunk_is_not_left_cached(loaded):
     def greedy(n):
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)

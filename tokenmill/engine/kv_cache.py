@@ -198,6 +198,14 @@ class KVCacheManager:
             self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
 
     def free(self, request: Request) -> None:
+        # Blocks past the computed tokens were keyed at scheduling time but their KV was never
+        # written (a request preempted in the step that scheduled them): un-key them, or a
+        # later request would take stale KV as a hit.
+        for i in range(request.num_computed_tokens // self.block_size, len(request.block_ids)):
+            block = self.pool.blocks[request.block_ids[i]]
+            if block.ref_cnt == 1 and block.block_hash is not None:
+                del self.pool.cached[block.block_hash]
+                block.block_hash = None
         for block_id in reversed(request.block_ids):
             self.pool.release(block_id)
         request.block_ids = []
