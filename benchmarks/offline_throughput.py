@@ -30,6 +30,9 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def run_tokenmill(llm: LLM, prompts, output_len: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    # Every repeat starts cold: a prefix-cache hit on the previous repeat's prompts would not
+    # be a like-for-like comparison with transformers.
+    assert llm.engine.reset_prefix_cache()
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t
@@ -67,6 +70,7 @@ def run_transformers(model, prompts, output_len: int) -> float:
 def profile_step(llm: LLM, prompts, output_len: int) -> None:
     """Time the scheduler alone against the whole step during the decode phase."""
     engine = llm.engine
+    assert engine.reset_prefix_cache()
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params)
@@ -108,7 +112,7 @@ def main() -> None:
     llm = LLM("smollm2", dtype=args.dtype, quantization=args.quantization, max_num_seqs=args.num_prompts,
               max_num_batched_tokens=512)
     prompts = make_prompts(args.num_prompts, args.input_len, llm.engine.runner.model.config.vocab_size, 0)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+    llm.generate(make_prompts(2, 32, 1000, 1), SamplingParams(max_tokens=4))  # warm-up
     hf = None if args.skip_transformers else load_transformers(getattr(torch, args.dtype))
     if hf is not None:
         run_transformers(hf, [p[:16] for p in prompts[:2]], 4)  # warm-up
