@@ -157,6 +157,17 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_cdfs(rows: list[Row], out: Path) -> list[Path]:
+    from tokenmill.bench.plots import plot_latency_cdfs
+    from tokenmill.bench.report import records_from_result
+
+    paths = []
+    for c in sorted({r.concurrency for r in rows}):
+        series = {r.peer: records_from_result(r.result) for r in rows if r.concurrency == c}
+        paths.append(plot_latency_cdfs(series, out / f"latency_cdf_c{c}.png", f"concurrency {c}"))
+    return paths
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peers", default="tokenmill,llama.cpp", help=f"comma-separated from {PEERS}")
@@ -174,6 +185,7 @@ def main() -> int:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--bench-timeout", type=float, default=1800.0)
     p.add_argument("--out", default="benchmark-results/peers", help="JSON results, server logs, compare.md")
+    p.add_argument("--plot", action="store_true", help="latency CDFs of all peers, one PNG per concurrency")
     p.add_argument("--quiet", action="store_true", help="hide the per-run bench tables")
     args = p.parse_args()
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
@@ -186,6 +198,9 @@ def main() -> int:
         rows += run_peer(peer, args, out)
     table = markdown(rows, args)
     (out / "compare.md").write_text(table)
+    if args.plot:
+        for path in plot_cdfs(rows, out):
+            print(f"plot: {path}")
     print(table)
     return 0
 

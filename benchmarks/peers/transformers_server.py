@@ -36,7 +36,9 @@ def default_gguf() -> Path:
 
 def build_app(model, tokenizer) -> FastAPI:
     app = FastAPI()
-    lock = threading.Lock()  # generate is not batched: one request at a time
+    # generate is not batched: one request at a time. An asyncio lock, so waiting requests hold
+    # no executor thread (blocked streamer reads would starve the running one of threads).
+    lock = asyncio.Lock()
 
     @app.get("/health")
     async def health():
@@ -64,25 +66,32 @@ def build_app(model, tokenizer) -> FastAPI:
         result: dict = {}
 
         def work():
-            with lock, torch.inference_mode():
+            with torch.inference_mode():
                 out = model.generate(**kwargs)
                 result["completion_tokens"] = int(out.shape[1] - len(prompt_ids))
 
+        await lock.acquire()
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         loop = asyncio.get_running_loop()
         sentinel = object()
-        while True:
-            text = await loop.run_in_executor(None, next, streamer, sentinel)
-            if text is sentinel:
-                break
-            if not text:
-                continue
-            choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
-            yield {"id": rid, "created": created, "model": MODEL_NAME, "choices": [choice | {"finish_reason": None}]}
-        await loop.run_in_executor(None, thread.join)
+        try:
+            while True:
+                text = await loop.run_in_executor(None, next, streamer, sentinel)
+                if text is sentinel:
+                    break
+                if not text:
+                    continue
+                choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+                yield {"id": rid, "created": created, "model": MODEL_NAME,
+                       "choices": [choice | {"finish_reason": None}]}
+        finally:
+            # Also on a client disconnect: generate cannot be interrupted, so wait it out
+            # before the next request may start.
+            await loop.run_in_executor(None, thread.join)
+            lock.release()
         n = result.get("completion_tokens", 0)
         yield {"id": rid, "created": created, "model": MODEL_NAME, "choices": [],
                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}}

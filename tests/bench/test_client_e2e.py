@@ -15,6 +15,7 @@ from tokenmill.bench.cli import add_bench_arguments, run_bench
 from tokenmill.bench.client import RequestSettings
 from tokenmill.bench.datasets import SampleRequest
 from tokenmill.bench.metrics import compute_metrics, fill_output_tokens
+from tokenmill.bench.report import records_from_result
 from tokenmill.bench.runner import LoadShape, run_load
 from tokenmill.bench.sweep import SweepSpec, run_sweep
 
@@ -132,6 +133,8 @@ def test_cli_writes_vllm_result_json_and_plots(tmp_path, toy_tokenizer_json):
     assert len(res["itls"]) == 6 and res["output_lens"].count(5) == 5
     assert all(n == 12 for n in res["input_lens"])
     assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 10_000
+    back = records_from_result(res)  # the JSON alone is enough to redraw the plots
+    assert [r.success for r in back].count(False) == 1 and back[1].itl == res["itls"][1]
 
 
 def test_cli_sweep_json_and_plots(tmp_path, toy_tokenizer_json):

@@ -47,6 +47,8 @@ def plot_latency_cdfs(series: dict[str, Sequence[RequestRecord]], path: Path, ti
             vals = _values_ms(records, name)
             if vals:
                 ax.step(vals, [(i + 1) / len(vals) for i in range(len(vals))], where="post", label=label)
+        if name == "itl":
+            ax.set_xscale("log")  # a few prefill stalls would otherwise squash the body to a line
         ax.set_xlabel(f"{LABELS[name]} (ms)")
         ax.set_ylabel("fraction of requests" if name != "itl" else "fraction of gaps")
         ax.set_ylim(0, 1.02)

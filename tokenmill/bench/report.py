@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenmill.bench.metrics import LATENCY_METRICS, BenchmarkMetrics, percentile_key
+from tokenmill.bench.records import RequestRecord
 from tokenmill.bench.runner import RunResult
 
 METRIC_TITLES = {
@@ -66,6 +67,20 @@ def result_dict(run: RunResult, metrics: BenchmarkMetrics, meta: dict) -> dict:
         for p, v in d.percentiles.items():
             out[f"{percentile_key(p)}_{name}_ms"] = v
     return out
+
+
+def records_from_result(result: dict) -> list[RequestRecord]:
+    """Per-request records back from a result JSON this tool wrote (to redraw plots later)."""
+    n = len(result["input_lens"])
+    starts = result.get("start_times") or [0.0] * n
+    return [
+        RequestRecord(prompt_len=result["input_lens"][i], expected_output_len=result["output_lens"][i],
+                      start_time=starts[i], ttft=result["ttfts"][i], itl=list(result["itls"][i]),
+                      latency=result["e2els"][i], output_tokens=result["output_lens"][i],
+                      generated_text=result["generated_texts"][i], error=result["errors"][i],
+                      success=not result["errors"][i])
+        for i in range(n)
+    ]
 
 
 def summary_table(metrics: BenchmarkMetrics, title: str = "Serving Benchmark Result") -> Table:
