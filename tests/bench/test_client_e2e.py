@@ -19,8 +19,8 @@ from tokenmill.bench.report import records_from_result
 from tokenmill.bench.runner import LoadShape, run_load
 from tokenmill.bench.sweep import SweepSpec, run_sweep
 
-# Scheduling jitter on a loaded 2-core CI box; the scripted delays are tens of ms.
-TOL_MS = 8.0
+# Event-loop jitter on a loaded 2-core box (other jobs running) reaches ~10 ms; the script is 20-60 ms.
+TOL_MS = 15.0
 
 
 def samples(n, out=8):
@@ -43,8 +43,8 @@ def test_measured_ttft_and_tpot_match_the_script(backend):
     assert m.completed == 4 and m.failed == 0
     assert m.total_output == 32
     assert m.ttft.median == pytest.approx(60.0, abs=TOL_MS)  # role-only chat chunk is not a token
-    assert m.tpot.median == pytest.approx(20.0, abs=TOL_MS / 2)
-    assert m.itl.median == pytest.approx(20.0, abs=TOL_MS / 2)
+    assert m.tpot.median == pytest.approx(20.0, abs=5.0)
+    assert m.itl.median == pytest.approx(20.0, abs=5.0)
     assert m.e2el.median == pytest.approx(60 + 7 * 20, abs=2 * TOL_MS)
     assert all(len(r.itl) == 7 for r in result.records)
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
