@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 
 log = logging.getLogger("tokenmill")
+
+STATS_LOG_INTERVAL_S = 5.0  # like vLLM's periodic stats line: enough to watch, not to flood
 
 
 @dataclass
@@ -88,8 +91,6 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs until the request finishes. Closing the generator early
         (a client that went away) aborts the request and frees its KV blocks."""
-        import time
-
         self.start()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -159,8 +160,27 @@ class AsyncEngine:
             else:
                 command.loop.call_soon_threadsafe(command.future.set_result, result)
 
+    def _log_stats(self, last: tuple[float, int, int, int]) -> tuple[float, int, int, int]:
+        """One line every few seconds while there is work: throughput, queue, KV, hit rate."""
+        now = time.monotonic()
+        t0, gen0, q0, h0 = last
+        if now - t0 < STATS_LOG_INTERVAL_S:
+            return last
+        s = self.engine.stats
+        queries, hits = s.prefix_cache_queries - q0, s.prefix_cache_hits - h0
+        if s.generation_tokens_total != gen0 or queries:
+            log.info(
+                "generation %.1f tok/s, running %d, waiting %d, KV usage %.1f%%, preemptions %d, "
+                "prefix cache hit rate %.1f%% (%d/%d prompt tokens)",
+                (s.generation_tokens_total - gen0) / (now - t0), s.num_running, s.num_waiting,
+                100 * s.kv_usage, s.num_preemptions, 100 * hits / queries if queries else 0.0, hits, queries,
+            )
+        return now, s.generation_tokens_total, s.prefix_cache_queries, s.prefix_cache_hits
+
     def _loop(self) -> None:
+        last = (time.monotonic(), 0, 0, 0)
         while not self._stop.is_set():
+            last = self._log_stats(last)
             # Idle: sleep until a command comes. Busy: take whatever is queued, then step.
             try:
                 command = self._commands.get(timeout=None if not self.engine.has_unfinished else 0)
