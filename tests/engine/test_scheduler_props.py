@@ -159,3 +159,21 @@ def test_prefix_blocks_are_shared_and_evicted_lru_leaves_first():
     assert kv.pool.lookup(hashes[1]) is None and kv.pool.lookup(hashes[2]) is None
     sched.abort("c")
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_prefix_lookups_are_counted_once_per_admission():
+    kv = KVCacheManager(5, BLOCK)
+    sched = Scheduler(kv, 4, 64, max_model_len=64)
+    a = Request("a", list(range(16)), SamplingParams(max_tokens=4), 0, 4)  # 4 blocks, 5 at most
+    b = Request("b", list(range(100, 108)), SamplingParams(max_tokens=4), 1, 4)  # must wait for a
+    sched.add_request(a)
+    sched.add_request(b)
+    waited = 0
+    while sched.has_unfinished:
+        out = sched.schedule()
+        waited += b.status is RequestStatus.WAITING
+        sched.update(out, {c.request.request_id: 1 for c in out.chunks if c.samples})
+    assert waited >= 2  # b's lookup was retried while it waited
+    assert sched.num_preemptions == 0
+    assert kv.prefix_queries == 16 + 8
+    assert kv.num_free_blocks == kv.num_blocks

@@ -161,9 +161,12 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """Count a lookup once, when its request is admitted (a refused admission retries)."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit
 
     def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
         held = len(request.block_ids) + len(computed_blocks)
