@@ -220,16 +220,22 @@ def test_queue_full_429_with_retry_after(busy):
     assert set(codes) <= {200, 429}
 
 
-def test_drain_health_503_and_in_flight_finishes(busy):
-    engine, live = busy
-    app = live.app
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 120, "ignore_eos": True}
+def _post_in_background(live, engine, body):
+    """POST a completion from a thread; return once the engine is working on it."""
     done: list[httpx.Response] = []
     t = threading.Thread(target=lambda: done.append(httpx.post(live.url + "/v1/completions", json=body, timeout=60)))
     t.start()
     deadline = time.monotonic() + 5
     while not engine.engine.has_unfinished and time.monotonic() < deadline:
         time.sleep(0.005)
+    return done, t
+
+
+def test_drain_health_503_and_in_flight_finishes(busy):
+    engine, live = busy
+    app = live.app
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 120, "ignore_eos": True}
+    done, t = _post_in_background(live, engine, body)
     begin_drain(app)
     assert_openai_error(httpx.get(live.url + "/health"), 503)
     assert_openai_error(httpx.post(live.url + "/v1/completions", json=body), 503)
@@ -281,12 +287,7 @@ def test_drain_deadline_aborts_and_answers(tiny_loaded):
     app = create_app(engine, MODEL)
     live = LiveServer(app, make_server=lambda config: DrainingServer(config, drain_timeout=0.1))
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "n": 8, "ignore_eos": True}
-    done: list[httpx.Response] = []
-    t = threading.Thread(target=lambda: done.append(httpx.post(live.url + "/v1/completions", json=body, timeout=60)))
-    t.start()
-    deadline = time.monotonic() + 5
-    while not engine.engine.has_unfinished and time.monotonic() < deadline:
-        time.sleep(0.005)
+    done, t = _post_in_background(live, engine, body)
     live.server.handle_exit(signal.SIGTERM, None)
     t.join(30)
     live.thread.join(30)

@@ -70,10 +70,6 @@ class AsyncEngine:
     def stats(self):
         return self.engine.stats
 
-    @property
-    def num_active(self) -> int:
-        return len(self._streams)
-
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)

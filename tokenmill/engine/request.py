@@ -68,10 +68,6 @@ class Request:
     def max_total_tokens(self) -> int:
         return self.num_prompt_tokens + self.max_tokens
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
-
     def tokens_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)
         if end <= n:
