@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from tokenmill.config import DTYPES, QUANTIZATIONS, EngineConfig
+from tokenmill.config import DTYPES, QUANTIZATIONS, SPECULATIVE_METHODS, EngineConfig
 
 DEFAULT_MODEL = "smollm2"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -45,22 +45,30 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-waiting-requests", type=int, default=1024, help="beyond this, 429")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative-method", choices=SPECULATIVE_METHODS, default=None,
+                   help="ngram: prompt lookup; draft: a smaller model with the same tokenizer")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, help="most drafts verified per step")
+    g.add_argument("--draft-model", default=None, help="for --speculative-method draft")
+    g.add_argument("--prompt-lookup-min", type=int, default=2)
+    g.add_argument("--prompt-lookup-max", type=int, default=4)
+    g.add_argument("--speculative-disable-by-batch-size", type=int, default=4,
+                   help="no drafts while more requests than this are running")
+
+
+# Flags whose dest is the EngineConfig field of the same name.
+_CONFIG_FLAGS = (
+    "model", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
+    "max_waiting_requests", "seed", "num_threads", "speculative_method", "num_speculative_tokens", "draft_model",
+    "prompt_lookup_min", "prompt_lookup_max", "speculative_disable_by_batch_size",
+)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
         kv_cache_memory_bytes=args.kv_cache_memory,
-        block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_cache,
-        max_waiting_requests=args.max_waiting_requests,
-        seed=args.seed,
-        num_threads=args.num_threads,
+        **{name: getattr(args, name) for name in _CONFIG_FLAGS},
     )
 
 

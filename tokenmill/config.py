@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass
@@ -28,6 +29,15 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
     debug_checks: bool = False  # assert pool invariants after every step
+    # speculative decoding
+    speculative_method: str | None = None  # "ngram" (prompt lookup) | "draft" (a smaller model)
+    num_speculative_tokens: int = 4  # k: the most drafts one request verifies per step
+    draft_model: str | None = None  # path or name, for speculative_method="draft"
+    prompt_lookup_min: int = 2  # n-gram sizes the prompt-lookup proposer tries, longest first
+    prompt_lookup_max: int = 4
+    # With more requests running than this, a step is compute-bound enough that verifying
+    # drafts costs more than it saves: speculation pauses (benchmarks/spec_decode.py).
+    speculative_disable_by_batch_size: int = 4
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -46,6 +56,21 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.num_threads is not None:
             _positive("num_threads", self.num_threads)
+        if self.speculative_method is not None:
+            if self.speculative_method not in SPECULATIVE_METHODS:
+                raise ValueError(
+                    f"speculative_method must be one of {SPECULATIVE_METHODS}, got {self.speculative_method!r}"
+                )
+            _positive("num_speculative_tokens", self.num_speculative_tokens)
+            _positive("prompt_lookup_min", self.prompt_lookup_min)
+            _positive("speculative_disable_by_batch_size", self.speculative_disable_by_batch_size)
+            if self.prompt_lookup_max < self.prompt_lookup_min:
+                raise ValueError("prompt_lookup_max must be >= prompt_lookup_min")
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """Draft tokens a request may verify per step (0: speculation off)."""
+        return self.num_speculative_tokens if self.speculative_method else 0
 
 
 def _positive(name: str, value: int) -> None:

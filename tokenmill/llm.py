@@ -9,9 +9,9 @@ from tokenmill.sampling import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2", *, loaded=None, **config):
+    def __init__(self, model: str = "smollm2", *, loaded=None, draft_loaded=None, **config):
         self.config = EngineConfig(model=model, **config)
-        self.engine = build_engine(self.config, loaded)
+        self.engine = build_engine(self.config, loaded, draft_loaded)
         self._next_id = 0
 
     @property

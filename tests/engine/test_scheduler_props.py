@@ -25,8 +25,11 @@ def check(sched: Scheduler, out=None):
         assert out.num_batched_tokens <= sched.max_num_batched_tokens
         for c in out.chunks:
             assert c.num_tokens >= 1
-            assert len(c.request.block_ids) * BLOCK >= c.end
+            assert len(c.request.block_ids) * BLOCK >= c.end + c.num_lookahead
             assert c.request.status is RequestStatus.RUNNING
+            if c.num_lookahead:
+                assert c.num_tokens == 1 and c.samples
+                assert c.end + c.num_lookahead < c.request.max_total_tokens
 
 
 ops = st.lists(
@@ -48,20 +51,35 @@ ops = st.lists(
     max_seqs=st.integers(1, 6),
     caching=st.booleans(),
     seed=st.integers(0, 1000),
+    lookahead=st.sampled_from([0, 0, 1, 3, 5]),
 )
-def test_random_interleavings_never_leak(ops, num_blocks, budget, max_seqs, caching, seed):
+def test_random_interleavings_never_leak(ops, num_blocks, budget, max_seqs, caching, seed, lookahead):
+    """lookahead > 0 adds speculative decoding: random drafts (fewer than reserved at times),
+    a random number of them accepted, the rest's slots given back."""
     rng = random.Random(seed)
     kv = KVCacheManager(num_blocks, BLOCK, enable_caching=caching)
-    sched = Scheduler(kv, max_seqs, budget, max_model_len=64)
+    sched = Scheduler(kv, max_seqs, budget, max_model_len=64, num_lookahead_tokens=lookahead,
+                      spec_disable_batch_size=rng.randint(1, 6))
     ids = []
 
     def step():
         out = sched.schedule()
         check(sched, out)
         # Tokens from a tiny alphabet so that generated text repeats and shares blocks too.
-        sampled = {c.request.request_id: rng.randrange(3) for c in out.chunks if c.samples}
+        sampled = {}
+        for c in out.chunks:
+            if c.num_lookahead:
+                c.draft_token_ids = [rng.randrange(3) for _ in range(rng.randint(0, c.num_lookahead))]
+            if c.samples:
+                accepted = rng.randint(0, len(c.draft_token_ids))
+                sampled[c.request.request_id] = c.draft_token_ids[:accepted] + [rng.randrange(3)]
+        expected = {c.request: c.request.num_tokens + len(sampled.get(c.request.request_id, [])) for c in out.chunks}
         for r in sched.update(out, sampled):
             assert not r.block_ids
+        for r, n in expected.items():
+            if not r.is_finished and r.status is RequestStatus.RUNNING:
+                assert r.num_tokens == n and r.num_computed_tokens == n - 1 or not sampled.get(r.request_id)
+                assert len(r.block_ids) == kv.blocks_for(r.num_computed_tokens)
         check(sched)
         return out
 
@@ -102,11 +120,11 @@ def test_preemption_picks_least_work_and_counts():
         sched.add_request(r)
     out = sched.schedule()
     assert [x.request.request_id for x in out.chunks] == ["a", "b", "c"]
-    sched.update(out, {"a": 1, "b": 1, "c": 1})
+    sched.update(out, {"a": [1], "b": [1], "c": [1]})
     # Decode until the pool (6 blocks) runs out: b has the least computed work, so it goes.
     while not sched.num_preemptions:
         out = sched.schedule()
-        sched.update(out, {x.request.request_id: 1 for x in out.chunks if x.samples})
+        sched.update(out, {x.request.request_id: [1] for x in out.chunks if x.samples})
     assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and not b.block_ids
     assert sched.num_preemptions == 1 and b.num_preemptions == 1
     check(sched)
@@ -135,7 +153,7 @@ def test_prefix_blocks_are_shared_and_evicted_lru_leaves_first():
     sched.add_request(first)
     out = sched.schedule()
     first_chain = list(first.block_ids[:3])
-    sched.update(out, {"a": 5})
+    sched.update(out, {"a": [5]})
     assert first.is_finished and kv.num_free_blocks == 8
     second = Request("b", prompt + [99], SamplingParams(max_tokens=1), 1, 1)
     sched.add_request(second)
@@ -143,7 +161,7 @@ def test_prefix_blocks_are_shared_and_evicted_lru_leaves_first():
     assert second.num_cached_tokens == 12 and out.chunks[0].num_tokens == 2
     chain = list(second.block_ids)  # [shared 0, shared 1, shared 2, own 3]
     assert chain[:3] == first_chain
-    sched.update(out, {"b": 5})
+    sched.update(out, {"b": [5]})
     # Freed tail-first, so in LRU order a chain's leaf is evicted before its parents.
     cached = [b for b in kv.pool.free_queue if kv.pool.blocks[b].block_hash is not None]
     assert [b for b in cached if b in chain] == list(reversed(chain[:3]))
@@ -172,7 +190,7 @@ def test_prefix_lookups_are_counted_once_per_admission():
     while sched.has_unfinished:
         out = sched.schedule()
         waited += b.status is RequestStatus.WAITING
-        sched.update(out, {c.request.request_id: 1 for c in out.chunks if c.samples})
+        sched.update(out, {c.request.request_id: [1] for c in out.chunks if c.samples})
     assert waited >= 2  # b's lookup was retried while it waited
     assert sched.num_preemptions == 0
     assert kv.prefix_queries == 16 + 8

@@ -171,6 +171,11 @@ class AsyncEngine:
                 (s.generation_tokens_total - gen0) / (now - t0), s.num_running, s.num_waiting,
                 100 * s.kv_usage, s.num_preemptions, 100 * hits / queries if queries else 0.0, hits, queries,
             )
+            if s.spec_num_draft_tokens:
+                log.info(
+                    "speculative decoding: %.1f%% of %d draft tokens accepted, per position %s",
+                    100 * s.spec_acceptance_rate, s.spec_num_draft_tokens, s.spec_accepted_per_pos,
+                )
         return now, s.generation_tokens_total, s.prefix_cache_queries, s.prefix_cache_hits
 
     def _loop(self) -> None:

@@ -37,6 +37,15 @@ class EngineStats:
     num_steps: int = 0
     last_step_seconds: float = 0.0
     last_step_tokens: int = 0
+    # speculative decoding (vLLM's names): verify steps with drafts, drafts, accepted drafts
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)  # [k]: accepted at draft position i
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
 
     @property
     def kv_usage(self) -> float:
@@ -62,17 +71,24 @@ class _Group:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner, tokenizer, max_model_len: int, num_blocks: int):
+    def __init__(
+        self, config: EngineConfig, runner, tokenizer, max_model_len: int, num_blocks: int, proposer=None
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.runner = runner
+        self.proposer = proposer  # tokenmill.spec.proposer.Proposer, when speculating
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        lookahead = config.num_lookahead_tokens if proposer is not None else 0
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
+            lookahead, config.speculative_disable_by_batch_size,
+        )
         self.groups: dict[str, _Group] = {}
         self.child_to_group: dict[str, tuple[_Group, int]] = {}
         self._arrivals = 0
-        self.stats = EngineStats(kv_blocks_total=num_blocks)
+        self.stats = EngineStats(kv_blocks_total=num_blocks, spec_accepted_per_pos=[0] * lookahead)
         self._grammars = None  # tokenmill.structured.compiler.GrammarCompiler, built on first use
         self._compiling: dict[str, object] = {}  # request id -> Future of its grammar
 
@@ -198,31 +214,45 @@ class Engine:
         sched = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
         if not sched.is_empty:
+            if self.proposer is not None:
+                self.proposer.propose(sched)
             results = self.runner.execute(sched)
+            if self.proposer is not None:
+                self.proposer.observe(sched)
+                self._count_drafts(sched, results)
             now = time.monotonic()
+            before: dict[str, int] = {}
             for chunk in sched.chunks:
                 group, _ = self.child_to_group[chunk.request.request_id]
                 if group.metrics.scheduled_time is None:
                     group.metrics.scheduled_time = now
-            finished = self.scheduler.update(sched, {rid: r.token_id for rid, r in results.items()})
-            for rid, result in results.items():
+                before[chunk.request.request_id] = chunk.request.num_output_tokens
+            finished = self.scheduler.update(sched, {rid: [r.token_id for r in res] for rid, res in results.items()})
+            for rid, res in results.items():
                 group, j = self.child_to_group[rid]
                 request = group.children[j]
                 touched[group.request_id] = group
                 if group.metrics.first_token_time is None:
                     group.metrics.first_token_time = now
                     self.stats.prompt_tokens_total += len(group.prompt_token_ids)
-                self.stats.generation_tokens_total += 1
-                if result.logprobs is not None:
-                    group.logprobs[j].append(result.logprobs)
-                if request.grammar is not None and not request.is_finished:
-                    self._advance_grammar(request)
-                if group.detoks[j].add_token(result.token_id):
-                    request.stop_reason = group.detoks[j].stop_reason
-                    self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)  # no-op if done
-                    group.finish_reasons[j] = "stop"
-                elif request.is_finished:
-                    group.finish_reasons[j] = request.status.value
+                # The scheduler keeps the tokens up to a stop token; the detokenizer may stop
+                # earlier still (a stop string), and then the tokens after it are dropped.
+                num_kept = request.num_output_tokens - before[rid]
+                for k, result in enumerate(res[:num_kept]):
+                    self.stats.generation_tokens_total += 1
+                    if result.logprobs is not None:
+                        group.logprobs[j].append(result.logprobs)
+                    if request.grammar is not None and not request.is_finished:
+                        self._advance_grammar(request)
+                    if group.detoks[j].add_token(result.token_id):
+                        del request.output_token_ids[before[rid] + k + 1 :]
+                        request.stop_reason = group.detoks[j].stop_reason
+                        self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)  # no-op if done
+                        group.finish_reasons[j] = "stop"
+                        break
+                else:
+                    if request.is_finished:
+                        group.finish_reasons[j] = request.status.value
             for request in finished:
                 self.runner.sampler.forget(request.request_id)
         outputs = early
@@ -235,6 +265,19 @@ class Engine:
         if self.config.debug_checks:
             self.check_invariants()
         return outputs
+
+    def _count_drafts(self, sched, results) -> None:
+        s = self.stats
+        for chunk in sched.chunks:
+            res = results.get(chunk.request.request_id)
+            if not chunk.draft_token_ids or res is None:
+                continue
+            accepted = len(res) - 1
+            s.spec_num_drafts += 1
+            s.spec_num_draft_tokens += len(chunk.draft_token_ids)
+            s.spec_num_accepted_tokens += accepted
+            for i in range(accepted):
+                s.spec_accepted_per_pos[i] += 1
 
     def _advance_grammar(self, request: Request) -> None:
         """Follow the accepted token; a grammar at its end finishes the request ("stop")."""

@@ -213,5 +213,12 @@ class KVCacheManager:
             self.pool.release(block_id)
         request.block_ids = []
 
+    def trim(self, request: Request) -> None:
+        """Give back blocks past the computed tokens (the slots of rejected drafts). They were
+        never keyed: only full blocks of the request's own tokens are."""
+        keep = self.blocks_for(request.num_computed_tokens)
+        while len(request.block_ids) > keep:
+            self.pool.release(request.block_ids.pop())
+
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

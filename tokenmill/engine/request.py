@@ -39,6 +39,8 @@ class Request:
     # tokenmill.structured.GrammarMatcher when the output is constrained: the sampler masks
     # with it, the engine advances it with each accepted token.
     grammar: object | None = None
+    # Speculative decoding: how many drafts to ask for next step (adapts to acceptance).
+    num_spec_tokens: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -67,6 +69,14 @@ class Request:
     @property
     def max_total_tokens(self) -> int:
         return self.num_prompt_tokens + self.max_tokens
+
+    @property
+    def can_speculate(self) -> bool:
+        """Drafts are verified with one distribution for all positions, so requests whose
+        sampling depends on the tokens just before (grammar, penalties, min_tokens still
+        banning stops) decode one token at a time."""
+        p = self.params
+        return self.grammar is None and not p.needs_penalties and self.num_output_tokens >= p.min_tokens
 
     def tokens_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)

@@ -4,6 +4,11 @@ One step, one batch: decode tokens and prefill chunks share a single token budge
 requests go first (in arrival order), then waiting ones are admitted FCFS while budget,
 sequence slots and KV blocks last. Out of blocks, the running request that loses least work
 (fewest computed tokens) is preempted: its blocks are freed and it is recomputed later.
+
+Speculative decoding: a decoding request may also reserve lookahead slots (budget and KV) for
+drafts; the engine's proposer fills them after scheduling and update() commits the accepted
+ones, then frees the slots of the rejected. Drafts are given up before anyone is preempted,
+and not asked for at all when more requests run than speculation pays for.
 Pure Python: no torch, no wall clock.
 """
 
@@ -21,6 +26,10 @@ from tokenmill.engine.request import Request, RequestStatus
 class ScheduledChunk:
     request: Request
     num_tokens: int  # tokens to compute this step, starting at request.num_computed_tokens
+    # Speculative decoding: KV slots reserved past the request's tokens, and the draft tokens
+    # a proposer put in them (at most num_lookahead) for the model to verify.
+    num_lookahead: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def start(self) -> int:
@@ -35,6 +44,11 @@ class ScheduledChunk:
         """True when this chunk reaches the request's last token, so its logits give a new token."""
         return self.end == self.request.num_tokens
 
+    @property
+    def num_scheduled(self) -> int:
+        """Positions the forward pass computes: the request's tokens plus its drafts."""
+        return self.num_tokens + len(self.draft_token_ids)
+
 
 @dataclass
 class SchedulerOutput:
@@ -43,7 +57,7 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_scheduled for c in self.chunks)
 
     @property
     def is_empty(self) -> bool:
@@ -57,8 +71,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        num_lookahead_tokens: int = 0,
+        spec_disable_batch_size: int = 0,
     ):
         self.kv = kv
+        self.num_lookahead_tokens = num_lookahead_tokens
+        self.spec_disable_batch_size = spec_disable_batch_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -87,6 +105,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.check_admissible(request)
+        request.num_spec_tokens = self.num_lookahead_tokens
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -105,8 +124,9 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: dict[Request, int] = {}
+        scheduled: dict[Request, tuple[int, int]] = {}  # request -> (tokens, lookahead slots)
         preempted: list[Request] = []
+        speculate = self.num_lookahead_tokens > 0 and len(self.running) <= self.spec_disable_batch_size
 
         for request in list(self.running):
             if budget == 0:
@@ -114,17 +134,21 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens_to_compute, budget)
-            while not self.kv.allocate_slots(request, num_new):
+            lookahead = self._lookahead(request, num_new, budget) if speculate else 0
+            while not self.kv.allocate_slots(request, num_new + lookahead):
+                if lookahead:
+                    lookahead = 0  # drafts are the first thing to give up
+                    continue
                 victim = self._pick_victim()
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim in scheduled:
-                    budget += scheduled.pop(victim)
+                    budget += sum(scheduled.pop(victim))
                 if victim is request:
                     break
             else:
-                scheduled[request] = num_new
-                budget -= num_new
+                scheduled[request] = (num_new, lookahead)
+                budget -= num_new + lookahead
 
         # Admitting new work right after preempting would only thrash.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
@@ -142,11 +166,18 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled[request] = num_new
+            scheduled[request] = (num_new, 0)
             budget -= num_new
 
-        chunks = [ScheduledChunk(r, n) for r, n in scheduled.items()]
+        chunks = [ScheduledChunk(r, n, lookahead) for r, (n, lookahead) in scheduled.items()]
         return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _lookahead(self, request: Request, num_new: int, budget: int) -> int:
+        """Draft slots for a decoding request: its adaptive k, within the budget, and never
+        more than the tokens it may still produce (a step yields accepted drafts + one)."""
+        if num_new != 1 or request.num_tokens_to_compute != 1 or not request.can_speculate:
+            return 0
+        return max(0, min(request.num_spec_tokens, budget - 1, request.max_total_tokens - request.num_tokens - 1))
 
     def _pick_victim(self) -> Request:
         # Least work lost: fewest computed tokens; among equals the latest arrival.
@@ -164,21 +195,36 @@ class Scheduler:
         self.waiting.insert(index, request)
 
     # -- after the forward pass ----------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Advance computed tokens, append sampled tokens; return requests finished by a stop
-        token or length (their blocks are already freed)."""
+        token or length (their blocks are already freed).
+
+        With drafts, sampled holds the accepted drafts then one token of the model's own: the
+        accepted drafts' KV is kept, the rejected drafts' slots are given back. Tokens after a
+        stop token are dropped, as if decoded one by one.
+        """
         finished: list[Request] = []
         for chunk in output.chunks:
             request = chunk.request
             request.num_computed_tokens += chunk.num_tokens
-            token = sampled.get(request.request_id)
-            if token is None:
+            tokens = sampled.get(request.request_id)
+            if not tokens:
                 continue
-            request.output_token_ids.append(token)
-            status = request.check_stop_token()
-            if status is not None:
-                self.finish(request, status)
-                finished.append(request)
+            if chunk.draft_token_ids:
+                accepted = len(tokens) - 1
+                request.num_computed_tokens += accepted
+                # Adapt k: ask for one more than the run just accepted (capped at the maximum),
+                # so a request whose drafts keep failing verifies one cheap draft per step.
+                request.num_spec_tokens = min(self.num_lookahead_tokens, accepted + 1)
+            for token in tokens:
+                request.output_token_ids.append(token)
+                status = request.check_stop_token()
+                if status is not None:
+                    self.finish(request, status)
+                    finished.append(request)
+                    break
+            if chunk.num_lookahead and not request.is_finished:
+                self.kv.trim(request)
         return finished
 
     def finish(self, request: Request, status: RequestStatus) -> None:

@@ -5,6 +5,8 @@ Owns the KV pool tensor: [2 (k, v), layers, blocks, kv_heads, block_size, head_d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tokenmill.config import ModelConfig
@@ -30,52 +32,69 @@ class ModelRunner:
         )
         self.sampler = Sampler(seed)
 
-    def execute(self, output: SchedulerOutput) -> dict[str, SampleResult]:
+    def execute(self, output: SchedulerOutput) -> dict[str, list[SampleResult]]:
+        """Run the step; per request that reached its last token, the tokens it gains: one,
+        or with drafts the accepted ones plus one."""
         # Decode-shaped chunks (one token) first: attention batches them together.
-        chunks = sorted(output.chunks, key=lambda c: c.num_tokens != 1)
-        input_ids, positions, meta = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        sample_rows, requests = [], []
+        chunks = sorted(output.chunks, key=lambda c: c.num_scheduled != 1)
+        hidden = self.forward([segment(c) for c in chunks])
+        plain_rows, plain, verify_rows, verify = [], [], [], []
         offset = 0
         for chunk in chunks:
-            offset += chunk.num_tokens
-            if chunk.samples:
-                sample_rows.append(offset - 1)
-                requests.append(chunk.request)
-        if not requests:
+            offset += chunk.num_scheduled
+            if not chunk.samples:
+                continue
+            if chunk.draft_token_ids:
+                # The last token's logits check the first draft, each draft's the next one.
+                verify_rows.extend(range(offset - len(chunk.draft_token_ids) - 1, offset))
+                verify.append(chunk)
+            else:
+                plain_rows.append(offset - 1)
+                plain.append(chunk.request)
+        if not plain_rows and not verify_rows:
             return {}
-        logits = self.model.compute_logits(hidden[sample_rows])
-        results = self.sampler(logits, requests)
-        return {r.request_id: res for r, res in zip(requests, results)}
+        logits = self.model.compute_logits(hidden[plain_rows + verify_rows])
+        results = {}
+        if plain:
+            for request, res in zip(plain, self.sampler(logits[: len(plain)], plain)):
+                results[request.request_id] = [res]
+        if verify:
+            requests = [c.request for c in verify]
+            verified = self.sampler.verify(logits[len(plain) :], requests, [c.draft_token_ids for c in verify])
+            for request, res in zip(requests, verified):
+                results[request.request_id] = res
+        return results
 
-    def _prepare(self, chunks: list[ScheduledChunk]):
+    def forward(self, segments: list[Segment]) -> torch.Tensor:
+        """Hidden states of every token of the segments (one-token segments must come first)."""
+        input_ids, positions, meta = self._prepare(segments)
+        return self.model(input_ids, positions, self.kv_caches, meta)
+
+    def _prepare(self, segments: list[Segment]):
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        decodes = [c for c in chunks if c.num_tokens == 1]
-        for c in chunks:
-            request, start, end = c.request, c.start, c.end
-            ids.extend(request.tokens_slice(start, end))
-            pos.extend(range(start, end))
-            table = request.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        decodes = [s for s in segments if len(s.token_ids) == 1]
+        for s in segments:
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start, s.end))
+            table = s.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, s.end))
 
         decode_tables = decode_mask = None
         if decodes:
-            max_blocks = max(len(c.request.block_ids) for c in decodes)
-            decode_tables = torch.tensor(
-                [c.request.block_ids + [0] * (max_blocks - len(c.request.block_ids)) for c in decodes]
-            )
-            ctx = torch.tensor([c.end for c in decodes])
+            max_blocks = max(len(s.block_ids) for s in decodes)
+            decode_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes])
+            ctx = torch.tensor([s.end for s in decodes])
             decode_mask = (torch.arange(max_blocks * bs)[None, :] >= ctx[:, None])[:, None, None, :]
 
         prefills = []
         offset = len(decodes)
-        for c in chunks[len(decodes) :]:
-            table = torch.tensor(c.request.block_ids[: -(-c.end // bs)])
-            prefills.append(PrefillChunk(offset, c.num_tokens, c.end, table))
-            offset += c.num_tokens
+        for s in segments[len(decodes) :]:
+            table = torch.tensor(s.block_ids[: -(-s.end // bs)])
+            prefills.append(PrefillChunk(offset, len(s.token_ids), s.end, table))
+            offset += len(s.token_ids)
 
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots),
@@ -85,3 +104,21 @@ class ModelRunner:
             prefills=prefills,
         )
         return torch.tensor(ids), torch.tensor(pos), meta
+
+
+@dataclass
+class Segment:
+    """Consecutive tokens of one sequence to run, from position `start`, through its blocks."""
+
+    block_ids: list[int]
+    start: int
+    token_ids: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+def segment(chunk: ScheduledChunk) -> Segment:
+    tokens = chunk.request.tokens_slice(chunk.start, chunk.end) + chunk.draft_token_ids
+    return Segment(chunk.request.block_ids, chunk.start, tokens)

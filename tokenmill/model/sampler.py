@@ -12,6 +12,7 @@ import torch
 
 from tokenmill.engine.outputs import Logprob, TokenLogprobs
 from tokenmill.engine.request import Request
+from tokenmill.spec.rejection import verify_greedy, verify_sampled
 from tokenmill.structured.mask import allocate_bitmask, apply_bitmask_
 
 
@@ -108,7 +109,44 @@ class Sampler:
                 if banned:
                     logits[i, banned] = float("-inf")
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    @torch.inference_mode()
+    def verify(
+        self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]
+    ) -> list[list[SampleResult]]:
+        """Speculative decoding: rows hold, per request, the logits at its last token and at
+        each of its drafts (len(drafts) + 1 rows). Returns the accepted drafts plus one token
+        of the target's own per request; see tokenmill/spec/rejection.py."""
+        logits = logits.float()
+        sizes = [len(d) + 1 for d in drafts]
+        row_requests = [r for r, n in zip(requests, sizes) for _ in range(n)]
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in requests):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        argmax = logits.argmax(dim=-1).tolist()
+        random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
+        probs = {}
+        if random_rows:
+            rows = torch.tensor(random_rows)
+            for i, row in zip(random_rows, self._probs(logits[rows], [row_requests[i] for i in random_rows])):
+                probs[i] = row
+        results = []
+        start = 0
+        for request, draft, n in zip(requests, drafts, sizes):
+            if request.params.greedy:
+                tokens = verify_greedy(argmax[start : start + n], draft)
+            else:
+                p = torch.stack([probs[i] for i in range(start, start + n)])
+                tokens = verify_sampled(p, draft, None, self._generator(request) or self.generator)
+            lp = request.params.logprobs
+            results.append([
+                SampleResult(t, None if raw_logprobs is None or lp is None else _logprobs(raw_logprobs[start + j], t, lp))
+                for j, t in enumerate(tokens)
+            ])
+            start += n
+        return results
+
+    def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The distribution each row samples from: temperature, then top-k/top-p, then min-p."""
         temps = torch.tensor([r.params.temperature for r in requests]).unsqueeze(1)
         logits = logits / temps
         top_k = [r.params.top_k for r in requests]
@@ -120,6 +158,11 @@ class Sampler:
         if (min_p > 0).any():
             limit = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < limit, 0.0)
+            probs = probs / probs.sum(dim=-1, keepdim=True)  # rejection sampling needs a distribution
+        return probs
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        probs = self._probs(logits, requests)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p, and lets each
         # seeded row take its noise from its own generator.
         noise = torch.empty_like(probs)

@@ -52,6 +52,18 @@ class _EngineCollector(Collector):
                             s.prefix_cache_queries)
         yield self._counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                             s.prefix_cache_hits)
+        if s.spec_accepted_per_pos:  # speculative decoding is on
+            yield self._counter("vllm:spec_decode_num_drafts", "Verify steps that had drafts.", s.spec_num_drafts)
+            yield self._counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                                s.spec_num_draft_tokens)
+            yield self._counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                s.spec_num_accepted_tokens)
+            per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                          "Draft tokens accepted at each draft position.",
+                                          labels=[*self._labels, "position"])
+            for i, n in enumerate(s.spec_accepted_per_pos):
+                per_pos.add_metric([*self._labels.values(), str(i)], n)
+            yield per_pos
 
 
 class ServerMetrics:

@@ -1,0 +1,47 @@
+"""Draft-model proposer: a smaller model of the same tokenizer guesses k tokens greedily.
+
+Its KV pool has the target's shape in blocks and is indexed by the target's block tables,
+so it needs no bookkeeping of its own: every forward the target runs, the draft runs too
+(observe), and its KV stays valid exactly where the target's is, through rejections (the
+scheduler trims both at once), preemption (recomputed for both) and prefix-cache hits (a
+cached block was written by both models). Drafts are greedy, so q is one-hot and the
+verification stays exact for sampled requests too (tokenmill/spec/rejection.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.engine.scheduler import ScheduledChunk, SchedulerOutput
+from tokenmill.model.runner import ModelRunner, Segment, segment
+
+
+class DraftModelProposer:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    @torch.inference_mode()
+    def propose(self, output: SchedulerOutput) -> None:
+        active = [c for c in output.chunks if c.num_lookahead]
+        drafts: dict[int, list[int]] = {id(c): [] for c in active}
+        for i in range(max((c.num_lookahead for c in active), default=0)):
+            live = [c for c in active if len(drafts[id(c)]) < c.num_lookahead]
+            # Step i feeds the request's last token (i = 0) or the previous draft, at its
+            # position; the slots it writes were reserved as lookahead by the scheduler.
+            segments = [Segment(c.request.block_ids, c.request.num_tokens - 1 + i, [self._last(c, drafts)]) for c in live]
+            hidden = self.runner.forward(segments)
+            for chunk, token in zip(live, self.runner.model.compute_logits(hidden).argmax(-1).tolist()):
+                drafts[id(chunk)].append(token)
+        for chunk in active:
+            chunk.draft_token_ids = drafts[id(chunk)]
+
+    @staticmethod
+    def _last(chunk: ScheduledChunk, drafts: dict[int, list[int]]) -> int:
+        mine = drafts[id(chunk)]
+        return mine[-1] if mine else chunk.request.all_token_ids[-1]
+
+    def observe(self, output: SchedulerOutput) -> None:
+        # Write the draft's KV for everything the target just computed (prefill chunks,
+        # verified tokens); rewriting the slots propose() filled gives the same values.
+        chunks = sorted(output.chunks, key=lambda c: c.num_scheduled != 1)
+        self.runner.forward([segment(c) for c in chunks])
