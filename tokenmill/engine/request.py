@@ -39,8 +39,11 @@ class Request:
     # tokenmill.structured.GrammarMatcher when the output is constrained: the sampler masks
     # with it, the engine advances it with each accepted token.
     grammar: object | None = None
-    # Speculative decoding: how many drafts to ask for next step (adapts to acceptance).
+    # Speculative decoding: how many drafts to ask for next step (adapts to acceptance), and
+    # after drafts that were all rejected, how many steps to decode without any.
     num_spec_tokens: int = 0
+    spec_misses: int = 0  # consecutive verify steps that accepted nothing
+    spec_pause: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -175,7 +175,7 @@ class Scheduler:
     def _lookahead(self, request: Request, num_new: int, budget: int) -> int:
         """Draft slots for a decoding request: its adaptive k, within the budget, and never
         more than the tokens it may still produce (a step yields accepted drafts + one)."""
-        if num_new != 1 or request.num_tokens_to_compute != 1 or not request.can_speculate:
+        if num_new != 1 or request.num_tokens_to_compute != 1 or request.spec_pause or not request.can_speculate:
             return 0
         return max(0, min(request.num_spec_tokens, budget - 1, request.max_total_tokens - request.num_tokens - 1))
 
@@ -213,9 +213,9 @@ class Scheduler:
             if chunk.draft_token_ids:
                 accepted = len(tokens) - 1
                 request.num_computed_tokens += accepted
-                # Adapt k: ask for one more than the run just accepted (capped at the maximum),
-                # so a request whose drafts keep failing verifies one cheap draft per step.
-                request.num_spec_tokens = min(self.num_lookahead_tokens, accepted + 1)
+                self._adapt_speculation(request, accepted)
+            elif request.spec_pause:
+                request.spec_pause -= 1
             for token in tokens:
                 request.output_token_ids.append(token)
                 status = request.check_stop_token()
@@ -226,6 +226,14 @@ class Scheduler:
             if chunk.num_lookahead and not request.is_finished:
                 self.kv.trim(request)
         return finished
+
+    def _adapt_speculation(self, request: Request, accepted: int) -> None:
+        # k: one more than the run just accepted, capped at the maximum. A step that accepted
+        # nothing also pauses drafting for 1, 3, 7, then 15 steps (doubling while misses
+        # continue), so text with nothing to guess costs almost nothing extra.
+        request.num_spec_tokens = min(self.num_lookahead_tokens, accepted + 1)
+        request.spec_misses = 0 if accepted else request.spec_misses + 1
+        request.spec_pause = (1 << min(request.spec_misses, 4)) - 1
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Finish a request for any reason (stop, length, abort): free its blocks, forget it."""
