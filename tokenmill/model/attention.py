@@ -1,13 +1,16 @@
-"""Paged attention, torch backend: the CPU path and the reference for faster backends.
+"""Paged attention: the torch backend (the CPU path and the reference) and the dispatch.
 
-The batch is flattened to T tokens, decode tokens (one query each) first, then prefill
-chunks. Every token's K/V is written into the pool at its slot before any attention runs,
-so a chunk attends to all earlier KV of its own request, whoever computed it.
+`write_kv` and `paged_attention` run the Triton kernels (triton_attention.py) on CUDA
+tensors when triton imports, the torch code below otherwise. The batch is flattened to T
+tokens, decode tokens (one query each) first, then prefill chunks. Every token's K/V is
+written into the pool at its slot before any attention runs, so a chunk attends to all
+earlier KV of its own request, whoever computed it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +31,32 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks]
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size], True = masked
     prefills: list[PrefillChunk]
+    # [num_decodes] keys each decode query sees. Optional: a backend that needs it derives it
+    # from decode_mask when absent (one small kernel per step instead of none).
+    decode_context_lens: torch.Tensor | None = None
+    # Per-step values a backend derives from the above once and every layer reuses.
+    backend_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+@functools.cache
+def _triton_backend():
+    try:
+        from tokenmill.model import triton_attention
+    except ImportError:  # no triton: the torch code runs on the GPU too, only slower
+        return None
+    return triton_attention
+
+
+def _gpu_backend(t: torch.Tensor):
+    # Imported only for CUDA tensors, so CPU runs never pay for importing triton.
+    return _triton_backend() if t.is_cuda else None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
-    # Pool layout [num_blocks, kv_heads, block_size, head_dim]: slot = block * block_size + offset.
-    block_size = k_cache.shape[2]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
+    backend = _gpu_backend(k_cache)
+    if backend is not None:
+        return backend.write_kv(k_cache, v_cache, k, v, slots.to(k_cache.device, non_blocking=True))
+    torch_write_kv(k_cache, v_cache, k, v, slots)
 
 
 def paged_attention(
@@ -44,6 +65,23 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+) -> torch.Tensor:
+    backend = _gpu_backend(q)
+    if backend is not None:
+        return backend.paged_attention(q, k_cache, v_cache, meta, scale)
+    return torch_paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+def torch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+    # Pool layout [num_blocks, kv_heads, block_size, head_dim]: slot = block * block_size + offset.
+    block_size = k_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+
+
+def torch_paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
