@@ -5,7 +5,10 @@
 #   env    torch / triton / CUDA versions and the device
 #   tests  tests/model/test_triton_attention.py on the GPU (pytest, or the file's own runner)
 #   bench  benchmarks/gpu/attention_bench.py: decode vs torch, bandwidth vs a measured copy
-# About 4 minutes at most; a summary and the benchmark's table are printed last.
+#   engine the engine on the GPU: float32 greedy == CPU, CUDA graphs == eager, bf16 agreement
+#   e2e    benchmarks/gpu/e2e_bench.py: 1B/8B-shaped decode vs the bandwidth floor, 256-request
+#          throughput vs transformers
+# Six minutes at most (the stage limits add up to 360 s); a summary and the tables come last.
 # Logs and the benchmark's JSON go to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -u
 cd "$(dirname "$0")/.."
@@ -28,20 +31,24 @@ stage() {  # stage NAME SECONDS COMMAND...
     SUMMARY+=("| $name | $status | $(($(date +%s) - start)) |")
 }
 
-stage env 30 "$PY" -c '
+stage env 20 "$PY" -c '
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory >> 30, "GiB")
 assert torch.cuda.is_available()'
 
 if "$PY" -c 'import pytest' 2>/dev/null; then
-    stage tests 130 "$PY" -m pytest tests/model/test_triton_attention.py -q -o addopts="" -p no:cacheprovider
+    stage tests 90 "$PY" -m pytest tests/model/test_triton_attention.py -q -o addopts="" -p no:cacheprovider
+    stage engine 60 "$PY" -m pytest tests/model/test_gpu_engine.py tests/model/test_cuda_graphs.py -q -s \
+        -o addopts="" -p no:cacheprovider
 else
-    echo "(no pytest here: the test file's own runner)"
-    stage tests 130 "$PY" -m tests.model.test_triton_attention
+    echo "(no pytest here: the test file's own runner; the engine stage needs pytest)"
+    stage tests 90 "$PY" -m tests.model.test_triton_attention
 fi
 
-stage bench 100 "$PY" benchmarks/gpu/attention_bench.py --json "$OUT/attention_bench.json" --table "$OUT/attention_bench.txt"
+stage bench 60 "$PY" benchmarks/gpu/attention_bench.py --json "$OUT/attention_bench.json" --table "$OUT/attention_bench.txt"
+
+stage e2e 130 "$PY" benchmarks/gpu/e2e_bench.py --json "$OUT/e2e_bench.json" --hf-seconds 30
 
 echo
 echo "| stage | status | seconds |"
@@ -50,3 +57,5 @@ printf '%s\n' "${SUMMARY[@]}"
 grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
 echo
 cat "$OUT/attention_bench.txt" 2>/dev/null || echo "(no benchmark table)"
+grep -E "^(device|\|)" "$OUT/e2e.log" 2>/dev/null || echo "(no e2e table)"
+grep -E "bf16 GPU vs" "$OUT/engine.log" 2>/dev/null

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from tokenmill.config import DTYPES, QUANTIZATIONS, SPECULATIVE_METHODS, EngineConfig
+from tokenmill.config import DEVICES, DTYPES, QUANTIZATIONS, SPECULATIVE_METHODS, EngineConfig
 
 DEFAULT_MODEL = "smollm2"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -34,7 +34,11 @@ def parse_bytes(text: str) -> int:
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2', a .gguf file or an HF checkpoint dir")
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: share of GPU memory for weights, activations and the KV pool")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default="auto")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -58,7 +62,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 # Flags whose dest is the EngineConfig field of the same name.
 _CONFIG_FLAGS = (
-    "model", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
+    "model", "dtype", "device", "gpu_memory_utilization", "enforce_eager", "quantization", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
     "max_waiting_requests", "seed", "num_threads", "speculative_method", "num_speculative_tokens", "draft_model",
     "prompt_lookup_min", "prompt_lookup_max", "speculative_disable_by_batch_size",
 )

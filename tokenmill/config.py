@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on CUDA
+DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when torch sees a GPU
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 SPECULATIVE_METHODS = ("ngram", "draft")
 
@@ -23,7 +24,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     max_waiting_requests: int = 1024
     # model
-    dtype: str = "float32"
+    dtype: str = "auto"
+    device: str = "auto"
+    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + activations + KV
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     quantization: str = "auto"  # auto: keep a GGUF's quantized weights quantized
     quant_group_size: int = 32
     seed: int = 0
@@ -52,6 +56,10 @@ class EngineConfig:
             _positive("max_model_len", self.max_model_len)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.num_threads is not None:

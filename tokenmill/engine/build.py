@@ -9,7 +9,7 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import Engine
 from tokenmill.model.llama import LlamaForCausalLM
-from tokenmill.model.runner import ModelRunner, kv_block_bytes
+from tokenmill.model.runner import ModelRunner, Segment, kv_block_bytes
 
 log = logging.getLogger("tokenmill")
 
@@ -27,18 +27,76 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
 
         loaded = load_model(config.model, config)
     cfg = loaded.config
-    dtype = TORCH_DTYPES[config.dtype]
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    model = LlamaForCausalLM(cfg, loaded.weights, dtype, _linear_factory(config, dtype), max_model_len)
+    model = LlamaForCausalLM(cfg, loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len)
+    model.to(device)  # moves what was built on the host; weights made on the device stay put
     block_bytes = kv_block_bytes(cfg, config.block_size, dtype)
-    num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // block_bytes)
+    if config.num_kv_blocks:
+        num_blocks = config.num_kv_blocks
+    elif device.type == "cuda":
+        num_blocks = _cuda_num_blocks(model, config, block_bytes)
+    else:
+        num_blocks = max(1, config.kv_cache_memory_bytes // block_bytes)
     log.info(
-        "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
+        "KV cache on %s: %d blocks x %d tokens = %d tokens (%.1f MiB)", device,
         num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * block_bytes / 2**20,
     )
     runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
+    if device.type == "cuda" and not config.enforce_eager:
+        from tokenmill.model.cuda_graphs import DecodeGraphs
+
+        max_blocks = -(-max_model_len // config.block_size)
+        runner.decode_graphs = DecodeGraphs(runner, config.max_num_seqs, max_blocks)
     proposer = _build_proposer(config, loaded, draft_loaded, dtype, max_model_len, num_blocks)
     return Engine(config, runner, loaded.tokenizer, max_model_len, num_blocks, proposer)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return TORCH_DTYPES[name]
+
+
+@torch.inference_mode()
+def _cuda_num_blocks(model: LlamaForCausalLM, config: EngineConfig, block_bytes: int) -> int:
+    """Blocks that fit in gpu_memory_utilization of the GPU after the weights and the activation
+    peak of the largest step (a profiling forward of max_num_batched_tokens tokens)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    n = config.max_num_batched_tokens
+    probe = ModelRunner(model, -(-n // config.block_size), config.block_size)
+    probe_bytes = probe.kv_caches.numel() * probe.kv_caches.element_size()
+    hidden = probe.forward([Segment(list(range(probe.scratch_block)), 0, [0] * n)])
+    model.compute_logits(hidden[: min(n, config.max_num_seqs)])
+    torch.cuda.synchronize()
+    activations = torch.cuda.max_memory_allocated() - before - probe_bytes
+    del probe, hidden
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    budget = int(total * config.gpu_memory_utilization) - (total - free) - activations
+    log.info(
+        "GPU memory: %.1f GiB total, %.1f GiB in use (weights, other processes), activation peak %.2f GiB, "
+        "KV budget %.1f GiB at utilization %.2f",
+        total / 2**30, (total - free) / 2**30, activations / 2**30, budget / 2**30, config.gpu_memory_utilization,
+    )
+    if budget < block_bytes:
+        raise ValueError(
+            f"no GPU memory left for the KV cache at gpu_memory_utilization={config.gpu_memory_utilization} "
+            f"(weights and activations take {(total - free + activations) / 2**30:.1f} GiB of {total / 2**30:.1f})"
+        )
+    return budget // block_bytes
 
 
 def _build_proposer(config: EngineConfig, loaded, draft_loaded, dtype, max_model_len: int, num_blocks: int):
@@ -58,12 +116,15 @@ def _build_proposer(config: EngineConfig, loaded, draft_loaded, dtype, max_model
         draft_loaded = load_model(config.draft_model, config)
     check_same_tokenizer(loaded.tokenizer, draft_loaded.tokenizer)
     cfg = draft_loaded.config
-    draft = LlamaForCausalLM(cfg, draft_loaded.weights, dtype, _linear_factory(config, dtype), max_model_len)
+    device = model_device = resolve_device(config.device)
+    draft = LlamaForCausalLM(cfg, draft_loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len)
+    draft.to(model_device)
     log.info(
         "draft model: %d layers, its KV pool mirrors the target's %d blocks (%.1f MiB)",
         cfg.num_layers, num_blocks, num_blocks * kv_block_bytes(cfg, config.block_size, dtype) / 2**20,
     )
-    return DraftModelProposer(ModelRunner(draft, num_blocks, config.block_size, config.seed))
+    runner = ModelRunner(draft, num_blocks, config.block_size, config.seed)
+    return DraftModelProposer(runner, loaded.config.vocab_size)
 
 
 def check_same_tokenizer(target, draft) -> None:
@@ -81,13 +142,15 @@ def check_same_tokenizer(target, draft) -> None:
         raise ValueError("the draft model's EOS tokens differ from the target's")
 
 
-def _linear_factory(config: EngineConfig, dtype: torch.dtype):
+def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.device):
     try:
         from tokenmill.model.quant import make_linear
     except ImportError:  # quantized kernels not available: plain float linears
         return None
+    # The int4/int8 kernels are CPU ones: on a GPU, quantized checkpoints run dequantized.
+    quantization = "none" if device.type == "cuda" else config.quantization
 
     def make(weight, bias):
-        return make_linear(weight, bias, dtype, config.quantization, config.quant_group_size)
+        return make_linear(weight, bias, dtype, quantization, config.quant_group_size)
 
     return make

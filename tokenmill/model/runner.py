@@ -1,6 +1,7 @@
 """ModelRunner: SchedulerOutput -> input tensors -> forward -> sampled tokens.
 
-Owns the KV pool tensor: [2 (k, v), layers, blocks, kv_heads, block_size, head_dim].
+Owns the KV pool tensor: [2 (k, v), layers, blocks, kv_heads, block_size, head_dim], on the
+model's device. Inputs are built on the host and copied over once per step.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ class ModelRunner:
         cfg = model.config
         self.model = model
         self.block_size = block_size
+        self.device = model.embed_tokens.device
+        # One block past the scheduler's pool: the padding rows of a CUDA-graph batch write there.
+        self.scratch_block = num_blocks
         self.kv_caches = torch.zeros(
-            2, cfg.num_layers, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.dtype
+            2, cfg.num_layers, num_blocks + 1, cfg.num_kv_heads, block_size, cfg.head_dim,
+            dtype=model.dtype, device=self.device,
         )
         self.sampler = Sampler(seed)
+        self.decode_graphs = None  # tokenmill.model.cuda_graphs.DecodeGraphs, once captured
 
     def execute(self, output: SchedulerOutput) -> dict[str, list[SampleResult]]:
         """Run the step; per request that reached its last token, the tokens it gains: one,
@@ -67,6 +73,9 @@ class ModelRunner:
 
     def forward(self, segments: list[Segment]) -> torch.Tensor:
         """Hidden states of every token of the segments (one-token segments must come first)."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.fits(segments):
+            return graphs.run(segments)
         input_ids, positions, meta = self._prepare(segments)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
@@ -82,12 +91,14 @@ class ModelRunner:
             table = s.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, s.end))
 
-        decode_tables = decode_mask = None
+        dev = self.device
+        decode_tables = decode_mask = ctx = None
         if decodes:
             max_blocks = max(len(s.block_ids) for s in decodes)
             decode_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes])
             ctx = torch.tensor([s.end for s in decodes])
             decode_mask = (torch.arange(max_blocks * bs)[None, :] >= ctx[:, None])[:, None, None, :]
+            decode_tables, decode_mask, ctx = (t.to(dev, non_blocking=True) for t in (decode_tables, decode_mask, ctx))
 
         prefills = []
         offset = len(decodes)
@@ -97,13 +108,14 @@ class ModelRunner:
             offset += len(s.token_ids)
 
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots),
+            slot_mapping=torch.tensor(slots).to(dev, non_blocking=True),
             num_decodes=len(decodes),
             decode_block_tables=decode_tables,
             decode_mask=decode_mask,
             prefills=prefills,
+            decode_context_lens=ctx,
         )
-        return torch.tensor(ids), torch.tensor(pos), meta
+        return torch.tensor(ids).to(dev, non_blocking=True), torch.tensor(pos).to(dev, non_blocking=True), meta
 
 
 @dataclass

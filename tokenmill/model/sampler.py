@@ -42,7 +42,11 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-        logits = logits.float()
+        if _plain_greedy(requests):
+            # argmax where the logits are: on a GPU only the token ids cross to the host.
+            return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
+        # Everything else runs on the host (a no-op on CPU; on a GPU one copy of the rows).
+        logits = logits.float().cpu()
         batch, vocab = logits.shape
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in requests):
@@ -116,19 +120,20 @@ class Sampler:
         """Speculative decoding: rows hold, per request, the logits at its last token and at
         each of its drafts (len(drafts) + 1 rows). Returns the accepted drafts plus one token
         of the target's own per request; see tokenmill/spec/rejection.py."""
-        logits = logits.float()
         sizes = [len(d) + 1 for d in drafts]
-        row_requests = [r for r, n in zip(requests, sizes) for _ in range(n)]
-        raw_logprobs = None
-        if any(r.params.logprobs is not None for r in requests):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
         argmax = logits.argmax(dim=-1).tolist()
-        random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
+        raw_logprobs = None
         probs = {}
-        if random_rows:
-            rows = torch.tensor(random_rows)
-            for i, row in zip(random_rows, self._probs(logits[rows], [row_requests[i] for i in random_rows])):
-                probs[i] = row
+        if not _plain_greedy(requests):
+            logits = logits.float().cpu()
+            if any(r.params.logprobs is not None for r in requests):
+                raw_logprobs = torch.log_softmax(logits, dim=-1)
+            row_requests = [r for r, n in zip(requests, sizes) for _ in range(n)]
+            random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
+            if random_rows:
+                rows = torch.tensor(random_rows)
+                for i, row in zip(random_rows, self._probs(logits[rows], [row_requests[i] for i in random_rows])):
+                    probs[i] = row
         results = []
         start = 0
         for request, draft, n in zip(requests, drafts, sizes):
@@ -176,6 +181,15 @@ class Sampler:
         if unseeded:
             noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _plain_greedy(requests: list[Request]) -> bool:
+    """Rows whose token is the bare argmax: nothing to mask, penalise or report."""
+    return all(
+        r.params.greedy and r.grammar is None and not r.params.needs_penalties and r.params.logprobs is None
+        and r.num_output_tokens >= r.params.min_tokens
+        for r in requests
+    )
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

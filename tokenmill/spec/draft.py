@@ -17,8 +17,9 @@ from tokenmill.model.runner import ModelRunner, Segment, segment
 
 
 class DraftModelProposer:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, vocab_size: int):
         self.runner = runner
+        self.vocab_size = vocab_size  # the target's: a draft's padded vocabulary may be larger
 
     @torch.inference_mode()
     def propose(self, output: SchedulerOutput) -> None:
@@ -30,7 +31,8 @@ class DraftModelProposer:
             # position; the slots it writes were reserved as lookahead by the scheduler.
             segments = [Segment(c.request.block_ids, c.request.num_tokens - 1 + i, [self._last(c, drafts)]) for c in live]
             hidden = self.runner.forward(segments)
-            for chunk, token in zip(live, self.runner.model.compute_logits(hidden).argmax(-1).tolist()):
+            logits = self.runner.model.compute_logits(hidden)[:, : self.vocab_size]
+            for chunk, token in zip(live, logits.argmax(-1).tolist()):
                 drafts[id(chunk)].append(token)
         for chunk in active:
             chunk.draft_token_ids = drafts[id(chunk)]

@@ -1,0 +1,111 @@
+"""CUDA graphs for decode-only steps: the whole forward of a padded batch replayed as one launch.
+
+A decode step of a small model is dozens of tiny kernels per layer; launched one by one from
+Python, the GPU waits on the host. Capturing the forward once per batch size in a ladder and
+replaying it removes that. Inputs live in static buffers that each step overwrites; a batch is
+padded up to the next captured size with rows that see no keys (context length 0) and write
+their K/V into the runner's scratch block, so they touch no request's cache. Needs an
+attention backend whose launches depend only on shapes (the Triton one; the block-table width
+is fixed at the longest context, so the grid never changes).
+
+`capture=False` runs the same padded static-buffer path eagerly: how the CPU tests check the
+padding logic, since CUDA graphs themselves need a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from tokenmill.model.attention import AttentionMetadata
+
+log = logging.getLogger("tokenmill")
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to max_batch (vLLM's shape): padding wastes < 8 rows."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int, max_blocks_per_seq: int, capture: bool = True):
+        self.runner = runner
+        self.sizes = batch_ladder(max_batch)
+        self.max_batch = max_batch
+        self.max_blocks = max_blocks_per_seq
+        dev = runner.device
+        self.scratch_slot = runner.scratch_block * runner.block_size
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.slots = torch.full((max_batch,), self.scratch_slot, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.long, device=dev)
+        self.lens = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        # Host-side staging for the tables: rows are filled in place, never rebuilt.
+        self.host_tables = np.zeros((max_batch, max_blocks_per_seq), dtype=np.int64)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if capture:
+            self._capture()
+
+    def _meta(self, b: int, eager: bool) -> AttentionMetadata:
+        mask = None
+        if eager:  # the torch backend masks by position instead of reading context lengths
+            keys = torch.arange(self.max_blocks * self.runner.block_size, device=self.runner.device)
+            mask = (keys[None, :] >= self.lens[:b, None])[:, None, None, :]
+        return AttentionMetadata(
+            slot_mapping=self.slots[:b], num_decodes=b, decode_block_tables=self.tables[:b],
+            decode_mask=mask, prefills=[], decode_context_lens=self.lens[:b],
+        )
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        t0 = time.perf_counter()
+        model, kv = self.runner.model, self.runner.kv_caches
+        pool = None
+        for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            meta = self._meta(b, eager=False)
+            model(self.ids[:b], self.positions[:b], kv, meta)  # warm-up: Triton compiles, cuBLAS picks
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[b] = model(self.ids[:b], self.positions[:b], kv, meta)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+        log.info("CUDA graphs: %d decode batch sizes (1..%d) captured in %.1f s",
+                 len(self.sizes), self.max_batch, time.perf_counter() - t0)
+
+    def fits(self, segments) -> bool:
+        return 0 < len(segments) <= self.max_batch and all(
+            len(s.token_ids) == 1 and len(s.block_ids) <= self.max_blocks for s in segments
+        )
+
+    @torch.inference_mode()
+    def run(self, segments) -> torch.Tensor:
+        n = len(segments)
+        b = next(size for size in self.sizes if size >= n)
+        bs = self.runner.block_size
+        ids, pos, slots, lens = [], [], [], []
+        for i, s in enumerate(segments):
+            p = s.start
+            ids.append(s.token_ids[0])
+            pos.append(p)
+            slots.append(s.block_ids[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            self.host_tables[i, : len(s.block_ids)] = s.block_ids
+        pad = b - n
+        dev = self.runner.device
+        self.ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.positions[:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
+        self.slots[:b].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
+        self.lens[:b].copy_(torch.tensor(lens + [0] * pad), non_blocking=True)
+        self.tables[:n].copy_(torch.from_numpy(self.host_tables[:n]).to(dev), non_blocking=True)
+        if self.graphs:
+            self.graphs[b].replay()
+            return self.outputs[b][:n]
+        meta = self._meta(b, eager=True)  # the mask follows this step's lengths
+        return self.runner.model(self.ids[:b], self.positions[:b], self.runner.kv_caches, meta)[:n]
