@@ -1,7 +1,7 @@
 """Speculative decoding on the default model: TPOT with and without drafts, in one run.
 
     PYTHONPATH=. python benchmarks/spec_decode.py [--repeats 3] [--max-tokens 192] [--k 4]
-        [--draft-layers 8] [--sweep 1,2,4,8,16] [--json out.json]
+        [--draft-layers 24] [--sweep 1,2,4,8,16] [--no-tpot] [--json out.json]
 
 Engines share the loaded weights (serve defaults: float32 activations over the GGUF's Q4_1):
   plain  - no speculation
@@ -13,8 +13,8 @@ Tasks, greedy, one request at a time (concurrency 1):
   create - write a story (nothing to copy)
 TPOT per request = (finish - first token) / (output tokens - 1); median over repeats, the
 engines interleaved within each repeat so that machine noise hits them alike. The sweep runs
-c copy requests at once (speculation kept on at any batch size) and reports output tokens/s
-of ngram over plain, to find the concurrency where speculation stops paying.
+c requests of --sweep-task at once (speculation kept on at any batch size) and reports the median
+output tokens/s of ngram over plain, to find the concurrency where speculation stops paying.
 """
 
 from __future__ import annotations
@@ -78,10 +78,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--draft-layers", type=int, default=8)
+    ap.add_argument("--draft-layers", type=int, default=24)
     ap.add_argument("--sweep", default="1,2,4,8,16")
     ap.add_argument("--sweep-tokens", type=int, default=96)
+    ap.add_argument("--sweep-repeats", type=int, default=3)
+    ap.add_argument("--sweep-task", choices=list(TASKS), default="copy")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-tpot", action="store_true", help="only the concurrency sweep")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,7 +102,7 @@ def main() -> None:
         tpot_ms(llm, prompts["create"], 8)
 
     results: dict = {"tpot_ms": {}, "output_tokens": {}, "acceptance": {}, "sweep": {}}
-    for task, prompt in prompts.items():
+    for task, prompt in ({} if args.no_tpot else prompts).items():
         samples = {name: [] for name in engines}
         for _ in range(args.repeats):
             for name, llm in engines.items():
@@ -121,9 +124,13 @@ def main() -> None:
                   f"{base / med:4.2f}x vs plain, {results['output_tokens'][task][name]} tokens"
                   + (f", acceptance {acc:.1%}" if acc is not None else ""))
 
-    copy = prompts["copy"]
+    sweep_prompt = prompts[args.sweep_task]
     for c in [int(x) for x in args.sweep.split(",") if x]:
-        row = {name: throughput(engines[name], [copy] * c, args.sweep_tokens) for name in ("plain", "ngram")}
+        runs = {"plain": [], "ngram": []}
+        for _ in range(args.sweep_repeats):
+            for name in runs:
+                runs[name].append(throughput(engines[name], [sweep_prompt] * c, args.sweep_tokens))
+        row = {name: statistics.median(v) for name, v in runs.items()}
         results["sweep"][c] = row
         print(f"concurrency {c:>2}: plain {row['plain']:7.1f} tok/s, ngram {row['ngram']:7.1f} tok/s, "
               f"ratio {row['ngram'] / row['plain']:4.2f}")

@@ -35,10 +35,12 @@ def loaded(quantization: str) -> LoadedModel:
 def model(quantization: str) -> LlamaForCausalLM:
     lm = loaded(quantization)
 
-    def factory(weight, bias):
+    def factory(weight, bias, quantization=quantization):
         return make_linear(weight, bias, torch.float32, quantization, 32)
 
-    return LlamaForCausalLM(lm.config, lm.weights, torch.float32, factory, max_positions=2048)
+    # fp8 keeps the LM head in float, as the engine does.
+    head = (lambda weight, bias: factory(weight, bias, "none")) if quantization == "fp8" else None
+    return LlamaForCausalLM(lm.config, lm.weights, torch.float32, factory, max_positions=2048, make_head=head)
 
 
 def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> torch.Tensor:

@@ -30,7 +30,10 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    model = LlamaForCausalLM(cfg, loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len)
+    model = LlamaForCausalLM(
+        cfg, loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len,
+        make_head=_linear_factory(config, dtype, device, head=True),
+    )
     model.to(device)  # moves what was built on the host; weights made on the device stay put
     block_bytes = kv_block_bytes(cfg, config.block_size, dtype)
     if config.num_kv_blocks:
@@ -117,7 +120,10 @@ def _build_proposer(config: EngineConfig, loaded, draft_loaded, dtype, max_model
     check_same_tokenizer(loaded.tokenizer, draft_loaded.tokenizer)
     cfg = draft_loaded.config
     device = model_device = resolve_device(config.device)
-    draft = LlamaForCausalLM(cfg, draft_loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len)
+    draft = LlamaForCausalLM(
+        cfg, draft_loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len,
+        make_head=_linear_factory(config, dtype, device, head=True),
+    )
     draft.to(model_device)
     log.info(
         "draft model: %d layers, its KV pool mirrors the target's %d blocks (%.1f MiB)",
@@ -142,13 +148,20 @@ def check_same_tokenizer(target, draft) -> None:
         raise ValueError("the draft model's EOS tokens differ from the target's")
 
 
-def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.device):
+def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.device, head: bool = False):
+    quantization = config.quantization
+    if device.type == "cuda" and quantization != "fp8":
+        quantization = "none"  # the int4/int8 kernels are CPU ones: GGUF weights run dequantized
+    if head and quantization == "fp8":
+        quantization = "none"  # fp8 logits cost 2% perplexity on SmolLM2 for a small saving (docs/benchmarks.md)
     try:
         from tokenmill.model.quant import make_linear
-    except ImportError:  # quantized kernels not available: plain float linears
-        return None
-    # The int4/int8 kernels are CPU ones: on a GPU, quantized checkpoints run dequantized.
-    quantization = "none" if device.type == "cuda" else config.quantization
+    except ImportError:  # no gguf (e.g. a GPU box with only torch): float weights, fp8 or plain
+        if quantization != "fp8":
+            return None
+        from tokenmill.model.fp8 import Fp8Linear
+
+        return lambda weight, bias: Fp8Linear(weight, bias, dtype)
 
     def make(weight, bias):
         return make_linear(weight, bias, dtype, quantization, config.quant_group_size)

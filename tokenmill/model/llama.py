@@ -77,6 +77,7 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         make_linear: LinearFactory | None = None,
         max_positions: int | None = None,
+        make_head: LinearFactory | None = None,  # the LM head's, when it differs (fp8 keeps it float)
     ):
         super().__init__()
         self.config = cfg
@@ -107,7 +108,7 @@ class LlamaForCausalLM(nn.Module):
                 raise KeyError("missing weight 'lm_head.weight' (and embeddings are not tied)")
             self.lm_head = FloatLinear(self.embed_tokens, None)  # shares storage, no copy
         else:
-            self.lm_head = make_linear(head, None)
+            self.lm_head = (make_head or make_linear)(head, None)
 
     @torch.inference_mode()
     def forward(

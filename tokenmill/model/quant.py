@@ -7,6 +7,7 @@ Which format runs which kernel (see `make_linear`):
 | float                   | none / auto  | FloatLinear   | F.linear in `dtype`                         |
 | float or any GGUF type  | int4         | Int4Linear    | aten._weight_int4pack_mm_for_cpu, group-wise|
 | float or any GGUF type  | int8         | Int8Linear    | aten._weight_int8pack_mm, per output row    |
+| float or any GGUF type  | fp8          | Fp8Linear     | torch._scaled_mm, e4m3 W8A8 (model/fp8.py)  |
 | GGUF Q4_0 / Q4_1        | auto         | Int4Linear    | the file's own int4 values, exactly         |
 | GGUF Q8_0               | auto         | Int8Linear    | the file's int8 values and per-32 scales    |
 | GGUF other types        | auto         | FloatLinear   | dequantized with gguf.quants                |
@@ -28,6 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
+from tokenmill.model.fp8 import Fp8Linear
 from tokenmill.model.layers import FloatLinear
 
 Q = GGMLQuantizationType
@@ -224,6 +226,8 @@ def make_linear(
         return Int8Linear.from_float(weight, bias, dtype)
     if quantization == "int4":
         return Int4Linear.from_float(weight, bias, group_size, dtype)
+    if quantization == "fp8":
+        return Fp8Linear(weight, bias, dtype)
     if quantization not in ("none", "auto"):
         raise ValueError(f"unknown quantization {quantization!r}")
     return FloatLinear(weight.to(dtype), None if bias is None else bias.to(dtype))

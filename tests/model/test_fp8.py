@@ -1,0 +1,64 @@
+"""FP8 (e4m3) W8A8 linears: error against float, and what they do to a model's output.
+torch._scaled_mm has a CPU path, so the same module the GPU runs is measured here."""
+
+import pytest
+import torch
+
+from tests.model import real
+from tests.tiny import VOCAB
+from tokenmill import LLM, SamplingParams
+from tokenmill.model.fp8 import Fp8Linear, quantize_rows
+
+
+def rel_err(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_rows_scaled_to_the_e4m3_range():
+    x = torch.randn(4, 32) * torch.tensor([[1e-3], [1.0], [50.0], [1e4]])
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (4, 1)
+    assert torch.allclose(q.float().abs().amax(-1), torch.full((4,), 448.0))
+    assert rel_err(q.float() * scale, x) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_close_to_float(dtype):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(7, 64)
+    m = Fp8Linear(w, b, dtype)
+    out = m(x.to(dtype))
+    assert out.dtype == dtype and out.shape == (7, 96)
+    assert rel_err(out, x @ w.t() + b) < 0.06
+    # Much worse than float, much better than noise: the error can fail this test.
+    assert rel_err(out, x @ w.t() + b) > 1e-3
+
+
+def test_fp8_refuses_dimensions_the_kernel_cannot_take():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Fp8Linear(torch.randn(40, 24), None, torch.bfloat16)
+
+
+def test_tiny_model_fp8_greedy_mostly_agrees(tiny_models):
+    _, loaded = tiny_models("llama")
+    prompts = [[(7 * i + j) % (VOCAB - 2) + 2 for j in range(20)] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ref = LLM("tiny", loaded=loaded, num_kv_blocks=64).generate(prompts, params)
+    fp8 = LLM("tiny", loaded=loaded, num_kv_blocks=64, quantization="fp8", dtype="bfloat16").generate(prompts, params)
+    first = [o.outputs[0].token_ids[0] for o in ref]
+    assert [o.outputs[0].token_ids[0] for o in fp8] == first
+
+
+@pytest.mark.slow
+def test_fp8_perplexity_on_the_default_model():
+    """SmolLM2 (its Q4_1 weights dequantized) in float32 vs fp8 W8A8, same text."""
+    tok = real.loaded("none").tokenizer
+    ids = tok.encode(real.text())
+    logits_f = real.sequence_logits(real.model("none"), ids)
+    logits_8 = real.sequence_logits(real.model("fp8"), ids)
+    ppl_f, ppl_8 = real.perplexity(logits_f, ids), real.perplexity(logits_8, ids)
+    agree = (logits_f.argmax(-1) == logits_8.argmax(-1)).float().mean().item()
+    print(f"\nperplexity float32 {ppl_f:.3f}, fp8 W8A8 {ppl_8:.3f} ({(ppl_8 - ppl_f) / ppl_f:+.2%}); "
+          f"next-token agreement {agree:.3f} over {len(ids)} tokens")
+    assert abs(ppl_8 - ppl_f) / ppl_f < 0.05
+    assert agree > 0.9
