@@ -84,3 +84,12 @@ def hf_reference(directory: str, name: str):
 
     m = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     return m.eval()
+
+
+def perplexity_vs_float(quantization: str) -> tuple[float, float, float, int]:
+    """(float32 perplexity, `quantization`'s, next-token argmax agreement, tokens) on text()."""
+    ids = loaded("none").tokenizer.encode(text())
+    logits_f = sequence_logits(model("none"), ids)
+    logits_q = sequence_logits(model(quantization), ids)
+    agree = (logits_f.argmax(-1) == logits_q.argmax(-1)).float().mean().item()
+    return perplexity(logits_f, ids), perplexity(logits_q, ids), agree, len(ids)

@@ -52,13 +52,8 @@ def test_tiny_model_fp8_greedy_mostly_agrees(tiny_models):
 @pytest.mark.slow
 def test_fp8_perplexity_on_the_default_model():
     """SmolLM2 (its Q4_1 weights dequantized) in float32 vs fp8 W8A8, same text."""
-    tok = real.loaded("none").tokenizer
-    ids = tok.encode(real.text())
-    logits_f = real.sequence_logits(real.model("none"), ids)
-    logits_8 = real.sequence_logits(real.model("fp8"), ids)
-    ppl_f, ppl_8 = real.perplexity(logits_f, ids), real.perplexity(logits_8, ids)
-    agree = (logits_f.argmax(-1) == logits_8.argmax(-1)).float().mean().item()
+    ppl_f, ppl_8, agree, n = real.perplexity_vs_float("fp8")
     print(f"\nperplexity float32 {ppl_f:.3f}, fp8 W8A8 {ppl_8:.3f} ({(ppl_8 - ppl_f) / ppl_f:+.2%}); "
-          f"next-token agreement {agree:.3f} over {len(ids)} tokens")
+          f"next-token agreement {agree:.3f} over {n} tokens")
     assert abs(ppl_8 - ppl_f) / ppl_f < 0.05
     assert agree > 0.9

@@ -103,13 +103,8 @@ def test_quantized_greedy_agrees_with_float(llm_quant, prompt_ids, float_tokens)
 
 
 def test_quantized_perplexity_close_to_float():
-    tok = real.loaded("none").tokenizer
-    ids = tok.encode(real.text())
-    logits_f = real.sequence_logits(real.model("none"), ids)
-    logits_q = real.sequence_logits(real.model("auto"), ids)
-    ppl_f, ppl_q = real.perplexity(logits_f, ids), real.perplexity(logits_q, ids)
-    agree = (logits_f.argmax(-1) == logits_q.argmax(-1)).float().mean().item()
-    print(f"perplexity float32 {ppl_f:.3f}, quantized {ppl_q:.3f}; next-token argmax agreement {agree:.3f} over {len(ids)} tokens")
+    ppl_f, ppl_q, agree, n = real.perplexity_vs_float("auto")
+    print(f"perplexity float32 {ppl_f:.3f}, quantized {ppl_q:.3f}; next-token argmax agreement {agree:.3f} over {n} tokens")
     assert ppl_f < 60  # a sane model on plain English prose
     assert abs(ppl_q - ppl_f) / ppl_f < 0.03
     assert agree > 0.95
