@@ -18,7 +18,7 @@ import time
 import torch
 
 from tokenmill import LLM
-from tokenmill.model.quant import weight_nbytes
+from tokenmill.model.layers import weight_nbytes
 from tokenmill.sampling import SamplingParams
 
 PROMPT = "Once upon a time, in a small village by the sea,"

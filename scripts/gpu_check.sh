@@ -48,7 +48,7 @@ fi
 
 stage bench 60 "$PY" benchmarks/gpu/attention_bench.py --json "$OUT/attention_bench.json" --table "$OUT/attention_bench.txt"
 
-stage e2e 130 "$PY" benchmarks/gpu/e2e_bench.py --json "$OUT/e2e_bench.json" --hf-seconds 30
+stage e2e 130 "$PY" benchmarks/gpu/e2e_bench.py --json "$OUT/e2e_bench.json" --hf-seconds 25
 
 echo
 echo "| stage | status | seconds |"

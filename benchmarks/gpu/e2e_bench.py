@@ -20,7 +20,7 @@ A table is printed last.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import gc
 import json
 import random
 import statistics
@@ -28,14 +28,16 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+# Only modules the GPU image can import: it has no gguf (loader, quant).
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.config import ModelConfig  # noqa: E402
-from tokenmill.model.loader import LoadedModel, expected_shapes  # noqa: E402
-from tokenmill.model.quant import weight_nbytes  # noqa: E402
+from tokenmill.model.layers import weight_nbytes  # noqa: E402
 from tokenmill.model.tokenizer import Tokenizer  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -63,7 +65,7 @@ def word_tokenizer(vocab_size: int) -> Tokenizer:
 def random_weights(cfg: ModelConfig, device, dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     weights = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in cfg.weight_shapes().items():
         if name.endswith("norm.weight"):
             weights[name] = torch.ones(shape, device=device, dtype=dtype)
         else:
@@ -120,9 +122,22 @@ def ceilings(device, smoke: bool) -> dict:
     return {"copy_bytes_per_s": 2 * n / copy_s, "matmul_flops_per_s": 2 * m**3 / mm_s}
 
 
+@dataclass
+class Loaded:
+    config: ModelConfig
+    weights: dict
+    tokenizer: Tokenizer
+
+
 def engine(cfg, weights, device, dtype, **config) -> LLM:
-    loaded = LoadedModel(cfg, weights, word_tokenizer(cfg.vocab_size), "random")
+    loaded = Loaded(cfg, weights, word_tokenizer(cfg.vocab_size))
     return LLM("random", loaded=loaded, device=device.type, dtype=dtype, max_model_len=2048, **config)
+
+
+def free(device) -> None:
+    gc.collect()  # whatever cycles still hold GPU tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def decode_tpot(llm: LLM, vocab: int, out_tokens: int) -> float:
@@ -199,27 +214,38 @@ def main() -> None:
     out_tokens = 16 if args.smoke else 256
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "ceilings": ceilings(device, args.smoke)}
     bw, flops = result["ceilings"]["copy_bytes_per_s"], result["ceilings"]["matmul_flops_per_s"]
-    rows = []
+    # Rows are printed as they come and the JSON rewritten after each: a run cut short by its
+    # time limit still leaves what it measured.
+    print(f"\ndevice {result['device']}: copy {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    print("| shape | run | result | detail | vs |")
+    print("|---|---|---|---|---|", flush=True)
+
+    def emit(row: str) -> None:
+        print(row, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+
     for shape in shapes:
         cfg = SHAPES[shape]
         compare = shape in ("1b", "smoke")  # the throughput run, against transformers
+        r = result[shape] = {"shape": shape}
         model = None
         if compare:
             try:
                 model = hf_model(cfg, device, tdtype)
             except ImportError as e:
-                rows.append(f"| {shape} | transformers | not installed ({e}) | | |")
+                emit(f"| {shape} | transformers | not installed ({e}) | | |")
         weights = hf_weights(model, cfg) if model is not None else random_weights(cfg, device, tdtype)
         t = time.perf_counter()
-        llm = engine(cfg, weights, device, dtype, max_num_seqs=256, max_num_batched_tokens=8192)
-        build_s = time.perf_counter() - t
+        # Only the throughput run needs a big batch (and its ladder of CUDA graphs).
+        llm = engine(cfg, weights, device, dtype, max_num_seqs=256 if compare else 4, max_num_batched_tokens=8192)
         wbytes = weight_nbytes(llm.engine.runner.model)
+        r |= {"build_s": time.perf_counter() - t, "weight_bytes": wbytes, "kv_blocks": llm.engine.kv.num_blocks}
         tpot = decode_tpot(llm, cfg.vocab_size, out_tokens)
         floor = wbytes / bw
-        r = {"shape": shape, "build_s": build_s, "weight_bytes": wbytes, "tpot_s": tpot, "floor_s": floor,
-             "kv_blocks": llm.engine.kv.num_blocks}
-        rows.append(f"| {shape} | decode batch 1 | TPOT {tpot * 1e3:.2f} ms | floor {floor * 1e3:.2f} ms "
-                    f"({wbytes / 2**30:.2f} GiB at {bw / 1e12:.2f} TB/s) | {tpot / floor:.2f}x floor |")
+        r |= {"tpot_s": tpot, "floor_s": floor}
+        emit(f"| {shape} | decode batch 1 | TPOT {tpot * 1e3:.2f} ms | floor {floor * 1e3:.2f} ms "
+             f"({wbytes / 2**30:.2f} GiB at {bw / 1e12:.2f} TB/s) | {tpot / floor:.2f}x floor |")
         if compare:
             reqs = workload(cfg.vocab_size, n_requests, lo, hi)
             tm = tokenmill_throughput(llm, reqs)
@@ -228,31 +254,18 @@ def main() -> None:
             mfu = 2 * params * (tm["output_tokens"] + tm["input_tokens"]) / tm["wall_s"] / flops
             mbu = wbytes * tm["steps"] / tm["wall_s"] / bw
             r["tokenmill"] = tm | {"output_tok_s": tm_rate, "compute_fraction": mfu, "weight_bandwidth_fraction": mbu}
-            rows.append(f"| {shape} | {n_requests} req tokenmill | {tm_rate:,.0f} out tok/s | {tm['steps']} steps in "
-                        f"{tm['wall_s']:.1f} s | {mfu:.1%} of matmul peak, weights at {mbu:.1%} of copy bw |")
-            del llm
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            emit(f"| {shape} | {n_requests} req tokenmill | {tm_rate:,.0f} out tok/s | {tm['steps']} steps in "
+                 f"{tm['wall_s']:.1f} s | {mfu:.1%} of matmul peak, weights at {mbu:.1%} of copy bw |")
+            llm = None
+            free(device)  # the KV pool goes before transformers needs the memory
             if model is not None:
                 hf = hf_throughput(model, reqs, device, args.hf_batch, args.hf_seconds)
                 hf_rate = hf["output_tokens"] / hf["wall_s"]
                 r["transformers"] = hf | {"output_tok_s": hf_rate}
-                rows.append(f"| {shape} | transformers generate | {hf_rate:,.0f} out tok/s | {hf['requests']} req in "
-                            f"{hf['wall_s']:.1f} s | tokenmill {tm_rate / hf_rate:.1f}x |")
-                del model
-        else:
-            del llm
-        result[shape] = r
-        del weights
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"\ndevice {result['device']}: copy {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    print("| shape | run | result | detail | vs |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
-
+                emit(f"| {shape} | transformers generate | {hf_rate:,.0f} out tok/s | {hf['requests']} req in "
+                     f"{hf['wall_s']:.1f} s | tokenmill {tm_rate / hf_rate:.1f}x |")
+        del llm, model, weights
+        free(device)
 
 if __name__ == "__main__":
     main()

@@ -195,3 +195,52 @@ def test_prefix_lookups_are_counted_once_per_admission():
     assert sched.num_preemptions == 0
     assert kv.prefix_queries == 16 + 8
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def _spec_scheduler(num_blocks, k=4):
+    kv = KVCacheManager(num_blocks, BLOCK)
+    return Scheduler(kv, 4, 64, 64, num_lookahead_tokens=k, spec_disable_batch_size=4)
+
+
+def test_lookahead_never_causes_a_preemption():
+    """Drafts get only what nobody else needs: with the pool nearly full, a request's lookahead
+    must not take the block another request's next token needs."""
+    for k in (0, 4):
+        sched = _spec_scheduler(5, k)
+        a = Request("a", list(range(6)), SamplingParams(max_tokens=10), 0, 10)
+        b = Request("b", list(range(100, 108)), SamplingParams(max_tokens=10), 1, 10)
+        sched.add_request(a)
+        sched.add_request(b)
+        sched.update(sched.schedule(), {"a": [1], "b": [1]})  # prefill: 2 + 3 blocks... of 5
+        out = sched.schedule()
+        assert sched.num_preemptions == 0, k
+        assert {c.request.request_id for c in out.chunks} == {"a", "b"}
+
+
+def test_drafts_that_keep_missing_pause_speculation():
+    """All-rejected verify steps pause drafting for 1, 3, 7, then 15 steps; a hit resets it."""
+    sched = _spec_scheduler(64)
+    r = Request("r", [1, 2, 3], SamplingParams(max_tokens=60), 0, 60)
+    sched.add_request(r)
+    sched.update(sched.schedule(), {"r": [7]})
+    drafted_steps = []
+    for step in range(40):
+        out = sched.schedule()
+        (chunk,) = out.chunks
+        if chunk.num_lookahead:
+            chunk.draft_token_ids = [9] * chunk.num_lookahead
+            drafted_steps.append(step)
+        sched.update(out, {"r": [8]})  # the target never agrees with the drafts
+    gaps = [b - a - 1 for a, b in zip(drafted_steps, drafted_steps[1:])]
+    assert gaps[:4] == [1, 3, 7, 15]
+    assert r.num_spec_tokens == 1
+    # A hit: k grows back and the pause is gone.
+    while True:
+        out = sched.schedule()
+        (chunk,) = out.chunks
+        if chunk.num_lookahead:
+            break
+        sched.update(out, {"r": [8]})
+    chunk.draft_token_ids = [5] * chunk.num_lookahead
+    sched.update(out, {"r": chunk.draft_token_ids + [6]})
+    assert r.spec_pause == 0 and r.spec_misses == 0 and r.num_spec_tokens == 2

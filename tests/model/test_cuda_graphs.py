@@ -67,3 +67,38 @@ def test_engine_with_padded_decode_path_matches_plain_engine(tiny_models):
     assert got == want
     assert len(calls) >= 25 and set(calls) <= {1, 2, 3}
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_graphs_do_not_keep_the_kv_pool_alive(tiny_models):
+    """runner -> graphs -> runner would be a cycle: the pool would outlive `del llm` until the GC
+    runs, and on a GPU the next model would not fit."""
+    import gc
+    import weakref
+
+    _, loaded = tiny_models("llama")
+    llm = LLM("tiny", loaded=loaded, block_size=8, num_kv_blocks=16)
+    runner = llm.engine.runner
+    runner.decode_graphs = DecodeGraphs(runner, max_batch=4, max_blocks_per_seq=8, capture=False)
+    pool = weakref.ref(runner.kv_caches)
+    del llm, runner
+    gc.disable()
+    try:
+        assert pool() is None
+    finally:
+        gc.enable()
+
+
+def test_profiling_forward_fits_the_context(tiny_models):
+    """The largest step is profiled as segments no longer than the context (RoPE has no
+    positions past it), each on its own blocks."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.build import profile_forward, profile_segments
+    from tokenmill.model.llama import LlamaForCausalLM
+
+    segments, blocks = profile_segments(100, 64, 16)
+    assert [len(s.token_ids) for s in segments] == [64, 36]
+    assert [s.block_ids for s in segments] == [[0, 1, 2, 3], [4, 5, 6, 7]] and blocks == 8
+    _, loaded = tiny_models("llama")
+    model = LlamaForCausalLM(loaded.config, loaded.weights, max_positions=64)
+    config = EngineConfig(max_num_batched_tokens=200, block_size=16)
+    assert profile_forward(model, config, 64) > 0  # runs: positions stay below 64

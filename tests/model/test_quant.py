@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from tokenmill.model.layers import FloatLinear
+from tokenmill.model.layers import FloatLinear, weight_nbytes
 from tokenmill.model.quant import (
     Int4Linear,
     Int8Linear,
@@ -19,7 +19,6 @@ from tokenmill.model.quant import (
     dequantize,
     make_linear,
     q4_values_scales_mins,
-    weight_nbytes,
 )
 
 OUT, IN = 96, 128
@@ -110,6 +109,22 @@ def test_weight_nbytes():
     assert weight_nbytes(make_linear(w, None, torch.float32, "int4", 32)) == OUT * IN // 2 + OUT * IN // 32 * 4
     # int8 per row: one byte per weight plus one bf16 scale per row
     assert weight_nbytes(make_linear(w, None, torch.float32, "int8", 32)) == OUT * IN + OUT * 2
+    # fp8: one byte per weight plus a float32 scale per output row
+    assert weight_nbytes(make_linear(w, None, torch.bfloat16, "fp8", 32)) == OUT * IN + OUT * 4
     # a module shared twice counts once
     shared = make_linear(w, None, torch.float32, "none", 32)
     assert weight_nbytes(torch.nn.ModuleList([shared, shared])) == OUT * IN * 4
+
+
+def test_weight_nbytes_of_a_model_counts_a_tied_head_not_the_embedding(tiny_models):
+    from tokenmill.model.llama import LlamaForCausalLM
+
+    for arch, tied in (("llama", False), ("qwen2", True)):
+        _, loaded = tiny_models(arch)
+        model = LlamaForCausalLM(loaded.config, loaded.weights)
+        cfg = loaded.config
+        linears = sum(v.numel() for k, v in loaded.weights.items() if k.endswith("proj.weight") or k.endswith("proj.bias"))
+        norms = sum(v.numel() for k, v in loaded.weights.items() if k.endswith("norm.weight"))
+        head = cfg.vocab_size * cfg.hidden_size  # untied: lm_head; tied: the table, read whole
+        assert cfg.tie_word_embeddings == tied
+        assert weight_nbytes(model) == 4 * (linears + norms + head)

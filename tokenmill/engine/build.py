@@ -8,7 +8,7 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import Engine
-from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.llama import LlamaForCausalLM, float_linear_factory
 from tokenmill.model.runner import ModelRunner, Segment, kv_block_bytes
 
 log = logging.getLogger("tokenmill")
@@ -30,30 +30,74 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    model = LlamaForCausalLM(
-        cfg, loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len,
-        make_head=_linear_factory(config, dtype, device, head=True),
-    )
-    model.to(device)  # moves what was built on the host; weights made on the device stay put
+    model = _build_model(config, loaded, dtype, device, max_model_len)
+    # A draft model's KV pool mirrors the target's blocks: both are paid from one budget.
+    draft = _build_draft(config, loaded, draft_loaded, dtype, device, max_model_len)
     block_bytes = kv_block_bytes(cfg, config.block_size, dtype)
+    if draft is not None:
+        block_bytes += kv_block_bytes(draft.config, config.block_size, dtype)
     if config.num_kv_blocks:
         num_blocks = config.num_kv_blocks
     elif device.type == "cuda":
-        num_blocks = _cuda_num_blocks(model, config, block_bytes)
+        num_blocks = _cuda_num_blocks(model, config, block_bytes, max_model_len)
     else:
         num_blocks = max(1, config.kv_cache_memory_bytes // block_bytes)
     log.info(
-        "KV cache on %s: %d blocks x %d tokens = %d tokens (%.1f MiB)", device,
+        "KV cache on %s: %d blocks x %d tokens = %d tokens (%.1f MiB%s)", device,
         num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * block_bytes / 2**20,
+        ", the draft's included" if draft is not None else "",
     )
     runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
     if device.type == "cuda" and not config.enforce_eager:
-        from tokenmill.model.cuda_graphs import DecodeGraphs
+        if triton_available():
+            from tokenmill.model.cuda_graphs import DecodeGraphs
 
-        max_blocks = -(-max_model_len // config.block_size)
-        runner.decode_graphs = DecodeGraphs(runner, config.max_num_seqs, max_blocks)
-    proposer = _build_proposer(config, loaded, draft_loaded, dtype, max_model_len, num_blocks)
+            max_blocks = -(-max_model_len // config.block_size)
+            runner.decode_graphs = DecodeGraphs(runner, config.max_num_seqs, max_blocks)
+        else:
+            log.warning("no triton: CUDA graphs need its attention kernels, running eagerly")
+    proposer = None
+    if config.speculative_method == "ngram":
+        from tokenmill.spec.ngram import NgramProposer
+
+        proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    elif draft is not None:
+        from tokenmill.spec.draft import DraftModelProposer
+
+        draft_runner = ModelRunner(draft, num_blocks, config.block_size, config.seed)
+        proposer = DraftModelProposer(draft_runner, min(cfg.vocab_size, draft.config.vocab_size))
     return Engine(config, runner, loaded.tokenizer, max_model_len, num_blocks, proposer)
+
+
+def _build_model(config: EngineConfig, loaded, dtype, device, max_model_len: int) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(
+        loaded.config, loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len,
+        make_head=_linear_factory(config, dtype, device, head=True),
+    )
+    return model.to(device)  # moves what was built on the host; weights made on the device stay put
+
+
+def _build_draft(config: EngineConfig, loaded, draft_loaded, dtype, device, max_model_len: int):
+    if config.speculative_method != "draft":
+        return None
+    if draft_loaded is None:
+        if not config.draft_model:
+            raise ValueError("speculative_method='draft' needs a draft_model")
+        from tokenmill.model.loader import load_model
+
+        draft_loaded = load_model(config.draft_model, config)
+    check_same_tokenizer(loaded.tokenizer, draft_loaded.tokenizer)
+    draft = _build_model(config, draft_loaded, dtype, device, max_model_len)
+    log.info("draft model: %d layers, %d hidden", draft.config.num_layers, draft.config.hidden_size)
+    return draft
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,22 +114,38 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def profile_segments(num_tokens: int, max_model_len: int, block_size: int) -> tuple[list[Segment], int]:
+    """The largest step as prefill segments no longer than the context (RoPE has no positions
+    past it), each on its own blocks; and the number of blocks they use."""
+    per_seq = min(num_tokens, max_model_len)
+    blocks_per_seq = -(-per_seq // block_size)
+    segments = []
+    for i, start in enumerate(range(0, num_tokens, per_seq)):
+        n = min(per_seq, num_tokens - start)
+        segments.append(Segment(list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), 0, [0] * n))
+    return segments, len(segments) * blocks_per_seq
+
+
 @torch.inference_mode()
-def _cuda_num_blocks(model: LlamaForCausalLM, config: EngineConfig, block_bytes: int) -> int:
+def profile_forward(model: LlamaForCausalLM, config: EngineConfig, max_model_len: int) -> int:
+    """Run the largest step once on a throwaway pool; returns the pool's bytes."""
+    segments, num_blocks = profile_segments(config.max_num_batched_tokens, max_model_len, config.block_size)
+    probe = ModelRunner(model, num_blocks, config.block_size)
+    hidden = probe.forward(segments)
+    model.compute_logits(hidden[: min(len(hidden), config.max_num_seqs)])
+    return probe.kv_caches.numel() * probe.kv_caches.element_size()
+
+
+def _cuda_num_blocks(model: LlamaForCausalLM, config: EngineConfig, block_bytes: int, max_model_len: int) -> int:
     """Blocks that fit in gpu_memory_utilization of the GPU after the weights and the activation
     peak of the largest step (a profiling forward of max_num_batched_tokens tokens)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    n = config.max_num_batched_tokens
-    probe = ModelRunner(model, -(-n // config.block_size), config.block_size)
-    probe_bytes = probe.kv_caches.numel() * probe.kv_caches.element_size()
-    hidden = probe.forward([Segment(list(range(probe.scratch_block)), 0, [0] * n)])
-    model.compute_logits(hidden[: min(n, config.max_num_seqs)])
+    probe_bytes = profile_forward(model, config, max_model_len)
     torch.cuda.synchronize()
     activations = torch.cuda.max_memory_allocated() - before - probe_bytes
-    del probe, hidden
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     budget = int(total * config.gpu_memory_utilization) - (total - free) - activations
@@ -100,37 +160,6 @@ def _cuda_num_blocks(model: LlamaForCausalLM, config: EngineConfig, block_bytes:
             f"(weights and activations take {(total - free + activations) / 2**30:.1f} GiB of {total / 2**30:.1f})"
         )
     return budget // block_bytes
-
-
-def _build_proposer(config: EngineConfig, loaded, draft_loaded, dtype, max_model_len: int, num_blocks: int):
-    if config.speculative_method is None:
-        return None
-    if config.speculative_method == "ngram":
-        from tokenmill.spec.ngram import NgramProposer
-
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-    from tokenmill.spec.draft import DraftModelProposer
-
-    if draft_loaded is None:
-        if not config.draft_model:
-            raise ValueError("speculative_method='draft' needs a draft_model")
-        from tokenmill.model.loader import load_model
-
-        draft_loaded = load_model(config.draft_model, config)
-    check_same_tokenizer(loaded.tokenizer, draft_loaded.tokenizer)
-    cfg = draft_loaded.config
-    device = model_device = resolve_device(config.device)
-    draft = LlamaForCausalLM(
-        cfg, draft_loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len,
-        make_head=_linear_factory(config, dtype, device, head=True),
-    )
-    draft.to(model_device)
-    log.info(
-        "draft model: %d layers, its KV pool mirrors the target's %d blocks (%.1f MiB)",
-        cfg.num_layers, num_blocks, num_blocks * kv_block_bytes(cfg, config.block_size, dtype) / 2**20,
-    )
-    runner = ModelRunner(draft, num_blocks, config.block_size, config.seed)
-    return DraftModelProposer(runner, loaded.config.vocab_size)
 
 
 def check_same_tokenizer(target, draft) -> None:
@@ -158,7 +187,7 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
         from tokenmill.model.quant import make_linear
     except ImportError:  # no gguf (e.g. a GPU box with only torch): float weights, fp8 or plain
         if quantization != "fp8":
-            return None
+            return float_linear_factory(dtype)
         from tokenmill.model.fp8 import Fp8Linear
 
         return lambda weight, bias: Fp8Linear(weight, bias, dtype)

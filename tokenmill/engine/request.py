@@ -77,9 +77,14 @@ class Request:
     def can_speculate(self) -> bool:
         """Drafts are verified with one distribution for all positions, so requests whose
         sampling depends on the tokens just before (grammar, penalties, min_tokens still
-        banning stops) decode one token at a time."""
+        banning stops) decode one token at a time. So do seeded sampled requests: whether a
+        step speculates depends on the rest of the batch, and it changes how the request's
+        generator is drawn from, so its output would no longer depend on its seed alone."""
         p = self.params
-        return self.grammar is None and not p.needs_penalties and self.num_output_tokens >= p.min_tokens
+        return (
+            self.grammar is None and not p.needs_penalties and self.num_output_tokens >= p.min_tokens
+            and (p.greedy or p.seed is None)
+        )
 
     def tokens_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)

@@ -7,8 +7,8 @@ sequence slots and KV blocks last. Out of blocks, the running request that loses
 
 Speculative decoding: a decoding request may also reserve lookahead slots (budget and KV) for
 drafts; the engine's proposer fills them after scheduling and update() commits the accepted
-ones, then frees the slots of the rejected. Drafts are given up before anyone is preempted,
-and not asked for at all when more requests run than speculation pays for.
+ones, then frees the slots of the rejected. Lookahead is handed out last, from the budget and
+blocks nobody else needed, and not at all when more requests run than speculation pays for.
 Pure Python: no torch, no wall clock.
 """
 
@@ -134,11 +134,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens_to_compute, budget)
-            lookahead = self._lookahead(request, num_new, budget) if speculate else 0
-            while not self.kv.allocate_slots(request, num_new + lookahead):
-                if lookahead:
-                    lookahead = 0  # drafts are the first thing to give up
-                    continue
+            while not self.kv.allocate_slots(request, num_new):
                 victim = self._pick_victim()
                 self._preempt(victim)
                 preempted.append(victim)
@@ -147,8 +143,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled[request] = (num_new, lookahead)
-                budget -= num_new + lookahead
+                scheduled[request] = (num_new, 0)
+                budget -= num_new
 
         # Admitting new work right after preempting would only thrash.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
@@ -169,15 +165,23 @@ class Scheduler:
             scheduled[request] = (num_new, 0)
             budget -= num_new
 
+        # Drafts last, from what is left: they never cost anyone a preemption or an admission.
+        if speculate:
+            for request, (num_new, _) in scheduled.items():
+                lookahead = self._lookahead(request, num_new, budget)
+                if lookahead and self.kv.allocate_slots(request, num_new + lookahead):
+                    scheduled[request] = (num_new, lookahead)
+                    budget -= lookahead
+
         chunks = [ScheduledChunk(r, n, lookahead) for r, (n, lookahead) in scheduled.items()]
         return SchedulerOutput(chunks=chunks, preempted=preempted)
 
     def _lookahead(self, request: Request, num_new: int, budget: int) -> int:
-        """Draft slots for a decoding request: its adaptive k, within the budget, and never
+        """Draft slots for a decoding request: its adaptive k, within the budget left, and never
         more than the tokens it may still produce (a step yields accepted drafts + one)."""
         if num_new != 1 or request.num_tokens_to_compute != 1 or request.spec_pause or not request.can_speculate:
             return 0
-        return max(0, min(request.num_spec_tokens, budget - 1, request.max_total_tokens - request.num_tokens - 1))
+        return max(0, min(request.num_spec_tokens, budget, request.max_total_tokens - request.num_tokens - 1))
 
     def _pick_victim(self) -> Request:
         # Least work lost: fewest computed tokens; among equals the latest arrival.
@@ -214,6 +218,8 @@ class Scheduler:
                 accepted = len(tokens) - 1
                 request.num_computed_tokens += accepted
                 self._adapt_speculation(request, accepted)
+            elif chunk.num_lookahead:
+                self._adapt_speculation(request, 0)  # slots reserved, nothing proposed: a miss too
             elif request.spec_pause:
                 request.spec_pause -= 1
             for token in tokens:

@@ -112,8 +112,8 @@ def torch_paged_attention(
             o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
             # Query i sits at position ctx - n + i and sees keys 0..that position.
-            qpos = torch.arange(ctx - n, ctx)
-            mask = torch.arange(ctx)[None, :] <= qpos[:, None]
+            qpos = torch.arange(ctx - n, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
             o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s : s + n] = o.transpose(0, 1)
     return out

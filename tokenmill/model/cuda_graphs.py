@@ -33,7 +33,10 @@ def batch_ladder(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, runner, max_batch: int, max_blocks_per_seq: int, capture: bool = True):
-        self.runner = runner
+        # What the runner owns is referenced, not the runner: runner.decode_graphs -> self ->
+        # runner would be a cycle that keeps the KV pool alive until the GC runs.
+        self.model, self.kv_caches, self.device = runner.model, runner.kv_caches, runner.device
+        self.block_size = runner.block_size
         self.sizes = batch_ladder(max_batch)
         self.max_batch = max_batch
         self.max_blocks = max_blocks_per_seq
@@ -54,7 +57,7 @@ class DecodeGraphs:
     def _meta(self, b: int, eager: bool) -> AttentionMetadata:
         mask = None
         if eager:  # the torch backend masks by position instead of reading context lengths
-            keys = torch.arange(self.max_blocks * self.runner.block_size, device=self.runner.device)
+            keys = torch.arange(self.max_blocks * self.block_size, device=self.device)
             mask = (keys[None, :] >= self.lens[:b, None])[:, None, None, :]
         return AttentionMetadata(
             slot_mapping=self.slots[:b], num_decodes=b, decode_block_tables=self.tables[:b],
@@ -64,7 +67,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         t0 = time.perf_counter()
-        model, kv = self.runner.model, self.runner.kv_caches
+        model, kv = self.model, self.kv_caches
         pool = None
         for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
             meta = self._meta(b, eager=False)
@@ -88,7 +91,7 @@ class DecodeGraphs:
     def run(self, segments) -> torch.Tensor:
         n = len(segments)
         b = next(size for size in self.sizes if size >= n)
-        bs = self.runner.block_size
+        bs = self.block_size
         ids, pos, slots, lens = [], [], [], []
         for i, s in enumerate(segments):
             p = s.start
@@ -98,7 +101,7 @@ class DecodeGraphs:
             lens.append(p + 1)
             self.host_tables[i, : len(s.block_ids)] = s.block_ids
         pad = b - n
-        dev = self.runner.device
+        dev = self.device
         self.ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
         self.slots[:b].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
@@ -108,4 +111,4 @@ class DecodeGraphs:
             self.graphs[b].replay()
             return self.outputs[b][:n]
         meta = self._meta(b, eager=True)  # the mask follows this step's lengths
-        return self.runner.model(self.ids[:b], self.positions[:b], self.runner.kv_caches, meta)[:n]
+        return self.model(self.ids[:b], self.positions[:b], self.kv_caches, meta)[:n]

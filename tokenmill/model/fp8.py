@@ -37,9 +37,10 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         x8, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
         # mat2 must be column-major: the [out, in] row-major weight, transposed, is exactly that.
-        out = torch._scaled_mm(
-            x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=self.dtype
-        )
+        # CUDA's row-wise scaled matmul writes bf16 only; other dtypes are cast from it.
+        out_dtype = torch.bfloat16 if x.is_cuda else self.dtype
+        out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=out_dtype)
+        out = out.to(self.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], -1)

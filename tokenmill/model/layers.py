@@ -85,3 +85,21 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def weight_nbytes(module: nn.Module) -> int:
+    """Bytes of weights one forward of `module` reads: every parameter and persistent buffer
+    (float, int4, int8, fp8 linears, norms), counted once even if shared. The embedding table,
+    of which a step reads a few rows, and non-persistent caches (RoPE tables) are not counted;
+    a tied LM head reads the whole table, so it counts there."""
+    seen: set[int] = set()
+    total = 0
+    for m in module.modules():
+        tensors = [(n, t) for n, t in m.named_parameters(recurse=False)]
+        tensors += [(n, t) for n, t in m.named_buffers(recurse=False) if n not in m._non_persistent_buffers_set]
+        for name, t in tensors:
+            if name == "embed_tokens" or t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

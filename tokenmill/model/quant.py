@@ -231,19 +231,3 @@ def make_linear(
     if quantization not in ("none", "auto"):
         raise ValueError(f"unknown quantization {quantization!r}")
     return FloatLinear(weight.to(dtype), None if bias is None else bias.to(dtype))
-
-
-def weight_nbytes(module: nn.Module) -> int:
-    """Bytes of weights one forward of `module` reads: every parameter and buffer of its linears
-    (float, int4, int8), counted once even if shared. Embedding tables, which a step reads a few
-    rows of, and non-persistent caches (RoPE tables) are not counted."""
-    seen: set[int] = set()
-    total = 0
-    for m in module.modules():
-        if not isinstance(m, (FloatLinear, Int4Linear, Int8Linear)):
-            continue
-        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-            if t is not None and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total

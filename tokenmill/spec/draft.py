@@ -19,7 +19,16 @@ from tokenmill.model.runner import ModelRunner, Segment, segment
 class DraftModelProposer:
     def __init__(self, runner: ModelRunner, vocab_size: int):
         self.runner = runner
-        self.vocab_size = vocab_size  # the target's: a draft's padded vocabulary may be larger
+        # Drafts must be ids both models have: embedding tables of one tokenizer's models are
+        # padded to different sizes (Qwen2.5-7B 152064 rows, 0.5B 151936).
+        self.vocab_size = vocab_size
+        self.draft_vocab_size = runner.model.config.vocab_size
+
+    def _known(self, tokens: list[int]) -> list[int]:
+        # An id past the draft's table (only a raw-id prompt can hold one) is read as id 0:
+        # the draft guesses worse there, the target's output is unaffected.
+        v = self.draft_vocab_size
+        return [t if t < v else 0 for t in tokens]
 
     @torch.inference_mode()
     def propose(self, output: SchedulerOutput) -> None:
@@ -29,7 +38,10 @@ class DraftModelProposer:
             live = [c for c in active if len(drafts[id(c)]) < c.num_lookahead]
             # Step i feeds the request's last token (i = 0) or the previous draft, at its
             # position; the slots it writes were reserved as lookahead by the scheduler.
-            segments = [Segment(c.request.block_ids, c.request.num_tokens - 1 + i, [self._last(c, drafts)]) for c in live]
+            segments = [
+                Segment(c.request.block_ids, c.request.num_tokens - 1 + i, self._known([self._last(c, drafts)]))
+                for c in live
+            ]
             hidden = self.runner.forward(segments)
             logits = self.runner.model.compute_logits(hidden)[:, : self.vocab_size]
             for chunk, token in zip(live, logits.argmax(-1).tolist()):
@@ -46,4 +58,7 @@ class DraftModelProposer:
         # Write the draft's KV for everything the target just computed (prefill chunks,
         # verified tokens); rewriting the slots propose() filled gives the same values.
         chunks = sorted(output.chunks, key=lambda c: c.num_scheduled != 1)
-        self.runner.forward([segment(c) for c in chunks])
+        segments = [segment(c) for c in chunks]
+        for s in segments:
+            s.token_ids = self._known(s.token_ids)
+        self.runner.forward(segments)
