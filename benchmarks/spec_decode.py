@@ -8,9 +8,10 @@ Engines share the loaded weights (serve defaults: float32 activations over the G
   ngram  - prompt lookup, k drafts
   draft  - a draft built for the test: the target's own first --draft-layers layers plus its
            final norm and LM head (layer skipping), so it shares the tokenizer by construction
-Tasks, greedy, one request at a time (concurrency 1):
-  copy   - correct the typos in a ~300-token text (the answer copies most of its input)
-  create - write a story (nothing to copy)
+Tasks, one request at a time (concurrency 1):
+  copy        - greedy: correct the typos in a ~300-token text (the answer copies its input)
+  create      - greedy: write a story (a small model's greedy text ends up repeating itself)
+  create-t0.8 - the story sampled at temperature 0.8 (nothing to copy)
 TPOT per request = (finish - first token) / (output tokens - 1); median over repeats, the
 engines interleaved within each repeat so that machine noise hits them alike. The sweep runs
 c requests of --sweep-task at once (speculation kept on at any batch size) and reports the median
@@ -47,10 +48,16 @@ TEXT = (
     "described on his first evening: grey water, a line of rocks like the back of a sleeping animal, "
     "and far out, the faint smoke of a ship he could not yet name."
 )
+STORY = (
+    "Write a long story about a robot who learns to paint. Describe the robot, its first "
+    "attempts, its teacher, and the exhibition at the end."
+)
+# task -> (prompt, temperature). Greedy output of a 135M model drifts into repeating itself,
+# which prompt lookup then copies; sampled at 0.8 it rarely repeats: the nothing-to-copy case.
 TASKS = {
-    "copy": "Rewrite the following text exactly, only correcting its spelling mistakes:\n\n" + TEXT,
-    "create": "Write a long story about a robot who learns to paint. Describe the robot, its first "
-    "attempts, its teacher, and the exhibition at the end.",
+    "copy": ("Rewrite the following text exactly, only correcting its spelling mistakes:\n\n" + TEXT, 0.0),
+    "create": (STORY, 0.0),
+    "create-t0.8": (STORY, 0.8),
 }
 
 
@@ -61,15 +68,18 @@ def chat_prompt(llm: LLM, text: str) -> list[int]:
     )
 
 
-def tpot_ms(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float, int]:
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
+def tpot_ms(llm: LLM, prompt: list[int], max_tokens: int, temperature: float = 0.0) -> tuple[float, int]:
+    # Sampled runs are unseeded (a seeded request never speculates) and run to max_tokens, so
+    # that each engine's TPOT averages over the same length.
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=temperature > 0)
+    out = llm.generate([prompt], params)[0]
     m, n = out.metrics, len(out.outputs[0].token_ids)
     return (m.finished_time - m.first_token_time) / max(1, n - 1) * 1000, n
 
 
-def throughput(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
+def throughput(llm: LLM, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0) -> float:
     t = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    outs = llm.generate(prompts, SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True))
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
 
 
@@ -85,6 +95,7 @@ def main() -> None:
     ap.add_argument("--sweep-task", choices=list(TASKS), default="copy")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-tpot", action="store_true", help="only the concurrency sweep")
+    ap.add_argument("--tasks", default="copy,create,create-t0.8", help=f"of {list(TASKS)}")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,17 +108,19 @@ def main() -> None:
         "ngram": LLM("smollm2", loaded=loaded, speculative_method="ngram", **spec),
         "draft": LLM("smollm2", loaded=loaded, draft_loaded=draft, speculative_method="draft", **spec),
     }
-    prompts = {task: chat_prompt(engines["plain"], text) for task, text in TASKS.items()}
+    prompts = {task: chat_prompt(engines["plain"], text) for task, (text, _) in TASKS.items()}
     for llm in engines.values():  # warm-up
         tpot_ms(llm, prompts["create"], 8)
 
     results: dict = {"tpot_ms": {}, "output_tokens": {}, "acceptance": {}, "sweep": {}}
-    for task, prompt in ({} if args.no_tpot else prompts).items():
+    tasks = [] if args.no_tpot else args.tasks.split(",")
+    for task in tasks:
+        prompt, temperature = prompts[task], TASKS[task][1]
         samples = {name: [] for name in engines}
         for _ in range(args.repeats):
             for name, llm in engines.items():
                 before = dataclasses.replace(llm.engine.stats)
-                ms, n = tpot_ms(llm, prompt, args.max_tokens)
+                ms, n = tpot_ms(llm, prompt, args.max_tokens, temperature)
                 samples[name].append(ms)
                 results["output_tokens"].setdefault(task, {})[name] = n
                 s = llm.engine.stats
@@ -129,7 +142,7 @@ def main() -> None:
         runs = {"plain": [], "ngram": []}
         for _ in range(args.sweep_repeats):
             for name in runs:
-                runs[name].append(throughput(engines[name], [sweep_prompt] * c, args.sweep_tokens))
+                runs[name].append(throughput(engines[name], [sweep_prompt] * c, args.sweep_tokens, TASKS[args.sweep_task][1]))
         row = {name: statistics.median(v) for name, v in runs.items()}
         results["sweep"][c] = row
         print(f"concurrency {c:>2}: plain {row['plain']:7.1f} tok/s, ngram {row['ngram']:7.1f} tok/s, "

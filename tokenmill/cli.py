@@ -56,7 +56,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-model", default=None, help="for --speculative-method draft")
     g.add_argument("--prompt-lookup-min", type=int, default=2)
     g.add_argument("--prompt-lookup-max", type=int, default=4)
-    g.add_argument("--speculative-disable-by-batch-size", type=int, default=4,
+    g.add_argument("--speculative-disable-by-batch-size", type=int, default=8,
                    help="no drafts while more requests than this are running")
 
 

@@ -41,7 +41,7 @@ class EngineConfig:
     prompt_lookup_max: int = 4
     # With more requests running than this, a step is compute-bound enough that verifying
     # drafts costs more than it saves: speculation pauses (benchmarks/spec_decode.py).
-    speculative_disable_by_batch_size: int = 4
+    speculative_disable_by_batch_size: int = 8
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
