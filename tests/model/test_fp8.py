@@ -45,8 +45,14 @@ def test_tiny_model_fp8_greedy_mostly_agrees(tiny_models):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ref = LLM("tiny", loaded=loaded, num_kv_blocks=64).generate(prompts, params)
     fp8 = LLM("tiny", loaded=loaded, num_kv_blocks=64, quantization="fp8", dtype="bfloat16").generate(prompts, params)
-    first = [o.outputs[0].token_ids[0] for o in ref]
-    assert [o.outputs[0].token_ids[0] for o in fp8] == first
+    # Greedy paths diverge for good after the first near-tie flips, so count the common prefix:
+    # measured 73 of 96 tokens (24, 21, 4, 24); broken fp8 math would agree on next to none.
+    prefix = 0
+    for a, b in zip(ref, fp8):
+        x, y = a.outputs[0].token_ids, b.outputs[0].token_ids
+        prefix += next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x))
+    assert [o.outputs[0].token_ids[0] for o in fp8] == [o.outputs[0].token_ids[0] for o in ref]
+    assert prefix >= 48
 
 
 @pytest.mark.slow
