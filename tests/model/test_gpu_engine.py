@@ -43,3 +43,28 @@ def test_bfloat16_greedy_mostly_agrees(tiny_models, capsys):
     with capsys.disabled():
         print(f"\nbf16 GPU vs float32 CPU greedy: {same}/{total} tokens before the first divergence")
     assert same >= total // 2
+
+
+def test_sampling_on_the_gpu_is_seeded_and_batch_independent(tiny_models):
+    """The sampler runs on the logits' device (generators there too): a seeded request gives
+    the same tokens twice, alone or in a crowd; penalties and top-k/top-p run there as well."""
+    _, loaded = tiny_models("llama")
+    llm = LLM("tiny", loaded=loaded, block_size=8, num_kv_blocks=128, device="cuda", dtype="float32")
+    seeded = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.1, max_tokens=16,
+                            ignore_eos=True, seed=7)
+    prompt, crowd = _prompts()[0], _prompts()[1:]
+    alone = llm.generate([prompt], seeded)[0].outputs[0].token_ids
+    mixed = llm.generate([prompt] + crowd, [seeded] + [SamplingParams(temperature=1.0, max_tokens=16)] * len(crowd))
+    assert mixed[0].outputs[0].token_ids == alone
+    assert len(alone) == 16 and all(0 <= t < loaded.config.vocab_size for t in alone)
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_float32_speculative_greedy_matches_plain_on_the_gpu(method, tiny_models):
+    _, loaded = tiny_models("llama")
+    plain, _ = _tokens(loaded, device="cuda", dtype="float32")
+    spec, llm = _tokens(loaded, device="cuda", dtype="float32", speculative_method=method,
+                        draft_loaded=loaded if method == "draft" else None, speculative_disable_by_batch_size=8)
+    assert spec == plain
+    assert llm.engine.stats.spec_num_accepted_tokens > 0

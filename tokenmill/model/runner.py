@@ -35,7 +35,7 @@ class ModelRunner:
             2, cfg.num_layers, num_blocks + 1, cfg.num_kv_heads, block_size, cfg.head_dim,
             dtype=model.dtype, device=self.device,
         )
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, self.device)
         self.decode_graphs = None  # tokenmill.model.cuda_graphs.DecodeGraphs, once captured
 
     def execute(self, output: SchedulerOutput) -> dict[str, list[SampleResult]]:

@@ -23,8 +23,11 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(seed)
+    """Runs where the logits are (CPU or GPU): only token ids and requested logprobs come back."""
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # One generator per seeded request: its draws depend on nothing else in the batch.
         self.request_generators: dict[str, torch.Generator] = {}
 
@@ -37,16 +40,15 @@ class Sampler:
             return None
         g = self.request_generators.get(request.request_id)
         if g is None:
-            g = self.request_generators[request.request_id] = torch.Generator().manual_seed(seed)
+            g = self.request_generators[request.request_id] = torch.Generator(device=self.device).manual_seed(seed)
         return g
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         if _plain_greedy(requests):
-            # argmax where the logits are: on a GPU only the token ids cross to the host.
             return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
-        # Everything else runs on the host (a no-op on CPU; on a GPU one copy of the rows).
-        logits = logits.float().cpu()
+        logits = logits.float()
+        dev = logits.device
         batch, vocab = logits.shape
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in requests):
@@ -61,11 +63,10 @@ class Sampler:
         if constrained:
             self._unblock_eos(logits, requests, constrained)
 
-        greedy = torch.tensor([r.params.greedy for r in requests])
         tokens = logits.argmax(dim=-1)
-        random_rows = (~greedy).nonzero().flatten().tolist()
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows)
+            rows = torch.tensor(random_rows, device=dev)
             sampled = self._sample(logits[rows], [requests[i] for i in random_rows])
             tokens[rows] = sampled
 
@@ -98,11 +99,11 @@ class Sampler:
                 continue
             row = logits[i]
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
+                seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=row.device)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and request.output_token_ids:
-                counts = torch.bincount(torch.tensor(request.output_token_ids), minlength=row.shape[0])
+                counts = torch.bincount(torch.tensor(request.output_token_ids, device=row.device), minlength=row.shape[0])
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
     def _apply_min_tokens(self, logits: torch.Tensor, requests: list[Request]) -> None:
@@ -125,13 +126,13 @@ class Sampler:
         raw_logprobs = None
         probs = {}
         if not _plain_greedy(requests):
-            logits = logits.float().cpu()
+            logits = logits.float()
             if any(r.params.logprobs is not None for r in requests):
                 raw_logprobs = torch.log_softmax(logits, dim=-1)
             row_requests = [r for r, n in zip(requests, sizes) for _ in range(n)]
             random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
             if random_rows:
-                rows = torch.tensor(random_rows)
+                rows = torch.tensor(random_rows, device=logits.device)
                 for i, row in zip(random_rows, self._probs(logits[rows], [row_requests[i] for i in random_rows])):
                     probs[i] = row
         results = []
@@ -152,14 +153,15 @@ class Sampler:
 
     def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """The distribution each row samples from: temperature, then top-k/top-p, then min-p."""
-        temps = torch.tensor([r.params.temperature for r in requests]).unsqueeze(1)
+        dev = logits.device
+        temps = torch.tensor([r.params.temperature for r in requests], device=dev).unsqueeze(1)
         logits = logits / temps
         top_k = [r.params.top_k for r in requests]
         top_p = [r.params.top_p for r in requests]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             logits = _top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)
-        min_p = torch.tensor([r.params.min_p for r in requests])
+        min_p = torch.tensor([r.params.min_p for r in requests], device=dev)
         if (min_p > 0).any():
             limit = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < limit, 0.0)
@@ -179,7 +181,9 @@ class Sampler:
             else:
                 noise[i].exponential_(generator=g)
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
+                generator=self.generator
+            )
         return (probs / noise).argmax(dim=-1)
 
 
@@ -195,10 +199,11 @@ def _plain_greedy(requests: list[Request]) -> bool:
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab).unsqueeze(0)
-    k = torch.tensor([min(v, vocab) if v > 0 else vocab for v in top_k]).unsqueeze(1)
+    dev = logits.device
+    ranks = torch.arange(vocab, device=dev).unsqueeze(0)
+    k = torch.tensor([min(v, vocab) if v > 0 else vocab for v in top_k], device=dev).unsqueeze(1)
     remove = ranks >= k
-    p = torch.tensor(top_p).unsqueeze(1)
+    p = torch.tensor(top_p, device=dev).unsqueeze(1)
     if (p < 1.0).any():
         probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
         # Drop a token when the mass strictly before it already reaches top_p (the first stays).

@@ -42,13 +42,14 @@ def verify_sampled(
     generator: torch.Generator | None,
 ) -> list[int]:
     k = len(drafts)
-    d = torch.tensor(drafts, dtype=torch.long)
-    rows = torch.arange(k)
+    dev = probs.device
+    d = torch.tensor(drafts, dtype=torch.long, device=dev)
+    rows = torch.arange(k, device=dev)
     if draft_probs is None:
-        draft_probs = torch.zeros(k, probs.shape[1], dtype=probs.dtype)
+        draft_probs = torch.zeros(k, probs.shape[1], dtype=probs.dtype, device=dev)
         draft_probs[rows, d] = 1.0
     # Always k uniforms, so a seeded request consumes its generator the same way each step.
-    uniforms = torch.rand(k, generator=generator, dtype=probs.dtype)
+    uniforms = torch.rand(k, generator=generator, dtype=probs.dtype, device=dev)
     accepted = accept_mask(uniforms, probs[rows, d], draft_probs[rows, d])
     rejected = (~accepted).nonzero()
     n = int(rejected[0]) if len(rejected) else k

@@ -1,4 +1,5 @@
-"""Apply allowed-token bitmasks to logits (torch, CPU). The sampler's half of structured output."""
+"""Apply allowed-token bitmasks to logits (torch, wherever the logits are). The sampler's half of
+structured output."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
 def apply_bitmask_(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
     """logits[rows[k]] keeps only the tokens whose bit is set in bitmask[k]; other rows untouched.
     (llguidance.torch has a torch.compile'd version; compiling is not worth it on CPU.)"""
-    vocab = logits.shape[1]
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)[:, :vocab]
-    idx = torch.tensor(rows, dtype=torch.long)
+    vocab, dev = logits.shape[1], logits.device
+    # The bitmask is filled on the host (llguidance); on a GPU it crosses once, as int32 words.
+    allowed = ((bitmask.to(dev).unsqueeze(-1) >> _BITS.to(dev)) & 1).bool().flatten(1)[:, :vocab]
+    idx = torch.tensor(rows, dtype=torch.long, device=dev)
     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
