@@ -8,6 +8,7 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import Engine
+from tokenmill.model.attention import triton_backend
 from tokenmill.model.llama import LlamaForCausalLM, float_linear_factory
 from tokenmill.model.runner import ModelRunner, Segment, kv_block_bytes
 
@@ -49,7 +50,7 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
     )
     runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
     if device.type == "cuda" and not config.enforce_eager:
-        if triton_available():
+        if triton_backend() is not None:  # the graphs need the kernels the dispatch will use
             from tokenmill.model.cuda_graphs import DecodeGraphs
 
             max_blocks = -(-max_model_len // config.block_size)
@@ -90,14 +91,6 @@ def _build_draft(config: EngineConfig, loaded, draft_loaded, dtype, device, max_
     draft = _build_model(config, draft_loaded, dtype, device, max_model_len)
     log.info("draft model: %d layers, %d hidden", draft.config.num_layers, draft.config.hidden_size)
     return draft
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_device(name: str) -> torch.device:

@@ -39,7 +39,7 @@ class AttentionMetadata:
 
 
 @functools.cache
-def _triton_backend():
+def triton_backend():
     try:
         from tokenmill.model import triton_attention
     except ImportError:  # no triton: the torch code runs on the GPU too, only slower
@@ -49,7 +49,7 @@ def _triton_backend():
 
 def _gpu_backend(t: torch.Tensor):
     # Imported only for CUDA tensors, so CPU runs never pay for importing triton.
-    return _triton_backend() if t.is_cuda else None
+    return triton_backend() if t.is_cuda else None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):

@@ -41,8 +41,7 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> dict[str, list[SampleResult]]:
         """Run the step; per request that reached its last token, the tokens it gains: one,
         or with drafts the accepted ones plus one."""
-        # Decode-shaped chunks (one token) first: attention batches them together.
-        chunks = sorted(output.chunks, key=lambda c: c.num_scheduled != 1)
+        chunks = decode_first(output)
         hidden = self.forward([segment(c) for c in chunks])
         plain_rows, plain, verify_rows, verify = [], [], [], []
         offset = 0
@@ -129,6 +128,12 @@ class Segment:
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
+
+def decode_first(output: SchedulerOutput) -> list[ScheduledChunk]:
+    """A step's chunks in batch order: decode-shaped ones (one token) first, as attention
+    batches them together."""
+    return sorted(output.chunks, key=lambda c: c.num_scheduled != 1)
 
 
 def segment(chunk: ScheduledChunk) -> Segment:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.engine.scheduler import ScheduledChunk, SchedulerOutput
-from tokenmill.model.runner import ModelRunner, Segment, segment
+from tokenmill.model.runner import ModelRunner, Segment, decode_first, segment
 
 
 class DraftModelProposer:
@@ -57,8 +57,7 @@ class DraftModelProposer:
     def observe(self, output: SchedulerOutput) -> None:
         # Write the draft's KV for everything the target just computed (prefill chunks,
         # verified tokens); rewriting the slots propose() filled gives the same values.
-        chunks = sorted(output.chunks, key=lambda c: c.num_scheduled != 1)
-        segments = [segment(c) for c in chunks]
+        segments = [segment(c) for c in decode_first(output)]
         for s in segments:
             s.token_ids = self._known(s.token_ids)
         self.runner.forward(segments)
