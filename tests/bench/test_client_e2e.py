@@ -76,11 +76,14 @@ def test_connection_refused_is_a_failure():
 
 
 def test_request_rate_spaces_the_sends():
+    # Sends follow absolute offsets, so one late wake-up (the GIL, a loaded CI box) shortens the
+    # next gap rather than shifting the rest: the median gap and the span are the robust measures.
     with FakeServer(Script(ttft_s=0.005, itl_s=0.001)) as server:
-        result, _ = run(server, n=5, out=2, shape=LoadShape(request_rate=20.0, burstiness=math.inf))
+        result, _ = run(server, n=5, out=2, shape=LoadShape(request_rate=10.0, burstiness=math.inf))
     starts = sorted(r.start_time for r in result.records)
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert all(g == pytest.approx(0.05, abs=0.02) for g in gaps)
+    gaps = sorted(b - a for a, b in zip(starts, starts[1:]))
+    assert (gaps[1] + gaps[2]) / 2 == pytest.approx(0.1, abs=0.03)
+    assert starts[-1] - starts[0] == pytest.approx(0.4, abs=0.08)  # a burst would span ~0
 
 
 def test_sweep_stops_at_the_highest_concurrency_meeting_the_slo():
