@@ -40,6 +40,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA: share of GPU memory for weights, activations and the KV pool")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default="auto")
+    g.add_argument("--dense-weight-limit-gb", type=float, default=4.0,
+                   help="CPU: keep bfloat16 copies of int4/int8 weights for batched rows (prefill, big "
+                        "decode batches) if the model's copies fit in this many GB; 0: never")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--max-model-len", type=int, default=None)
@@ -62,7 +65,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 # Flags whose dest is the EngineConfig field of the same name.
 _CONFIG_FLAGS = (
-    "model", "dtype", "device", "gpu_memory_utilization", "enforce_eager", "quantization", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
+    "model", "dtype", "device", "gpu_memory_utilization", "enforce_eager", "quantization", "dense_weight_limit_gb", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
     "max_waiting_requests", "seed", "num_threads", "speculative_method", "num_speculative_tokens", "draft_model",
     "prompt_lookup_min", "prompt_lookup_max", "speculative_disable_by_batch_size",
 )

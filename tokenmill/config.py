@@ -30,6 +30,10 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     quantization: str = "auto"  # auto: keep a GGUF's quantized weights quantized
     quant_group_size: int = 32
+    # CPU: int4/int8 linears also keep bfloat16 copies of their weights for batched rows
+    # (prefill, large decode batches), where torch's quantized kernels are 1.5-4x slower, as
+    # long as the copies of the whole model fit in this many GB; 0 turns them off.
+    dense_weight_limit_gb: float = 4.0
     seed: int = 0
     num_threads: int | None = None
     debug_checks: bool = False  # assert pool invariants after every step
@@ -50,6 +54,8 @@ class EngineConfig:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_waiting_requests", self.max_waiting_requests)
         _positive("quant_group_size", self.quant_group_size)
+        if not self.dense_weight_limit_gb >= 0:
+            raise ValueError(f"dense_weight_limit_gb must be >= 0, got {self.dense_weight_limit_gb}")
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)
         if self.max_model_len is not None:

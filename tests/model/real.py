@@ -26,17 +26,19 @@ PROMPTS = [
 ]
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def loaded(quantization: str) -> LoadedModel:
     return load_model("smollm2", EngineConfig(quantization=quantization))
 
 
-@lru_cache(maxsize=2)
-def model(quantization: str) -> LlamaForCausalLM:
+@lru_cache(maxsize=3)
+def model(quantization: str, dense: bool = False) -> LlamaForCausalLM:
+    """`dense`: the quantized linears keep their bf16 copies for batched rows, as the engine's
+    do on CPU; perplexity runs whole sequences, so it then measures that path."""
     lm = loaded(quantization)
 
     def factory(weight, bias, quantization=quantization):
-        return make_linear(weight, bias, torch.float32, quantization, 32)
+        return make_linear(weight, bias, torch.float32, quantization, 32, dense)
 
     # fp8 keeps the LM head in float, as the engine does.
     head = (lambda weight, bias: factory(weight, bias, "none")) if quantization == "fp8" else None
@@ -86,10 +88,10 @@ def hf_reference(directory: str, name: str):
     return m.eval()
 
 
-def perplexity_vs_float(quantization: str) -> tuple[float, float, float, int]:
+def perplexity_vs_float(quantization: str, dense: bool = False) -> tuple[float, float, float, int]:
     """(float32 perplexity, `quantization`'s, next-token argmax agreement, tokens) on text()."""
     ids = loaded("none").tokenizer.encode(text())
     logits_f = sequence_logits(model("none"), ids)
-    logits_q = sequence_logits(model(quantization), ids)
+    logits_q = sequence_logits(model(quantization, dense), ids)
     agree = (logits_f.argmax(-1) == logits_q.argmax(-1)).float().mean().item()
     return perplexity(logits_f, ids), perplexity(logits_q, ids), agree, len(ids)

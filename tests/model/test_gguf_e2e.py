@@ -102,9 +102,10 @@ def test_quantized_greedy_agrees_with_float(llm_quant, prompt_ids, float_tokens)
     assert agree / total >= 0.9
 
 
-def test_quantized_perplexity_close_to_float():
-    ppl_f, ppl_q, agree, n = real.perplexity_vs_float("auto")
-    print(f"perplexity float32 {ppl_f:.3f}, quantized {ppl_q:.3f}; next-token argmax agreement {agree:.3f} over {n} tokens")
+@pytest.mark.parametrize("dense", [False, True], ids=["kernels", "dense-copies"])
+def test_quantized_perplexity_close_to_float(dense):
+    ppl_f, ppl_q, agree, n = real.perplexity_vs_float("auto", dense)
+    print(f"perplexity float32 {ppl_f:.3f}, quantized (dense={dense}) {ppl_q:.3f}; next-token argmax agreement {agree:.3f} over {n} tokens")
     assert ppl_f < 60  # a sane model on plain English prose
     assert abs(ppl_q - ppl_f) / ppl_f < 0.03
     assert agree > 0.95

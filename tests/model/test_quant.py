@@ -128,3 +128,60 @@ def test_weight_nbytes_of_a_model_counts_a_tied_head_not_the_embedding(tiny_mode
         head = cfg.vocab_size * cfg.hidden_size  # untied: lm_head; tied: the table, read whole
         assert cfg.tie_word_embeddings == tied
         assert weight_nbytes(model) == 4 * (linears + norms + head)
+
+
+STACKS = {
+    "Q4_1": [Q.Q4_1, Q.Q4_1, Q.Q4_1],
+    "Q8_0": [Q.Q8_0, Q.Q8_0, Q.Q8_0],
+    "float": [None, None, None],
+    "mixed types": [Q.Q4_1, Q.Q8_0, Q.Q4_1],
+    "float and GGUF": [Q.Q4_1, None, Q.Q4_1],
+}
+
+
+@pytest.mark.parametrize("quantization", ["auto", "int4", "int8", "none"])
+@pytest.mark.parametrize("stack", STACKS)
+def test_stacked_projection_equals_its_parts_side_by_side(stack, quantization):
+    # q/k/v and gate/up run as one linear over stacked weights: each output column must be what
+    # its own linear gives, in every weight format; weights that can't stack stay apart.
+    from tokenmill.model.layers import ConcatLinear
+    from tokenmill.model.llama import stacked_linear
+
+    qtypes = STACKS[stack]
+    weights = [gguf_weight(q, seed=i) if q else torch.randn(OUT, IN, generator=torch.Generator().manual_seed(i)) for i, q in enumerate(qtypes)]
+    biases = [torch.randn(OUT, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    factory = lambda w, b: make_linear(w, b, torch.float32, quantization, 32)  # noqa: E731
+    fused = stacked_linear(factory, weights, biases)
+    apart = torch.cat([factory(w, b)(x()) for w, b in zip(weights, biases)], dim=-1)
+    assert isinstance(fused, ConcatLinear) == (stack in ("mixed types", "float and GGUF"))
+    got = fused(x())
+    assert got.shape == (5, 3 * OUT)
+    torch.testing.assert_close(got, apart, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype, cls", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])
+def test_dense_copy_serves_batched_rows_with_the_same_weights(qtype, cls):
+    # Batched rows run a bf16 GEMM over a copy of the kernel's own weight values: the result must
+    # match the quantized kernel (same weights, different summation), rows below the threshold
+    # must still run the kernel bit for bit, and the copy is not counted as weights a step reads.
+    w = gguf_weight(qtype)
+    bias = torch.randn(OUT)
+    plain = make_linear(w, bias, torch.float32, "auto", 32)
+    dense = make_linear(w, bias, torch.float32, "auto", 32, dense=True)
+    assert type(dense) is cls and dense.dense.dtype == torch.bfloat16 and plain.dense is None
+    few, many = x(cls.DENSE_FROM_ROWS - 1), x(cls.DENSE_FROM_ROWS + 3)
+    assert torch.equal(dense(few), plain(few))
+    got, want = dense(many), plain(many)
+    assert not torch.equal(got, want)  # the other path really ran
+    assert rel_err(got, want) < 1e-2
+    assert rel_err(got, FloatLinear(dequantize(w), bias)(many)) < 2e-2
+    assert weight_nbytes(dense) == weight_nbytes(plain)
+
+
+@pytest.mark.parametrize("quantization, cls", [("int4", Int4Linear), ("int8", Int8Linear)])
+def test_dense_copy_from_float_weights(quantization, cls):
+    w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(3))
+    dense = make_linear(w, None, torch.float32, quantization, 32, dense=True)
+    plain = make_linear(w, None, torch.float32, quantization, 32)
+    many = x(cls.DENSE_FROM_ROWS + 3)
+    assert rel_err(dense(many), plain(many)) < 1e-2

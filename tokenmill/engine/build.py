@@ -71,9 +71,10 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
 
 
 def _build_model(config: EngineConfig, loaded, dtype, device, max_model_len: int) -> LlamaForCausalLM:
+    dense = device.type == "cpu" and _dense_copies(config, loaded)
     model = LlamaForCausalLM(
-        loaded.config, loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len,
-        make_head=_linear_factory(config, dtype, device, head=True),
+        loaded.config, loaded.weights, dtype, _linear_factory(config, dtype, device, dense=dense), max_model_len,
+        make_head=_linear_factory(config, dtype, device, head=True, dense=dense),
     )
     return model.to(device)  # moves what was built on the host; weights made on the device stay put
 
@@ -170,7 +171,7 @@ def check_same_tokenizer(target, draft) -> None:
         raise ValueError("the draft model's EOS tokens differ from the target's")
 
 
-def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.device, head: bool = False):
+def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.device, head: bool = False, dense: bool = False):
     quantization = config.quantization
     if device.type == "cuda" and quantization != "fp8":
         quantization = "none"  # the int4/int8 kernels are CPU ones: GGUF weights run dequantized
@@ -186,6 +187,16 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
         return lambda weight, bias: Fp8Linear(weight, bias, dtype)
 
     def make(weight, bias):
-        return make_linear(weight, bias, dtype, quantization, config.quant_group_size)
+        return make_linear(weight, bias, dtype, quantization, config.quant_group_size, dense)
 
     return make
+
+
+def _dense_copies(config: EngineConfig, loaded) -> bool:
+    """Whether the quantized linears may keep bfloat16 copies: those of every matrix but the
+    embedding (whose rows are looked up) must fit dense_weight_limit_gb."""
+    numel = sum(
+        int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items()
+        if len(w.shape) == 2 and name != "model.embed_tokens.weight"
+    )
+    return 2 * numel <= config.dense_weight_limit_gb * 1e9

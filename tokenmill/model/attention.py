@@ -52,11 +52,14 @@ def _gpu_backend(t: torch.Tensor):
     return triton_backend() if t.is_cuda else None
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
     backend = _gpu_backend(k_cache)
     if backend is not None:
-        return backend.write_kv(k_cache, v_cache, k, v, slots.to(k_cache.device, non_blocking=True))
-    torch_write_kv(k_cache, v_cache, k, v, slots)
+        return backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping.to(k_cache.device, non_blocking=True))
+    cache = meta.backend_cache
+    if "slot_split" not in cache:  # once per step, not per layer
+        cache["slot_split"] = _split_slots(meta.slot_mapping, k_cache.shape[2])
+    _write_split(k_cache, v_cache, k, v, *cache["slot_split"])
 
 
 def paged_attention(
@@ -74,8 +77,14 @@ def paged_attention(
 
 def torch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
     # Pool layout [num_blocks, kv_heads, block_size, head_dim]: slot = block * block_size + offset.
-    block_size = k_cache.shape[2]
-    blocks, offsets = slots // block_size, slots % block_size
+    _write_split(k_cache, v_cache, k, v, *_split_slots(slots, k_cache.shape[2]))
+
+
+def _split_slots(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return slots // block_size, slots % block_size
+
+
+def _write_split(k_cache, v_cache, k, v, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
     k_cache[blocks, :, offsets] = k
     v_cache[blocks, :, offsets] = v
 

@@ -17,6 +17,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # torch's fused kernel: the same arithmetic as below, one op instead of seven.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 whatever the activation dtype, as the reference does.
         dtype = x.dtype
         x32 = x.float()
@@ -32,6 +35,18 @@ class FloatLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class ConcatLinear(nn.Module):
+    """Linears over one input whose weights could not be stacked into one (GGUF tensors of
+    different types): their outputs side by side, as a stacked linear would give them."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -59,7 +74,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Non-interleaved (rotate-half) RoPE with a cos/sin table indexed by position."""
+    """Non-interleaved (rotate-half) RoPE. Called once per step for the step's positions; every
+    layer then rotates with `apply_rope`, so the table lookups are not repeated per layer."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int):
         super().__init__()
@@ -68,23 +84,27 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, head_dim]
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
-        x32 = x.float()
-        x1, x2 = x32.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T, 1, head_dim] cos, [T, 1, head_dim] sin with the first half negated)."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        return torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]. Halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in float32."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat((x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module):
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
         super().__init__()
-        self.gate, self.up, self.down = gate, up, down
+        self.gate_up, self.down = gate_up, down  # gate_up: the gate and up projections stacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 def weight_nbytes(module: nn.Module) -> int:

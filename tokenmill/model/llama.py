@@ -11,10 +11,25 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.model.attention import AttentionMetadata, paged_attention, write_kv
-from tokenmill.model.layers import FloatLinear, RMSNorm, RotaryEmbedding, SwiGLU
+from tokenmill.model.layers import ConcatLinear, FloatLinear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 
 # (weight, bias) -> module computing x @ weight.T + bias; the loader passes a quantizing one.
 LinearFactory = Callable[[object, "torch.Tensor | None"], nn.Module]
+
+
+def stacked_linear(make_linear: LinearFactory, weights: list, biases: list) -> nn.Module:
+    """One linear computing the given ones side by side (all biased or none), so q/k/v and
+    gate/up run one kernel call each. Stacking output rows is exact for every weight format
+    (scales are per row or per group within a row); GGUF tensors of mixed types stay apart."""
+    if all(isinstance(w, torch.Tensor) for w in weights):
+        stacked = torch.cat(weights)
+    elif isinstance(weights[0], torch.Tensor):
+        stacked = None  # float tensors and GGUF blocks mixed
+    else:  # GGUF blocks (quant.QuantizedWeight; not imported here, the GPU image has no gguf)
+        stacked = type(weights[0]).stacked(weights)
+    if stacked is None:
+        return ConcatLinear([make_linear(w, b) for w, b in zip(weights, biases)])
+    return make_linear(stacked, None if biases[0] is None else torch.cat(biases))
 
 
 def float_linear_factory(dtype: torch.dtype) -> LinearFactory:
@@ -25,47 +40,50 @@ def float_linear_factory(dtype: torch.dtype) -> LinearFactory:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, w: Callable[[str], object], make_linear: LinearFactory, rope, dtype):
+    def __init__(self, cfg: ModelConfig, w: Callable[[str], object], make_linear: LinearFactory, dtype):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = make_linear(w("q_proj.weight"), w("q_proj.bias", cfg.attention_bias))
-        self.k_proj = make_linear(w("k_proj.weight"), w("k_proj.bias", cfg.attention_bias))
-        self.v_proj = make_linear(w("v_proj.weight"), w("v_proj.bias", cfg.attention_bias))
+        self.qkv_proj = stacked_linear(
+            make_linear,
+            [w(f"{p}_proj.weight") for p in "qkv"],
+            [w(f"{p}_proj.bias", cfg.attention_bias) for p in "qkv"],
+        )
         self.o_proj = make_linear(w("o_proj.weight"), None)
         self.q_norm = RMSNorm(w("q_norm.weight").to(dtype), cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w("k_norm.weight").to(dtype), cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rope = rope
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        t, h, kvh, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
+        if self.q_norm is None:
+            # q and k side by side are one [T, h + kvh, d] tensor: one rotation for both.
+            qk = apply_rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), *rope)
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q = apply_rope(self.q_norm(qkv[:, : h * d].view(t, h, d)), *rope)
+            k = apply_rope(self.k_norm(qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)), *rope)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        write_kv(k_cache, v_cache, k, v, meta)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(t, h * d))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, w: Callable[[str], object], make_linear: LinearFactory, rope, dtype):
+    def __init__(self, cfg: ModelConfig, w: Callable[[str], object], make_linear: LinearFactory, dtype):
         super().__init__()
         attn_w = lambda name, required=True: w(f"self_attn.{name}", required)  # noqa: E731
-        self.self_attn = Attention(cfg, attn_w, make_linear, rope, dtype)
+        self.self_attn = Attention(cfg, attn_w, make_linear, dtype)
         self.mlp = SwiGLU(
-            make_linear(w("mlp.gate_proj.weight"), None),
-            make_linear(w("mlp.up_proj.weight"), None),
+            stacked_linear(make_linear, [w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], [None, None]),
             make_linear(w("mlp.down_proj.weight"), None),
         )
         self.input_layernorm = RMSNorm(w("input_layernorm.weight").to(dtype), cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(w("post_attention_layernorm.weight").to(dtype), cfg.rms_norm_eps)
 
-    def forward(self, h, positions, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, meta)
+    def forward(self, h, rope, kv_cache, meta):
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -97,9 +115,9 @@ class LlamaForCausalLM(nn.Module):
 
         embed = weights["model.embed_tokens.weight"]
         self.embed_tokens = nn.Parameter(embed.to(dtype), requires_grad=False)
-        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions or cfg.max_position_embeddings)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions or cfg.max_position_embeddings)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, getter(f"model.layers.{i}."), make_linear, rope, dtype) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, getter(f"model.layers.{i}."), make_linear, dtype) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(weights["model.norm.weight"].to(dtype), cfg.rms_norm_eps)
         head = weights.get("lm_head.weight")
@@ -115,8 +133,9 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rotary(positions)
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, (kv_caches[0, i], kv_caches[1, i]), meta)
+            h = layer(h, rope, (kv_caches[0, i], kv_caches[1, i]), meta)
         return self.norm(h)
 
     @torch.inference_mode()

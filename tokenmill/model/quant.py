@@ -13,6 +13,12 @@ Which format runs which kernel (see `make_linear`):
 | GGUF other types        | auto         | FloatLinear   | dequantized with gguf.quants                |
 | GGUF any type           | none         | FloatLinear   | dequantized with gguf.quants                |
 
+Batched rows: torch's int4/int8 CPU kernels are tuned for a few rows. From 16 rows (int4) or
+2 rows (grouped int8) a bfloat16 GEMM over the dequantized weights is 1.5-4x faster (prefill
+chunks, large decode batches, the LM head of a batch; figures in docs/benchmarks.md), so with
+`dense=True` a linear also keeps that bfloat16 copy and picks the kernel by row count. The copy
+costs memory (2 bytes per weight), which is why the engine caps it (dense_weight_limit_gb).
+
 Both kernels run their activations in bfloat16: with float32 activations torch takes a
 slow fallback path (measured 10-40x slower than bfloat16 on an AVX-512 CPU, slower even than a
 float32 F.linear), so the quantized modules cast x to bfloat16 and the result back.
@@ -49,6 +55,16 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+    @staticmethod
+    def stacked(weights: list) -> "QuantizedWeight | None":
+        """Weights stacked along the output dim (exact: blocks run along the input dim), or None
+        when they are not all QuantizedWeights of one type."""
+        first = weights[0]
+        if not all(isinstance(w, QuantizedWeight) and w.qtype == first.qtype for w in weights):
+            return None
+        rows = sum(w.shape[0] for w in weights)
+        return QuantizedWeight(np.concatenate([w.data for w in weights]), first.qtype, (rows, first.shape[1]))
 
     def rows(self, index: np.ndarray | torch.Tensor) -> "QuantizedWeight":
         # Blocks run along the input dim, so reordering output rows keeps the encoding exact
@@ -117,7 +133,11 @@ class Int4Linear(nn.Module):
     """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // group_size:
     that is _weight_int4pack_mm_for_cpu's zero-point convention (checked in tests)."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype):
+    DENSE_FROM_ROWS = 16  # measured: at 16 rows bf16 F.linear beats the kernel on every SmolLM2 shape
+
+    def __init__(
+        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype, dense: bool = False
+    ):
         super().__init__()
         out, inp = q.shape
         if group_size not in INT4_GROUP_SIZES or inp % group_size:
@@ -130,9 +150,15 @@ class Int4Linear(nn.Module):
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE).contiguous()
         self.register_buffer("scales_and_zeros", sz)
         self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
+        # Not persistent: weight_nbytes counts what a decode step reads, and decode reads `packed`.
+        w = None
+        if dense:  # the kernel's own arithmetic: (q - 8) * scale + zero, with its bf16 scales
+            g = (q.float() - 8).reshape(out, inp // group_size, group_size)
+            w = (g * sz[..., 0].t().float()[..., None] + sz[..., 1].t().float()[..., None]).reshape(out, inp)
+        self.register_buffer("dense", None if w is None else w.to(KERNEL_DTYPE), persistent=False)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, bias, group_size: int, out_dtype) -> "Int4Linear":
+    def from_float(cls, w: torch.Tensor, bias, group_size: int, out_dtype, dense: bool = False) -> "Int4Linear":
         # Asymmetric min/max per group: q = round((w - min) / s), stored zero = min + 8s.
         out, inp = w.shape
         group_size = int4_group_size(inp, group_size)
@@ -140,14 +166,17 @@ class Int4Linear(nn.Module):
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
         q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
-        return cls(q, scale, lo + 8 * scale, group_size, bias, out_dtype)
+        return cls(q, scale, lo + 8 * scale, group_size, bias, out_dtype, dense)
 
     @classmethod
-    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int4Linear":
+    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype, dense: bool = False) -> "Int4Linear":
         q, d, m = q4_values_scales_mins(w)
-        return cls(q, d, m + 8 * d, 32, bias, out_dtype)  # d*q + m == (q-8)*d + (m+8d)
+        return cls(q, d, m + 8 * d, 32, bias, out_dtype, dense)  # d*q + m == (q-8)*d + (m+8d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] >= self.DENSE_FROM_ROWS:
+            y = F.linear(x.to(KERNEL_DTYPE), self.dense).to(self.out_dtype)
+            return y if self.bias is None else y + self.bias
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(KERNEL_DTYPE), self.packed, self.group_size, self.scales_and_zeros
         ).to(self.out_dtype)
@@ -162,7 +191,9 @@ class Int8Linear(nn.Module):
     are worth keeping (requantizing the tied LM head of SmolLM2 per row moves its logits by up
     to 0.5, enough to flip greedy tokens). Float checkpoints quantized on load use per-row."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, bias, out_dtype):
+    DENSE_FROM_ROWS = 2  # measured on the grouped SmolLM2 LM head: 2.5x at 4 rows, 4x at 16
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, bias, out_dtype, dense: bool = False):
         super().__init__()
         out, inp = q.shape
         if inp % group_size:
@@ -175,26 +206,33 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qg)
         self.register_buffer("scales", scale.reshape(groups, out).to(KERNEL_DTYPE).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
+        w = None
+        if dense:  # q * scale with the kernel's bf16 scales; not persistent, as in Int4Linear
+            w = (qg.float() * self.scales.float()[..., None]).transpose(0, 1).reshape(out, inp)
+        self.register_buffer("dense", None if w is None else w.to(KERNEL_DTYPE), persistent=False)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, bias, out_dtype) -> "Int8Linear":
+    def from_float(cls, w: torch.Tensor, bias, out_dtype, dense: bool = False) -> "Int8Linear":
         w = w.float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
         # Round the scale to the kernel's dtype first so q is chosen against the scale it runs with.
         scale = scale.to(KERNEL_DTYPE).float()
         q = (w / scale[:, None]).round().clamp(-127, 127)
-        return cls(q, scale[None, :], w.shape[1], bias, out_dtype)
+        return cls(q, scale[None, :], w.shape[1], bias, out_dtype, dense)
 
     @classmethod
-    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int8Linear":
+    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype, dense: bool = False) -> "Int8Linear":
         blocks = _blocks(w)  # Q8_0 block: fp16 scale d, then 32 int8 values; w = d * q
         out, inp = w.shape
         d = torch.from_numpy(blocks[:, 0:2].view(np.float16).astype(np.float32).reshape(out, inp // 32))
         q = torch.from_numpy(blocks[:, 2:].view(np.int8).reshape(out, inp).copy())
-        return cls(q, d.t(), 32, bias, out_dtype)
+        return cls(q, d.t(), 32, bias, out_dtype, dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = x.to(KERNEL_DTYPE)
+        if self.dense is not None and x.shape[0] >= self.DENSE_FROM_ROWS:
+            y = F.linear(xs, self.dense).to(self.out_dtype)
+            return y if self.bias is None else y + self.bias
         groups = self.qweight.shape[0]
         if groups == 1:
             y = torch._weight_int8pack_mm(xs, self.qweight[0], self.scales[0]).to(self.out_dtype)
@@ -213,19 +251,21 @@ def make_linear(
     dtype: torch.dtype,
     quantization: str,
     group_size: int,
+    dense: bool = False,
 ) -> nn.Module:
-    """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above)."""
+    """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above).
+    `dense`: int4/int8 linears also keep a bfloat16 copy for batched rows (docstring above)."""
     if quantization == "auto" and isinstance(weight, QuantizedWeight):
         if weight.qtype in (Q.Q4_0, Q.Q4_1):
-            return Int4Linear.from_gguf(weight, bias, dtype)
+            return Int4Linear.from_gguf(weight, bias, dtype, dense)
         if weight.qtype == Q.Q8_0:
-            return Int8Linear.from_gguf(weight, bias, dtype)
+            return Int8Linear.from_gguf(weight, bias, dtype, dense)
     if isinstance(weight, QuantizedWeight):
         weight = dequantize(weight)
     if quantization == "int8":
-        return Int8Linear.from_float(weight, bias, dtype)
+        return Int8Linear.from_float(weight, bias, dtype, dense)
     if quantization == "int4":
-        return Int4Linear.from_float(weight, bias, group_size, dtype)
+        return Int4Linear.from_float(weight, bias, group_size, dtype, dense)
     if quantization == "fp8":
         return Fp8Linear(weight, bias, dtype)
     if quantization not in ("none", "auto"):
