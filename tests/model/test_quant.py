@@ -160,28 +160,33 @@ def test_stacked_projection_equals_its_parts_side_by_side(stack, quantization):
 
 
 @pytest.mark.parametrize("qtype, cls", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])
-def test_dense_copy_serves_batched_rows_with_the_same_weights(qtype, cls):
-    # Batched rows run a bf16 GEMM over a copy of the kernel's own weight values: the result must
-    # match the quantized kernel (same weights, different summation), rows below the threshold
-    # must still run the kernel bit for bit, and the copy is not counted as weights a step reads.
+def test_dense_copy_serves_the_rows_from_dense_from(qtype, cls):
+    # Rows from dense_from on run a bf16 GEMM over a copy of the kernel's own weight values: they
+    # must match the quantized kernel (same weights, other summation order); rows before it must
+    # be the kernel's bit for bit, whatever follows them; the copy is not counted as weights a
+    # decode step reads.
     w = gguf_weight(qtype)
     bias = torch.randn(OUT)
     plain = make_linear(w, bias, torch.float32, "auto", 32)
     dense = make_linear(w, bias, torch.float32, "auto", 32, dense=True)
     assert type(dense) is cls and dense.dense.dtype == torch.bfloat16 and plain.dense is None
-    few, many = x(cls.DENSE_FROM_ROWS - 1), x(cls.DENSE_FROM_ROWS + 3)
-    assert torch.equal(dense(few), plain(few))
-    got, want = dense(many), plain(many)
-    assert not torch.equal(got, want)  # the other path really ran
-    assert rel_err(got, want) < 1e-2
-    assert rel_err(got, FloatLinear(dequantize(w), bias)(many)) < 2e-2
+    rows = x(9)
+    want = plain(rows)
+    assert torch.equal(dense(rows), want) and torch.equal(dense(rows, dense_from=9), want)
+    assert torch.equal(plain(rows, dense_from=0), want)  # no copy: the kernel throughout
+    split = dense(rows, dense_from=4)
+    assert torch.equal(split[:4], want[:4])
+    assert not torch.equal(split[4:], want[4:])  # the other path really ran
+    all_dense = dense(rows, dense_from=0)
+    assert torch.equal(split[4:], all_dense[4:])  # a row's dense result does not depend on the others
+    assert rel_err(all_dense, want) < 1e-2
+    assert rel_err(all_dense, FloatLinear(dequantize(w), bias)(rows)) < 2e-2
     assert weight_nbytes(dense) == weight_nbytes(plain)
 
 
-@pytest.mark.parametrize("quantization, cls", [("int4", Int4Linear), ("int8", Int8Linear)])
-def test_dense_copy_from_float_weights(quantization, cls):
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_dense_copy_from_float_weights(quantization):
     w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(3))
     dense = make_linear(w, None, torch.float32, quantization, 32, dense=True)
     plain = make_linear(w, None, torch.float32, quantization, 32)
-    many = x(cls.DENSE_FROM_ROWS + 3)
-    assert rel_err(dense(many), plain(many)) < 1e-2
+    assert rel_err(dense(x(9), dense_from=0), plain(x(9))) < 1e-2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -49,6 +50,12 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
         ", the draft's included" if draft is not None else "",
     )
     runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
+    if device.type == "cpu":
+        from tokenmill.model.cpu_attention import kernel
+
+        t0 = time.perf_counter()  # built once per machine (about a minute), then loaded from cache
+        built = kernel() is not None
+        log.info("CPU decode attention: %s (%.1f s)", "C++ kernel" if built else "torch path", time.perf_counter() - t0)
     if device.type == "cuda" and not config.enforce_eager:
         if triton_backend() is not None:  # the graphs need the kernels the dispatch will use
             from tokenmill.model.cuda_graphs import DecodeGraphs

@@ -1,7 +1,8 @@
 """Paged attention: the torch backend (the CPU path and the reference) and the dispatch.
 
 `write_kv` and `paged_attention` run the Triton kernels (triton_attention.py) on CUDA
-tensors when triton imports, the torch code below otherwise. The batch is flattened to T
+tensors when triton imports; on the CPU, decode queries run the C++ kernel of cpu_attention.py
+when it could be built; the torch code below runs everything else and is the reference. The batch is flattened to T
 tokens, decode tokens (one query each) first, then prefill chunks. Every token's K/V is
 written into the pool at its slot before any attention runs, so a chunk attends to all
 earlier KV of its own request, whoever computed it.
@@ -34,6 +35,9 @@ class AttentionMetadata:
     # [num_decodes] keys each decode query sees. Optional: a backend that needs it derives it
     # from decode_mask when absent (one small kernel per step instead of none).
     decode_context_lens: torch.Tensor | None = None
+    # Rows from here on are prompt tokens (the runner orders them last): quantized linears run
+    # them through their dense copies (quant.py). None: every row runs the quantized kernels.
+    dense_from: int | None = None
     # Per-step values a backend derives from the above once and every layer reuses.
     backend_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -50,6 +54,15 @@ def triton_backend():
 def _gpu_backend(t: torch.Tensor):
     # Imported only for CUDA tensors, so CPU runs never pay for importing triton.
     return triton_backend() if t.is_cuda else None
+
+
+def _cpu_decode_kernel(q: torch.Tensor, meta: AttentionMetadata):
+    """The C++ decode kernel (cpu_attention.py) when it is built and fits this step, else None."""
+    if q.is_cuda or q.dtype not in (torch.float32, torch.bfloat16) or meta.decode_context_lens is None:
+        return None
+    from tokenmill.model.cpu_attention import kernel
+
+    return kernel()
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
@@ -72,7 +85,14 @@ def paged_attention(
     backend = _gpu_backend(q)
     if backend is not None:
         return backend.paged_attention(q, k_cache, v_cache, meta, scale)
-    return torch_paged_attention(q, k_cache, v_cache, meta, scale)
+    decode = _cpu_decode_kernel(q, meta) if meta.num_decodes else None
+    if decode is None:
+        return torch_paged_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    nd = meta.num_decodes
+    decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out[:nd])
+    _torch_prefills(q, k_cache, v_cache, meta.prefills, scale, out)
+    return out
 
 
 def torch_write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
@@ -112,7 +132,12 @@ def torch_paged_attention(
         probs = scores.softmax(-1).to(v.dtype).view(nd, num_kv_heads, group, nb, block_size)
         o = torch.matmul(probs.permute(0, 3, 1, 2, 4), v).sum(1, dtype=torch.float32)  # [B, kv_heads, group, D]
         out[:nd] = o.reshape(nd, num_heads, head_dim).to(q.dtype)
-    for chunk in meta.prefills:
+    _torch_prefills(q, k_cache, v_cache, meta.prefills, scale, out)
+    return out
+
+
+def _torch_prefills(q, k_cache, v_cache, prefills: list[PrefillChunk], scale: float, out: torch.Tensor) -> None:
+    for chunk in prefills:
         s, n, ctx = chunk.start, chunk.num_tokens, chunk.context_len
         k = k_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :ctx]  # [kv_heads, L, D]
         v = v_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :ctx]
@@ -125,4 +150,3 @@ def torch_paged_attention(
             mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
             o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s : s + n] = o.transpose(0, 1)
-    return out

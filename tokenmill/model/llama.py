@@ -55,7 +55,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         t, h, kvh, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x, meta.dense_from)
         v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
         if self.q_norm is None:
             # q and k side by side are one [T, h + kvh, d] tensor: one rotation for both.
@@ -67,7 +67,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, h * d))
+        return self.o_proj(o.reshape(t, h * d), meta.dense_from)
 
 
 class DecoderLayer(nn.Module):
@@ -84,7 +84,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, rope, kv_cache, meta):
         h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), meta.dense_from)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -140,4 +140,4 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden, 0).float()  # 0: a quantized head runs its dense copy for every row

@@ -13,11 +13,14 @@ Which format runs which kernel (see `make_linear`):
 | GGUF other types        | auto         | FloatLinear   | dequantized with gguf.quants                |
 | GGUF any type           | none         | FloatLinear   | dequantized with gguf.quants                |
 
-Batched rows: torch's int4/int8 CPU kernels are tuned for a few rows. From 16 rows (int4) or
-2 rows (grouped int8) a bfloat16 GEMM over the dequantized weights is 1.5-4x faster (prefill
-chunks, large decode batches, the LM head of a batch; figures in docs/benchmarks.md), so with
-`dense=True` a linear also keeps that bfloat16 copy and picks the kernel by row count. The copy
-costs memory (2 bytes per weight), which is why the engine caps it (dense_weight_limit_gb).
+Prompt rows: torch's int4/int8 CPU kernels are tuned for a few rows. From 16 rows (int4) or
+2 rows (grouped int8) a bfloat16 GEMM over the dequantized weights is 1.5-4x faster (figures in
+docs/benchmarks.md), so with `dense=True` a linear also keeps that bfloat16 copy. Which rows use
+it is decided by what they are, never by how many share the step, so a request's tokens do not
+depend on its batch (DESIGN.md): rows from `dense_from` on (prompt tokens; the runner puts them
+last) run the copy, the rows before it (generated tokens) the kernel. The LM head passes 0: all
+its rows run the copy. The copy costs 2 bytes per weight; the engine caps it
+(dense_weight_limit_gb).
 
 Both kernels run their activations in bfloat16: with float32 activations torch takes a
 slow fallback path (measured 10-40x slower than bfloat16 on an AVX-512 CPU, slower even than a
@@ -133,8 +136,6 @@ class Int4Linear(nn.Module):
     """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // group_size:
     that is _weight_int4pack_mm_for_cpu's zero-point convention (checked in tests)."""
 
-    DENSE_FROM_ROWS = 16  # measured: at 16 rows bf16 F.linear beats the kernel on every SmolLM2 shape
-
     def __init__(
         self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype, dense: bool = False
     ):
@@ -173,14 +174,11 @@ class Int4Linear(nn.Module):
         q, d, m = q4_values_scales_mins(w)
         return cls(q, d, m + 8 * d, 32, bias, out_dtype, dense)  # d*q + m == (q-8)*d + (m+8d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] >= self.DENSE_FROM_ROWS:
-            y = F.linear(x.to(KERNEL_DTYPE), self.dense).to(self.out_dtype)
-            return y if self.bias is None else y + self.bias
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(KERNEL_DTYPE), self.packed, self.group_size, self.scales_and_zeros
-        ).to(self.out_dtype)
-        return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
+        return _split_rows(self, x, dense_from, self._kernel)
+
+    def _kernel(self, xs: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xs, self.packed, self.group_size, self.scales_and_zeros)
 
 
 class Int8Linear(nn.Module):
@@ -190,8 +188,6 @@ class Int8Linear(nn.Module):
     runs one kernel call per input group and sums them: used for GGUF Q8_0, whose per-32 scales
     are worth keeping (requantizing the tied LM head of SmolLM2 per row moves its logits by up
     to 0.5, enough to flip greedy tokens). Float checkpoints quantized on load use per-row."""
-
-    DENSE_FROM_ROWS = 2  # measured on the grouped SmolLM2 LM head: 2.5x at 4 rows, 4x at 16
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, bias, out_dtype, dense: bool = False):
         super().__init__()
@@ -228,21 +224,33 @@ class Int8Linear(nn.Module):
         q = torch.from_numpy(blocks[:, 2:].view(np.int8).reshape(out, inp).copy())
         return cls(q, d.t(), 32, bias, out_dtype, dense)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.to(KERNEL_DTYPE)
-        if self.dense is not None and x.shape[0] >= self.DENSE_FROM_ROWS:
-            y = F.linear(xs, self.dense).to(self.out_dtype)
-            return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
+        return _split_rows(self, x, dense_from, self._kernel)
+
+    def _kernel(self, xs: torch.Tensor) -> torch.Tensor:
         groups = self.qweight.shape[0]
         if groups == 1:
-            y = torch._weight_int8pack_mm(xs, self.qweight[0], self.scales[0]).to(self.out_dtype)
-        else:
-            xg = xs.view(-1, groups, self.group_size)
-            y = torch.zeros(x.shape[0], self.out_features, dtype=torch.float32)
-            for g in range(groups):  # accumulate in float32: bf16 partial sums would lose bits
-                y += torch._weight_int8pack_mm(xg[:, g].contiguous(), self.qweight[g], self.scales[g])
-            y = y.to(self.out_dtype)
-        return y if self.bias is None else y + self.bias
+            return torch._weight_int8pack_mm(xs, self.qweight[0], self.scales[0])
+        xg = xs.view(-1, groups, self.group_size)
+        y = torch.zeros(xs.shape[0], self.out_features, dtype=torch.float32)
+        for g in range(groups):  # accumulate in float32: bf16 partial sums would lose bits
+            y += torch._weight_int8pack_mm(xg[:, g].contiguous(), self.qweight[g], self.scales[g])
+        return y
+
+
+def _split_rows(linear: "Int4Linear | Int8Linear", x: torch.Tensor, dense_from: int | None, kernel) -> torch.Tensor:
+    """Rows before `dense_from` through the quantized kernel, the rest through the dense copy
+    (all through the kernel when there is no copy or no split)."""
+    xs = x.to(KERNEL_DTYPE)
+    rows = x.shape[0]
+    k = rows if linear.dense is None or dense_from is None else min(dense_from, rows)
+    if k == rows:
+        y = kernel(xs).to(linear.out_dtype)
+    elif k == 0:
+        y = F.linear(xs, linear.dense).to(linear.out_dtype)
+    else:
+        y = torch.cat([kernel(xs[:k]).to(linear.out_dtype), F.linear(xs[k:], linear.dense).to(linear.out_dtype)])
+    return y if linear.bias is None else y + linear.bias
 
 
 def make_linear(

@@ -83,7 +83,12 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        decodes = [s for s in segments if len(s.token_ids) == 1]
+        # Decode rows: the leading one-token segments of generated tokens. A one-token prompt
+        # chunk is a prefill chunk here, so it stays among the prompt rows (see decode_first).
+        nd = 0
+        while nd < len(segments) and len(segments[nd].token_ids) == 1 and not segments[nd].prompt:
+            nd += 1
+        decodes = segments[:nd]
         for s in segments:
             ids.extend(s.token_ids)
             pos.extend(range(s.start, s.end))
@@ -101,7 +106,7 @@ class ModelRunner:
 
         prefills = []
         offset = len(decodes)
-        for s in segments[len(decodes) :]:
+        for s in segments[nd:]:
             table = torch.tensor(s.block_ids[: -(-s.end // bs)])
             prefills.append(PrefillChunk(offset, len(s.token_ids), s.end, table))
             offset += len(s.token_ids)
@@ -113,6 +118,7 @@ class ModelRunner:
             decode_mask=decode_mask,
             prefills=prefills,
             decode_context_lens=ctx,
+            dense_from=sum(len(s.token_ids) for s in segments if not s.prompt),
         )
         return torch.tensor(ids).to(dev, non_blocking=True), torch.tensor(pos).to(dev, non_blocking=True), meta
 
@@ -124,6 +130,7 @@ class Segment:
     block_ids: list[int]
     start: int
     token_ids: list[int]
+    prompt: bool = False  # a chunk of the prompt (or of its recompute after preemption)
 
     @property
     def end(self) -> int:
@@ -131,11 +138,17 @@ class Segment:
 
 
 def decode_first(output: SchedulerOutput) -> list[ScheduledChunk]:
-    """A step's chunks in batch order: decode-shaped ones (one token) first, as attention
-    batches them together."""
-    return sorted(output.chunks, key=lambda c: c.num_scheduled != 1)
+    """A step's chunks in batch order: decodes (one generated token) first, as attention
+    batches them together; then verify chunks (a generated token and its drafts); prompt chunks
+    last, as quantized linears run every row from the first prompt row on through their dense
+    copies (AttentionMetadata.dense_from)."""
+    return sorted(output.chunks, key=lambda c: (_is_prompt(c), c.num_scheduled != 1))
+
+
+def _is_prompt(chunk: ScheduledChunk) -> bool:
+    return chunk.start < chunk.request.num_prompt_tokens
 
 
 def segment(chunk: ScheduledChunk) -> Segment:
     tokens = chunk.request.tokens_slice(chunk.start, chunk.end) + chunk.draft_token_ids
-    return Segment(chunk.request.block_ids, chunk.start, tokens)
+    return Segment(chunk.request.block_ids, chunk.start, tokens, _is_prompt(chunk))

@@ -1,0 +1,92 @@
+"""The C++ CPU decode kernel (tokenmill/model/cpu_attention.py) against the torch reference
+(attention.torch_paged_attention) on random pools: GQA ratios, head dims, block sizes, context
+lengths on and off block boundaries, strided queries, float32 and bfloat16."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tokenmill.model import cpu_attention
+from tokenmill.model.attention import AttentionMetadata, paged_attention, torch_paged_attention
+
+CAN_BUILD = shutil.which("g++") is not None and shutil.which("ninja") is not None
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    if not CAN_BUILD:
+        pytest.skip("no g++/ninja: the torch path runs instead")
+    assert cpu_attention.kernel() is not None
+
+
+def decode_case(heads, kv_heads, dim, block, lens, dtype, seed=0, num_blocks=64):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_blocks, kv_heads, block, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, kv_heads, block, dim, generator=g).to(dtype)
+    max_blocks = max(-(-n // block) for n in lens)
+    # Distinct random blocks per sequence, padded with block 0 as the runner pads.
+    perm = torch.randperm(num_blocks, generator=g)
+    tables, used = [], 0
+    for n in lens:
+        nb = -(-n // block)
+        tables.append(perm[used : used + nb].tolist() + [0] * (max_blocks - nb))
+        used += nb
+    tables = torch.tensor(tables)
+    ctx = torch.tensor(lens)
+    mask = (torch.arange(max_blocks * block)[None, :] >= ctx[:, None])[:, None, None, :]
+    # Queries as the model makes them: a slice of a wider q|k tensor, so rows are strided.
+    wide = torch.randn(len(lens), heads + kv_heads, dim, generator=g).to(dtype)
+    q = wide[:, :heads]
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(len(lens), dtype=torch.long), num_decodes=len(lens),
+        decode_block_tables=tables, decode_mask=mask, prefills=[], decode_context_lens=ctx,
+    )
+    return q, k_cache, v_cache, meta
+
+
+CASES = [
+    # heads, kv_heads, dim, block, context lengths
+    (9, 3, 64, 16, [1, 16, 17, 40, 300]),  # SmolLM2's shape
+    (8, 8, 64, 16, [5, 32, 33]),  # no GQA
+    (8, 2, 128, 8, [7, 8, 9, 64]),  # GQA 4, head dim 128
+    (16, 2, 64, 16, [100, 3]),  # GQA 8
+    (4, 1, 48, 4, [1, 2, 3, 4, 5, 13]),  # odd head dim, tiny blocks
+]
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}b{c[3]}")
+def test_kernel_matches_torch_reference(case, dtype, tol):
+    heads, kv_heads, dim, block, lens = case
+    q, k_cache, v_cache, meta = decode_case(heads, kv_heads, dim, block, lens, dtype)
+    want = torch_paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, dim**-0.5)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)  # poisoned: every row must be written
+    cpu_attention.kernel()(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, dim**-0.5, out)
+    assert not out.isnan().any()
+    rel = ((out.float() - want).norm() / want.norm()).item()
+    assert rel < tol, rel
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
+def test_dispatch_mixes_kernel_decodes_with_torch_prefill_chunks():
+    # A step with decodes and a prefill chunk: paged_attention runs the kernel for the decode
+    # rows and the torch code for the chunk; the whole must equal the reference.
+    from tokenmill.model.attention import PrefillChunk
+
+    q, k_cache, v_cache, meta = decode_case(9, 3, 64, 16, [20, 45], torch.float32, seed=1)
+    chunk_q = torch.randn(6, 9, 64, generator=torch.Generator().manual_seed(2))
+    q = torch.cat([q, chunk_q])
+    meta.prefills = [PrefillChunk(start=2, num_tokens=6, context_len=30, block_table=torch.tensor([40, 41]))]
+    meta.slot_mapping = torch.zeros(8, dtype=torch.long)
+    got = paged_attention(q, k_cache, v_cache, meta, 0.125)
+    want = torch_paged_attention(q, k_cache, v_cache, meta, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_when_the_kernel_is_unavailable(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "kernel", lambda: None)
+    q, k_cache, v_cache, meta = decode_case(9, 3, 64, 16, [20, 45], torch.float32, seed=3)
+    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, meta, 0.125), torch_paged_attention(q, k_cache, v_cache, meta, 0.125))
