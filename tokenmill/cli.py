@@ -41,8 +41,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default="auto")
     g.add_argument("--dense-weight-limit-gb", type=float, default=4.0,
-                   help="CPU: keep bfloat16 copies of int4/int8 weights for batched rows (prefill, big "
-                        "decode batches) if the model's copies fit in this many GB; 0: never")
+                   help="CPU: keep bfloat16 copies of int4/int8 weights for prompt rows and the LM head "
+                        "if the model's copies fit in this many GB; 0: never")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--max-model-len", type=int, default=None)

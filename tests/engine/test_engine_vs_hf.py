@@ -54,10 +54,15 @@ def test_greedy_matches_transformers(arch, scenario, tiny_models, references):
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
-def test_batch_invariance(tiny_models):
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_batch_invariance(tiny_models, quantization):
+    # int4: prompt rows run the linears' bf16 copies, generated rows the int4 kernel, whatever
+    # the batch; a choice by row count would fail here.
     _, loaded = tiny_models("llama")
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    llm = LLM("tiny", loaded=loaded, num_kv_blocks=256, max_num_batched_tokens=64)
+    llm = LLM("tiny", loaded=loaded, num_kv_blocks=256, max_num_batched_tokens=64, quantization=quantization)
+    if quantization == "int4":
+        assert llm.engine.runner.model.layers[0].mlp.gate_up.dense is not None
     prompts = _prompts(seed=1)
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     crowd = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]

@@ -57,6 +57,7 @@ def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16) -
         decode_block_tables=None,
         decode_mask=None,
         prefills=[PrefillChunk(0, t, t, torch.arange(blocks))],
+        dense_from=0,  # a whole prompt: every row is a prompt row, as in the engine's prefill
     )
     hidden = m(torch.tensor(ids), torch.arange(t), kv, meta)
     return m.compute_logits(hidden)

@@ -90,3 +90,12 @@ def test_torch_path_when_the_kernel_is_unavailable(monkeypatch):
     monkeypatch.setattr(cpu_attention, "kernel", lambda: None)
     q, k_cache, v_cache, meta = decode_case(9, 3, 64, 16, [20, 45], torch.float32, seed=3)
     torch.testing.assert_close(paged_attention(q, k_cache, v_cache, meta, 0.125), torch_paged_attention(q, k_cache, v_cache, meta, 0.125))
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
+def test_kernel_refuses_a_context_past_its_table():
+    q, k_cache, v_cache, meta = decode_case(9, 3, 64, 16, [20, 45], torch.float32, seed=4)
+    lens = meta.decode_context_lens.clone()
+    lens[1] = meta.decode_block_tables.shape[1] * 16 + 1
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        cpu_attention.kernel()(q, k_cache, v_cache, meta.decode_block_tables, lens, 0.125, torch.empty(q.shape))

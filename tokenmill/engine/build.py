@@ -200,10 +200,16 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
 
 
 def _dense_copies(config: EngineConfig, loaded) -> bool:
-    """Whether the quantized linears may keep bfloat16 copies: those of every matrix but the
-    embedding (whose rows are looked up) must fit dense_weight_limit_gb."""
-    numel = sum(
-        int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items()
-        if len(w.shape) == 2 and name != "model.embed_tokens.weight"
-    )
+    """Whether the model's int4/int8 linears may keep bfloat16 copies: all of them must fit
+    dense_weight_limit_gb (checked per model: a draft model has its own)."""
+
+    def gets_copy(name: str, w) -> bool:
+        if len(w.shape) != 2 or name == "model.embed_tokens.weight":  # the embedding is looked up
+            return False
+        if config.quantization in ("int4", "int8"):
+            return True
+        # auto: the GGUF types make_linear runs on the int4/int8 kernels (quant.py)
+        return config.quantization == "auto" and getattr(getattr(w, "qtype", None), "name", "") in ("Q4_0", "Q4_1", "Q8_0")
+
+    numel = sum(int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items() if gets_copy(name, w))
     return 2 * numel <= config.dense_weight_limit_gb * 1e9

@@ -58,7 +58,11 @@ def _gpu_backend(t: torch.Tensor):
 
 def _cpu_decode_kernel(q: torch.Tensor, meta: AttentionMetadata):
     """The C++ decode kernel (cpu_attention.py) when it is built and fits this step, else None."""
-    if q.is_cuda or q.dtype not in (torch.float32, torch.bfloat16) or meta.decode_context_lens is None:
+    lens, tables = meta.decode_context_lens, meta.decode_block_tables
+    if (
+        q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16)
+        or lens is None or lens.dtype != torch.long or tables.dtype != torch.long
+    ):
         return None
     from tokenmill.model.cpu_attention import kernel
 

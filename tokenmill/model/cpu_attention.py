@@ -15,7 +15,10 @@ torch path runs; the engine logs which one it uses.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import time
 
 import torch
 
@@ -44,7 +47,7 @@ static void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   const int64_t group = heads / kv_heads;
   const int64_t sq0 = q.stride(0), sq1 = q.stride(1), so0 = out.stride(0), so1 = out.stride(1);
   const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1), st = k_cache.stride(2);
-  const int64_t table_stride = tables.stride(0);
+  const int64_t table_stride = tables.stride(0), max_ctx = tables.size(1) * block;
   const T* qp = q.data_ptr<T>();
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
@@ -56,6 +59,7 @@ static void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const t
     std::vector<float> qf(group * dim), acc(group * dim), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, g = task % kv_heads, ctx = lp[b];
+      TORCH_CHECK(ctx >= 0 && ctx <= max_ctx, "a context is longer than its block table");
       const int64_t* table = tp + b * table_stride;
       for (int64_t j = 0; j < group; ++j)
         for (int64_t d = 0; d < dim; ++d)
@@ -102,6 +106,8 @@ void paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
   TORCH_CHECK(k_cache.strides() == v_cache.strides() && k_cache.stride(3) == 1, "K and V pools share one layout");
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables and lengths");
   TORCH_CHECK(tables.stride(1) == 1 && lens.is_contiguous(), "contiguous tables and lengths");
+  TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0) && out.sizes() == q.sizes(), "one row per query");
+
   if (q.scalar_type() == at::kFloat) {
     decode<float>(q, k_cache, v_cache, tables, lens, scale, out);
   } else if (q.scalar_type() == at::kBFloat16) {
@@ -117,10 +123,17 @@ void paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
 def kernel():
     """The compiled `paged_decode(q, k_cache, v_cache, tables, lens, scale, out)`, or None."""
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+        # -march=native: the binary is for this CPU only, so the cache entry is keyed by the CPU's
+        # flags (a shared home directory or image must not hand an AVX-512 build to another CPU),
+        # and by the source.
+        name = f"tokenmill_cpu_attention_{_digest(_SOURCE + _cpu_flags())}"
+        lock = os.path.join(_get_build_directory(name, False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
+            os.remove(lock)  # left by a build that was killed: torch would wait on it forever
         module = load_inline(
-            name="tokenmill_cpu_attention_v1",  # bump with the source: the build cache is keyed by name
+            name=name,
             cpp_sources=_SOURCE,
             functions=["paged_decode"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -130,6 +143,18 @@ def kernel():
         log.warning("CPU attention kernel unavailable, using the torch path: %s", str(e).splitlines()[0] if str(e) else e)
         return None
     return module.paged_decode
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def paged_decode(

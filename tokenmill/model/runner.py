@@ -71,7 +71,8 @@ class ModelRunner:
         return results
 
     def forward(self, segments: list[Segment]) -> torch.Tensor:
-        """Hidden states of every token of the segments (one-token segments must come first)."""
+        """Hidden states of every token of the segments, in decode_first()'s order: one-token
+        generated segments, then other generated ones, then prompt chunks."""
         graphs = self.decode_graphs
         if graphs is not None and graphs.fits(segments):
             return graphs.run(segments)
@@ -80,6 +81,8 @@ class ModelRunner:
 
     def _prepare(self, segments: list[Segment]):
         bs = self.block_size
+        kinds = [s.prompt for s in segments]
+        assert kinds == sorted(kinds), "generated-token segments must precede prompt segments"
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -130,7 +133,10 @@ class Segment:
     block_ids: list[int]
     start: int
     token_ids: list[int]
-    prompt: bool = False  # a chunk of the prompt (or of its recompute after preemption)
+    # A chunk that starts in the prompt (a recompute after preemption included): its rows run
+    # the quantized linears' dense copies. Decided by where the chunk starts, so a recompute
+    # chunk's generated tokens may run either kernel: within float tolerance, not bit-exact.
+    prompt: bool = False
 
     @property
     def end(self) -> int:
