@@ -154,6 +154,18 @@ def test_mixed_batch_matches_reference(case):
     check(b.run(), b.reference(), dtype)
 
 
+@cases(*[(dtype, group) for dtype in DTYPES for group in (1, 4)])
+def test_strided_queries_as_the_model_passes_them(case):
+    # The model rotates q and k as one [T, heads + kv_heads, D] tensor and passes q as a slice
+    # of it: rows are strided, which the kernels must follow.
+    dtype, group = case
+    b = Batch(MIXED, kv_heads=2, group=group, head_dim=64, dtype=dtype, seed=7)
+    q, k, v = b.inputs()
+    wide = torch.cat([q, torch.full_like(q[:, :2], float("nan"))], dim=1)  # + the k heads, poisoned
+    out = ta.paged_attention(wide[:, : q.shape[1]], k, v, b.meta(), b.scale)
+    check(out, b.reference(), dtype)
+
+
 @cases(*[(dtype, group, split) for dtype in DTYPES for group in (1, 4, 8) for split in (16, 32)])
 def test_decode_split_over_kv_length(case):
     """Splits of 16/32 keys: several per sequence, some empty, merged by log-sum-exp; a

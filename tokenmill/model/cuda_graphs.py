@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from tokenmill.model.attention import AttentionMetadata
@@ -47,8 +46,17 @@ class DecodeGraphs:
         self.slots = torch.full((max_batch,), self.scratch_slot, dtype=torch.long, device=dev)
         self.tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.long, device=dev)
         self.lens = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        # Host-side staging for the tables: rows are filled in place, never rebuilt.
-        self.host_tables = np.zeros((max_batch, max_blocks_per_seq), dtype=np.int64)
+        # Host-side staging, allocated once and filled in place each step: ids, positions,
+        # slots, lens as the rows of `host_rows`, and the block tables. Pinned on CUDA so the
+        # copies into the static buffers run async instead of blocking the host. Overwriting
+        # them next step is safe: every step ends with the sampled-token read-back, which waits
+        # for this step's copies to have run. (`copied` guards a step that returns no token:
+        # waiting on it is free once the read-back has happened.)
+        pin = torch.device(dev).type == "cuda"
+        self.host_rows = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
+        self.host_tables_t = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.long, pin_memory=pin)
+        self.host_tables = self.host_tables_t.numpy()  # the same memory, for row-wise fills
+        self.copied = torch.cuda.Event() if pin else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:
@@ -92,6 +100,8 @@ class DecodeGraphs:
         n = len(segments)
         b = next(size for size in self.sizes if size >= n)
         bs = self.block_size
+        if self.copied is not None:
+            self.copied.synchronize()  # last step's copies out of the staging buffers are done
         ids, pos, slots, lens = [], [], [], []
         for i, s in enumerate(segments):
             p = s.start
@@ -100,13 +110,17 @@ class DecodeGraphs:
             slots.append(s.block_ids[p // bs] * bs + p % bs)
             lens.append(p + 1)
             self.host_tables[i, : len(s.block_ids)] = s.block_ids
-        pad = b - n
-        dev = self.device
-        self.ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        self.slots[:b].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.lens[:b].copy_(torch.tensor(lens + [0] * pad), non_blocking=True)
-        self.tables[:n].copy_(torch.from_numpy(self.host_tables[:n]).to(dev), non_blocking=True)
+        rows = self.host_rows[:, :b]
+        rows[:, :n] = torch.tensor([ids, pos, slots, lens], dtype=torch.long)
+        rows[:, n:] = 0
+        rows[2, n:] = self.scratch_slot  # padding rows write their K/V into the scratch block
+        self.ids[:b].copy_(rows[0], non_blocking=True)
+        self.positions[:b].copy_(rows[1], non_blocking=True)
+        self.slots[:b].copy_(rows[2], non_blocking=True)
+        self.lens[:b].copy_(rows[3], non_blocking=True)
+        self.tables[:n].copy_(self.host_tables_t[:n], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         if self.graphs:
             self.graphs[b].replay()
             return self.outputs[b][:n]

@@ -13,6 +13,7 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk
+from tokenmill.model.host import to_device
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.sampler import SampleResult, Sampler
 
@@ -58,7 +59,7 @@ class ModelRunner:
                 plain.append(chunk.request)
         if not plain_rows and not verify_rows:
             return {}
-        logits = self.model.compute_logits(hidden[plain_rows + verify_rows])
+        logits = self.model.compute_logits(select_rows(hidden, plain_rows + verify_rows))
         results = {}
         if plain:
             for request, res in zip(plain, self.sampler(logits[: len(plain)], plain)):
@@ -105,7 +106,7 @@ class ModelRunner:
             decode_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes])
             ctx = torch.tensor([s.end for s in decodes])
             decode_mask = (torch.arange(max_blocks * bs)[None, :] >= ctx[:, None])[:, None, None, :]
-            decode_tables, decode_mask, ctx = (t.to(dev, non_blocking=True) for t in (decode_tables, decode_mask, ctx))
+            decode_tables, decode_mask, ctx = (to_device(t, dev) for t in (decode_tables, decode_mask, ctx))
 
         prefills = []
         offset = len(decodes)
@@ -115,7 +116,7 @@ class ModelRunner:
             offset += len(s.token_ids)
 
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots).to(dev, non_blocking=True),
+            slot_mapping=to_device(slots, dev),
             num_decodes=len(decodes),
             decode_block_tables=decode_tables,
             decode_mask=decode_mask,
@@ -123,7 +124,7 @@ class ModelRunner:
             decode_context_lens=ctx,
             dense_from=sum(len(s.token_ids) for s in segments if not s.prompt),
         )
-        return torch.tensor(ids).to(dev, non_blocking=True), torch.tensor(pos).to(dev, non_blocking=True), meta
+        return to_device(ids, dev), to_device(pos, dev), meta
 
 
 @dataclass
@@ -141,6 +142,17 @@ class Segment:
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
+
+def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """hidden[rows] without a host sync: a view when the rows are one ascending run (the usual
+    case: one row per request, every chunk sampling), else a gather by an index copied async.
+    Indexing a CUDA tensor with a Python list would copy the list over synchronously."""
+    if not rows:
+        return hidden[:0]
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return hidden[rows[0] : rows[0] + len(rows)]
+    return hidden.index_select(0, to_device(rows, hidden.device))
 
 
 def decode_first(output: SchedulerOutput) -> list[ScheduledChunk]:

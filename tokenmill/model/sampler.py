@@ -12,6 +12,7 @@ import torch
 
 from tokenmill.engine.outputs import Logprob, TokenLogprobs
 from tokenmill.engine.request import Request
+from tokenmill.model.host import to_device
 from tokenmill.spec.rejection import verify_greedy, verify_sampled
 from tokenmill.structured.mask import allocate_bitmask, apply_bitmask_
 
@@ -66,7 +67,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=dev)
+            rows = to_device(random_rows, dev)
             sampled = self._sample(logits[rows], [requests[i] for i in random_rows])
             tokens[rows] = sampled
 
@@ -99,11 +100,13 @@ class Sampler:
                 continue
             row = logits[i]
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=row.device)
+                seen = to_device(sorted(set(request.all_token_ids)), row.device)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and request.output_token_ids:
-                counts = torch.bincount(torch.tensor(request.output_token_ids, device=row.device), minlength=row.shape[0])
+                # bincount would read its input's max back to size the output: count by index_add_.
+                ids = to_device(request.output_token_ids, row.device)
+                counts = torch.zeros_like(row, dtype=torch.long).index_add_(0, ids, torch.ones_like(ids))
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
     def _apply_min_tokens(self, logits: torch.Tensor, requests: list[Request]) -> None:
@@ -112,7 +115,7 @@ class Sampler:
             if request.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(request.eos_token_ids))
                 if banned:
-                    logits[i, banned] = float("-inf")
+                    logits[i].index_fill_(0, to_device(banned, logits.device), float("-inf"))
 
     @torch.inference_mode()
     def verify(
@@ -132,7 +135,7 @@ class Sampler:
             row_requests = [r for r, n in zip(requests, sizes) for _ in range(n)]
             random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
             if random_rows:
-                rows = torch.tensor(random_rows, device=logits.device)
+                rows = to_device(random_rows, logits.device)
                 for i, row in zip(random_rows, self._probs(logits[rows], [row_requests[i] for i in random_rows])):
                     probs[i] = row
         results = []
@@ -154,15 +157,15 @@ class Sampler:
     def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """The distribution each row samples from: temperature, then top-k/top-p, then min-p."""
         dev = logits.device
-        temps = torch.tensor([r.params.temperature for r in requests], device=dev).unsqueeze(1)
+        temps = to_device([r.params.temperature for r in requests], dev, torch.float32).unsqueeze(1)
         logits = logits / temps
         top_k = [r.params.top_k for r in requests]
         top_p = [r.params.top_p for r in requests]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             logits = _top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)
-        min_p = torch.tensor([r.params.min_p for r in requests], device=dev)
-        if (min_p > 0).any():
+        if any(r.params.min_p > 0 for r in requests):  # on the host: no read-back
+            min_p = to_device([r.params.min_p for r in requests], dev, torch.float32)
             limit = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < limit, 0.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)  # rejection sampling needs a distribution
@@ -180,10 +183,10 @@ class Sampler:
                 unseeded.append(i)
             else:
                 noise[i].exponential_(generator=g)
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator
-            )
+        if unseeded:  # the draws of noise[unseeded] = ..., without a synchronous index copy
+            draws = torch.empty(len(unseeded), probs.shape[1], device=probs.device)
+            draws.exponential_(generator=self.generator)
+            noise.index_copy_(0, to_device(unseeded, probs.device), draws)
         return (probs / noise).argmax(dim=-1)
 
 
@@ -201,10 +204,10 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     dev = logits.device
     ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-    k = torch.tensor([min(v, vocab) if v > 0 else vocab for v in top_k], device=dev).unsqueeze(1)
+    k = to_device([min(v, vocab) if v > 0 else vocab for v in top_k], dev).unsqueeze(1)
     remove = ranks >= k
-    p = torch.tensor(top_p, device=dev).unsqueeze(1)
-    if (p < 1.0).any():
+    if any(v < 1.0 for v in top_p):  # on the host: no read-back
+        p = to_device(top_p, dev, torch.float32).unsqueeze(1)
         probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
         # Drop a token when the mass strictly before it already reaches top_p (the first stays).
         before = probs.cumsum(dim=-1) - probs
