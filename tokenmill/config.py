@@ -30,10 +30,9 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     quantization: str = "auto"  # auto: keep a GGUF's quantized weights quantized
     quant_group_size: int = 32
-    # CPU: int4/int8 linears also keep bfloat16 copies of their weights for batched rows
-    # for prompt rows and the LM head, where torch's quantized kernels are 1.5-10x slower, as
-    # long as the copies of the whole model fit in this many GB (per model: a draft model has
-    # its own); 0 turns them off.
+    # CPU: int4/int8 linears also keep bfloat16 copies of their weights for prompt rows and
+    # the LM head, where torch's quantized kernels are 1.5-10x slower, as long as the copies of
+    # the whole model fit in this many GB (per model: a draft model has its own); 0: never.
     dense_weight_limit_gb: float = 4.0
     seed: int = 0
     num_threads: int | None = None

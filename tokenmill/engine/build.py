@@ -53,7 +53,7 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
     if device.type == "cpu":
         from tokenmill.model.cpu_attention import kernel
 
-        t0 = time.perf_counter()  # built once per machine (about a minute), then loaded from cache
+        t0 = time.perf_counter()  # built once per machine and source (about 20 s), then loaded from cache
         built = kernel() is not None
         log.info("CPU decode attention: %s (%.1f s)", "C++ kernel" if built else "torch path", time.perf_counter() - t0)
     if device.type == "cuda" and not config.enforce_eager:
@@ -202,14 +202,14 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
 def _dense_copies(config: EngineConfig, loaded) -> bool:
     """Whether the model's int4/int8 linears may keep bfloat16 copies: all of them must fit
     dense_weight_limit_gb (checked per model: a draft model has its own)."""
+    try:
+        from tokenmill.model.quant import quantized_kernel
+    except ImportError:  # no gguf: _linear_factory builds float linears only, nothing to copy
+        return False
 
-    def gets_copy(name: str, w) -> bool:
-        if len(w.shape) != 2 or name == "model.embed_tokens.weight":  # the embedding is looked up
-            return False
-        if config.quantization in ("int4", "int8"):
-            return True
-        # auto: the GGUF types make_linear runs on the int4/int8 kernels (quant.py)
-        return config.quantization == "auto" and getattr(getattr(w, "qtype", None), "name", "") in ("Q4_0", "Q4_1", "Q8_0")
-
-    numel = sum(int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items() if gets_copy(name, w))
+    numel = sum(
+        int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items()
+        # the embedding is looked up, never multiplied: no linear, no copy
+        if len(w.shape) == 2 and name != "model.embed_tokens.weight" and quantized_kernel(w, config.quantization)
+    )
     return 2 * numel <= config.dense_weight_limit_gb * 1e9

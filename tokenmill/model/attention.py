@@ -2,8 +2,8 @@
 
 `write_kv` and `paged_attention` run the Triton kernels (triton_attention.py) on CUDA
 tensors when triton imports; on the CPU, decode queries run the C++ kernel of cpu_attention.py
-when it could be built; the torch code below runs everything else and is the reference. The batch is flattened to T
-tokens, decode tokens (one query each) first, then prefill chunks. Every token's K/V is
+when it could be built; the torch code below runs everything else and is the reference. The
+batch is flattened to T tokens, decode tokens (one query each) first, then prefill chunks. Every token's K/V is
 written into the pool at its slot before any attention runs, so a chunk attends to all
 earlier KV of its own request, whoever computed it.
 """

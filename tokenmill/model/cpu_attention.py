@@ -155,16 +155,3 @@ def _cpu_flags() -> str:
 
 def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def paged_decode(
-    q: torch.Tensor,  # [B, heads, head_dim], one query per sequence
-    k_cache: torch.Tensor,  # [num_blocks, kv_heads, block_size, head_dim]
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, max_blocks] int64
-    context_lens: torch.Tensor,  # [B] int64: keys each query sees
-    scale: float,
-) -> torch.Tensor:
-    out = torch.empty(q.shape, dtype=q.dtype)
-    kernel()(q, k_cache, v_cache, block_tables, context_lens, scale, out)
-    return out

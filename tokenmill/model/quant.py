@@ -175,7 +175,7 @@ class Int4Linear(nn.Module):
         return cls(q, d, m + 8 * d, 32, bias, out_dtype, dense)  # d*q + m == (q-8)*d + (m+8d)
 
     def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
-        return _split_rows(self, x, dense_from, self._kernel)
+        return _split_rows(self, x, dense_from)
 
     def _kernel(self, xs: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xs, self.packed, self.group_size, self.scales_and_zeros)
@@ -225,7 +225,7 @@ class Int8Linear(nn.Module):
         return cls(q, d.t(), 32, bias, out_dtype, dense)
 
     def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
-        return _split_rows(self, x, dense_from, self._kernel)
+        return _split_rows(self, x, dense_from)
 
     def _kernel(self, xs: torch.Tensor) -> torch.Tensor:
         groups = self.qweight.shape[0]
@@ -238,19 +238,34 @@ class Int8Linear(nn.Module):
         return y
 
 
-def _split_rows(linear: "Int4Linear | Int8Linear", x: torch.Tensor, dense_from: int | None, kernel) -> torch.Tensor:
+def _split_rows(linear: "Int4Linear | Int8Linear", x: torch.Tensor, dense_from: int | None) -> torch.Tensor:
     """Rows before `dense_from` through the quantized kernel, the rest through the dense copy
     (all through the kernel when there is no copy or no split)."""
     xs = x.to(KERNEL_DTYPE)
     rows = x.shape[0]
     k = rows if linear.dense is None or dense_from is None else min(dense_from, rows)
     if k == rows:
-        y = kernel(xs).to(linear.out_dtype)
+        y = linear._kernel(xs).to(linear.out_dtype)
     elif k == 0:
         y = F.linear(xs, linear.dense).to(linear.out_dtype)
     else:
-        y = torch.cat([kernel(xs[:k]).to(linear.out_dtype), F.linear(xs[k:], linear.dense).to(linear.out_dtype)])
+        y = torch.cat([linear._kernel(xs[:k]).to(linear.out_dtype), F.linear(xs[k:], linear.dense).to(linear.out_dtype)])
     return y if linear.bias is None else y + linear.bias
+
+
+def quantized_kernel(weight: "torch.Tensor | QuantizedWeight", quantization: str) -> type | None:
+    """Int4Linear or Int8Linear when make_linear runs `weight` on that kernel (table above),
+    else None (float or fp8)."""
+    if quantization == "int4":
+        return Int4Linear
+    if quantization == "int8":
+        return Int8Linear
+    if quantization == "auto" and isinstance(weight, QuantizedWeight):
+        if weight.qtype in (Q.Q4_0, Q.Q4_1):
+            return Int4Linear
+        if weight.qtype == Q.Q8_0:
+            return Int8Linear
+    return None
 
 
 def make_linear(
@@ -262,17 +277,18 @@ def make_linear(
     dense: bool = False,
 ) -> nn.Module:
     """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above).
-    `dense`: int4/int8 linears also keep a bfloat16 copy for batched rows (docstring above)."""
-    if quantization == "auto" and isinstance(weight, QuantizedWeight):
-        if weight.qtype in (Q.Q4_0, Q.Q4_1):
+    `dense`: int4/int8 linears also keep a bfloat16 copy for prompt rows (docstring above)."""
+    kernel = quantized_kernel(weight, quantization)
+    if isinstance(weight, QuantizedWeight) and quantization == "auto":
+        if kernel is Int4Linear:
             return Int4Linear.from_gguf(weight, bias, dtype, dense)
-        if weight.qtype == Q.Q8_0:
+        if kernel is Int8Linear:
             return Int8Linear.from_gguf(weight, bias, dtype, dense)
     if isinstance(weight, QuantizedWeight):
         weight = dequantize(weight)
-    if quantization == "int8":
+    if kernel is Int8Linear:
         return Int8Linear.from_float(weight, bias, dtype, dense)
-    if quantization == "int4":
+    if kernel is Int4Linear:
         return Int4Linear.from_float(weight, bias, group_size, dtype, dense)
     if quantization == "fp8":
         return Fp8Linear(weight, bias, dtype)
