@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return AsyncEngine
     if name == "RequestOutput":
-        from tokenmill.engine.outputs import RequestOutput
+        from tokenmill.outputs import RequestOutput
 
         return RequestOutput
     raise AttributeError(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.build import build_engine
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 
 

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.engine import Engine
-from tokenmill.engine.outputs import RequestOutput
-from tokenmill.sampling import SamplingParams
+from tokenmill.engine.engine import Engine, QueueFullError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling import SamplingParams, StructuredOutput
+
+__all__ = ["AsyncEngine", "QueueFullError"]
 
 log = logging.getLogger("tokenmill")
 
@@ -69,6 +71,24 @@ class AsyncEngine:
     @property
     def stats(self):
         return self.engine.stats
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """Tokens the whole KV pool holds: no request can ever be longer."""
+        return self.engine.kv.num_blocks * self.engine.kv.block_size
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished
+
+    async def check_structured(self, spec: StructuredOutput) -> None:
+        """Compile (and cache) a constraint without blocking the event loop; raises ValueError
+        naming what is wrong."""
+        await asyncio.wrap_future(self.engine.grammars.submit(spec))
 
     def start(self) -> None:
         if self._thread is None:

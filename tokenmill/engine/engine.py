@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from tokenmill.config import EngineConfig
 from tokenmill.engine.detokenize import IncrementalDetokenizer
 from tokenmill.engine.kv_cache import KVCacheManager
-from tokenmill.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.sampling import SamplingParams

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.engine.outputs import Logprob, TokenLogprobs
+from tokenmill.outputs import Logprob, TokenLogprobs
 from tokenmill.engine.request import Request
 from tokenmill.model.host import to_device
 from tokenmill.spec.rejection import verify_greedy, verify_sampled

@@ -16,7 +16,7 @@ import jinja2.ext  # noqa: F401  (the tokenizer's sandbox environment needs the 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from tokenmill.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import ServerMetrics

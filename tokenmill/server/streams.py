@@ -13,8 +13,8 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from tokenmill.engine.engine import QueueFullError
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.async_engine import QueueFullError
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError
 

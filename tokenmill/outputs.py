@@ -1,4 +1,6 @@
-"""What the engine hands back: cumulative per-request outputs (vLLM's shape)."""
+"""What the engine hands back: cumulative per-request outputs (vLLM's shape), and the sampled
+tokens' logprobs the model runner produces. Top-level: the runner, the engine and the server
+all speak it, and none of them owns it."""
 
 from __future__ import annotations
 
