@@ -184,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.build import build_async_engine
     from tokenmill.server.run import serve
 
     config = engine_config(args)  # validated now, before the port opens
     keys = read_api_keys(args.api_key, args.api_key_file)
     logging.getLogger("tokenmill").info("API keys: %s", f"{len(keys)} configured" if keys else "none (open)")
     return serve(
-        lambda: AsyncEngine.from_config(config),
+        lambda: build_async_engine(config),
         model_name=args.served_model_name or args.model,
         host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout, log_level=args.log_level,
@@ -222,11 +222,11 @@ async def run_chat(config: EngineConfig, params, system: str | None, stdin=None,
 
     import jinja2.ext  # noqa: F401  (the tokenizer's template sandbox needs the submodule)
 
-    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.build import build_async_engine
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    engine = AsyncEngine.from_config(config)
+    engine = build_async_engine(config)
     tok = engine.tokenizer
     messages = [{"role": "system", "content": system}] if system else []
     try:

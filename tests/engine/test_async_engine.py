@@ -5,13 +5,13 @@ import logging
 
 from tokenmill import EngineConfig, SamplingParams
 from tokenmill.engine import async_engine as ae_mod
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.build import build_async_engine
 
 
 def test_streams_errors_disconnect_and_stats_log(tiny_models, caplog, monkeypatch):
     _, loaded = tiny_models("llama")
     monkeypatch.setattr(ae_mod, "STATS_LOG_INTERVAL_S", 0.0)
-    engine = AsyncEngine.from_config(EngineConfig(model="tiny", num_kv_blocks=64), loaded)
+    engine = build_async_engine(EngineConfig(model="tiny", num_kv_blocks=64), loaded)
 
     async def main():
         async def one(i):

@@ -293,12 +293,12 @@ def _written_tracker(engine):
     prefixes: dict[bytes, tuple] = {}
     execute = engine.runner.execute
 
-    def wrapped(sched):
-        for c in sched.chunks:
-            toks = c.request.all_token_ids
-            for p in range(c.start, c.end):
-                written[c.request.block_ids[p // bs] * bs + p % bs] = tuple(toks[: p + 1])
-        return execute(sched)
+    def wrapped(record):
+        for s in record.seqs:
+            toks = engine.scheduler.requests[s.request_id].all_token_ids
+            for p in range(s.start, s.start + s.num_computed):
+                written[s.block_ids[p // bs] * bs + p % bs] = tuple(toks[: p + 1])
+        return execute(record)
 
     engine.runner.execute = wrapped
 

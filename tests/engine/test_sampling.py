@@ -8,8 +8,8 @@ import torch
 from tests.tiny import VOCAB, tiny_tokenizer
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.detokenize import IncrementalDetokenizer
-from tokenmill.engine.request import Request
 from tokenmill.model.sampler import Sampler
+from tokenmill.step import SampleInputs, ScheduledSeq
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,11 @@ def test_bad_params_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
-def _req(i, **params):
+def _req(i, prompt=(1, 2, 3), output=(), **params):
+    """A sampled row of a step record (the sampler sees nothing else of a request)."""
     p = SamplingParams(**params)
-    return Request(f"r{i}", [1, 2, 3], p, i, p.max_tokens or 16)
+    return ScheduledSeq([0], 0, [1], request_id=f"r{i}",
+                        sample=SampleInputs(p, len(output), prompt_token_ids=list(prompt), output_token_ids=list(output)))
 
 
 def test_sampler_matches_the_distribution():
@@ -74,13 +76,11 @@ def test_top_k_top_p_min_p_restrict_the_support():
 
 def test_penalties_change_exactly_the_seen_tokens():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    req = _req(0, temperature=0, repetition_penalty=2.0)
-    req.prompt_token_ids = [0, 1]
+    req = _req(0, prompt=[0, 1], temperature=0, repetition_penalty=2.0)
     out = logits.clone()
     Sampler()._apply_penalties(out, [req])
     assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
-    req = _req(1, temperature=0, frequency_penalty=0.5, presence_penalty=0.25)
-    req.output_token_ids = [2, 2, 3]
+    req = _req(1, output=[2, 2, 3], temperature=0, frequency_penalty=0.5, presence_penalty=0.25)
     out = logits.clone()
     Sampler()._apply_penalties(out, [req])
     assert out.tolist() == [[2.0, -2.0, 1.0 - 1.0 - 0.25, 0.5 - 0.5 - 0.25]]

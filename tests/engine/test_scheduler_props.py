@@ -58,8 +58,8 @@ def test_random_interleavings_never_leak(ops, num_blocks, budget, max_seqs, cach
     a random number of them accepted, the rest's slots given back."""
     rng = random.Random(seed)
     kv = KVCacheManager(num_blocks, BLOCK, enable_caching=caching)
-    sched = Scheduler(kv, max_seqs, budget, max_model_len=64, num_lookahead_tokens=lookahead,
-                      spec_disable_batch_size=rng.randint(1, 6))
+    sched = Scheduler(kv, max_seqs, budget, max_model_len=64, num_speculative_tokens=lookahead,
+                      speculative_disable_by_batch_size=rng.randint(1, 6))
     ids = []
 
     def step():
@@ -199,7 +199,7 @@ def test_prefix_lookups_are_counted_once_per_admission():
 
 def _spec_scheduler(num_blocks, k=4):
     kv = KVCacheManager(num_blocks, BLOCK)
-    return Scheduler(kv, 4, 64, 64, num_lookahead_tokens=k, spec_disable_batch_size=4)
+    return Scheduler(kv, 4, 64, 64, num_speculative_tokens=k, speculative_disable_by_batch_size=4)
 
 
 def test_lookahead_never_causes_a_preemption():
@@ -233,7 +233,7 @@ def test_drafts_that_keep_missing_pause_speculation():
         sched.update(out, {"r": [8]})  # the target never agrees with the drafts
     gaps = [b - a - 1 for a, b in zip(drafted_steps, drafted_steps[1:])]
     assert gaps[:4] == [1, 3, 7, 15]
-    assert r.num_spec_tokens == 1
+    assert r.draft_len == 1
     # A hit: k grows back and the pause is gone.
     while True:
         out = sched.schedule()
@@ -243,4 +243,4 @@ def test_drafts_that_keep_missing_pause_speculation():
         sched.update(out, {"r": [8]})
     chunk.draft_token_ids = [5] * chunk.num_lookahead
     sched.update(out, {"r": chunk.draft_token_ids + [6]})
-    assert r.spec_pause == 0 and r.spec_misses == 0 and r.num_spec_tokens == 2
+    assert r.spec_pause == 0 and r.spec_misses == 0 and r.draft_len == 2

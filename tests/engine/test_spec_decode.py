@@ -11,7 +11,7 @@ import torch
 from tests.spec.test_units import chi_square_p_value
 from tests.tiny import VOCAB, Loaded, tiny_tokenizer
 from tokenmill import LLM, SamplingParams
-from tokenmill.spec import rejection
+from tokenmill.model import rejection
 
 MAX_TOKENS = 40
 

@@ -92,7 +92,7 @@ def test_profiling_forward_fits_the_context(tiny_models):
     """The largest step is profiled as segments no longer than the context (RoPE has no
     positions past it), each on its own blocks."""
     from tokenmill.config import EngineConfig
-    from tokenmill.engine.build import profile_forward, profile_segments
+    from tokenmill.build import profile_forward, profile_segments
     from tokenmill.model.llama import LlamaForCausalLM
 
     segments, blocks = profile_segments(100, 64, 16)

@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 
 from tokenmill.config import EngineConfig
+from tokenmill.build import build_async_engine
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.app import create_app
 
@@ -71,7 +72,7 @@ def tiny_loaded(tiny_models):
 
 def make_engine(loaded, **config) -> AsyncEngine:
     config.setdefault("num_kv_blocks", 64)
-    engine = AsyncEngine.from_config(EngineConfig(model=MODEL, **config), loaded)
+    engine = build_async_engine(EngineConfig(model=MODEL, **config), loaded)
     engine.start()
     return engine
 

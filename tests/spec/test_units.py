@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tokenmill.spec import rejection
+from tokenmill.model import rejection
 from tokenmill.spec.ngram import find_continuation
-from tokenmill.spec.rejection import verify_greedy, verify_sampled
+from tokenmill.model.rejection import verify_greedy, verify_sampled
 
 
 def chi_square_p_value(counts_a: torch.Tensor, counts_b: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ import time
 import jsonschema
 import pytest
 
-import tokenmill.engine.engine as engine_mod
 from tokenmill.sampling import SamplingParams, StructuredOutput
 
 SCHEMA = {
@@ -100,9 +99,13 @@ def test_grammar_and_json_object_and_n(llm):
 ])
 def test_invalid_constraint_is_value_error(llm, spec, words):
     with pytest.raises(ValueError) as e:
-        llm.engine.add_request("bad", "hi", SamplingParams(structured=spec))
+        llm.generate("hi", SamplingParams(structured=spec))
     assert all(w in str(e.value) for w in words), str(e.value)
-    assert "bad" not in llm.engine.groups
+    assert not llm.engine.has_unfinished
+    # Once compiled (and cached), the engine itself refuses it without waiting for anything.
+    with pytest.raises(ValueError):
+        llm.engine.add_request("bad", "hi", SamplingParams(structured=spec))
+    assert not llm.engine.has_unfinished
 
 
 def test_structured_output_validation():
@@ -130,7 +133,7 @@ def test_unconstrained_rows_token_identical(llm):
 
 
 def test_eos_allowed_once_grammar_accepts(llm):
-    from tokenmill.structured.mask import allocate_bitmask
+    from tokenmill.structured.compiler import allocate_bitmask
 
     compiler = llm.engine.grammars
     eos = llm.tokenizer.eos_token_ids[0]
@@ -155,7 +158,6 @@ def test_eos_allowed_once_grammar_accepts(llm):
 
 
 def test_compile_in_background_then_admitted(llm, monkeypatch):
-    monkeypatch.setattr(engine_mod, "GRAMMAR_WAIT_S", 0.0)
     engine = llm.engine
     slow_compile = engine.grammars._compile
 

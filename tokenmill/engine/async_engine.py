@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import Engine, QueueFullError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams, StructuredOutput
@@ -57,12 +56,6 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.errored: BaseException | None = None
-
-    @classmethod
-    def from_config(cls, config: EngineConfig, loaded=None) -> "AsyncEngine":
-        from tokenmill.engine.build import build_engine
-
-        return cls(build_engine(config, loaded))
 
     @property
     def tokenizer(self):
@@ -110,6 +103,10 @@ class AsyncEngine:
         self.start()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.structured is not None:
+            # Compiled here, off the engine thread, so the engine never waits for a grammar
+            # and a bad one fails before the request is queued.
+            await self.check_structured(params.structured)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q)
@@ -220,7 +217,7 @@ class AsyncEngine:
             except Exception as exc:  # never leave callers hanging: fail their requests, free blocks
                 log.exception("engine step failed; aborting running requests")
                 self.errored = exc
-                for request_id in list(self.engine.groups):
+                for request_id in list(self.engine.outputs.groups):
                     self.engine.abort_request(request_id)
                     self._deliver(request_id, RuntimeError(f"engine error: {exc}"))
                 continue

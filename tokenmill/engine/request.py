@@ -41,7 +41,7 @@ class Request:
     grammar: object | None = None
     # Speculative decoding: how many drafts to ask for next step (adapts to acceptance), and
     # after drafts that were all rejected, how many steps to decode without any.
-    num_spec_tokens: int = 0
+    draft_len: int = 0
     spec_misses: int = 0  # consecutive verify steps that accepted nothing
     spec_pause: int = 0
 

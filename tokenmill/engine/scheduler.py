@@ -18,6 +18,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
+from tokenmill.config import EngineConfig
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 
@@ -30,6 +31,12 @@ class ScheduledChunk:
     # a proposer put in them (at most num_lookahead) for the model to verify.
     num_lookahead: int = 0
     draft_token_ids: list[int] = field(default_factory=list)
+    new: bool = False  # admitted from the waiting queue this step
+
+    @property
+    def prompt(self) -> bool:
+        """The chunk starts inside the prompt (a recompute after preemption included)."""
+        return self.start < self.request.num_prompt_tokens
 
     @property
     def start(self) -> int:
@@ -71,12 +78,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
-        num_lookahead_tokens: int = 0,
-        spec_disable_batch_size: int = 0,
+        num_speculative_tokens: int = 0,
+        speculative_disable_by_batch_size: int = 0,
     ):
         self.kv = kv
-        self.num_lookahead_tokens = num_lookahead_tokens
-        self.spec_disable_batch_size = spec_disable_batch_size
+        self.num_speculative_tokens = num_speculative_tokens  # 0: no lookahead slots, ever
+        self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -84,6 +91,16 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, num_blocks: int, max_model_len: int) -> "Scheduler":
+        """A scheduler over a fresh KV cache manager, from settings alone: what the engine core
+        builds, and what a simulator steps with fake token ids on a virtual clock."""
+        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        return cls(
+            kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
+            config.num_lookahead_tokens, config.speculative_disable_by_batch_size,
+        )
 
     # -- admission -----------------------------------------------------------------------
     def check_admissible(self, request: Request) -> None:
@@ -105,7 +122,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.check_admissible(request)
-        request.num_spec_tokens = self.num_lookahead_tokens
+        request.draft_len = self.num_speculative_tokens
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -126,7 +143,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: dict[Request, tuple[int, int]] = {}  # request -> (tokens, lookahead slots)
         preempted: list[Request] = []
-        speculate = self.num_lookahead_tokens > 0 and len(self.running) <= self.spec_disable_batch_size
+        admitted: set[Request] = set()
+        speculate = self.num_speculative_tokens > 0 and len(self.running) <= self.speculative_disable_by_batch_size
 
         for request in list(self.running):
             if budget == 0:
@@ -162,6 +180,7 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            admitted.add(request)
             scheduled[request] = (num_new, 0)
             budget -= num_new
 
@@ -173,7 +192,7 @@ class Scheduler:
                     scheduled[request] = (num_new, lookahead)
                     budget -= lookahead
 
-        chunks = [ScheduledChunk(r, n, lookahead) for r, (n, lookahead) in scheduled.items()]
+        chunks = [ScheduledChunk(r, n, lookahead, new=r in admitted) for r, (n, lookahead) in scheduled.items()]
         return SchedulerOutput(chunks=chunks, preempted=preempted)
 
     def _lookahead(self, request: Request, num_new: int, budget: int) -> int:
@@ -181,7 +200,7 @@ class Scheduler:
         more than the tokens it may still produce (a step yields accepted drafts + one)."""
         if num_new != 1 or request.num_tokens_to_compute != 1 or request.spec_pause or not request.can_speculate:
             return 0
-        return max(0, min(request.num_spec_tokens, budget, request.max_total_tokens - request.num_tokens - 1))
+        return max(0, min(request.draft_len, budget, request.max_total_tokens - request.num_tokens - 1))
 
     def _pick_victim(self) -> Request:
         # Least work lost: fewest computed tokens; among equals the latest arrival.
@@ -234,10 +253,10 @@ class Scheduler:
         return finished
 
     def _adapt_speculation(self, request: Request, accepted: int) -> None:
-        # k: one more than the run just accepted, capped at the maximum. A step that accepted
+        # The draft length: one more than the run just accepted, capped at the maximum. A step that accepted
         # nothing also pauses drafting for 1, 3, 7, then 15 steps (doubling while misses
         # continue), so text with nothing to guess costs almost nothing extra.
-        request.num_spec_tokens = min(self.num_lookahead_tokens, accepted + 1)
+        request.draft_len = min(self.num_speculative_tokens, accepted + 1)
         request.spec_misses = 0 if accepted else request.spec_misses + 1
         request.spec_pause = (1 << min(request.spec_misses, 4)) - 1
 

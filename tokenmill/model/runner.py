@@ -1,4 +1,4 @@
-"""ModelRunner: SchedulerOutput -> input tensors -> forward -> sampled tokens.
+"""ModelRunner: StepRecord -> input tensors -> forward -> sampled tokens.
 
 Owns the KV pool tensor: [2 (k, v), layers, blocks, kv_heads, block_size, head_dim], on the
 model's device. Inputs are built on the host and copied over once per step.
@@ -6,16 +6,18 @@ model's device. Inputs are built on the host and copied over once per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.engine.scheduler import ScheduledChunk, SchedulerOutput
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk
 from tokenmill.model.host import to_device
 from tokenmill.model.llama import LlamaForCausalLM
-from tokenmill.model.sampler import SampleResult, Sampler
+from tokenmill.model.sampler import Sampler
+from tokenmill.outputs import SampleResult
+from tokenmill.step import ScheduledSeq, StepRecord
+
+Segment = ScheduledSeq  # what forward() runs: a bare ScheduledSeq is enough
 
 DTYPE_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -39,40 +41,39 @@ class ModelRunner:
         self.sampler = Sampler(seed, self.device)
         self.decode_graphs = None  # tokenmill.model.cuda_graphs.DecodeGraphs, once captured
 
-    def execute(self, output: SchedulerOutput) -> dict[str, list[SampleResult]]:
+    def execute(self, record: StepRecord) -> dict[str, list[SampleResult]]:
         """Run the step; per request that reached its last token, the tokens it gains: one,
         or with drafts the accepted ones plus one."""
-        chunks = decode_first(output)
-        hidden = self.forward([segment(c) for c in chunks])
+        self.sampler.forget(record.finished_request_ids)
+        seqs = batch_order(record.seqs)
+        hidden = self.forward(seqs)
         plain_rows, plain, verify_rows, verify = [], [], [], []
         offset = 0
-        for chunk in chunks:
-            offset += chunk.num_scheduled
-            if not chunk.samples:
+        for seq in seqs:
+            offset += len(seq.token_ids)
+            if seq.sample is None:
                 continue
-            if chunk.draft_token_ids:
+            if seq.num_drafts:
                 # The last token's logits check the first draft, each draft's the next one.
-                verify_rows.extend(range(offset - len(chunk.draft_token_ids) - 1, offset))
-                verify.append(chunk)
+                verify_rows.extend(range(offset - seq.num_drafts - 1, offset))
+                verify.append(seq)
             else:
                 plain_rows.append(offset - 1)
-                plain.append(chunk.request)
+                plain.append(seq)
         if not plain_rows and not verify_rows:
             return {}
         logits = self.model.compute_logits(select_rows(hidden, plain_rows + verify_rows))
         results = {}
         if plain:
-            for request, res in zip(plain, self.sampler(logits[: len(plain)], plain)):
-                results[request.request_id] = [res]
+            for seq, res in zip(plain, self.sampler(logits[: len(plain)], plain, record.grammar_bitmask)):
+                results[seq.request_id] = [res]
         if verify:
-            requests = [c.request for c in verify]
-            verified = self.sampler.verify(logits[len(plain) :], requests, [c.draft_token_ids for c in verify])
-            for request, res in zip(requests, verified):
-                results[request.request_id] = res
+            for seq, res in zip(verify, self.sampler.verify(logits[len(plain) :], verify)):
+                results[seq.request_id] = res
         return results
 
     def forward(self, segments: list[Segment]) -> torch.Tensor:
-        """Hidden states of every token of the segments, in decode_first()'s order: one-token
+        """Hidden states of every token of the segments, in batch_order(): one-token
         generated segments, then other generated ones, then prompt chunks."""
         graphs = self.decode_graphs
         if graphs is not None and graphs.fits(segments):
@@ -127,23 +128,6 @@ class ModelRunner:
         return to_device(ids, dev), to_device(pos, dev), meta
 
 
-@dataclass
-class Segment:
-    """Consecutive tokens of one sequence to run, from position `start`, through its blocks."""
-
-    block_ids: list[int]
-    start: int
-    token_ids: list[int]
-    # A chunk that starts in the prompt (a recompute after preemption included): its rows run
-    # the quantized linears' dense copies. Decided by where the chunk starts, so a recompute
-    # chunk's generated tokens may run either kernel: within float tolerance, not bit-exact.
-    prompt: bool = False
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.token_ids)
-
-
 def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """hidden[rows] without a host sync: a view when the rows are one ascending run (the usual
     case: one row per request, every chunk sampling), else a gather by an index copied async.
@@ -155,18 +139,9 @@ def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return hidden.index_select(0, to_device(rows, hidden.device))
 
 
-def decode_first(output: SchedulerOutput) -> list[ScheduledChunk]:
-    """A step's chunks in batch order: decodes (one generated token) first, as attention
+def batch_order(seqs: list[ScheduledSeq]) -> list[ScheduledSeq]:
+    """A step's sequences in batch order: decodes (one generated token) first, as attention
     batches them together; then verify chunks (a generated token and its drafts); prompt chunks
     last, as quantized linears run every row from the first prompt row on through their dense
     copies (AttentionMetadata.dense_from)."""
-    return sorted(output.chunks, key=lambda c: (_is_prompt(c), c.num_scheduled != 1))
-
-
-def _is_prompt(chunk: ScheduledChunk) -> bool:
-    return chunk.start < chunk.request.num_prompt_tokens
-
-
-def segment(chunk: ScheduledChunk) -> Segment:
-    tokens = chunk.request.tokens_slice(chunk.start, chunk.end) + chunk.draft_token_ids
-    return Segment(chunk.request.block_ids, chunk.start, tokens, _is_prompt(chunk))
+    return sorted(seqs, key=lambda s: (s.prompt, len(s.token_ids) != 1))

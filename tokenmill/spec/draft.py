@@ -5,15 +5,15 @@ so it needs no bookkeeping of its own: every forward the target runs, the draft 
 (observe), and its KV stays valid exactly where the target's is, through rejections (the
 scheduler trims both at once), preemption (recomputed for both) and prefix-cache hits (a
 cached block was written by both models). Drafts are greedy, so q is one-hot and the
-verification stays exact for sampled requests too (tokenmill/spec/rejection.py).
+verification stays exact for sampled requests too (tokenmill/model/rejection.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from tokenmill.engine.scheduler import ScheduledChunk, SchedulerOutput
-from tokenmill.model.runner import ModelRunner, Segment, decode_first, segment
+from tokenmill.model.runner import ModelRunner, batch_order
+from tokenmill.step import DraftRequest, ScheduledSeq, StepRecord
 
 
 class DraftModelProposer:
@@ -31,33 +31,25 @@ class DraftModelProposer:
         return [t if t < v else 0 for t in tokens]
 
     @torch.inference_mode()
-    def propose(self, output: SchedulerOutput) -> None:
-        active = [c for c in output.chunks if c.num_lookahead]
-        drafts: dict[int, list[int]] = {id(c): [] for c in active}
-        for i in range(max((c.num_lookahead for c in active), default=0)):
-            live = [c for c in active if len(drafts[id(c)]) < c.num_lookahead]
+    def propose(self, requests: list[DraftRequest]) -> dict[str, list[int]]:
+        drafts: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        for i in range(max((r.num_lookahead for r in requests), default=0)):
+            live = [r for r in requests if len(drafts[r.request_id]) < r.num_lookahead]
             # Step i feeds the request's last token (i = 0) or the previous draft, at its
             # position; the slots it writes were reserved as lookahead by the scheduler.
             segments = [
-                Segment(c.request.block_ids, c.request.num_tokens - 1 + i, self._known([self._last(c, drafts)]))
-                for c in live
+                ScheduledSeq(r.block_ids, len(r.token_ids) - 1 + i, self._known([(drafts[r.request_id] or r.token_ids)[-1]]))
+                for r in live
             ]
             hidden = self.runner.forward(segments)
             logits = self.runner.model.compute_logits(hidden)[:, : self.vocab_size]
-            for chunk, token in zip(live, logits.argmax(-1).tolist()):
-                drafts[id(chunk)].append(token)
-        for chunk in active:
-            chunk.draft_token_ids = drafts[id(chunk)]
+            for r, token in zip(live, logits.argmax(-1).tolist()):
+                drafts[r.request_id].append(token)
+        return drafts
 
-    @staticmethod
-    def _last(chunk: ScheduledChunk, drafts: dict[int, list[int]]) -> int:
-        mine = drafts[id(chunk)]
-        return mine[-1] if mine else chunk.request.all_token_ids[-1]
-
-    def observe(self, output: SchedulerOutput) -> None:
+    def observe(self, record: StepRecord) -> None:
         # Write the draft's KV for everything the target just computed (prefill chunks,
         # verified tokens); rewriting the slots propose() filled gives the same values.
-        segments = [segment(c) for c in decode_first(output)]
-        for s in segments:
-            s.token_ids = self._known(s.token_ids)
-        self.runner.forward(segments)
+        self.runner.forward([
+            ScheduledSeq(s.block_ids, s.start, self._known(s.token_ids), s.prompt) for s in batch_order(record.seqs)
+        ])

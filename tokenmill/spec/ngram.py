@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.step import DraftRequest, StepRecord
 
 
 def find_continuation(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
@@ -28,12 +28,10 @@ class NgramProposer:
     min_n: int = 2
     max_n: int = 4
 
-    def propose(self, output: SchedulerOutput) -> None:
-        for chunk in output.chunks:
-            if chunk.num_lookahead:
-                chunk.draft_token_ids = find_continuation(
-                    chunk.request.all_token_ids, self.min_n, self.max_n, chunk.num_lookahead
-                )
+    def propose(self, requests: list[DraftRequest]) -> dict[str, list[int]]:
+        return {
+            r.request_id: find_continuation(r.token_ids, self.min_n, self.max_n, r.num_lookahead) for r in requests
+        }
 
-    def observe(self, output: SchedulerOutput) -> None:
+    def observe(self, record: StepRecord) -> None:
         pass

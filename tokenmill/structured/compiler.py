@@ -12,6 +12,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance as llg
+import numpy as np
 
 from tokenmill.sampling import StructuredOutput
 
@@ -92,6 +93,11 @@ class GrammarCompiler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def allocate_bitmask(rows: int, vocab_size: int) -> np.ndarray:
+    """int32 [rows, ceil(vocab / 32)], every token allowed; bit t % 32 of word t // 32 is token t."""
+    return np.full((rows, (vocab_size + 31) // 32), -1, dtype=np.int32)
+
+
 class GrammarMatcher:
     """One request's grammar state: fills its row of the token bitmask, follows each token."""
 
@@ -99,10 +105,10 @@ class GrammarMatcher:
         self.matcher = matcher
         self.eos_token_ids = eos_token_ids
 
-    def fill_bitmask(self, bitmask, row: int) -> None:
-        """Write the allowed tokens into row `row` of an int32 [batch, ceil(vocab/32)] tensor."""
+    def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
+        """Write the allowed tokens into row `row` of an allocate_bitmask() array."""
         v = bitmask[row]
-        self.matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+        self.matcher.unsafe_compute_mask_ptr(v.ctypes.data, v.nbytes)
 
     def advance(self, token_id: int) -> bool:
         """Consume an accepted token; False if the grammar rejected it (it then stays in error)."""

@@ -1,4 +1,8 @@
-"""Build an Engine from an EngineConfig: load the model, size the KV pool, wire the runner."""
+"""Build an Engine from an EngineConfig: load the model, size the KV pool, wire the runner.
+
+The one place where torch, the device, the model and the engine meet; it sits above both
+tokenmill.engine (which never imports the model) and tokenmill.model (which never imports the
+engine)."""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import time
 import torch
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import Engine
 from tokenmill.model.attention import triton_backend
 from tokenmill.model.llama import LlamaForCausalLM, float_linear_factory
-from tokenmill.model.runner import ModelRunner, Segment, kv_block_bytes
+from tokenmill.model.runner import ModelRunner, kv_block_bytes
+from tokenmill.step import ScheduledSeq
 
 log = logging.getLogger("tokenmill")
 
@@ -74,7 +80,12 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
 
         draft_runner = ModelRunner(draft, num_blocks, config.block_size, config.seed)
         proposer = DraftModelProposer(draft_runner, min(cfg.vocab_size, draft.config.vocab_size))
-    return Engine(config, runner, loaded.tokenizer, max_model_len, num_blocks, proposer)
+    return Engine(config, runner, loaded.tokenizer, max_model_len, num_blocks, cfg.vocab_size, proposer)
+
+
+def build_async_engine(config: EngineConfig, loaded=None) -> AsyncEngine:
+    """The engine behind its asyncio API (not started: the first request or start() does)."""
+    return AsyncEngine(build_engine(config, loaded))
 
 
 def _build_model(config: EngineConfig, loaded, dtype, device, max_model_len: int) -> LlamaForCausalLM:
@@ -115,7 +126,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def profile_segments(num_tokens: int, max_model_len: int, block_size: int) -> tuple[list[Segment], int]:
+def profile_segments(num_tokens: int, max_model_len: int, block_size: int) -> tuple[list[ScheduledSeq], int]:
     """The largest step as prefill segments no longer than the context (RoPE has no positions
     past it), each on its own blocks; and the number of blocks they use."""
     per_seq = min(num_tokens, max_model_len)
@@ -123,7 +134,7 @@ def profile_segments(num_tokens: int, max_model_len: int, block_size: int) -> tu
     segments = []
     for i, start in enumerate(range(0, num_tokens, per_seq)):
         n = min(per_seq, num_tokens - start)
-        segments.append(Segment(list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), 0, [0] * n))
+        segments.append(ScheduledSeq(list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), 0, [0] * n))
     return segments, len(segments) * blocks_per_seq
 
 

@@ -1,15 +1,11 @@
 """Apply allowed-token bitmasks to logits (torch, wherever the logits are). The sampler's half of
-structured output."""
+structured output: the engine core fills the bitmask (tokenmill.structured.compiler)."""
 
 from __future__ import annotations
 
 import torch
 
 from tokenmill.model.host import to_device
-
-
-def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
-    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
 def apply_bitmask_(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:

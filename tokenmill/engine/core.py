@@ -1,0 +1,267 @@
+"""EngineCore: one step is schedule -> execute -> update, over token ids only.
+
+The core owns the scheduler (with its KV cache manager), the requests' grammar matchers and
+an executor: the model runner today, a tensor-parallel driver or the planner's cost model
+later. It sends the executor a StepRecord (ids and ints, never a live Request) and gets
+sampled tokens back. It knows nothing of text, of n > 1 or of time: the output processor on
+the other side of CoreOutput detokenizes, cuts stop strings, fans n > 1 back in and stamps
+the metrics.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from tokenmill.engine.stats import EngineStats
+from tokenmill.outputs import SampleResult, TokenLogprobs
+from tokenmill.step import DraftRequest, SampleInputs, ScheduledSeq, StepRecord
+
+
+class Executor(Protocol):
+    def execute(self, record: StepRecord) -> dict[str, list[SampleResult]]:
+        """Per request that reached its last token: the accepted drafts, then one token."""
+
+
+class Proposer(Protocol):
+    """Speculative decoding: guesses tokens ahead for the executor to verify."""
+
+    def propose(self, requests: list[DraftRequest]) -> dict[str, list[int]]:
+        """Drafts (at most num_lookahead) per request id; a request left out gets none."""
+
+    def observe(self, record: StepRecord) -> None:
+        """Called after the executor ran `record`, before its tokens are committed."""
+
+
+@dataclass
+class CoreOutput:
+    """What one step did for one request: tokens kept, and how it ended if it did."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id, or why it was aborted
+    num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not scheduled yet)
+
+
+class EngineCore:
+    def __init__(
+        self, config: EngineConfig, executor: Executor, num_blocks: int, max_model_len: int,
+        vocab_size: int, tokenizer=None, proposer: Proposer | None = None, stats: EngineStats | None = None,
+    ):
+        self.config = config
+        self.executor = executor
+        self.proposer = proposer
+        self.vocab_size = vocab_size
+        self.tokenizer = tokenizer  # only the grammar compiler reads it (its vocabulary)
+        self.scheduler = Scheduler.from_config(config, num_blocks, max_model_len)
+        self.kv = self.scheduler.kv
+        self.stats = stats or EngineStats()
+        self.stats.kv_blocks_total = num_blocks
+        self.stats.spec_accepted_per_pos = [0] * self.scheduler.num_speculative_tokens
+        # Requests whose grammar is still compiling wait here, outside the scheduler, so a
+        # slow compile never holds up the batch.
+        self._compiling: dict[str, tuple[Request, Future]] = {}
+        self._finished_ids: list[str] = []  # since the last record: the executor drops their state
+        self._grammars = None
+        self._grammars_lock = threading.Lock()
+
+    @property
+    def grammars(self):
+        """The grammar compiler (llguidance loads on the first constrained request; the server's
+        event loop and the engine thread may both ask first, hence the lock)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from tokenmill.structured.compiler import GrammarCompiler
+
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+            return self._grammars
+
+    # -- requests ------------------------------------------------------------------------
+    def add_request(self, request: Request, grammar: Future | None = None) -> None:
+        if grammar is None:
+            self.scheduler.add_request(request)
+        else:
+            self.scheduler.check_admissible(request)
+            self._compiling[request.request_id] = (request, grammar)
+
+    def abort(self, request_id: str) -> None:
+        if self._compiling.pop(request_id, None) is None and self.scheduler.abort(request_id) is None:
+            return
+        self._finished_ids.append(request_id)
+        self._refresh_gauges()
+
+    def stop(self, request_id: str) -> None:
+        """The output processor found a stop string: finish the request as stopped."""
+        request = self.scheduler.requests.get(request_id)
+        if request is not None:
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+            self._finished_ids.append(request_id)
+            self._refresh_gauges()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting + len(self._compiling)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self._compiling)
+
+    # -- one step ------------------------------------------------------------------------
+    def step(self) -> list[CoreOutput]:
+        outputs = self._admit_compiled() if self._compiling else []
+        sched = self.scheduler.schedule()
+        sampled: dict[str, list[SampleResult]] = {}
+        if not sched.is_empty:
+            record = self._record(sched)
+            sampled = self.executor.execute(record)
+            self._after_execute(sched, record, sampled)
+            self.stats.num_steps += 1
+            self.stats.last_step_tokens = sched.num_batched_tokens
+        outputs += self._update(sched, sampled)
+        self._refresh_gauges()
+        return outputs
+
+    def _admit_compiled(self) -> list[CoreOutput]:
+        """Requests whose grammar finished compiling join the scheduler; a failed one ends."""
+        outputs = []
+        for request_id, (request, fut) in list(self._compiling.items()):
+            if not fut.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                template = fut.result()
+            except ValueError as e:
+                request.status = RequestStatus.FINISHED_ABORTED
+                request.stop_reason = str(e)
+                self._finished_ids.append(request_id)
+                outputs.append(CoreOutput(request_id, finish_reason="abort", stop_reason=str(e)))
+                continue
+            request.grammar = self.grammars.matcher(template)
+            self.scheduler.add_request(request)
+        return outputs
+
+    def _record(self, sched: SchedulerOutput) -> StepRecord:
+        if self.proposer is not None:
+            self._propose(sched)
+        constrained = [c.request for c in sched.chunks if c.samples and c.request.grammar is not None]
+        bitmask = None
+        if constrained:
+            from tokenmill.structured.compiler import allocate_bitmask
+
+            bitmask = allocate_bitmask(len(constrained), self.vocab_size)
+            for row, request in enumerate(constrained):
+                request.grammar.fill_bitmask(bitmask, row)
+        rows = {r.request_id: i for i, r in enumerate(constrained)}
+        seqs = [_scheduled_seq(c, rows.get(c.request.request_id)) for c in sched.chunks]
+        finished, self._finished_ids = self._finished_ids, []
+        return StepRecord(seqs, finished, bitmask)
+
+    def _propose(self, sched: SchedulerOutput) -> None:
+        active = [c for c in sched.chunks if c.num_lookahead]
+        if not active:
+            return
+        drafts = self.proposer.propose([
+            DraftRequest(c.request.request_id, c.request.all_token_ids, list(c.request.block_ids), c.num_lookahead)
+            for c in active
+        ])
+        for chunk in active:
+            chunk.draft_token_ids = drafts.get(chunk.request.request_id, [])[: chunk.num_lookahead]
+
+    def _after_execute(self, sched: SchedulerOutput, record: StepRecord, sampled) -> None:
+        if self.proposer is None:
+            return
+        self.proposer.observe(record)
+        s = self.stats
+        for chunk in sched.chunks:
+            res = sampled.get(chunk.request.request_id)
+            if not chunk.draft_token_ids or res is None:
+                continue
+            accepted = len(res) - 1
+            s.spec_num_drafts += 1
+            s.spec_num_draft_tokens += len(chunk.draft_token_ids)
+            s.spec_num_accepted_tokens += accepted
+            for i in range(accepted):
+                s.spec_accepted_per_pos[i] += 1
+
+    def _update(self, sched: SchedulerOutput, sampled: dict[str, list[SampleResult]]) -> list[CoreOutput]:
+        before = {c.request.request_id: c.request.num_output_tokens for c in sched.chunks}
+        tokens = {rid: [r.token_id for r in res] for rid, res in sampled.items()}
+        for request in self.scheduler.update(sched, tokens):
+            self._finished_ids.append(request.request_id)
+        outputs = []
+        for chunk in sched.chunks:
+            request = chunk.request
+            # The scheduler kept the tokens up to a stop token (or the length limit).
+            new = request.output_token_ids[before[request.request_id] :]
+            if request.grammar is not None:
+                self._advance_grammar(request, new)
+            res = sampled.get(request.request_id, ())
+            outputs.append(CoreOutput(
+                request.request_id, new, [r.logprobs for r in res[: len(new)]],
+                request.status.value if request.is_finished else None,
+                request.stop_reason if request.is_finished else None,
+                request.num_cached_tokens,
+            ))
+        return outputs
+
+    def _advance_grammar(self, request: Request, new_tokens: list[int]) -> None:
+        """Follow the accepted tokens; a grammar at its end finishes the request ("stop")."""
+        grammar = request.grammar
+        for token in new_tokens:
+            if request.is_finished:
+                return
+            if not grammar.advance(token):
+                # Cannot happen with the mask applied; end the request rather than emit garbage.
+                request.stop_reason = f"grammar error: {grammar.error}"
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+            elif grammar.is_stopped:
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        self._finished_ids.append(request.request_id)
+
+    def _refresh_gauges(self) -> None:
+        s = self.stats
+        s.num_running = self.scheduler.num_running
+        s.num_waiting = self.num_waiting
+        s.kv_blocks_used = self.kv.pool.num_used_blocks
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries = self.kv.prefix_queries
+        s.prefix_cache_hits = self.kv.prefix_hits
+
+    # -- checks and maintenance -------------------------------------------------------------
+    def check_invariants(self) -> None:
+        self.kv.pool.check_invariants()
+        held = sum(len(r.block_ids) for r in self.scheduler.running)
+        refs = sum(b.ref_cnt for b in self.kv.pool.blocks)
+        assert held == refs, (held, refs)
+        assert all(not r.block_ids for r in self.scheduler.waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+
+def _scheduled_seq(chunk: ScheduledChunk, grammar_row: int | None) -> ScheduledSeq:
+    request = chunk.request
+    sample = None
+    if chunk.samples:
+        p = request.params
+        history = p.needs_penalties  # only penalties read the history: don't copy it otherwise
+        sample = SampleInputs(
+            p, request.num_output_tokens, request.eos_token_ids,
+            list(request.prompt_token_ids) if history else [], list(request.output_token_ids) if history else [],
+            grammar_row,
+        )
+    return ScheduledSeq(
+        list(request.block_ids), chunk.start,
+        request.tokens_slice(chunk.start, chunk.end) + chunk.draft_token_ids,
+        chunk.prompt, request.request_id, len(chunk.draft_token_ids), chunk.new, sample,
+    )
