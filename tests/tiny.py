@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -14,6 +15,16 @@ from tokenmill.model.tokenizer import Tokenizer
 
 VOCAB = 384
 EOS_ID = 1
+
+# The prompts greedy outputs are compared on (against transformers on CPU, CPU against CUDA):
+# short, one and two blocks of 8 and one token past, long enough to be chunked.
+REFERENCE_PROMPT_LENS = (3, 16, 17, 40, 75)
+REFERENCE_MAX_TOKENS = 24
+
+
+def reference_prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(2, VOCAB) for _ in range(n)] for n in REFERENCE_PROMPT_LENS]
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 
+from tests.engine.helpers import assert_pool_whole
 from tokenmill import EngineConfig, SamplingParams
 from tokenmill.engine import async_engine as ae_mod
 from tokenmill.build import build_async_engine
@@ -44,5 +45,5 @@ def test_streams_errors_disconnect_and_stats_log(tiny_models, caplog, monkeypatc
         asyncio.run(main())
     engine.shutdown()
     assert not engine.engine.has_unfinished
-    assert engine.engine.kv.num_free_blocks == engine.engine.kv.num_blocks
+    assert_pool_whole(engine.engine)
     assert any("prefix cache hit rate" in r.getMessage() for r in caplog.records)

@@ -1,19 +1,14 @@
 """Greedy output is token-identical to transformers' generate, however the batch is cut."""
 
-import random
-
 import pytest
 
-from tests.tiny import VOCAB, hf_greedy
+from tests.engine.helpers import assert_pool_whole
+from tests.tiny import REFERENCE_MAX_TOKENS, REFERENCE_PROMPT_LENS, hf_greedy, reference_prompts
 from tokenmill import LLM, SamplingParams
 
-PROMPT_LENS = (3, 16, 17, 40, 75)
-MAX_TOKENS = 24
-
-
-def _prompts(seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(2, VOCAB) for _ in range(n)] for n in PROMPT_LENS]
+# tests/model/test_gpu_engine.py still imports these two from here; once it takes them from
+# tests.tiny, drop this line.
+MAX_TOKENS, _prompts = REFERENCE_MAX_TOKENS, reference_prompts
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +18,7 @@ def references(tiny_models):
     def get(arch):
         if arch not in cache:
             hf, _ = tiny_models(arch)
-            cache[arch] = [hf_greedy(hf, p, MAX_TOKENS) for p in _prompts()]
+            cache[arch] = [hf_greedy(hf, p, REFERENCE_MAX_TOKENS) for p in reference_prompts()]
         return cache[arch]
 
     return get
@@ -45,13 +40,14 @@ SCENARIOS = {
 def test_greedy_matches_transformers(arch, scenario, tiny_models, references):
     _, loaded = tiny_models(arch)
     llm = LLM("tiny", loaded=loaded, block_size=8, debug_checks=True, **SCENARIOS[scenario])
-    outs = llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    params = SamplingParams(temperature=0, max_tokens=REFERENCE_MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate(reference_prompts(), params)
     for out, ref in zip(outs, references(arch)):
         assert out.outputs[0].token_ids == ref
         assert out.outputs[0].finish_reason == "length"
     if scenario.startswith("preempting"):
         assert llm.engine.stats.num_preemptions > 0
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert_pool_whole(llm.engine)
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])
@@ -59,22 +55,22 @@ def test_batch_invariance(tiny_models, quantization):
     # int4: prompt rows run the linears' bf16 copies, generated rows the int4 kernel, whatever
     # the batch; a choice by row count would fail here.
     _, loaded = tiny_models("llama")
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=REFERENCE_MAX_TOKENS, ignore_eos=True)
     llm = LLM("tiny", loaded=loaded, num_kv_blocks=256, max_num_batched_tokens=64, quantization=quantization)
     if quantization == "int4":
         assert llm.engine.runner.model.layers[0].mlp.gate_up.dense is not None
-    prompts = _prompts(seed=1)
+    prompts = reference_prompts(seed=1)
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     crowd = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert alone == crowd
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert_pool_whole(llm.engine)
 
 
 def test_bfloat16_runs_close_to_float32(tiny_models):
     _, loaded = tiny_models("llama")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    f32 = LLM("tiny", loaded=loaded, num_kv_blocks=64).generate(_prompts(), params)
-    bf16 = LLM("tiny", loaded=loaded, num_kv_blocks=64, dtype="bfloat16").generate(_prompts(), params)
+    f32 = LLM("tiny", loaded=loaded, num_kv_blocks=64).generate(reference_prompts(), params)
+    bf16 = LLM("tiny", loaded=loaded, num_kv_blocks=64, dtype="bfloat16").generate(reference_prompts(), params)
     same = sum(a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0] for a, b in zip(f32, bf16))
     # bf16 keeps ~3 significant digits: the first greedy token should nearly always agree.
-    assert same >= len(PROMPT_LENS) - 1
+    assert same >= len(REFERENCE_PROMPT_LENS) - 1

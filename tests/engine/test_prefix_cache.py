@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.engine.helpers import assert_pool_whole
 from tests.tiny import VOCAB
 from tokenmill import LLM, SamplingParams
 
@@ -32,11 +33,6 @@ def _ids(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def _assert_whole(llm: LLM) -> None:
-    llm.engine.check_invariants()
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
-
-
 def _reference(loaded, prompts, params=GREEDY, **cfg) -> list[list[int]]:
     """Cache-off output, each prompt alone in a roomy pool."""
     llm = _llm(loaded, False, **{**cfg, "num_kv_blocks": 256})
@@ -52,7 +48,7 @@ def test_shared_prefix_batch(loaded):
     off = _llm(loaded, False)
     assert _ids(off.generate(prompts, GREEDY)) == ref
     assert off.engine.kv.prefix_hits == 0
-    _assert_whole(off)
+    assert_pool_whole(off.engine)
 
     on = _llm(loaded, True)
     outs = on.generate(prompts, GREEDY)
@@ -64,14 +60,14 @@ def test_shared_prefix_batch(loaded):
     assert on.engine.kv.prefix_hits == 5 * 40
     assert on.engine.kv.prefix_queries == sum(map(len, prompts))
     assert on.engine.stats.prefix_cache_hits == 5 * 40
-    _assert_whole(on)
+    assert_pool_whole(on.engine)
 
     # Run again: every prompt now hits all its full blocks but the one holding its last token.
     again = on.generate(prompts, GREEDY)
     assert _ids(again) == ref
     for p, o in zip(prompts, again):
         assert o.num_cached_tokens == (len(p) - 1) // BS * BS
-    _assert_whole(on)
+    assert_pool_whole(on.engine)
 
 
 def test_multi_turn_chat_reuses_answers(loaded):
@@ -92,8 +88,8 @@ def test_multi_turn_chat_reuses_answers(loaded):
         prev_len = len(prompt) + len(ref)
         prompt = prompt + ref + _tokens(rng, 5 + 3 * turn)
     assert off.engine.kv.prefix_hits == 0
-    _assert_whole(on)
-    _assert_whole(off)
+    assert_pool_whole(on.engine)
+    assert_pool_whole(off.engine)
 
 
 @pytest.mark.parametrize("length", [BS * 2 - 1, BS * 2, BS * 2 + 1, BS * 4, BS * 4 + 1])
@@ -113,7 +109,7 @@ def test_block_boundaries(loaded, length):
     # was filled by base's first generated tokens, which differ from the new tokens) isn't.
     assert outs[2].num_cached_tokens == length // BS * BS
     assert outs[3].num_cached_tokens == (length - 2) // BS * BS
-    _assert_whole(on)
+    assert_pool_whole(on.engine)
 
 
 def test_eviction_pressure(loaded):
@@ -126,14 +122,14 @@ def test_eviction_pressure(loaded):
     on = _llm(loaded, True, num_kv_blocks=10, max_num_seqs=1)
     outs = [on.generate([p], GREEDY)[0] for p in prompts]
     assert _ids(outs) == ref
-    assert on.engine.kv.pool.num_evictions > 0
+    assert on.engine.kv.num_evictions > 0
     assert on.engine.kv.prefix_hits > 0  # some systems survived long enough to be reused
-    _assert_whole(on)
+    assert_pool_whole(on.engine)
     # ...and all at once, in the same small pool
     on2 = _llm(loaded, True, num_kv_blocks=10, max_num_batched_tokens=16)
     assert _ids(on2.generate(prompts, GREEDY)) == ref
-    assert on2.engine.kv.pool.num_evictions > 0
-    _assert_whole(on2)
+    assert on2.engine.kv.num_evictions > 0
+    assert_pool_whole(on2.engine)
 
 
 @pytest.mark.parametrize("budget", [32, 512])
@@ -147,7 +143,7 @@ def test_preemption(loaded, budget):
         llm = _llm(loaded, cache, num_kv_blocks=14, max_num_batched_tokens=budget)
         assert _ids(llm.generate(prompts, params)) == ref, cache
         assert llm.engine.stats.num_preemptions > 0
-        _assert_whole(llm)
+        assert_pool_whole(llm.engine)
         if cache:
             assert llm.engine.kv.prefix_hits > 0
 
@@ -163,7 +159,7 @@ def test_n_children_share_the_prompt(loaded):
     # RequestOutput reports the least cached child: the first computed the prompt.
     assert out.num_cached_tokens == 0
     assert on.engine.kv.prefix_hits == 2 * 24
-    _assert_whole(on)
+    assert_pool_whole(on.engine)
 
 
 def test_reset_prefix_cache(loaded):
@@ -171,19 +167,19 @@ def test_reset_prefix_cache(loaded):
     prompt = _tokens(rng, 33)
     on = _llm(loaded, True)
     first = on.generate([prompt], GREEDY)[0]
-    pool = on.engine.kv.pool
-    assert pool.cached
+    kv = on.engine.kv
+    assert kv.num_cached_blocks
     # Not while a request holds blocks.
     on.engine.add_request("busy", prompt, GREEDY)
     on.engine.step()
     assert on.engine.reset_prefix_cache() is False
-    assert pool.cached
+    assert kv.num_cached_blocks
     on.engine.abort_request("busy")
-    _assert_whole(on)
+    assert_pool_whole(on.engine)
     assert on.engine.reset_prefix_cache() is True
-    assert not pool.cached
-    assert all(b.block_hash is None for b in pool.blocks)
-    _assert_whole(on)
+    # No hash left anywhere: the invariants tie every keyed block to an entry of the cache.
+    assert kv.num_cached_blocks == 0
+    assert_pool_whole(on.engine)
     again = on.generate([prompt], GREEDY)[0]
     assert again.num_cached_tokens == 0
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
@@ -197,8 +193,8 @@ def test_cache_off_never_hits(loaded):
     outs = off.generate([prompt, prompt], GREEDY) + off.generate([prompt], GREEDY)
     assert [o.num_cached_tokens for o in outs] == [0, 0, 0]
     assert off.engine.kv.prefix_hits == 0
-    assert not off.engine.kv.pool.cached
-    assert off.engine.kv.pool.num_evictions == 0
+    assert off.engine.kv.num_cached_blocks == 0
+    assert off.engine.kv.num_evictions == 0
 
 
 # -- random interleavings at the engine level ------------------------------------------------
@@ -260,8 +256,8 @@ def test_engine_random_interleavings(loaded, ops, num_blocks, budget, seed):
             break
         step()
     assert not engine.has_unfinished
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    assert all(b.ref_cnt == 0 for b in engine.kv.pool.blocks)
+    assert_pool_whole(engine)
+    assert all(engine.kv.ref_count(b) == 0 for b in range(engine.kv.num_blocks))
     # Whatever was shared, evicted or preempted, completed requests match a cache-off run.
     ref = _llm(loaded, False, num_kv_blocks=64)
     for rid, (prompt, max_tokens) in prompts.items():
@@ -308,9 +304,9 @@ def _written_tracker(engine):
             for i, h in enumerate(r.block_hashes):
                 prefixes[h] = tuple(toks[: (i + 1) * bs])
         bad = []
-        for h, b in engine.kv.pool.cached.items():
-            pre = prefixes.get(h)
-            if pre is not None and any(written.get(b * bs + j) != pre[: len(pre) - bs + j + 1] for j in range(bs)):
+        for h, pre in prefixes.items():
+            b = engine.kv.cached_block(h)
+            if b is not None and any(written.get(b * bs + j) != pre[: len(pre) - bs + j + 1] for j in range(bs)):
                 bad.append(b)
         return bad
 

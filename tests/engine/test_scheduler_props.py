@@ -5,10 +5,10 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.engine.helpers import make_request
 from tokenmill.engine.kv_cache import KVCacheManager
-from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.request import RequestStatus
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.sampling import SamplingParams
 
 BLOCK = 4
 PREFIXES = [[7] * 9, [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 8, 8, 7, 7]]
@@ -16,9 +16,9 @@ PREFIXES = [[7] * 9, [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 8, 8, 7, 7]]
 
 def check(sched: Scheduler, out=None):
     kv = sched.kv
-    kv.pool.check_invariants()
+    kv.check_invariants()
     held = sum(len(r.block_ids) for r in sched.running)
-    assert held == sum(b.ref_cnt for b in kv.pool.blocks)
+    assert held == sum(kv.ref_count(b) for b in range(kv.num_blocks))
     assert all(not r.block_ids for r in sched.waiting)
     assert len(sched.running) <= sched.max_num_seqs
     if out is not None:
@@ -87,7 +87,7 @@ def test_random_interleavings_never_leak(ops, num_blocks, budget, max_seqs, cach
         if op[0] == "add":
             _, plen, max_tokens, prefix = op
             prompt = (PREFIXES[prefix] if prefix >= 0 else []) + [rng.randrange(20) for _ in range(plen)]
-            r = Request(f"r{len(ids)}", prompt, SamplingParams(max_tokens=max_tokens), len(ids), max_tokens)
+            r = make_request(f"r{len(ids)}", prompt, max_tokens=max_tokens)
             try:
                 sched.add_request(r)
                 ids.append(r.request_id)
@@ -113,9 +113,9 @@ def test_random_interleavings_never_leak(ops, num_blocks, budget, max_seqs, cach
 def test_preemption_picks_least_work_and_counts():
     kv = KVCacheManager(6, BLOCK)
     sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
-    a = Request("a", list(range(8)), SamplingParams(max_tokens=12), 0, 12)  # 2 blocks
-    b = Request("b", list(range(100, 104)), SamplingParams(max_tokens=12), 1, 12)  # 1 block
-    c = Request("c", list(range(200, 208)), SamplingParams(max_tokens=12), 2, 12)  # 2 blocks
+    a = make_request("a", list(range(8)), max_tokens=12)  # 2 blocks
+    b = make_request("b", list(range(100, 104)), max_tokens=12)  # 1 block
+    c = make_request("c", list(range(200, 208)), max_tokens=12)  # 2 blocks
     for r in (a, b, c):
         sched.add_request(r)
     out = sched.schedule()
@@ -133,8 +133,8 @@ def test_preemption_picks_least_work_and_counts():
 def test_request_that_can_never_fit_is_refused():
     kv = KVCacheManager(4, BLOCK)
     sched = Scheduler(kv, 4, 64, max_model_len=64)
-    too_long = Request("x", [1] * 60, SamplingParams(max_tokens=10), 0, 10)
-    bigger_than_pool = Request("y", [1] * 10, SamplingParams(max_tokens=10), 1, 10)
+    too_long = make_request("x", [1] * 60, max_tokens=10)
+    bigger_than_pool = make_request("y", [1] * 10, max_tokens=10)
     for r, msg in ((too_long, "maximum context length"), (bigger_than_pool, "whole pool")):
         try:
             sched.add_request(r)
@@ -149,13 +149,13 @@ def test_prefix_blocks_are_shared_and_evicted_lru_leaves_first():
     kv = KVCacheManager(8, BLOCK)
     sched = Scheduler(kv, 4, 64, max_model_len=64)
     prompt = list(range(13))  # 3 full blocks + 1 token
-    first = Request("a", prompt, SamplingParams(max_tokens=1), 0, 1)
+    first = make_request("a", prompt, max_tokens=1)
     sched.add_request(first)
     out = sched.schedule()
     first_chain = list(first.block_ids[:3])
     sched.update(out, {"a": [5]})
     assert first.is_finished and kv.num_free_blocks == 8
-    second = Request("b", prompt + [99], SamplingParams(max_tokens=1), 1, 1)
+    second = make_request("b", prompt + [99], max_tokens=1)
     sched.add_request(second)
     out = sched.schedule()
     assert second.num_cached_tokens == 12 and out.chunks[0].num_tokens == 2
@@ -163,18 +163,17 @@ def test_prefix_blocks_are_shared_and_evicted_lru_leaves_first():
     assert chain[:3] == first_chain
     sched.update(out, {"b": [5]})
     # Freed tail-first, so in LRU order a chain's leaf is evicted before its parents.
-    cached = [b for b in kv.pool.free_queue if kv.pool.blocks[b].block_hash is not None]
-    assert [b for b in cached if b in chain] == list(reversed(chain[:3]))
+    assert [b for b in kv.eviction_order() if b in chain] == list(reversed(chain[:3]))
     assert kv.num_free_blocks == kv.num_blocks
     # Eviction under pressure: 7 new blocks, 5 never-cached free ones go first, then the two
     # deepest blocks of the chain; its root survives.
-    big = Request("c", list(range(500, 528)), SamplingParams(max_tokens=4), 2, 4)
+    big = make_request("c", list(range(500, 528)), max_tokens=4)
     sched.add_request(big)
     out = sched.schedule()
-    assert kv.pool.num_evictions == 2
+    assert kv.num_evictions == 2
     hashes = second.block_hashes
-    assert kv.pool.lookup(hashes[0]) == chain[0]
-    assert kv.pool.lookup(hashes[1]) is None and kv.pool.lookup(hashes[2]) is None
+    assert kv.cached_block(hashes[0]) == chain[0]
+    assert kv.cached_block(hashes[1]) is None and kv.cached_block(hashes[2]) is None
     sched.abort("c")
     assert kv.num_free_blocks == kv.num_blocks
 
@@ -182,8 +181,8 @@ def test_prefix_blocks_are_shared_and_evicted_lru_leaves_first():
 def test_prefix_lookups_are_counted_once_per_admission():
     kv = KVCacheManager(5, BLOCK)
     sched = Scheduler(kv, 4, 64, max_model_len=64)
-    a = Request("a", list(range(16)), SamplingParams(max_tokens=4), 0, 4)  # 4 blocks, 5 at most
-    b = Request("b", list(range(100, 108)), SamplingParams(max_tokens=4), 1, 4)  # must wait for a
+    a = make_request("a", list(range(16)), max_tokens=4)  # 4 blocks, 5 at most
+    b = make_request("b", list(range(100, 108)), max_tokens=4)  # must wait for a
     sched.add_request(a)
     sched.add_request(b)
     waited = 0
@@ -207,8 +206,8 @@ def test_lookahead_never_causes_a_preemption():
     must not take the block another request's next token needs."""
     for k in (0, 4):
         sched = _spec_scheduler(5, k)
-        a = Request("a", list(range(6)), SamplingParams(max_tokens=10), 0, 10)
-        b = Request("b", list(range(100, 108)), SamplingParams(max_tokens=10), 1, 10)
+        a = make_request("a", list(range(6)), max_tokens=10)
+        b = make_request("b", list(range(100, 108)), max_tokens=10)
         sched.add_request(a)
         sched.add_request(b)
         sched.update(sched.schedule(), {"a": [1], "b": [1]})  # prefill: 2 + 3 blocks... of 5
@@ -220,7 +219,7 @@ def test_lookahead_never_causes_a_preemption():
 def test_drafts_that_keep_missing_pause_speculation():
     """All-rejected verify steps pause drafting for 1, 3, 7, then 15 steps; a hit resets it."""
     sched = _spec_scheduler(64)
-    r = Request("r", [1, 2, 3], SamplingParams(max_tokens=60), 0, 60)
+    r = make_request("r", [1, 2, 3], max_tokens=60)
     sched.add_request(r)
     sched.update(sched.schedule(), {"r": [7]})
     drafted_steps = []

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from tests.spec.test_units import chi_square_p_value
+from tests.engine.helpers import assert_pool_whole
+from tests.stats import chi_square_p_value
 from tests.tiny import VOCAB, Loaded, tiny_tokenizer
 from tokenmill import LLM, SamplingParams
 from tokenmill.model import rejection
@@ -76,7 +77,7 @@ def test_greedy_identical_to_plain_decoding(method, scenario, tiny_models, draft
     if scenario == "preempting":
         assert s.num_preemptions > 0
     assert sum(s.spec_accepted_per_pos) == s.spec_num_accepted_tokens
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert_pool_whole(llm.engine)
 
 
 def test_stops_inside_accepted_drafts_match_plain_decoding(tiny_models):
@@ -106,7 +107,7 @@ def test_stops_inside_accepted_drafts_match_plain_decoding(tiny_models):
         assert g.outputs[0].finish_reason == w.outputs[0].finish_reason
         assert g.outputs[0].stop_reason == w.outputs[0].stop_reason
     assert spec_llm.engine.stats.spec_num_accepted_tokens > 0
-    assert spec_llm.engine.kv.num_free_blocks == spec_llm.engine.kv.num_blocks
+    assert_pool_whole(spec_llm.engine)
 
 
 def test_speculation_pauses_above_the_batch_size_limit(tiny_models):
@@ -156,7 +157,7 @@ def test_sampled_distribution_matches_plain_decoding(sampling_setup):
     s = spec.engine.stats
     assert s.spec_num_accepted_tokens > 0 and s.spec_num_accepted_tokens < s.spec_num_draft_tokens
     assert _p_value(counts, reference) > 1e-3
-    assert spec.engine.kv.num_free_blocks == spec.engine.kv.num_blocks
+    assert_pool_whole(spec.engine)
 
 
 WRONG_RULES = {

@@ -135,6 +135,31 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
+    # Read-only facts about the pool, for tests and metrics: callers need not know its layout.
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks keyed in the prefix cache, in use or idle."""
+        return len(self.pool.cached)
+
+    @property
+    def num_evictions(self) -> int:
+        return self.pool.num_evictions
+
+    def ref_count(self, block_id: int) -> int:
+        return self.pool.blocks[block_id].ref_cnt
+
+    def cached_block(self, block_hash: bytes) -> int | None:
+        """The block keyed by block_hash, or None if that prefix is not cached."""
+        return self.pool.lookup(block_hash)
+
+    def eviction_order(self) -> list[int]:
+        """Idle cached blocks, in the order allocation would evict them (never-cached free
+        blocks are handed out before any of these)."""
+        return [b for b in self.pool.free_queue if self.pool.blocks[b].block_hash is not None]
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
