@@ -20,7 +20,6 @@ from pathlib import Path
 # Only torch-free modules here: the child process imports this file.
 from tests.engine.helpers import make_request
 from tokenmill.config import EngineConfig
-from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.request import RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 
@@ -60,16 +59,9 @@ def fake_token(index: int, position: int) -> int:
     return (index * 31 + position * 17) % VOCAB
 
 
-def scheduler_from_config(config: EngineConfig, num_blocks: int, max_model_len: int) -> Scheduler:
-    # What the engine does today; Scheduler.from_config(config, num_blocks, max_model_len)
-    # replaces this once it lands.
-    kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    return Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
-
-
 def run_trace(seed: int, enable_prefix_caching: bool) -> dict:
     config = EngineConfig(**{**CONFIG.__dict__, "enable_prefix_caching": enable_prefix_caching})
-    sched = scheduler_from_config(config, config.num_kv_blocks, MAX_MODEL_LEN)
+    sched = Scheduler.from_config(config, config.num_kv_blocks, MAX_MODEL_LEN)
     kv = sched.kv
     trace = synthetic_trace(seed)
     requests = []
