@@ -62,4 +62,7 @@ def test_fp8_perplexity_on_the_default_model():
     print(f"\nperplexity float32 {ppl_f:.3f}, fp8 W8A8 {ppl_8:.3f} ({(ppl_8 - ppl_f) / ppl_f:+.2%}); "
           f"next-token agreement {agree:.3f} over {n} tokens")
     assert abs(ppl_8 - ppl_f) / ppl_f < 0.05
-    assert agree > 0.9
+    # torch's CPU fp8 GEMM rounds differently by CPU: measured 91.6% (Intel Xeon) and 89.8%
+    # (AMD EPYC) over these 275 tokens, 5 tokens apart. A bound at 90% failed on the EPYC; a
+    # broken scale or layout agrees on far fewer (the int8 path: 98.9%, random: ~0%).
+    assert agree > 0.85
