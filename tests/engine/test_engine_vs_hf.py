@@ -6,10 +6,6 @@ from tests.engine.helpers import assert_pool_whole
 from tests.tiny import REFERENCE_MAX_TOKENS, REFERENCE_PROMPT_LENS, hf_greedy, reference_prompts
 from tokenmill import LLM, SamplingParams
 
-# tests/model/test_gpu_engine.py still imports these two from here; once it takes them from
-# tests.tiny, drop this line.
-MAX_TOKENS, _prompts = REFERENCE_MAX_TOKENS, reference_prompts
-
 
 @pytest.fixture(scope="module")
 def references(tiny_models):

@@ -5,17 +5,17 @@ agreement reported."""
 import pytest
 import torch
 
-from tests.engine.test_engine_vs_hf import MAX_TOKENS, _prompts
+from tests.tiny import REFERENCE_MAX_TOKENS, reference_prompts
 from tokenmill import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PARAMS = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+PARAMS = SamplingParams(temperature=0, max_tokens=REFERENCE_MAX_TOKENS, ignore_eos=True)
 
 
 def _tokens(loaded, **config):
     llm = LLM("tiny", loaded=loaded, block_size=8, num_kv_blocks=128, max_num_batched_tokens=32, **config)
-    outs = llm.generate(_prompts(), PARAMS)
+    outs = llm.generate(reference_prompts(), PARAMS)
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
     return [o.outputs[0].token_ids for o in outs], llm
 
@@ -52,7 +52,7 @@ def test_sampling_on_the_gpu_is_seeded_and_batch_independent(tiny_models):
     llm = LLM("tiny", loaded=loaded, block_size=8, num_kv_blocks=128, device="cuda", dtype="float32")
     seeded = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.1, max_tokens=16,
                             ignore_eos=True, seed=7)
-    prompt, crowd = _prompts()[0], _prompts()[1:]
+    prompt, crowd = reference_prompts()[0], reference_prompts()[1:]
     alone = llm.generate([prompt], seeded)[0].outputs[0].token_ids
     mixed = llm.generate([prompt] + crowd, [seeded] + [SamplingParams(temperature=1.0, max_tokens=16)] * len(crowd))
     assert mixed[0].outputs[0].token_ids == alone
