@@ -77,10 +77,12 @@ def make_engine(loaded, **config) -> AsyncEngine:
 
 
 def wait_pool_whole(engine: AsyncEngine, timeout: float = 5.0) -> None:
+    # The pool itself, not engine.stats: stats are refreshed by a step, and an abort with
+    # nothing else running frees its blocks without one, leaving kv_blocks_used stale.
     kv = engine.engine.kv
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if kv.num_free_blocks == kv.num_blocks and not engine.engine.has_unfinished:
+        if kv.num_free_blocks == kv.num_blocks and not engine.has_unfinished:
             return
         time.sleep(0.01)
     raise AssertionError(f"KV pool not whole: {kv.num_free_blocks}/{kv.num_blocks} free, "
@@ -96,7 +98,7 @@ def engine(tiny_loaded):
 
 @pytest.fixture(scope="session")
 def server(engine):
-    live = LiveServer(create_app(engine, MODEL, api_keys=[KEY, "sk-other"], max_body_bytes=64 * 1024))
+    live = LiveServer(create_app({MODEL: engine}, api_keys=[KEY, "sk-other"], max_body_bytes=64 * 1024))
     yield live
     live.stop()
 
