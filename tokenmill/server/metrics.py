@@ -23,30 +23,28 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
-# (name, help, what to read from EngineStats); spec-decode ones only for engines that speculate
-_GAUGES = (
-    ("vllm:num_requests_running", "Requests in the running batch.", lambda s: s.num_running),
-    ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", lambda s: s.num_waiting),
-    ("vllm:kv_cache_usage_perc", "KV cache usage (1 = full).", lambda s: s.kv_usage),
+# (family type, name, help, what to read from EngineStats)
+_GAUGE, _COUNTER = GaugeMetricFamily, CounterMetricFamily
+_ENGINE_METRICS = (
+    (_GAUGE, "vllm:num_requests_running", "Requests in the running batch.", lambda s: s.num_running),
+    (_GAUGE, "vllm:num_requests_waiting", "Requests waiting to be scheduled.", lambda s: s.num_waiting),
+    (_GAUGE, "vllm:kv_cache_usage_perc", "KV cache usage (1 = full).", lambda s: s.kv_usage),
     # The older name, still read by many dashboards.
-    ("vllm:gpu_cache_usage_perc", "KV cache usage (1 = full).", lambda s: s.kv_usage),
+    (_GAUGE, "vllm:gpu_cache_usage_perc", "KV cache usage (1 = full).", lambda s: s.kv_usage),
+    (_COUNTER, "vllm:num_preemptions", "Preemptions (recompute).", lambda s: s.num_preemptions),
+    (_COUNTER, "vllm:prompt_tokens", "Prefill tokens processed.", lambda s: s.prompt_tokens_total),
+    (_COUNTER, "vllm:generation_tokens", "Tokens generated.", lambda s: s.generation_tokens_total),
+    (_COUNTER, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+     lambda s: s.prefix_cache_queries),
+    (_COUNTER, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", lambda s: s.prefix_cache_hits),
 )
-_COUNTERS = (
-    ("vllm:num_preemptions", "Preemptions (recompute).", lambda s: s.num_preemptions),
-    ("vllm:prompt_tokens", "Prefill tokens processed.", lambda s: s.prompt_tokens_total),
-    ("vllm:generation_tokens", "Tokens generated.", lambda s: s.generation_tokens_total),
-    ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", lambda s: s.prefix_cache_queries),
-    ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", lambda s: s.prefix_cache_hits),
+# Only for the engines that speculate.
+_SPEC_METRICS = (
+    (_COUNTER, "vllm:spec_decode_num_drafts", "Verify steps that had drafts.", lambda s: s.spec_num_drafts),
+    (_COUNTER, "vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", lambda s: s.spec_num_draft_tokens),
+    (_COUNTER, "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+     lambda s: s.spec_num_accepted_tokens),
 )
-_SPEC_COUNTERS = (
-    ("vllm:spec_decode_num_drafts", "Verify steps that had drafts.", lambda s: s.spec_num_drafts),
-    ("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", lambda s: s.spec_num_draft_tokens),
-    ("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", lambda s: s.spec_num_accepted_tokens),
-)
-
-
-def _speculates(stats) -> bool:
-    return bool(stats.spec_accepted_per_pos)
 
 
 class _EngineCollector(Collector):
@@ -61,15 +59,11 @@ class _EngineCollector(Collector):
         stats = dict(self._get_stats())
         if not stats:  # every model still loading
             return
-        for name, doc, read in _GAUGES:
-            yield self._family(GaugeMetricFamily(name, doc, labels=["model_name"]), stats, read)
-        for name, doc, read in _COUNTERS:
-            yield self._family(CounterMetricFamily(name, doc, labels=["model_name"]), stats, read)
-        speculating = {model: s for model, s in stats.items() if _speculates(s)}
+        yield from self._families(_ENGINE_METRICS, stats)
+        speculating = {model: s for model, s in stats.items() if s.spec_accepted_per_pos}
         if not speculating:
             return
-        for name, doc, read in _SPEC_COUNTERS:
-            yield self._family(CounterMetricFamily(name, doc, labels=["model_name"]), speculating, read)
+        yield from self._families(_SPEC_METRICS, speculating)
         per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
                                       "Draft tokens accepted at each draft position.",
                                       labels=["model_name", "position"])
@@ -79,10 +73,12 @@ class _EngineCollector(Collector):
         yield per_pos
 
     @staticmethod
-    def _family(family, stats: Mapping[str, object], read):
-        for model, s in stats.items():
-            family.add_metric([model], read(s))
-        return family
+    def _families(table, stats: Mapping[str, object]) -> Iterator:
+        for kind, name, doc, read in table:
+            family = kind(name, doc, labels=["model_name"])
+            for model, s in stats.items():
+                family.add_metric([model], read(s))
+            yield family
 
 
 @dataclass

@@ -32,8 +32,10 @@ class ServedModels:
         return {name: s.engine for name, s in self._serving.items() if s is not None}
 
     def attach(self, name: str, engine: AsyncEngine) -> None:
-        """Start answering for `name` with `engine` (may be called from another thread: the
-        whole Serving is built before the one assignment that publishes it)."""
+        """Start answering for `name` with `engine`. Safe from the loading thread: the names
+        are fixed when the app is made, so this only replaces a value (readers iterating on
+        the event loop never see the dict change size), and the Serving is whole before the
+        one assignment that publishes it."""
         if name not in self._serving:
             raise KeyError(f"{name!r} is not a model of this server: {self.names}")
         self._serving[name] = Serving(engine, name, self.metrics.for_model(name))
