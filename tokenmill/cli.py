@@ -191,8 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = read_api_keys(args.api_key, args.api_key_file)
     logging.getLogger("tokenmill").info("API keys: %s", f"{len(keys)} configured" if keys else "none (open)")
     return serve(
-        lambda: build_async_engine(config),
-        model_name=args.served_model_name or args.model,
+        {args.served_model_name or args.model: lambda: build_async_engine(config)},
         host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout, log_level=args.log_level,
     )

@@ -27,7 +27,7 @@ def bench(url: str, tokenizer: str, out, *extra: str) -> dict:
 @pytest.fixture
 def tiny_server(tiny_loaded):
     engine = make_engine(tiny_loaded)
-    server = LiveServer(create_app(engine, "tiny"))
+    server = LiveServer(create_app({"tiny": engine}))
     yield server
     server.stop()
     engine.shutdown()
@@ -53,7 +53,7 @@ def test_bench_against_tokenmill_default_model(tmp_path):
 
     engine = build_async_engine(EngineConfig(model="smollm2", kv_cache_memory_bytes=64 * 2**20))
     engine.start()
-    server = LiveServer(create_app(engine, "smollm2"))
+    server = LiveServer(create_app({"smollm2": engine}))
     try:
         res = bench(server.url, "smollm2", tmp_path / "r.json", "--num-prompts", "4", "--random-input-len", "32",
                     "--random-output-len", "12", "--max-concurrency", "4")

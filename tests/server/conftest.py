@@ -78,14 +78,17 @@ def make_engine(loaded, **config) -> AsyncEngine:
 
 
 def wait_pool_whole(engine: AsyncEngine, timeout: float = 5.0) -> None:
-    kv = engine.engine.kv
+    """The pool is whole and the gauges /metrics serves say so: the engine refreshes them on
+    every abort too, so an abort that leaves it idle does not leave them stale."""
+    kv, stats = engine.engine.kv, engine.stats
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if kv.num_free_blocks == kv.num_blocks and not engine.engine.has_unfinished:
+        whole = kv.num_free_blocks == kv.num_blocks and not engine.has_unfinished
+        if whole and stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0:
             return
         time.sleep(0.01)
     raise AssertionError(f"KV pool not whole: {kv.num_free_blocks}/{kv.num_blocks} free, "
-                         f"{len(engine.engine.groups)} requests left")
+                         f"{len(engine.engine.outputs.groups)} requests left; gauges: {stats}")
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +100,7 @@ def engine(tiny_loaded):
 
 @pytest.fixture(scope="session")
 def server(engine):
-    live = LiveServer(create_app(engine, MODEL, api_keys=[KEY, "sk-other"], max_body_bytes=64 * 1024))
+    live = LiveServer(create_app({MODEL: engine}, api_keys=[KEY, "sk-other"], max_body_bytes=64 * 1024))
     yield live
     live.stop()
 

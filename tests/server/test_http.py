@@ -47,7 +47,6 @@ def test_auth(server):
         ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
         ({"prompt": PROMPT, "max_tokens": 600}, "max_tokens"),
         ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
-        ({"prompt": PROMPT, "model": "gpt-4"}, "model"),
         ({"prompt": PROMPT, "temperature": "hot"}, "temperature"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
@@ -77,6 +76,17 @@ def test_completion_bad_params_400(server, body, param):
 )
 def test_chat_bad_params_400(server, body, param):
     assert_openai_error(server.http().post("/v1/chat/completions", json={"model": MODEL, **body}), 400, param)
+
+
+def test_unknown_model_404_model_not_found(server):
+    """As OpenAI answers: 404, code model_not_found (the openai client raises NotFoundError)."""
+    for path, body in [("/v1/completions", {"prompt": PROMPT}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+        err = assert_openai_error(server.http().post(path, json={"model": "gpt-4", **body}), 404, "model")
+        assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
+        assert "gpt-4" in err["message"] and MODEL in err["message"]
+    r = server.http().post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})  # no model: the only one
+    assert r.status_code == 200 and r.json()["model"] == MODEL
 
 
 def test_context_error_names_numbers(server):
@@ -168,7 +178,7 @@ def test_streaming_disconnect_aborts(server, engine):
                     got += 1
                 if got >= 3:
                     break
-            assert engine.engine.has_unfinished  # still generating when we leave
+            assert engine.has_unfinished  # still generating when we leave
     # leaving the block closed the connection mid-stream
     wait_pool_whole(engine, timeout=5)
     assert engine.stats.generation_tokens_total - before < 400  # stopped early, not run to the end
@@ -194,7 +204,7 @@ def test_reset_prefix_cache(server):
 def busy(tiny_loaded):
     """A server whose engine runs one request at a time and queues at most one more."""
     engine = make_engine(tiny_loaded, max_num_seqs=1, max_waiting_requests=1)
-    live = LiveServer(create_app(engine, MODEL))
+    live = LiveServer(create_app({MODEL: engine}))
     yield engine, live
     live.stop()
     wait_pool_whole(engine)
@@ -228,7 +238,7 @@ def _post_in_background(live, engine, body):
     t = threading.Thread(target=lambda: done.append(httpx.post(live.url + "/v1/completions", json=body, timeout=60)))
     t.start()
     deadline = time.monotonic() + 5
-    while not engine.engine.has_unfinished and time.monotonic() < deadline:
+    while not engine.has_unfinished and time.monotonic() < deadline:
         time.sleep(0.005)
     return done, t
 
@@ -248,7 +258,7 @@ def test_drain_health_503_and_in_flight_finishes(busy):
 
 
 def test_health_503_while_loading():
-    live = LiveServer(create_app(None, MODEL))
+    live = LiveServer(create_app({MODEL: None}))
     try:
         assert_openai_error(httpx.get(live.url + "/health"), 503)
         body = {"model": MODEL, "prompt": PROMPT}
@@ -286,7 +296,7 @@ def test_drain_deadline_aborts_and_answers(tiny_loaded):
     from tokenmill.server.run import DrainingServer
 
     engine = make_engine(tiny_loaded, max_num_seqs=1)
-    app = create_app(engine, MODEL)
+    app = create_app({MODEL: engine})
     live = LiveServer(app, make_server=lambda config: DrainingServer(config, drain_timeout=0.1))
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "n": 8, "ignore_eos": True}
     done, t = _post_in_background(live, engine, body)
@@ -305,7 +315,7 @@ def test_default_max_tokens_fits_a_small_pool(tiny_loaded):
     """Without max_tokens the completion may use the rest of the context, capped by what
     the KV pool can hold (8 blocks x 16 = 128 tokens here, under the 512-token context)."""
     engine = make_engine(tiny_loaded, num_kv_blocks=8)
-    live = LiveServer(create_app(engine, MODEL))
+    live = LiveServer(create_app({MODEL: engine}))
     try:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
         r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)

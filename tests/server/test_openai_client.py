@@ -122,7 +122,8 @@ def test_errors_are_client_exceptions(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=100_000)
     assert "100000" in str(e.value) and "512" in str(e.value)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError) as e:  # OpenAI's model_not_found is a 404
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    assert e.value.code == "model_not_found"
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").models.list()

@@ -19,7 +19,7 @@ def spec_engine(tiny_loaded):
 
 @pytest.fixture(scope="module")
 def spec_server(spec_engine):
-    live = LiveServer(create_app(spec_engine, MODEL))
+    live = LiveServer(create_app({MODEL: spec_engine}))
     yield live
     live.stop()
 

@@ -34,7 +34,7 @@ _TYPES = {
 class APIError(Exception):
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, type: str | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -42,13 +42,15 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
+        self.type = type  # where OpenAI's differs from the status's usual one (model_not_found)
 
 
 def error_response(
     status: int, message: str, param: str | None = None, code: str | int | None = None,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, type: str | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=_TYPES.get(status, "error"), param=param, code=code))
+    error = ErrorInfo(message=message, type=type or _TYPES.get(status, "error"), param=param, code=code)
+    body = ErrorResponse(error=error)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -70,7 +72,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers, exc.type)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,7 +1,9 @@
-"""The door: API keys, body size limit, readiness and drain, before any route runs.
+"""The door: API keys, body size limit and drain, before any route runs.
 
 A plain ASGI middleware (not a FastAPI dependency) so it covers every path, unknown ones
-included, and can refuse an oversized body before anything parses it.
+included, and can refuse an oversized body before anything parses it. Whether a model is
+loaded is the route's question (tokenmill.server.served): the door cannot tell which model
+a request is for without parsing its body.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ class ServerState:
     max_body_bytes: int = 4 * 1024 * 1024
     draining: bool = False
     in_flight: int = 0  # requests on ENGINE_PATHS still being answered (streams included)
-    engine: object | None = None  # None while the model loads
 
     def authorized(self, header: bytes | None) -> bool:
         if not self.api_keys:
@@ -55,8 +56,6 @@ class Guard:
         engine_path = path in ENGINE_PATHS
         if engine_path and self.state.draining:
             return await error_response(503, "server is shutting down", code="draining")(scope, receive, send)
-        if engine_path and self.state.engine is None:
-            return await error_response(503, "model is loading", code="loading")(scope, receive, send)
         limit = self.state.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):

@@ -13,9 +13,11 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 
 import uvicorn
 
+from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.app import attach_engine, begin_drain, create_app
 
 log = logging.getLogger("tokenmill.server")
@@ -55,8 +57,7 @@ class DrainingServer(uvicorn.Server):
         if self.aborted_at is None:
             if now - self.drain_started <= self.drain_timeout:
                 return False
-            serving = self.config.app.state.serving
-            n = serving.abort_all() if serving is not None else 0
+            n = self.config.app.state.models.abort_all()
             log.warning("drain deadline passed: aborted %d requests", n)
             self.aborted_at = now
             return False
@@ -64,13 +65,15 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(
-    load_engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_keys: list[str] = (),
-    max_body_bytes: int | None = None, drain_timeout: float = 30.0, log_level: str = "info",
+    loaders: Mapping[str, Callable[[], AsyncEngine]], host: str = "127.0.0.1", port: int = 8000,
+    api_keys: list[str] = (), max_body_bytes: int | None = None, drain_timeout: float = 30.0,
+    log_level: str = "info",
 ) -> int:
-    """Start answering at once (503 until the model is loaded by `load_engine()` on a
-    thread), serve until drained or stopped, and return the process exit status."""
+    """Start answering at once (503 for each model until its loader, run on a thread, has
+    built its engine), serve until drained or stopped, and return the process exit status.
+    `loaders`: served model name -> a function that builds its AsyncEngine."""
     kwargs = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
-    app = create_app(None, model_name, api_keys=api_keys, **kwargs)
+    app = create_app(dict.fromkeys(loaders), api_keys=api_keys, **kwargs)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain_timeout)
@@ -78,16 +81,19 @@ def serve(
     failed: list[BaseException] = []
 
     def load() -> None:
-        try:
-            engine = load_engine()
-            engine.start()
-            engines.append(engine)
-            attach_engine(app, engine)
-            log.info("model %r loaded; serving on http://%s:%d", model_name, host, port)
-        except BaseException as e:  # the server cannot serve without it: stop
-            failed.append(e)
-            log.error("could not load the model: %s", e)
-            server.should_exit = True
+        # One after another: loading is bound by disk and memory bandwidth, not by waiting.
+        for name, load_engine in loaders.items():
+            try:
+                engine = load_engine()
+                engine.start()
+                engines.append(engine)
+                attach_engine(app, name, engine)
+                log.info("model %r loaded; serving on http://%s:%d", name, host, port)
+            except BaseException as e:  # the server cannot serve without it: stop
+                failed.append(e)
+                log.error("could not load the model %r: %s", name, e)
+                server.should_exit = True
+                return
 
     threading.Thread(target=load, name="tokenmill-load", daemon=True).start()
     try:

@@ -6,6 +6,7 @@ first (every problem becomes a 400 that names the field), then running, then for
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -16,10 +17,11 @@ import jinja2.ext  # noqa: F401  (the tokenizer's sandbox environment needs the 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError
-from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.metrics import ModelMetrics
 from tokenmill.server.protocol import (
     ROLES,
     AssistantMessage,
@@ -43,6 +45,7 @@ from tokenmill.server.protocol import (
     _SamplingFields,
 )
 from tokenmill.server.streams import Started, merged, start_requests, until_disconnect
+from tokenmill.server.tools import ToolCallDeltas, ToolMode, finish_reason, forced_call, message_tool_calls, tool_mode
 
 log = logging.getLogger("tokenmill.server")
 
@@ -51,9 +54,11 @@ _SEED_MOD = 2**63  # keeps seed + choice index inside torch's 64-bit range
 
 @dataclass
 class Serving:
-    engine: object  # AsyncEngine
+    """The endpoints for one served model, over its engine's async API only."""
+
+    engine: AsyncEngine
     model_name: str
-    metrics: ServerMetrics
+    metrics: ModelMetrics
     _token_text: dict[int, str] = field(default_factory=dict)
     # Engine request ids being answered now, so a drain that runs out of time can end them.
     active: set[str] = field(default_factory=set)
@@ -64,14 +69,9 @@ class Serving:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     # -- validation ----------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(400, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
-
     def check_length(self, prompts: list[list[int]], max_tokens: int | None, param: str) -> int:
         """Return max_tokens (the rest of the context when None); say the numbers when over."""
         if not prompts or any(not ids for ids in prompts):
@@ -80,8 +80,7 @@ class Serving:
         if max_tokens is None:
             # "The rest of the context", but never more than the KV pool could ever hold, or a
             # small pool would refuse every request that leaves max_tokens out.
-            kv = self.engine.engine.kv
-            room = min(self.max_model_len, kv.num_blocks * kv.block_size) - longest
+            room = min(self.max_model_len, self.engine.max_kv_tokens) - longest
             wanted = room if room >= 1 else self.max_model_len - longest
         else:
             wanted = max_tokens
@@ -121,6 +120,29 @@ class Serving:
         except ValueError as e:
             message = str(e)
             raise APIError(400, message, param=message.split(" ", 1)[0]) from None
+
+    async def constrained(self, req: _SamplingFields, params: SamplingParams,
+                          tools: ToolMode | None = None) -> SamplingParams:
+        """params with the structured output the request asks for (response_format, guided_*,
+        or a forced tool call). The constraint is compiled (and cached) now, off the event
+        loop, so a bad one is a 400 naming its field before anything reaches the engine."""
+        field_name = None
+        try:
+            structured, field_name = req.structured_output()
+            call = forced_call(req, tools) if isinstance(req, ChatCompletionRequest) else None
+            if call is not None:
+                if structured is not None:
+                    raise ValueError("tool_choice required/named cannot be combined with response_format")
+                structured, field_name = call, "tool_choice"
+        except ValueError as e:
+            raise APIError(400, str(e), param=field_name or "response_format") from None
+        if structured is None:
+            return params
+        try:
+            await self.engine.check_structured(structured)
+        except ValueError as e:
+            raise APIError(400, f"{field_name}: {e}", param=field_name) from None
+        return dataclasses.replace(params, structured=structured)
 
     # -- formatting helpers --------------------------------------------------------------
     def token_text(self, token_id: int) -> str:
@@ -218,12 +240,11 @@ class Serving:
         return ids, echo
 
     async def completions(self, req: CompletionRequest, http: Request):
-        self.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         prompts, prompt_texts = self.completion_prompts(req)
         max_tokens = self.check_length(prompts, req.max_tokens, "max_tokens")
-        params = self.sampling_params(req, max_tokens, req.logprobs)
+        params = await self.constrained(req, self.sampling_params(req, max_tokens, req.logprobs))
         started = await self._run(http, prompts, params, "cmpl")
         base = started[0][1].request_id.rsplit("-", 1)[0]
         echo = [""] * len(prompts)
@@ -292,7 +313,7 @@ class Serving:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def chat(self, req: ChatCompletionRequest, http: Request):
-        self.check_model(req.model)
+        tools = tool_mode(req)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         prompt = self.chat_prompt(req)
@@ -300,12 +321,12 @@ class Serving:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.check_length([prompt], wanted, param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling_params(req, max_tokens, logprobs)
+        params = await self.constrained(req, self.sampling_params(req, max_tokens, logprobs), tools)
         started = await self._run(http, [prompt], params, "chatcmpl")
         base = started[0][1].request_id.rsplit("-", 1)[0]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._chat_events(started, base, req, include_usage))
+            return _sse(self._chat_events(started, base, req, include_usage, tools))
         finals = await self._collect(http, started)
         choices = [
             ChatChoice(
@@ -317,11 +338,17 @@ class Serving:
             )
             for c in finals[0].outputs
         ]
+        if tools is not None:
+            for choice in choices:
+                message_tool_calls(choice, tools)
         return ChatCompletionResponse(id=base, model=self.model_name, choices=choices, usage=self.usage(finals))
 
     async def _chat_events(
-        self, started: Started, base: str, req: ChatCompletionRequest, include_usage: bool
+        self, started: Started, base: str, req: ChatCompletionRequest, include_usage: bool, tools: ToolMode | None
     ) -> AsyncIterator[str]:
+        # A forced tool call streams as tool_call deltas; an "auto" one stays plain text.
+        calls = ToolCallDeltas() if tools in ("required", "named") else None
+
         def chunk(choices, usage=None) -> str:
             return _event(ChatCompletionChunk(id=base, model=self.model_name, choices=choices, usage=usage))
 
@@ -341,11 +368,15 @@ class Serving:
                 if not delta and not c.finished and not new_lp:
                     continue
                 sent_text[c.index], sent_lp[c.index] = len(c.text), lp_start + len(new_lp)
+                if calls is not None:
+                    message = DeltaMessage(tool_calls=calls.feed(c.index, c.text, c.finished))
+                else:
+                    message = DeltaMessage(content=delta)
                 choices.append(ChatChunkChoice(
                     index=c.index,
-                    delta=DeltaMessage(content=delta),
+                    delta=message,
                     logprobs=self.chat_logprobs(new_lp) if req.logprobs else None,
-                    finish_reason=_finish(c),
+                    finish_reason=finish_reason(_finish(c), tools),
                 ))
             if choices:
                 yield chunk(choices)
