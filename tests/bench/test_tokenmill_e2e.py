@@ -51,7 +51,7 @@ def test_bench_against_tokenmill_default_model(tmp_path):
     from tokenmill.config import EngineConfig
     from tokenmill.engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine.from_config(EngineConfig(model="smollm2", kv_cache_memory_bytes=64 * 2**20))
+    engine = AsyncEngine.from_config(EngineConfig.from_flat(kv_cache_memory_bytes=64 * 2**20))
     engine.start()
     server = LiveServer(create_app(engine, "smollm2"))
     try:

@@ -11,7 +11,7 @@ from tokenmill.engine.async_engine import AsyncEngine
 def test_streams_errors_disconnect_and_stats_log(tiny_models, caplog, monkeypatch):
     _, loaded = tiny_models("llama")
     monkeypatch.setattr(ae_mod, "STATS_LOG_INTERVAL_S", 0.0)
-    engine = AsyncEngine.from_config(EngineConfig(model="tiny", num_kv_blocks=64), loaded)
+    engine = AsyncEngine.from_config(EngineConfig.from_flat(model="tiny", num_kv_blocks=64), loaded)
 
     async def main():
         async def one(i):

@@ -71,7 +71,7 @@ def tiny_loaded(tiny_models):
 
 def make_engine(loaded, **config) -> AsyncEngine:
     config.setdefault("num_kv_blocks", 64)
-    engine = AsyncEngine.from_config(EngineConfig(model=MODEL, **config), loaded)
+    engine = AsyncEngine.from_config(EngineConfig.from_flat(model=MODEL, **config), loaded)
     engine.start()
     return engine
 
