@@ -12,7 +12,10 @@ import sys
 import pytest
 
 from tests.server.process import REPO, write_tiny_checkpoint
-from tokenmill.cli import build_parser, engine_config, main, parse_bytes, read_api_keys, run_chat, sampling_params
+from tokenmill.cli import (
+    build_parser, engine_config, engine_flag, engine_settings, main, parse_bytes, read_api_keys, run_chat, sampling_params,
+)
+from tokenmill.config import DEFAULT_MODEL, EngineConfig
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +43,102 @@ def test_serve_flags_build_engine_config():
         "--api-key", "a", "--api-key", "b", "--port", "9000",
     ])
     cfg = engine_config(args)
-    assert (cfg.model, cfg.dtype, cfg.quantization, cfg.max_num_seqs) == ("m.gguf", "bfloat16", "int8", 3)
-    assert (cfg.max_num_batched_tokens, cfg.max_model_len, cfg.kv_cache_memory_bytes) == (256, 1024, 64 * 2**20)
-    assert (cfg.block_size, cfg.enable_prefix_caching, cfg.max_waiting_requests, cfg.seed) == (32, False, 7, 5)
+    assert (cfg.load.model, cfg.load.dtype, cfg.load.quantization) == ("m.gguf", "bfloat16", "int8")
+    assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_model_len) == (3, 256, 1024)
+    assert (cfg.cache.kv_cache_memory_bytes, cfg.cache.block_size, cfg.cache.enable_prefix_caching) == (64 * 2**20, 32, False)
+    assert (cfg.scheduler.max_waiting_requests, cfg.runtime.seed) == (7, 5)
     assert args.api_key == ["a", "b"] and args.port == 9000 and args.host == "127.0.0.1"
 
 
 def test_defaults_are_the_default_model():
     args = build_parser().parse_args(["serve"])
-    assert engine_config(args).model == "smollm2" and args.port == 8000
+    assert engine_config(args).load.model == DEFAULT_MODEL and args.port == 8000
+
+
+def _engine_actions(command: str = "serve") -> dict[str, argparse.Action]:
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return {a.dest: a for a in sub._actions}
+
+
+# Settings deliberately without a flag (none today: add one here with the reason why).
+NO_FLAG: set[str] = set()
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "chat"])
+def test_every_setting_has_a_flag_defaulting_to_the_dataclass(command):
+    actions = _engine_actions(command)
+    settings = EngineConfig.settings()
+    assert set(settings) - NO_FLAG <= set(actions)
+    for name, (_, f) in settings.items():
+        if name not in NO_FLAG:
+            assert actions[name].default == f.default, name
+            assert actions[name].help, name
+
+
+def test_flags_default_to_the_default_config():
+    assert engine_config(build_parser().parse_args(["serve"])) == EngineConfig()
+
+
+@pytest.mark.parametrize("flag, setting, value", [
+    ("--no-prefix-cache", "enable_prefix_caching", False), ("--enforce-eager", "enforce_eager", True),
+    ("--debug-checks", "debug_checks", True),
+])
+def test_switches_flip_their_default(flag, setting, value):
+    args = build_parser().parse_args(["serve", flag])
+    assert engine_settings(args)[setting] is value
+
+
+def test_flag_spellings():
+    flags = {engine_flag(f) for _, f in EngineConfig.settings().values()}
+    assert {"--kv-cache-memory", "--no-prefix-cache", "--max-num-seqs", "--speculative-method",
+            "--gpu-memory-utilization", "--num-kv-blocks", "--speculative-disable-by-batch-size"} <= flags
+    args = build_parser().parse_args(["generate", "x", "--kv-cache-memory", "1.5GiB", "--num-kv-blocks", "9",
+                                      "--speculative-method", "ngram", "--prompt-lookup-max", "5"])
+    cfg = engine_config(args)
+    assert (cfg.cache.kv_cache_memory_bytes, cfg.cache.num_kv_blocks) == (int(1.5 * 2**30), 9)
+    assert (cfg.speculative.speculative_method, cfg.speculative.prompt_lookup_max) == ("ngram", 5)
+    assert cfg.speculative.num_lookahead_tokens == 4
+
+
+def test_bad_choice_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--dtype", "float8"])
+    assert "--dtype" in capsys.readouterr().err
+
+
+def test_from_flat_groups_settings_and_rejects_unknown_names():
+    cfg = EngineConfig.from_flat(model="m", block_size=8, max_num_seqs=4, speculative_method="ngram", seed=3)
+    assert (cfg.load.model, cfg.cache.block_size, cfg.scheduler.max_num_seqs, cfg.runtime.seed) == ("m", 8, 4, 3)
+    assert cfg.speculative.num_lookahead_tokens == 4 and EngineConfig().speculative.num_lookahead_tokens == 0
+    with pytest.raises(TypeError, match="'blok_size'"):
+        EngineConfig.from_flat(blok_size=8)
+
+
+def test_pre_grouping_reads_fail_loudly():
+    # No group shares a setting's name, so a stale `config.block_size` cannot find a group instead.
+    cfg = EngineConfig()
+    for name in EngineConfig.settings():
+        assert not hasattr(cfg, name), name
+
+
+@pytest.mark.parametrize("name, value", [
+    ("block_size", 0), ("kv_cache_memory_bytes", -1), ("num_kv_blocks", 0), ("max_num_seqs", 0),
+    ("max_num_batched_tokens", 1.5), ("max_model_len", 0), ("max_waiting_requests", True), ("dtype", "fp64"),
+    ("device", "tpu"), ("quantization", "int3"), ("quant_group_size", 0), ("dense_weight_limit_gb", -1.0),
+    ("gpu_memory_utilization", 1.5), ("num_threads", 0),
+])
+def test_validation_errors_name_the_setting(name, value):
+    with pytest.raises(ValueError, match=name):
+        EngineConfig.from_flat(**{name: value})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("speculative_method", "medusa"), ("num_speculative_tokens", 0), ("prompt_lookup_min", 0),
+    ("prompt_lookup_max", 1), ("speculative_disable_by_batch_size", 0),
+])
+def test_speculative_validation_names_the_setting(name, value):
+    with pytest.raises(ValueError, match=name):
+        EngineConfig.from_flat(**{"speculative_method": "ngram", name: value})
 
 
 def test_bad_engine_flag_is_a_clear_error(capsys):

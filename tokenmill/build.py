@@ -26,59 +26,59 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine:
     """`loaded` is anything with .config (ModelConfig), .weights (HF-named) and .tokenizer;
-    by default config.model is loaded with tokenmill.model.loader (and config.draft_model,
+    by default config.load.model is loaded with tokenmill.model.loader (and config.speculative.draft_model,
     or `draft_loaded`, is the draft for speculative_method="draft")."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    if config.runtime.num_threads:
+        torch.set_num_threads(config.runtime.num_threads)
     if loaded is None:
         from tokenmill.model.loader import load_model
 
-        loaded = load_model(config.model, config)
+        loaded = load_model(config.load.model, config)
     cfg = loaded.config
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    device = resolve_device(config.runtime.device)
+    dtype = resolve_dtype(config.load.dtype, device)
+    max_model_len = min(config.scheduler.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     model = _build_model(config, loaded, dtype, device, max_model_len)
     # A draft model's KV pool mirrors the target's blocks: both are paid from one budget.
     draft = _build_draft(config, loaded, draft_loaded, dtype, device, max_model_len)
-    block_bytes = kv_block_bytes(cfg, config.block_size, dtype)
+    block_bytes = kv_block_bytes(cfg, config.cache.block_size, dtype)
     if draft is not None:
-        block_bytes += kv_block_bytes(draft.config, config.block_size, dtype)
-    if config.num_kv_blocks:
-        num_blocks = config.num_kv_blocks
+        block_bytes += kv_block_bytes(draft.config, config.cache.block_size, dtype)
+    if config.cache.num_kv_blocks:
+        num_blocks = config.cache.num_kv_blocks
     elif device.type == "cuda":
         num_blocks = _cuda_num_blocks(model, config, block_bytes, max_model_len)
     else:
-        num_blocks = max(1, config.kv_cache_memory_bytes // block_bytes)
+        num_blocks = max(1, config.cache.kv_cache_memory_bytes // block_bytes)
     log.info(
         "KV cache on %s: %d blocks x %d tokens = %d tokens (%.1f MiB%s)", device,
-        num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * block_bytes / 2**20,
+        num_blocks, config.cache.block_size, num_blocks * config.cache.block_size, num_blocks * block_bytes / 2**20,
         ", the draft's included" if draft is not None else "",
     )
-    runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
+    runner = ModelRunner(model, num_blocks, config.cache.block_size, config.runtime.seed)
     if device.type == "cpu":
         from tokenmill.model.cpu_attention import kernel
 
         t0 = time.perf_counter()  # built once per machine and source (about 20 s), then loaded from cache
         built = kernel() is not None
         log.info("CPU decode attention: %s (%.1f s)", "C++ kernel" if built else "torch path", time.perf_counter() - t0)
-    if device.type == "cuda" and not config.enforce_eager:
+    if device.type == "cuda" and not config.runtime.enforce_eager:
         if triton_backend() is not None:  # the graphs need the kernels the dispatch will use
             from tokenmill.model.cuda_graphs import DecodeGraphs
 
-            max_blocks = -(-max_model_len // config.block_size)
-            runner.decode_graphs = DecodeGraphs(runner, config.max_num_seqs, max_blocks)
+            max_blocks = -(-max_model_len // config.cache.block_size)
+            runner.decode_graphs = DecodeGraphs(runner, config.scheduler.max_num_seqs, max_blocks)
         else:
             log.warning("no triton: CUDA graphs need its attention kernels, running eagerly")
     proposer = None
-    if config.speculative_method == "ngram":
+    if config.speculative.speculative_method == "ngram":
         from tokenmill.spec.ngram import NgramProposer
 
-        proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        proposer = NgramProposer(config.speculative.prompt_lookup_min, config.speculative.prompt_lookup_max)
     elif draft is not None:
         from tokenmill.spec.draft import DraftModelProposer
 
-        draft_runner = ModelRunner(draft, num_blocks, config.block_size, config.seed)
+        draft_runner = ModelRunner(draft, num_blocks, config.cache.block_size, config.runtime.seed)
         proposer = DraftModelProposer(draft_runner, min(cfg.vocab_size, draft.config.vocab_size))
     return Engine(config, runner, loaded.tokenizer, max_model_len, num_blocks, cfg.vocab_size, proposer)
 
@@ -98,14 +98,14 @@ def _build_model(config: EngineConfig, loaded, dtype, device, max_model_len: int
 
 
 def _build_draft(config: EngineConfig, loaded, draft_loaded, dtype, device, max_model_len: int):
-    if config.speculative_method != "draft":
+    if config.speculative.speculative_method != "draft":
         return None
     if draft_loaded is None:
-        if not config.draft_model:
+        if not config.speculative.draft_model:
             raise ValueError("speculative_method='draft' needs a draft_model")
         from tokenmill.model.loader import load_model
 
-        draft_loaded = load_model(config.draft_model, config)
+        draft_loaded = load_model(config.speculative.draft_model, config)
     check_same_tokenizer(loaded.tokenizer, draft_loaded.tokenizer)
     draft = _build_model(config, draft_loaded, dtype, device, max_model_len)
     log.info("draft model: %d layers, %d hidden", draft.config.num_layers, draft.config.hidden_size)
@@ -141,10 +141,10 @@ def profile_segments(num_tokens: int, max_model_len: int, block_size: int) -> tu
 @torch.inference_mode()
 def profile_forward(model: LlamaForCausalLM, config: EngineConfig, max_model_len: int) -> int:
     """Run the largest step once on a throwaway pool; returns the pool's bytes."""
-    segments, num_blocks = profile_segments(config.max_num_batched_tokens, max_model_len, config.block_size)
-    probe = ModelRunner(model, num_blocks, config.block_size)
+    segments, num_blocks = profile_segments(config.scheduler.max_num_batched_tokens, max_model_len, config.cache.block_size)
+    probe = ModelRunner(model, num_blocks, config.cache.block_size)
     hidden = probe.forward(segments)
-    model.compute_logits(hidden[: min(len(hidden), config.max_num_seqs)])
+    model.compute_logits(hidden[: min(len(hidden), config.scheduler.max_num_seqs)])
     return probe.kv_caches.numel() * probe.kv_caches.element_size()
 
 
@@ -160,15 +160,15 @@ def _cuda_num_blocks(model: LlamaForCausalLM, config: EngineConfig, block_bytes:
     activations = torch.cuda.max_memory_allocated() - before - probe_bytes
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
-    budget = int(total * config.gpu_memory_utilization) - (total - free) - activations
+    budget = int(total * config.cache.gpu_memory_utilization) - (total - free) - activations
     log.info(
         "GPU memory: %.1f GiB total, %.1f GiB in use (weights, other processes), activation peak %.2f GiB, "
         "KV budget %.1f GiB at utilization %.2f",
-        total / 2**30, (total - free) / 2**30, activations / 2**30, budget / 2**30, config.gpu_memory_utilization,
+        total / 2**30, (total - free) / 2**30, activations / 2**30, budget / 2**30, config.cache.gpu_memory_utilization,
     )
     if budget < block_bytes:
         raise ValueError(
-            f"no GPU memory left for the KV cache at gpu_memory_utilization={config.gpu_memory_utilization} "
+            f"no GPU memory left for the KV cache at gpu_memory_utilization={config.cache.gpu_memory_utilization} "
             f"(weights and activations take {(total - free + activations) / 2**30:.1f} GiB of {total / 2**30:.1f})"
         )
     return budget // block_bytes
@@ -190,7 +190,7 @@ def check_same_tokenizer(target, draft) -> None:
 
 
 def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.device, head: bool = False, dense: bool = False):
-    quantization = config.quantization
+    quantization = config.load.quantization
     if device.type == "cuda" and quantization != "fp8":
         quantization = "none"  # the int4/int8 kernels are CPU ones: GGUF weights run dequantized
     if head and quantization == "fp8":
@@ -205,7 +205,7 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
         return lambda weight, bias: Fp8Linear(weight, bias, dtype)
 
     def make(weight, bias):
-        return make_linear(weight, bias, dtype, quantization, config.quant_group_size, dense)
+        return make_linear(weight, bias, dtype, quantization, config.load.quant_group_size, dense)
 
     return make
 
@@ -221,6 +221,6 @@ def _dense_copies(config: EngineConfig, loaded) -> bool:
     numel = sum(
         int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items()
         # the embedding is looked up, never multiplied: no linear, no copy
-        if len(w.shape) == 2 and name != "model.embed_tokens.weight" and quantized_kernel(w, config.quantization)
+        if len(w.shape) == 2 and name != "model.embed_tokens.weight" and quantized_kernel(w, config.load.quantization)
     )
-    return 2 * numel <= config.dense_weight_limit_gb * 1e9
+    return 2 * numel <= config.load.dense_weight_limit_gb * 1e9

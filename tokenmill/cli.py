@@ -7,14 +7,15 @@ reads environment variables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
+import typing
 from pathlib import Path
 
-from tokenmill.config import DEVICES, DTYPES, QUANTIZATIONS, SPECULATIVE_METHODS, EngineConfig
+from tokenmill.config import EngineConfig
 
-DEFAULT_MODEL = "smollm2"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
@@ -32,51 +33,43 @@ def parse_bytes(text: str) -> int:
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2', a .gguf file or an HF checkpoint dir")
-    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
-    g.add_argument("--device", choices=DEVICES, default="auto")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: share of GPU memory for weights, activations and the KV pool")
-    g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
-    g.add_argument("--quantization", choices=QUANTIZATIONS, default="auto")
-    g.add_argument("--dense-weight-limit-gb", type=float, default=4.0,
-                   help="CPU: keep bfloat16 copies of int4/int8 weights for prompt rows and the LM head "
-                        "if the model's copies fit in this many GB; 0: never")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=512 * 2**20, help="e.g. 512MiB, 2GiB")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--no-prefix-cache", action="store_true", help="disable automatic prefix caching")
-    g.add_argument("--max-waiting-requests", type=int, default=1024, help="beyond this, 429")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    g = p.add_argument_group("speculative decoding")
-    g.add_argument("--speculative-method", choices=SPECULATIVE_METHODS, default=None,
-                   help="ngram: prompt lookup; draft: a smaller model with the same tokenizer")
-    g.add_argument("--num-speculative-tokens", type=int, default=4, help="most drafts verified per step")
-    g.add_argument("--draft-model", default=None, help="for --speculative-method draft")
-    g.add_argument("--prompt-lookup-min", type=int, default=2)
-    g.add_argument("--prompt-lookup-max", type=int, default=4)
-    g.add_argument("--speculative-disable-by-batch-size", type=int, default=8,
-                   help="no drafts while more requests than this are running")
+    """One flag per EngineConfig setting, named, typed and defaulted by its dataclass field."""
+    for group, kind in EngineConfig.groups().items():
+        g = p.add_argument_group(group, (kind.__doc__ or "").split("\n")[0])
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            g.add_argument(engine_flag(f), dest=f.name, help=f.metadata["help"], **_flag_kind(f, hints[f.name]))
 
 
-# Flags whose dest is the EngineConfig field of the same name.
-_CONFIG_FLAGS = (
-    "model", "dtype", "device", "gpu_memory_utilization", "enforce_eager", "quantization", "dense_weight_limit_gb", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
-    "max_waiting_requests", "seed", "num_threads", "speculative_method", "num_speculative_tokens", "draft_model",
-    "prompt_lookup_min", "prompt_lookup_max", "speculative_disable_by_batch_size",
-)
+def engine_flag(f: dataclasses.Field) -> str:
+    """The option spelling of one setting: its metadata's, or --no-<name> for a True-by-default
+    switch, or --<name>."""
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    name = f.name.replace("_", "-")
+    return f"--no-{name}" if f.default is True else f"--{name}"
+
+
+def _flag_kind(f: dataclasses.Field, hint) -> dict:
+    if hint is bool:  # a switch flips the default, whichever it is
+        return {"action": "store_false" if f.default else "store_true", "default": f.default}
+    # `int | None` -> int: None is the default's "not set", never typed on the command line
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    kind = {"type": base, "default": f.default}
+    if f.metadata.get("size"):
+        kind |= {"type": parse_bytes, "metavar": "SIZE"}
+    if f.metadata.get("choices"):
+        kind["choices"] = f.metadata["choices"]
+    return kind
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        kv_cache_memory_bytes=args.kv_cache_memory,
-        enable_prefix_caching=not args.no_prefix_cache,
-        **{name: getattr(args, name) for name in _CONFIG_FLAGS},
-    )
+    return EngineConfig.from_flat(**engine_settings(args))
+
+
+def engine_settings(args: argparse.Namespace) -> dict:
+    """The parsed engine flags, by setting name (each flag's dest is its setting's name)."""
+    return {name: getattr(args, name) for name in EngineConfig.settings()}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -201,8 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
 
     params = sampling_params(args)
-    config = engine_config(args)
-    llm = LLM(config.model, **{k: v for k, v in vars(config).items() if k != "model"})
+    llm = LLM(**engine_settings(args))
     out = llm.generate(args.prompt, params)[0]
     print(out.outputs[0].text)
     return 0

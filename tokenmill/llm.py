@@ -1,16 +1,17 @@
-"""LLM: the offline API. `LLM(model, **config).generate(prompts, params) -> list[RequestOutput]`."""
+"""LLM: the offline API. `LLM(model, **settings).generate(prompts, params) -> list[RequestOutput]`."""
 
 from __future__ import annotations
 
-from tokenmill.config import EngineConfig
 from tokenmill.build import build_engine
+from tokenmill.config import DEFAULT_MODEL, EngineConfig
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2", *, loaded=None, draft_loaded=None, **config):
-        self.config = EngineConfig(model=model, **config)
+    def __init__(self, model: str = DEFAULT_MODEL, *, loaded=None, draft_loaded=None, **settings):
+        """`settings`: any EngineConfig setting by its flat name (max_num_seqs=4, block_size=8, ...)."""
+        self.config = EngineConfig.from_flat(model=model, **settings)
         self.engine = build_engine(self.config, loaded, draft_loaded)
         self._next_id = 0
 

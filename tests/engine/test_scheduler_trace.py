@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A pool of 64 blocks of 16 tokens holds about four of the longest requests (300 tokens) at
 # once, so 16 sequences in flight must preempt.
-CONFIG = EngineConfig(model="trace", block_size=16, num_kv_blocks=64, max_num_seqs=16, max_num_batched_tokens=256)
+SETTINGS = dict(model="trace", block_size=16, num_kv_blocks=64, max_num_seqs=16, max_num_batched_tokens=256)
 MAX_MODEL_LEN = 512
 NUM_REQUESTS = 120
 VOCAB = 1000
@@ -60,8 +60,8 @@ def fake_token(index: int, position: int) -> int:
 
 
 def run_trace(seed: int, enable_prefix_caching: bool) -> dict:
-    config = EngineConfig(**{**CONFIG.__dict__, "enable_prefix_caching": enable_prefix_caching})
-    sched = Scheduler.from_config(config, config.num_kv_blocks, MAX_MODEL_LEN)
+    config = EngineConfig.from_flat(**SETTINGS, enable_prefix_caching=enable_prefix_caching)
+    sched = Scheduler.from_config(config, config.cache.num_kv_blocks, MAX_MODEL_LEN)
     kv = sched.kv
     trace = synthetic_trace(seed)
     requests = []

@@ -28,7 +28,7 @@ PROMPTS = [
 
 @lru_cache(maxsize=3)
 def loaded(quantization: str) -> LoadedModel:
-    return load_model("smollm2", EngineConfig(quantization=quantization))
+    return load_model("smollm2", EngineConfig.from_flat(quantization=quantization))
 
 
 @lru_cache(maxsize=3)

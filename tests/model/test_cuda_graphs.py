@@ -100,5 +100,5 @@ def test_profiling_forward_fits_the_context(tiny_models):
     assert [s.block_ids for s in segments] == [[0, 1, 2, 3], [4, 5, 6, 7]] and blocks == 8
     _, loaded = tiny_models("llama")
     model = LlamaForCausalLM(loaded.config, loaded.weights, max_positions=64)
-    config = EngineConfig(max_num_batched_tokens=200, block_size=16)
+    config = EngineConfig.from_flat(max_num_batched_tokens=200, block_size=16)
     assert profile_forward(model, config, 64) > 0  # runs: positions stay below 64

@@ -28,7 +28,7 @@ def roundtrip(w: torch.Tensor, qtype: Q | None) -> torch.Tensor:
 def test_weights_come_back_in_hf_layout(tmp_path, arch, qtype):
     path = tmp_path / "tiny.gguf"
     expected = write_tiny_gguf(path, arch, qtype)
-    m = load_model(str(path), EngineConfig(quantization="none"))
+    m = load_model(str(path), EngineConfig.from_flat(quantization="none"))
     assert m.source == str(path)
     assert set(m.weights) == set(expected)
     for name, w in m.weights.items():
@@ -47,11 +47,11 @@ def test_weights_come_back_in_hf_layout(tmp_path, arch, qtype):
 def test_quantized_tensors_stay_quantized_and_tied_head_is_quantized(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, "qwen2", Q.Q8_0)  # qwen2 tiny model has tied embeddings
-    m = load_model(str(path), EngineConfig(quantization="auto"))
+    m = load_model(str(path), EngineConfig.from_flat(quantization="auto"))
     assert isinstance(m.weights["model.layers.0.mlp.up_proj.weight"], QuantizedWeight)
     assert isinstance(m.weights["model.embed_tokens.weight"], torch.Tensor)  # rows are looked up
     assert isinstance(m.weights["lm_head.weight"], QuantizedWeight)
-    assert "lm_head.weight" not in load_model(str(path), EngineConfig(quantization="none")).weights
+    assert "lm_head.weight" not in load_model(str(path), EngineConfig.from_flat(quantization="none")).weights
 
 
 def test_tokenizer_from_metadata(tmp_path):

@@ -72,7 +72,7 @@ def tiny_loaded(tiny_models):
 
 def make_engine(loaded, **config) -> AsyncEngine:
     config.setdefault("num_kv_blocks", 64)
-    engine = build_async_engine(EngineConfig(model=MODEL, **config), loaded)
+    engine = build_async_engine(EngineConfig.from_flat(model=MODEL, **config), loaded)
     engine.start()
     return engine
 

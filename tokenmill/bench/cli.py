@@ -60,7 +60,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--backend", choices=BACKENDS, default="completions", help="/v1/completions or /v1/chat/completions")
     s.add_argument("--api-key", default=None, help="sent as a Bearer token")
     s.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
-                   help="tokenizer.json, .gguf, HF dir, or 'smollm2' (builds random prompts, recounts output)")
+                   help=f"tokenizer.json, .gguf, HF dir, or {DEFAULT_TOKENIZER!r} (builds random prompts, recounts output)")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request before it fails")
     s.add_argument("--label", default=None, help="name of this run in the JSON and plots (default: --base-url)")
 

@@ -14,7 +14,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
-DEFAULT_TOKENIZER = "smollm2"
+from tokenmill.config import DEFAULT_MODEL
+
+DEFAULT_TOKENIZER = DEFAULT_MODEL  # the default model's own tokenizer
 
 
 class BackendTokenizer(Protocol):

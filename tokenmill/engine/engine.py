@@ -64,8 +64,8 @@ class Engine:
         grammar already known to be invalid is refused here (ValueError)."""
         if request_id in self.outputs.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if self.core.num_waiting + params.n > self.config.max_waiting_requests:
-            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests)")
+        if self.core.num_waiting + params.n > self.config.scheduler.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.config.scheduler.max_waiting_requests} requests)")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -121,7 +121,7 @@ class Engine:
             self.core.stop(core_id)
         if self.stats.num_steps != num_steps:
             self.stats.last_step_seconds = self.clock() - t0
-        if self.config.debug_checks:
+        if self.config.runtime.debug_checks:
             self.core.check_invariants()
         return outputs
 

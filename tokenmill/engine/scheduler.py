@@ -96,10 +96,10 @@ class Scheduler:
     def from_config(cls, config: EngineConfig, num_blocks: int, max_model_len: int) -> "Scheduler":
         """A scheduler over a fresh KV cache manager, from settings alone: what the engine core
         builds, and what a simulator steps with fake token ids on a virtual clock."""
-        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         return cls(
-            kv, config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
-            config.num_lookahead_tokens, config.speculative_disable_by_batch_size,
+            kv, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens, max_model_len,
+            config.speculative.num_lookahead_tokens, config.speculative.speculative_disable_by_batch_size,
         )
 
     # -- admission -----------------------------------------------------------------------

@@ -61,7 +61,7 @@ def load_model(name_or_path: str, config: EngineConfig | None = None) -> LoadedM
         except GGUFError as e:
             raise ModelLoadError(f"{path}: {e}") from e
     check_weights(ckpt.config, ckpt.weights, str(path))
-    _untie_quantized_embedding(ckpt.config, ckpt.weights, config.quantization if config else "auto")
+    _untie_quantized_embedding(ckpt.config, ckpt.weights, config.load.quantization if config else "auto")
     return LoadedModel(ckpt.config, ckpt.weights, ckpt.tokenizer, str(path))
 
 
