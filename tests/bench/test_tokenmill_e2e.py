@@ -51,11 +51,7 @@ def test_bench_against_tokenmill_default_model(tmp_path):
     from tokenmill.config import EngineConfig
     from tokenmill.build import build_async_engine
 
-<<<<<<< HEAD
     engine = build_async_engine(EngineConfig.from_flat(model="smollm2", kv_cache_memory_bytes=64 * 2**20))
-=======
-    engine = AsyncEngine.from_config(EngineConfig.from_flat(kv_cache_memory_bytes=64 * 2**20))
->>>>>>> wt-config
     engine.start()
     server = LiveServer(create_app({"smollm2": engine}))
     try:

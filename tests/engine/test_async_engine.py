@@ -12,11 +12,7 @@ from tokenmill.build import build_async_engine
 def test_streams_errors_disconnect_and_stats_log(tiny_models, caplog, monkeypatch):
     _, loaded = tiny_models("llama")
     monkeypatch.setattr(ae_mod, "STATS_LOG_INTERVAL_S", 0.0)
-<<<<<<< HEAD
     engine = build_async_engine(EngineConfig.from_flat(model="tiny", num_kv_blocks=64), loaded)
-=======
-    engine = AsyncEngine.from_config(EngineConfig.from_flat(model="tiny", num_kv_blocks=64), loaded)
->>>>>>> wt-config
 
     async def main():
         async def one(i):
