@@ -10,19 +10,11 @@ import time
 import httpx
 import pytest
 
+from tests.server.checks import assert_openai_error, metric
 from tests.server.conftest import KEY, MODEL, LiveServer, make_engine, wait_pool_whole
 from tokenmill.server.app import begin_drain, create_app
 
 PROMPT = "The quick brown fox"
-
-
-def assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    return err
 
 
 def test_auth(server):
@@ -134,15 +126,6 @@ def test_body_too_large_413(server):
     assert ok.status_code == 200
 
 
-def _metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_metrics_names_and_counts(server):
     http = server.http()
     before = http.get("/metrics").text
@@ -155,13 +138,13 @@ def test_metrics_names_and_counts(server):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "ignore_eos": True})
     assert r.status_code == 200
     after = http.get("/metrics").text
-    assert _metric(after, "vllm:generation_tokens_total") - _metric(before, "vllm:generation_tokens_total") == 5
-    assert _metric(after, "vllm:prompt_tokens_total") > _metric(before, "vllm:prompt_tokens_total")
-    assert (_metric(after, "vllm:request_success_total", finished_reason="length")
-            == _metric(before, "vllm:request_success_total", finished_reason="length") + 1)
+    assert metric(after, "vllm:generation_tokens_total") - metric(before, "vllm:generation_tokens_total") == 5
+    assert metric(after, "vllm:prompt_tokens_total") > metric(before, "vllm:prompt_tokens_total")
+    assert (metric(after, "vllm:request_success_total", finished_reason="length")
+            == metric(before, "vllm:request_success_total", finished_reason="length") + 1)
     for h in ["vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds",
               "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds"]:
-        assert _metric(after, h + "_count") == _metric(before, h + "_count") + 1, h
+        assert metric(after, h + "_count") == metric(before, h + "_count") + 1, h
     assert f'model_name="{MODEL}"' in after
 
 

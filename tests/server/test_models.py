@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import CHAT_TEMPLATE, LiveServer, make_engine, wait_pool_whole
-from tests.server.test_http import _metric, assert_openai_error
+from tests.server.checks import assert_openai_error, metric
 from tokenmill.server.app import attach_engine, create_app
 
 PROMPT = "The quick brown fox"
@@ -63,9 +63,9 @@ def test_each_model_answers_under_its_own_name(two_models, two_engines):
 
     after = http.get("/metrics").text
     for name in two_engines:
-        assert _metric(after, "vllm:generation_tokens_total", model_name=name) >= 6
-        assert (_metric(after, "vllm:e2e_request_latency_seconds_count", model_name=name)
-                > _metric(before, "vllm:e2e_request_latency_seconds_count", model_name=name))
+        assert metric(after, "vllm:generation_tokens_total", model_name=name) >= 6
+        assert (metric(after, "vllm:e2e_request_latency_seconds_count", model_name=name)
+                > metric(before, "vllm:e2e_request_latency_seconds_count", model_name=name))
     # one family per metric, one sample per model (a repeated TYPE line is invalid exposition)
     assert after.count("# TYPE vllm:generation_tokens_total counter") == 1
 

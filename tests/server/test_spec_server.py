@@ -4,7 +4,7 @@ as a plain server, streamed in pieces of several tokens, and vLLM's spec-decode 
 import pytest
 
 from tests.server.conftest import MODEL, LiveServer, make_engine, wait_pool_whole
-from tests.server.test_http import _metric
+from tests.server.checks import metric
 from tokenmill.server.app import create_app
 
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick"
@@ -31,13 +31,13 @@ def test_streamed_text_equals_plain_server_and_metrics_count_drafts(spec_server,
     pieces = [c.choices[0].text for c in spec_server.client().completions.create(stream=True, **args)]
     assert "".join(pieces) == plain
     after = spec_server.http(api_key=None).get("/metrics").text
-    drafted = _metric(after, "vllm:spec_decode_num_draft_tokens_total") - _metric(
+    drafted = metric(after, "vllm:spec_decode_num_draft_tokens_total") - metric(
         before, "vllm:spec_decode_num_draft_tokens_total")
-    accepted = _metric(after, "vllm:spec_decode_num_accepted_tokens_total") - _metric(
+    accepted = metric(after, "vllm:spec_decode_num_accepted_tokens_total") - metric(
         before, "vllm:spec_decode_num_accepted_tokens_total")
     assert drafted > 0 and 0 < accepted <= drafted
-    assert _metric(after, "vllm:spec_decode_num_accepted_tokens_per_pos_total", position="0") > 0
-    assert _metric(after, "vllm:spec_decode_num_accepted_tokens_per_pos_total") == _metric(
+    assert metric(after, "vllm:spec_decode_num_accepted_tokens_per_pos_total", position="0") > 0
+    assert metric(after, "vllm:spec_decode_num_accepted_tokens_per_pos_total") == metric(
         after, "vllm:spec_decode_num_accepted_tokens_total")
     wait_pool_whole(spec_engine)
 
