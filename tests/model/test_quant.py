@@ -12,14 +12,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
 from tokenmill.model.layers import FloatLinear, weight_nbytes
-from tokenmill.model.quant import (
-    Int4Linear,
-    Int8Linear,
-    QuantizedWeight,
-    dequantize,
-    make_linear,
-    q4_values_scales_mins,
-)
+from tokenmill.model.gguf_blocks import QuantizedWeight
+from tokenmill.model.quant import Int4Linear, Int8Linear, make_linear
 
 OUT, IN = 96, 128
 
@@ -40,10 +34,10 @@ def x(rows: int = 5) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
 def test_q4_values_reconstruct_exactly(qtype):
     w = gguf_weight(qtype)
-    q, d, m = q4_values_scales_mins(w)
+    q, d, m = w.int4_values()
     assert q.min() >= 0 and q.max() <= 15
     rebuilt = q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
-    assert torch.equal(rebuilt, dequantize(w))
+    assert torch.equal(rebuilt, w.dequantize())
 
 
 def test_int4_kernel_zero_point_convention():
@@ -65,7 +59,7 @@ def test_gguf_auto_stays_quantized_and_matches_float(qtype, cls, rows):
     bias = torch.randn(OUT)
     lin = make_linear(w, bias, torch.float32, "auto", 32)
     assert isinstance(lin, cls)
-    ref = torch.nn.functional.linear(x(rows), dequantize(w), bias)
+    ref = torch.nn.functional.linear(x(rows), w.dequantize(), bias)
     out = lin(x(rows))
     assert out.dtype == torch.float32 and out.shape == (rows, OUT)
     assert rel_err(out, ref) < 1e-2
@@ -75,7 +69,7 @@ def test_gguf_none_dequantizes_exactly():
     w = gguf_weight(Q.Q4_1)
     lin = make_linear(w, None, torch.float32, "none", 32)
     assert isinstance(lin, FloatLinear)
-    assert torch.equal(lin.weight, dequantize(w))
+    assert torch.equal(lin.weight, w.dequantize())
     lin16 = make_linear(w, None, torch.bfloat16, "none", 32)
     assert lin16.weight.dtype == torch.bfloat16 and lin16(x().bfloat16()).dtype == torch.bfloat16
 
@@ -180,7 +174,7 @@ def test_dense_copy_serves_the_rows_from_dense_from(qtype, cls):
     all_dense = dense(rows, dense_from=0)
     assert torch.equal(split[4:], all_dense[4:])  # a row's dense result does not depend on the others
     assert rel_err(all_dense, want) < 1e-2
-    assert rel_err(all_dense, FloatLinear(dequantize(w), bias)(rows)) < 2e-2
+    assert rel_err(all_dense, FloatLinear(w.dequantize(), bias)(rows)) < 2e-2
     assert weight_nbytes(dense) == weight_nbytes(plain)
 
 

@@ -10,7 +10,8 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import Engine
 from tokenmill.model.attention import triton_backend
-from tokenmill.model.llama import LlamaForCausalLM, float_linear_factory
+from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.quant import make_linear, quantized_kernel
 from tokenmill.model.runner import ModelRunner, Segment, kv_block_bytes
 
 log = logging.getLogger("tokenmill")
@@ -184,14 +185,6 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
         quantization = "none"  # the int4/int8 kernels are CPU ones: GGUF weights run dequantized
     if head and quantization == "fp8":
         quantization = "none"  # fp8 logits cost 2% perplexity on SmolLM2 for a small saving (docs/benchmarks.md)
-    try:
-        from tokenmill.model.quant import make_linear
-    except ImportError:  # no gguf (e.g. a GPU box with only torch): float weights, fp8 or plain
-        if quantization != "fp8":
-            return float_linear_factory(dtype)
-        from tokenmill.model.fp8 import Fp8Linear
-
-        return lambda weight, bias: Fp8Linear(weight, bias, dtype)
 
     def make(weight, bias):
         return make_linear(weight, bias, dtype, quantization, config.quant_group_size, dense)
@@ -202,11 +195,6 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
 def _dense_copies(config: EngineConfig, loaded) -> bool:
     """Whether the model's int4/int8 linears may keep bfloat16 copies: all of them must fit
     dense_weight_limit_gb (checked per model: a draft model has its own)."""
-    try:
-        from tokenmill.model.quant import quantized_kernel
-    except ImportError:  # no gguf: _linear_factory builds float linears only, nothing to copy
-        return False
-
     numel = sum(
         int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items()
         # the embedding is looked up, never multiplied: no linear, no copy

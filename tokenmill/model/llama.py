@@ -25,7 +25,7 @@ def stacked_linear(make_linear: LinearFactory, weights: list, biases: list) -> n
         stacked = torch.cat(weights)
     elif isinstance(weights[0], torch.Tensor):
         stacked = None  # float tensors and GGUF blocks mixed
-    else:  # GGUF blocks (quant.QuantizedWeight; not imported here, the GPU image has no gguf)
+    else:  # GGUF blocks (gguf_blocks.QuantizedWeight; not imported here: it needs `gguf`)
         stacked = type(weights[0]).stacked(weights)
     if stacked is None:
         return ConcatLinear([make_linear(w, b) for w, b in zip(weights, biases)])

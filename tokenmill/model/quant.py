@@ -1,4 +1,5 @@
-"""Weight-only quantized linears on torch's own CPU kernels, and GGUF quantized weights.
+"""Weight-only quantized linears on torch's own CPU kernels, built from float weights or from
+GGUF blocks (gguf_blocks.py: only GGUF data needs the `gguf` package).
 
 Which format runs which kernel (see `make_linear`):
 
@@ -29,92 +30,20 @@ float32 F.linear), so the quantized modules cast x to bfloat16 and the result ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
 from tokenmill.model.fp8 import Fp8Linear
 from tokenmill.model.layers import FloatLinear
 
-Q = GGMLQuantizationType
+if TYPE_CHECKING:  # not at run time: GGUF blocks exist only where `gguf` read a file
+    from tokenmill.model.gguf_blocks import QuantizedWeight
+
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-
-
-@dataclass
-class QuantizedWeight:
-    """A GGUF tensor kept in its file encoding: `data` is the raw bytes, one row of blocks per
-    output row ([out, in_bytes] uint8), `shape` the logical [out, in] of the float matrix."""
-
-    data: np.ndarray
-    qtype: GGMLQuantizationType
-    shape: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes)
-
-    @staticmethod
-    def stacked(weights: list) -> "QuantizedWeight | None":
-        """Weights stacked along the output dim (exact: blocks run along the input dim), or None
-        when they are not all QuantizedWeights of one type."""
-        first = weights[0]
-        if not all(isinstance(w, QuantizedWeight) and w.qtype == first.qtype for w in weights):
-            return None
-        rows = sum(w.shape[0] for w in weights)
-        return QuantizedWeight(np.concatenate([w.data for w in weights]), first.qtype, (rows, first.shape[1]))
-
-    def rows(self, index: np.ndarray | torch.Tensor) -> "QuantizedWeight":
-        # Blocks run along the input dim, so reordering output rows keeps the encoding exact
-        # (used to undo llama.cpp's Q/K row permutation without dequantizing).
-        index = np.asarray(index)
-        return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, self.shape)
-
-
-def dequantize(w: QuantizedWeight) -> torch.Tensor:
-    """The float32 [out, in] matrix a QuantizedWeight encodes (gguf's reference dequantizer)."""
-    out = gguf_dequantize(w.data, w.qtype)
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(w.shape))
-
-
-# --- extracting the integer values and scales of the two formats that map onto a kernel ---
-
-
-def _blocks(w: QuantizedWeight) -> np.ndarray:
-    block_size, type_size = GGML_QUANT_SIZES[w.qtype]
-    return w.data.reshape(-1, type_size)
-
-
-def q4_values_scales_mins(w: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0/Q4_1 -> (q [out, in] int32 in 0..15, d [out, in/32], m [out, in/32]) with w = d*q + m
-    (Q4_0: w = d*(q-8), i.e. m = -8d). The nibble order is whatever gguf's dequantizer uses:
-    we dequantize a copy whose scale is 1 and minimum 0, which yields q itself."""
-    blocks = _blocks(w)
-    out, inp = w.shape
-    d = blocks[:, 0:2].view(np.float16).astype(np.float32)
-    if w.qtype == Q.Q4_1:
-        m = blocks[:, 2:4].view(np.float16).astype(np.float32)
-        unit = blocks.copy()
-        unit[:, 0:4] = np.array([1.0, 0.0], dtype=np.float16).view(np.uint8)
-        q = gguf_dequantize(unit, Q.Q4_1)
-    elif w.qtype == Q.Q4_0:
-        m = -8.0 * d
-        unit = blocks.copy()
-        unit[:, 0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)
-        q = gguf_dequantize(unit, Q.Q4_0) + 8.0  # Q4_0 dequantizes to (q - 8) * d
-    else:
-        raise ValueError(f"not a 4-bit type: {w.qtype.name}")
-    groups = inp // 32
-    return (
-        torch.from_numpy(np.rint(q).astype(np.int32).reshape(out, inp)),
-        torch.from_numpy(d.reshape(out, groups)),
-        torch.from_numpy(m.reshape(out, groups)),
-    )
 
 
 # --- modules ---
@@ -171,7 +100,7 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_gguf(cls, w: QuantizedWeight, bias, out_dtype, dense: bool = False) -> "Int4Linear":
-        q, d, m = q4_values_scales_mins(w)
+        q, d, m = w.int4_values()
         return cls(q, d, m + 8 * d, 32, bias, out_dtype, dense)  # d*q + m == (q-8)*d + (m+8d)
 
     def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
@@ -218,10 +147,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_gguf(cls, w: QuantizedWeight, bias, out_dtype, dense: bool = False) -> "Int8Linear":
-        blocks = _blocks(w)  # Q8_0 block: fp16 scale d, then 32 int8 values; w = d * q
-        out, inp = w.shape
-        d = torch.from_numpy(blocks[:, 0:2].view(np.float16).astype(np.float32).reshape(out, inp // 32))
-        q = torch.from_numpy(blocks[:, 2:].view(np.int8).reshape(out, inp).copy())
+        q, d = w.int8_values()
         return cls(q, d.t(), 32, bias, out_dtype, dense)
 
     def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
@@ -260,11 +186,8 @@ def quantized_kernel(weight: "torch.Tensor | QuantizedWeight", quantization: str
         return Int4Linear
     if quantization == "int8":
         return Int8Linear
-    if quantization == "auto" and isinstance(weight, QuantizedWeight):
-        if weight.qtype in (Q.Q4_0, Q.Q4_1):
-            return Int4Linear
-        if weight.qtype == Q.Q8_0:
-            return Int8Linear
+    if quantization == "auto" and not isinstance(weight, torch.Tensor):
+        return {"int4": Int4Linear, "int8": Int8Linear}.get(weight.kernel_format)
     return None
 
 
@@ -279,13 +202,10 @@ def make_linear(
     """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above).
     `dense`: int4/int8 linears also keep a bfloat16 copy for prompt rows (docstring above)."""
     kernel = quantized_kernel(weight, quantization)
-    if isinstance(weight, QuantizedWeight) and quantization == "auto":
-        if kernel is Int4Linear:
-            return Int4Linear.from_gguf(weight, bias, dtype, dense)
-        if kernel is Int8Linear:
-            return Int8Linear.from_gguf(weight, bias, dtype, dense)
-    if isinstance(weight, QuantizedWeight):
-        weight = dequantize(weight)
+    if not isinstance(weight, torch.Tensor):  # GGUF blocks
+        if quantization == "auto" and kernel is not None:
+            return kernel.from_gguf(weight, bias, dtype, dense)
+        weight = weight.dequantize()
     if kernel is Int8Linear:
         return Int8Linear.from_float(weight, bias, dtype, dense)
     if kernel is Int4Linear:
