@@ -16,6 +16,7 @@ from tokenmill.model.attention import AttentionMetadata, PrefillChunk
 from tokenmill.model.host import to_device
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.sampler import SampleResult, Sampler
+from tokenmill.model.step_context import StepContext
 
 DTYPE_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -77,8 +78,8 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and graphs.fits(segments):
             return graphs.run(segments)
-        input_ids, positions, meta = self._prepare(segments)
-        return self.model(input_ids, positions, self.kv_caches, meta)
+        input_ids, positions, meta, step = self._prepare(segments)
+        return self.model(input_ids, positions, self.kv_caches, meta, step)
 
     def _prepare(self, segments: list[Segment]):
         bs = self.block_size
@@ -100,13 +101,12 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, s.end))
 
         dev = self.device
-        decode_tables = decode_mask = ctx = None
+        decode_tables = ctx = None
         if decodes:
             max_blocks = max(len(s.block_ids) for s in decodes)
             decode_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes])
             ctx = torch.tensor([s.end for s in decodes])
-            decode_mask = (torch.arange(max_blocks * bs)[None, :] >= ctx[:, None])[:, None, None, :]
-            decode_tables, decode_mask, ctx = (to_device(t, dev) for t in (decode_tables, decode_mask, ctx))
+            decode_tables, ctx = to_device(decode_tables, dev), to_device(ctx, dev)
 
         prefills = []
         offset = len(decodes)
@@ -119,12 +119,11 @@ class ModelRunner:
             slot_mapping=to_device(slots, dev),
             num_decodes=len(decodes),
             decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
-            prefills=prefills,
             decode_context_lens=ctx,
-            dense_from=sum(len(s.token_ids) for s in segments if not s.prompt),
+            prefills=prefills,
         )
-        return to_device(ids, dev), to_device(pos, dev), meta
+        step = StepContext(first_prompt_row=sum(len(s.token_ids) for s in segments if not s.prompt))
+        return to_device(ids, dev), to_device(pos, dev), meta, step
 
 
 @dataclass
