@@ -16,8 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tokenmill.model import cpu_attention
-from tokenmill.model.attention import AttentionMetadata, torch_paged_attention
+from tokenmill.model.attention import AttentionMetadata, TorchAttention, cpu_backend
 from tokenmill.model.quant import Int4Linear, Int8Linear
 
 
@@ -36,22 +35,25 @@ def linears() -> None:
     shapes = {"int4 gate|up 3072x576": (3072, 576), "int4 down 576x1536": (576, 1536), "int4 q|k|v 960x576": (960, 576)}
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k)
-        lin = Int4Linear.from_float(w, None, 32, torch.float32, dense=True)
+        lin = Int4Linear.from_float(w, None, 32, torch.float32)
+        dense = Int4Linear.from_float(w, None, 32, torch.float32, dense_rows="all")
         for m in (1, 4, 16, 64, 512):
             x = torch.randn(m, k)
-            print(f"| {name} | {m} | {us(lambda: lin(x)):.0f} | {us(lambda: lin(x, dense_from=0)):.0f} |")
+            print(f"| {name} | {m} | {us(lambda: lin(x)):.0f} | {us(lambda: dense(x)):.0f} |")
     # The SmolLM2 LM head: Q8_0, one scale per 32 inputs (so one int8 kernel call per group).
     n, k = 49152, 576
     q = torch.randint(-127, 128, (n, k)).float()
-    head = Int8Linear(q, torch.rand(k // 32, n) * 0.01, 32, None, torch.float32, dense=True)
+    scales = torch.rand(k // 32, n) * 0.01
+    head = Int8Linear(q, scales, 32, None, torch.float32)
+    dense_head = Int8Linear(q, scales, 32, None, torch.float32, dense_rows="all")
     for m in (1, 4, 16, 64):
         x = torch.randn(m, k)
-        print(f"| int8 LM head {n}x{k} | {m} | {us(lambda: head(x), 10):.0f} | {us(lambda: head(x, dense_from=0), 10):.0f} |")
+        print(f"| int8 LM head {n}x{k} | {m} | {us(lambda: head(x), 10):.0f} | {us(lambda: dense_head(x), 10):.0f} |")
 
 
 @torch.inference_mode()
 def attention() -> None:
-    kernel = cpu_attention.kernel()
+    kernel = cpu_backend.kernel()
     if kernel is None:
         print("C++ kernel unavailable")
         return
@@ -65,11 +67,12 @@ def attention() -> None:
             nb = -(-ctx // block)
             tables = torch.stack([torch.randperm(pool, generator=g)[:nb] for _ in range(b)])
             lens = torch.full((b,), ctx)
-            mask = (torch.arange(nb * block)[None, :] >= lens[:, None])[:, None, None, :]
-            meta = AttentionMetadata(torch.zeros(b, dtype=torch.long), b, tables, mask, [], lens)
+            meta = AttentionMetadata(torch.zeros(b, dtype=torch.long), b, tables, lens, [])
+            torch_path = TorchAttention()
+            step = torch_path.prepare(meta, k_cache)  # once per step in the engine, not per layer
             q = torch.randn(b, heads, dim, generator=g)
             out = torch.empty_like(q)
-            t_ref = us(lambda: torch_paged_attention(q, k_cache, v_cache, meta, 0.125), 100)
+            t_ref = us(lambda: torch_path.forward(q, k_cache, v_cache, step, 0.125), 100)
             t_k = us(lambda: kernel(q, k_cache, v_cache, tables, lens, 0.125, out), 100)
             print(f"| {b} | {ctx} | {t_ref:.0f} | {t_k:.0f} | {t_ref / t_k:.2f}x |")
 
@@ -78,25 +81,27 @@ def engine() -> None:
     from tokenmill import LLM
     from tokenmill.sampling import SamplingParams
 
-    real = cpu_attention.kernel
+    real = cpu_backend.kernel
     print("\n| running | output tok/s, C++ kernel | output tok/s, torch path | ratio |\n|---|---|---|---|")
     for n, out in ((1, 64), (16, 64)):
-        llm = LLM("smollm2", max_num_seqs=max(n, 1), enable_prefix_caching=False)
         rng = random.Random(0)
         prompts = [[rng.randrange(100, 40000) for _ in range(200)] for _ in range(n)]
         params = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
-        llm.generate(prompts[:2], params)
-        rates: dict[str, list[float]] = {"kernel": [], "torch": []}
+        llms = {}
+        for name in ("kernel", "torch"):  # the backend is chosen when an engine is built: one each
+            cpu_backend.kernel = real if name == "kernel" else (lambda: None)
+            llms[name] = LLM("smollm2", max_num_seqs=max(n, 1), enable_prefix_caching=False)
+            llms[name].generate(prompts[:2], params)
+        cpu_backend.kernel = real
+        rates: dict[str, list[float]] = {name: [] for name in llms}
         for _ in range(3):
-            for name in rates:
-                cpu_attention.kernel = real if name == "kernel" else (lambda: None)
+            for name, llm in llms.items():
                 t = time.perf_counter()
                 llm.generate(prompts, params)
                 rates[name].append(n * out / (time.perf_counter() - t))
-        cpu_attention.kernel = real
         a, b = statistics.median(rates["kernel"]), statistics.median(rates["torch"])
         print(f"| {n} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
-        del llm
+        del llms
 
 
 def main() -> None:

@@ -7,15 +7,15 @@ engine)."""
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import Engine
-from tokenmill.model.attention import triton_backend
-from tokenmill.model.llama import LlamaForCausalLM, float_linear_factory
+from tokenmill.model.attention import choose_backend
+from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.quant import make_linear, quantized_kernel
 from tokenmill.model.runner import ModelRunner, kv_block_bytes
 from tokenmill.step import ScheduledSeq
 
@@ -38,9 +38,10 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.load.dtype, device)
     max_model_len = min(config.scheduler.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    model = _build_model(config, loaded, dtype, device, max_model_len)
+    attention = choose_backend(device, dtype)
+    model = _build_model(config, loaded, dtype, device, max_model_len, attention)
     # A draft model's KV pool mirrors the target's blocks: both are paid from one budget.
-    draft = _build_draft(config, loaded, draft_loaded, dtype, device, max_model_len)
+    draft = _build_draft(config, loaded, draft_loaded, dtype, device, max_model_len, attention)
     block_bytes = kv_block_bytes(cfg, config.cache.block_size, dtype)
     if draft is not None:
         block_bytes += kv_block_bytes(draft.config, config.cache.block_size, dtype)
@@ -56,20 +57,14 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
         ", the draft's included" if draft is not None else "",
     )
     runner = ModelRunner(model, num_blocks, config.cache.block_size, config.runtime.seed)
-    if device.type == "cpu":
-        from tokenmill.model.cpu_attention import kernel
-
-        t0 = time.perf_counter()  # built once per machine and source (about 20 s), then loaded from cache
-        built = kernel() is not None
-        log.info("CPU decode attention: %s (%.1f s)", "C++ kernel" if built else "torch path", time.perf_counter() - t0)
     if device.type == "cuda" and not config.runtime.enforce_eager:
-        if triton_backend() is not None:  # the graphs need the kernels the dispatch will use
+        if attention.graph_capturable:
             from tokenmill.model.cuda_graphs import DecodeGraphs
 
             max_blocks = -(-max_model_len // config.cache.block_size)
             runner.decode_graphs = DecodeGraphs(runner, config.scheduler.max_num_seqs, max_blocks)
         else:
-            log.warning("no triton: CUDA graphs need its attention kernels, running eagerly")
+            log.warning("CUDA graphs need Triton's attention kernels (no triton?): running eagerly")
     proposer = None
     if config.speculative.speculative_method == "ngram":
         from tokenmill.spec.ngram import NgramProposer
@@ -88,16 +83,16 @@ def build_async_engine(config: EngineConfig, loaded=None) -> AsyncEngine:
     return AsyncEngine(build_engine(config, loaded))
 
 
-def _build_model(config: EngineConfig, loaded, dtype, device, max_model_len: int) -> LlamaForCausalLM:
+def _build_model(config: EngineConfig, loaded, dtype, device, max_model_len: int, attention) -> LlamaForCausalLM:
     dense = device.type == "cpu" and _dense_copies(config, loaded)
     model = LlamaForCausalLM(
         loaded.config, loaded.weights, dtype, _linear_factory(config, dtype, device, dense=dense), max_model_len,
-        make_head=_linear_factory(config, dtype, device, head=True, dense=dense),
+        make_head=_linear_factory(config, dtype, device, head=True, dense=dense), attention=attention,
     )
     return model.to(device)  # moves what was built on the host; weights made on the device stay put
 
 
-def _build_draft(config: EngineConfig, loaded, draft_loaded, dtype, device, max_model_len: int):
+def _build_draft(config: EngineConfig, loaded, draft_loaded, dtype, device, max_model_len: int, attention):
     if config.speculative.speculative_method != "draft":
         return None
     if draft_loaded is None:
@@ -107,7 +102,7 @@ def _build_draft(config: EngineConfig, loaded, draft_loaded, dtype, device, max_
 
         draft_loaded = load_model(config.speculative.draft_model, config)
     check_same_tokenizer(loaded.tokenizer, draft_loaded.tokenizer)
-    draft = _build_model(config, draft_loaded, dtype, device, max_model_len)
+    draft = _build_model(config, draft_loaded, dtype, device, max_model_len, attention)
     log.info("draft model: %d layers, %d hidden", draft.config.num_layers, draft.config.hidden_size)
     return draft
 
@@ -195,17 +190,12 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
         quantization = "none"  # the int4/int8 kernels are CPU ones: GGUF weights run dequantized
     if head and quantization == "fp8":
         quantization = "none"  # fp8 logits cost 2% perplexity on SmolLM2 for a small saving (docs/benchmarks.md)
-    try:
-        from tokenmill.model.quant import make_linear
-    except ImportError:  # no gguf (e.g. a GPU box with only torch): float weights, fp8 or plain
-        if quantization != "fp8":
-            return float_linear_factory(dtype)
-        from tokenmill.model.fp8 import Fp8Linear
-
-        return lambda weight, bias: Fp8Linear(weight, bias, dtype)
+    # Every LM head row runs the dense copy: a batch-invariant choice that is also the faster one
+    # for its grouped int8 kernel from 2 rows on (quant.py).
+    dense_rows = ("all" if head else "prompt") if dense else "none"
 
     def make(weight, bias):
-        return make_linear(weight, bias, dtype, quantization, config.load.quant_group_size, dense)
+        return make_linear(weight, bias, dtype, quantization, config.load.quant_group_size, dense_rows)
 
     return make
 
@@ -213,11 +203,6 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
 def _dense_copies(config: EngineConfig, loaded) -> bool:
     """Whether the model's int4/int8 linears may keep bfloat16 copies: all of them must fit
     dense_weight_limit_gb (checked per model: a draft model has its own)."""
-    try:
-        from tokenmill.model.quant import quantized_kernel
-    except ImportError:  # no gguf: _linear_factory builds float linears only, nothing to copy
-        return False
-
     numel = sum(
         int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items()
         # the embedding is looked up, never multiplied: no linear, no copy

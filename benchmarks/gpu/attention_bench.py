@@ -28,8 +28,8 @@ if SMOKE:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tokenmill.model import triton_attention as ta  # noqa: E402
-from tokenmill.model.attention import AttentionMetadata, PrefillChunk, torch_paged_attention  # noqa: E402
+from tokenmill.model.attention import AttentionMetadata, PrefillChunk, TorchAttention  # noqa: E402
+from tokenmill.model.attention import triton_backend as ta  # noqa: E402
 
 BLOCK = 16
 
@@ -66,6 +66,14 @@ def copy_bandwidth(device: str, nbytes: int, timer: Timer) -> float:
     return 2 * nbytes / timer(lambda: dst.copy_(src))  # read + write
 
 
+def torch_path(q, k_cache, v_cache, meta, scale, timer) -> tuple[torch.Tensor, float]:
+    """(output, seconds) of the torch backend, its per-step preparation done once as in the model."""
+    backend = TorchAttention()
+    step = backend.prepare(meta, k_cache)
+    ref = backend.forward(q, k_cache, v_cache, step, scale)
+    return ref, timer(lambda: backend.forward(q, k_cache, v_cache, step, scale))
+
+
 def decode_case(batch, context, heads, kv_heads, dim, dtype, device, timer, copy_bw, tile=(64, 4, 2)):
     """tile: (block_n, num_warps, num_stages) of the decode kernel."""
     blocks = -(-context // BLOCK)
@@ -74,17 +82,15 @@ def decode_case(batch, context, heads, kv_heads, dim, dtype, device, timer, copy
     # Each sequence gets its blocks in a random order, as a long-running pool would.
     tables = (torch.randperm(batch * blocks, device=device) + 1).view(batch, blocks)
     lens = torch.full((batch,), context, device=device)
-    mask = (torch.arange(blocks * BLOCK, device=device)[None, :] >= lens[:, None])[:, None, None, :]
-    meta = AttentionMetadata(torch.zeros(batch, dtype=torch.long), batch, tables, mask, [])
+    meta = AttentionMetadata(torch.zeros(batch, dtype=torch.long), batch, tables, lens, [])
     q = torch.randn(batch, heads, dim, dtype=dtype, device=device)
     scale = dim**-0.5
     out = torch.empty_like(q)
     block_n, warps, stages = tile
     opts = dict(block_n=block_n, num_warps=warps, num_stages=stages)
     t_triton = timer(lambda: ta.decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out, **opts))
-    ref = torch_paged_attention(q, k_cache, v_cache, meta, scale)
+    ref, t_torch = torch_path(q, k_cache, v_cache, meta, scale, timer)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    t_torch = timer(lambda: torch_paged_attention(q, k_cache, v_cache, meta, scale))
     kv_bytes = 2 * batch * context * kv_heads * dim * pool.element_size()
     return {
         "kind": "decode",
@@ -113,9 +119,8 @@ def prefill_case(tokens, heads, kv_heads, dim, dtype, device, timer):
     out = torch.empty_like(q)
     scale = dim**-0.5
     t_triton = timer(lambda: ta.prefill_attention(q, k_cache, v_cache, packed, scale, out))
-    ref = torch_paged_attention(q, k_cache, v_cache, meta, scale)
+    ref, t_torch = torch_path(q, k_cache, v_cache, meta, scale, timer)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    t_torch = timer(lambda: torch_paged_attention(q, k_cache, v_cache, meta, scale))
     flops = 2 * tokens * tokens * heads * dim  # QK^T and PV, causal half: 2 * (2 * n^2 / 2) * H * D
     return {
         "kind": "prefill",

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-# Only modules the GPU image can import: it has no gguf (loader, quant).
+# The GPU image has no gguf: nothing here may import a module that needs it (gguf.py, gguf_blocks.py).
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.config import ModelConfig  # noqa: E402
 from tokenmill.model.layers import weight_nbytes  # noqa: E402

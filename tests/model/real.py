@@ -15,6 +15,7 @@ from tokenmill.model.attention import AttentionMetadata, PrefillChunk
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import LoadedModel, default_model_path, load_model
 from tokenmill.model.quant import make_linear
+from tokenmill.model.step_context import StepContext
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = [
@@ -37,11 +38,12 @@ def model(quantization: str, dense: bool = False) -> LlamaForCausalLM:
     do on CPU; perplexity runs whole sequences, so it then measures that path."""
     lm = loaded(quantization)
 
-    def factory(weight, bias, quantization=quantization):
-        return make_linear(weight, bias, torch.float32, quantization, 32, dense)
+    def factory(weight, bias, quantization=quantization, dense_rows="prompt" if dense else "none"):
+        return make_linear(weight, bias, torch.float32, quantization, 32, dense_rows)
 
-    # fp8 keeps the LM head in float, as the engine does.
-    head = (lambda weight, bias: factory(weight, bias, "none")) if quantization == "fp8" else None
+    # As the engine does: fp8 keeps the LM head in float, a head with a dense copy runs every row on it.
+    head_quantization = "none" if quantization == "fp8" else quantization
+    head = lambda weight, bias: factory(weight, bias, head_quantization, "all" if dense else "none")  # noqa: E731
     return LlamaForCausalLM(lm.config, lm.weights, torch.float32, factory, max_positions=2048, make_head=head)
 
 
@@ -55,11 +57,11 @@ def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16) -
         slot_mapping=torch.arange(t),
         num_decodes=0,
         decode_block_tables=None,
-        decode_mask=None,
+        decode_context_lens=None,
         prefills=[PrefillChunk(0, t, t, torch.arange(blocks))],
-        dense_from=0,  # a whole prompt: every row is a prompt row, as in the engine's prefill
     )
-    hidden = m(torch.tensor(ids), torch.arange(t), kv, meta)
+    # A whole prompt: every row is a prompt row, as in the engine's prefill.
+    hidden = m(torch.tensor(ids), torch.arange(t), kv, meta, StepContext(first_prompt_row=0))
     return m.compute_logits(hidden)
 
 

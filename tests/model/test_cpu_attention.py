@@ -1,6 +1,7 @@
-"""The C++ CPU decode kernel (tokenmill/model/cpu_attention.py) against the torch reference
-(attention.torch_paged_attention) on random pools: GQA ratios, head dims, block sizes, context
-lengths on and off block boundaries, strided queries, float32 and bfloat16."""
+"""The C++ CPU decode kernel (tokenmill/model/attention/cpu_backend.py) against the torch
+reference (attention.torch_paged_attention) on random pools: GQA ratios, head dims, block sizes,
+context lengths on and off block boundaries, strided queries, float32 and bfloat16; and which
+backend a device gets."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import shutil
 import pytest
 import torch
 
-from tokenmill.model import cpu_attention
-from tokenmill.model.attention import AttentionMetadata, paged_attention, torch_paged_attention
+from tokenmill.model.attention import AttentionMetadata, PrefillChunk, TorchAttention, choose_backend, torch_paged_attention
+from tokenmill.model.attention import cpu_backend
+from tokenmill.model.attention.cpu_backend import CpuAttention
 
 CAN_BUILD = shutil.which("g++") is not None and shutil.which("ninja") is not None
 
@@ -18,7 +20,7 @@ CAN_BUILD = shutil.which("g++") is not None and shutil.which("ninja") is not Non
 def test_kernel_builds_where_a_compiler_exists():
     if not CAN_BUILD:
         pytest.skip("no g++/ninja: the torch path runs instead")
-    assert cpu_attention.kernel() is not None
+    assert cpu_backend.kernel() is not None
 
 
 def decode_case(heads, kv_heads, dim, block, lens, dtype, seed=0, num_blocks=64):
@@ -35,13 +37,12 @@ def decode_case(heads, kv_heads, dim, block, lens, dtype, seed=0, num_blocks=64)
         used += nb
     tables = torch.tensor(tables)
     ctx = torch.tensor(lens)
-    mask = (torch.arange(max_blocks * block)[None, :] >= ctx[:, None])[:, None, None, :]
     # Queries as the model makes them: a slice of a wider q|k tensor, so rows are strided.
     wide = torch.randn(len(lens), heads + kv_heads, dim, generator=g).to(dtype)
     q = wide[:, :heads]
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(len(lens), dtype=torch.long), num_decodes=len(lens),
-        decode_block_tables=tables, decode_mask=mask, prefills=[], decode_context_lens=ctx,
+        decode_block_tables=tables, decode_context_lens=ctx, prefills=[],
     )
     return q, k_cache, v_cache, meta
 
@@ -64,32 +65,32 @@ def test_kernel_matches_torch_reference(case, dtype, tol):
     q, k_cache, v_cache, meta = decode_case(heads, kv_heads, dim, block, lens, dtype)
     want = torch_paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, dim**-0.5)
     out = torch.full(q.shape, float("nan"), dtype=dtype)  # poisoned: every row must be written
-    cpu_attention.kernel()(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, dim**-0.5, out)
+    cpu_backend.kernel()(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, dim**-0.5, out)
     assert not out.isnan().any()
     rel = ((out.float() - want).norm() / want.norm()).item()
     assert rel < tol, rel
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
-def test_dispatch_mixes_kernel_decodes_with_torch_prefill_chunks():
-    # A step with decodes and a prefill chunk: paged_attention runs the kernel for the decode
-    # rows and the torch code for the chunk; the whole must equal the reference.
-    from tokenmill.model.attention import PrefillChunk
-
+def test_backend_mixes_kernel_decodes_with_torch_prefill_chunks():
+    # A step with decodes and a prefill chunk: the backend runs the kernel for the decode rows
+    # and the torch code for the chunk; the whole must equal the reference.
     q, k_cache, v_cache, meta = decode_case(9, 3, 64, 16, [20, 45], torch.float32, seed=1)
     chunk_q = torch.randn(6, 9, 64, generator=torch.Generator().manual_seed(2))
     q = torch.cat([q, chunk_q])
     meta.prefills = [PrefillChunk(start=2, num_tokens=6, context_len=30, block_table=torch.tensor([40, 41]))]
     meta.slot_mapping = torch.zeros(8, dtype=torch.long)
-    got = paged_attention(q, k_cache, v_cache, meta, 0.125)
+    backend = choose_backend(torch.device("cpu"), torch.float32)
+    assert isinstance(backend, CpuAttention)
+    got = backend.forward(q, k_cache, v_cache, backend.prepare(meta, k_cache), 0.125)
     want = torch_paged_attention(q, k_cache, v_cache, meta, 0.125)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_torch_path_when_the_kernel_is_unavailable(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "kernel", lambda: None)
-    q, k_cache, v_cache, meta = decode_case(9, 3, 64, 16, [20, 45], torch.float32, seed=3)
-    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, meta, 0.125), torch_paged_attention(q, k_cache, v_cache, meta, 0.125))
+def test_torch_backend_where_the_kernel_does_not_run(monkeypatch):
+    assert type(choose_backend(torch.device("cpu"), torch.float16)) is TorchAttention  # not compiled for it
+    monkeypatch.setattr(cpu_backend, "kernel", lambda: None)
+    assert type(choose_backend(torch.device("cpu"), torch.float32)) is TorchAttention
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
@@ -98,4 +99,4 @@ def test_kernel_refuses_a_context_past_its_table():
     lens = meta.decode_context_lens.clone()
     lens[1] = meta.decode_block_tables.shape[1] * 16 + 1
     with pytest.raises(RuntimeError, match="longer than its block table"):
-        cpu_attention.kernel()(q, k_cache, v_cache, meta.decode_block_tables, lens, 0.125, torch.empty(q.shape))
+        cpu_backend.kernel()(q, k_cache, v_cache, meta.decode_block_tables, lens, 0.125, torch.empty(q.shape))

@@ -7,7 +7,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.model.cuda_graphs import DecodeGraphs, batch_ladder
-from tokenmill.model.runner import Segment
+from tokenmill.step import ScheduledSeq
 
 
 def test_batch_ladder():
@@ -25,7 +25,7 @@ def _decode_segments(llm, prompts):
     reqs = sorted(engine.scheduler.running, key=lambda r: int(r.request_id))
     for r in reqs:  # room for the next token's KV
         assert engine.kv.allocate_slots(r, 1)
-    return reqs, [Segment(list(r.block_ids), r.num_computed_tokens, [r.output_token_ids[-1]]) for r in reqs]
+    return reqs, [ScheduledSeq(list(r.block_ids), r.num_computed_tokens, [r.output_token_ids[-1]]) for r in reqs]
 
 
 @pytest.mark.parametrize("capture", [False] + ([True] if torch.cuda.is_available() else []))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.model import real
-from tokenmill.model.quant import QuantizedWeight, dequantize
+from tokenmill.model.gguf_blocks import QuantizedWeight
 from tokenmill.sampling import SamplingParams
 
 MAX_TOKENS = 32
@@ -59,7 +59,7 @@ def test_weights_equal_transformers(hf):
     theirs = hf.state_dict()
     assert set(ours) == set(theirs) - {"lm_head.weight"}  # tied: transformers lists it too
     for name, w in ours.items():
-        w = dequantize(w) if isinstance(w, QuantizedWeight) else w
+        w = w.dequantize() if isinstance(w, QuantizedWeight) else w
         assert torch.equal(w, theirs[name]), name
 
 

@@ -14,7 +14,7 @@ from tests.tiny import tiny_hf_model, tiny_tokenizer
 from tokenmill.config import EngineConfig
 from tokenmill.model import loader
 from tokenmill.model.loader import ModelLoadError, load_model
-from tokenmill.model.quant import QuantizedWeight, dequantize
+from tokenmill.model.gguf_blocks import QuantizedWeight
 
 
 def roundtrip(w: torch.Tensor, qtype: Q | None) -> torch.Tensor:
@@ -32,7 +32,7 @@ def test_weights_come_back_in_hf_layout(tmp_path, arch, qtype):
     assert m.source == str(path)
     assert set(m.weights) == set(expected)
     for name, w in m.weights.items():
-        got = dequantize(w) if isinstance(w, QuantizedWeight) else w
+        got = w.dequantize() if isinstance(w, QuantizedWeight) else w
         assert got.dtype == torch.float32
         assert torch.equal(got, roundtrip(expected[name], qtype)), name
     hf = tiny_hf_model(arch).config

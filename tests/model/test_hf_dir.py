@@ -4,6 +4,9 @@ save_pretrained next to a tokenizer.json, loaded and run by tokenmill."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +58,36 @@ def test_float_checkpoint_quantized_on_load_runs(tmp_path, quantization):
     llm = LLM(str(tmp_path), quantization=quantization, num_kv_blocks=64)
     out = llm.generate(["The quick brown"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+NO_GGUF = """
+import sys
+sys.modules["gguf"] = None  # every `import gguf` now fails, as on a machine without the package
+from tokenmill import LLM
+from tokenmill.sampling import SamplingParams
+path, prompt = sys.argv[1], [int(t) for t in sys.argv[2:]]
+params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+for quantization in ("none", "int8", "int4", "fp8"):
+    out = LLM(path, quantization=quantization, num_kv_blocks=64).generate([prompt], params)
+    print(quantization, *out[0].outputs[0].token_ids)
+"""
+
+
+def test_hf_checkpoint_loads_and_quantizes_without_gguf(tmp_path):
+    # gguf is needed for GGUF files only: an HF checkpoint loads, and its float weights quantize
+    # to int8/int4/fp8, on a machine that lacks it (a subprocess, so the shim cannot leak).
+    model = save_dir(tmp_path)
+    prompt = tiny_tokenizer().backend.encode("Paged attention keeps").ids
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [sys.executable, "-c", NO_GGUF, str(tmp_path), *map(str, prompt)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = {line.split()[0]: [int(t) for t in line.split()[1:]] for line in run.stdout.splitlines()}
+    assert set(outputs) == {"none", "int8", "int4", "fp8"}
+    assert outputs["none"] == hf_greedy(model, prompt, 6)
+    assert all(len(tokens) == 6 for tokens in outputs.values())
 
 
 def test_no_tokenizer_config_uses_config_ids(tmp_path):

@@ -12,14 +12,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
 from tokenmill.model.layers import FloatLinear, weight_nbytes
-from tokenmill.model.quant import (
-    Int4Linear,
-    Int8Linear,
-    QuantizedWeight,
-    dequantize,
-    make_linear,
-    q4_values_scales_mins,
-)
+from tokenmill.model.gguf_blocks import QuantizedWeight
+from tokenmill.model.quant import Int4Linear, Int8Linear, make_linear
+from tokenmill.model.step_context import StepContext, step_context
 
 OUT, IN = 96, 128
 
@@ -40,10 +35,10 @@ def x(rows: int = 5) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
 def test_q4_values_reconstruct_exactly(qtype):
     w = gguf_weight(qtype)
-    q, d, m = q4_values_scales_mins(w)
+    q, d, m = w.int4_values()
     assert q.min() >= 0 and q.max() <= 15
     rebuilt = q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
-    assert torch.equal(rebuilt, dequantize(w))
+    assert torch.equal(rebuilt, w.dequantize())
 
 
 def test_int4_kernel_zero_point_convention():
@@ -65,7 +60,7 @@ def test_gguf_auto_stays_quantized_and_matches_float(qtype, cls, rows):
     bias = torch.randn(OUT)
     lin = make_linear(w, bias, torch.float32, "auto", 32)
     assert isinstance(lin, cls)
-    ref = torch.nn.functional.linear(x(rows), dequantize(w), bias)
+    ref = torch.nn.functional.linear(x(rows), w.dequantize(), bias)
     out = lin(x(rows))
     assert out.dtype == torch.float32 and out.shape == (rows, OUT)
     assert rel_err(out, ref) < 1e-2
@@ -75,7 +70,7 @@ def test_gguf_none_dequantizes_exactly():
     w = gguf_weight(Q.Q4_1)
     lin = make_linear(w, None, torch.float32, "none", 32)
     assert isinstance(lin, FloatLinear)
-    assert torch.equal(lin.weight, dequantize(w))
+    assert torch.equal(lin.weight, w.dequantize())
     lin16 = make_linear(w, None, torch.bfloat16, "none", 32)
     assert lin16.weight.dtype == torch.bfloat16 and lin16(x().bfloat16()).dtype == torch.bfloat16
 
@@ -160,33 +155,40 @@ def test_stacked_projection_equals_its_parts_side_by_side(stack, quantization):
 
 
 @pytest.mark.parametrize("qtype, cls", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])
-def test_dense_copy_serves_the_rows_from_dense_from(qtype, cls):
-    # Rows from dense_from on run a bf16 GEMM over a copy of the kernel's own weight values: they
-    # must match the quantized kernel (same weights, other summation order); rows before it must
-    # be the kernel's bit for bit, whatever follows them; the copy is not counted as weights a
-    # decode step reads.
+def test_dense_copy_serves_the_rows_from_the_first_prompt_row(qtype, cls):
+    # Rows from the step's first prompt row on run a bf16 GEMM over a copy of the kernel's own
+    # weight values: they must match the quantized kernel (same weights, other summation order);
+    # rows before it must be the kernel's bit for bit, whatever follows them; a head built to run
+    # every row dense does so in any step; the copy is not counted as weights a decode step reads.
     w = gguf_weight(qtype)
     bias = torch.randn(OUT)
     plain = make_linear(w, bias, torch.float32, "auto", 32)
-    dense = make_linear(w, bias, torch.float32, "auto", 32, dense=True)
+    dense = make_linear(w, bias, torch.float32, "auto", 32, dense_rows="prompt")
+    head = make_linear(w, bias, torch.float32, "auto", 32, dense_rows="all")
     assert type(dense) is cls and dense.dense.dtype == torch.bfloat16 and plain.dense is None
     rows = x(9)
     want = plain(rows)
-    assert torch.equal(dense(rows), want) and torch.equal(dense(rows, dense_from=9), want)
-    assert torch.equal(plain(rows, dense_from=0), want)  # no copy: the kernel throughout
-    split = dense(rows, dense_from=4)
+    assert torch.equal(dense(rows), want)  # outside a step: no prompt rows
+    with step_context(StepContext(first_prompt_row=9)):
+        assert torch.equal(dense(rows), want)
+    with step_context(StepContext(first_prompt_row=0)):
+        assert torch.equal(plain(rows), want)  # no copy: the kernel throughout
+        all_dense = dense(rows)
+    with step_context(StepContext(first_prompt_row=4)):
+        split = dense(rows)
+        assert torch.equal(head(rows), all_dense)
+    assert torch.equal(head(rows), all_dense)
     assert torch.equal(split[:4], want[:4])
     assert not torch.equal(split[4:], want[4:])  # the other path really ran
-    all_dense = dense(rows, dense_from=0)
     assert torch.equal(split[4:], all_dense[4:])  # a row's dense result does not depend on the others
     assert rel_err(all_dense, want) < 1e-2
-    assert rel_err(all_dense, FloatLinear(dequantize(w), bias)(rows)) < 2e-2
+    assert rel_err(all_dense, FloatLinear(w.dequantize(), bias)(rows)) < 2e-2
     assert weight_nbytes(dense) == weight_nbytes(plain)
 
 
 @pytest.mark.parametrize("quantization", ["int4", "int8"])
 def test_dense_copy_from_float_weights(quantization):
     w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(3))
-    dense = make_linear(w, None, torch.float32, quantization, 32, dense=True)
+    dense = make_linear(w, None, torch.float32, quantization, 32, dense_rows="all")
     plain = make_linear(w, None, torch.float32, quantization, 32)
-    assert rel_err(dense(x(9), dense_from=0), plain(x(9))) < 1e-2
+    assert rel_err(dense(x(9)), plain(x(9))) < 1e-2

@@ -1,4 +1,4 @@
-"""Triton paged-attention kernels (tokenmill/model/triton_attention.py) vs the torch reference.
+"""Triton paged-attention kernels (tokenmill/model/attention/triton_backend.py) vs the torch reference.
 
 Without CUDA the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is
 set here, before triton is imported); with CUDA they run on the GPU. Both in float32 and
@@ -35,14 +35,14 @@ if pytest is not None:
     # The interpreter's numpy warns on log2(0) of an empty split (-inf there, as on the GPU).
     pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 
-from tokenmill.model import triton_attention as ta  # noqa: E402
 from tokenmill.model.attention import (  # noqa: E402
     AttentionMetadata,
     PrefillChunk,
-    paged_attention,
+    choose_backend,
     torch_paged_attention,
     torch_write_kv,
 )
+from tokenmill.model.attention import triton_backend as ta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 16
@@ -110,20 +110,19 @@ class Batch:
     def meta(self, tables=None) -> AttentionMetadata:
         tables = tables or self.tables
         decodes = [i for i, (n, _) in enumerate(self.seqs) if n == 1]
-        dec_tables = dec_mask = None
+        dec_tables = dec_lens = None
         if decodes:
             width = max(len(tables[i]) for i in decodes)
             dec_tables = torch.zeros(len(decodes), width, dtype=torch.long)
             for row, i in enumerate(decodes):
                 dec_tables[row, : len(tables[i])] = tables[i]
-            ctx = torch.tensor([self.seqs[i][1] for i in decodes])
-            dec_mask = (torch.arange(width * BLOCK)[None, :] >= ctx[:, None])[:, None, None, :]
+            dec_lens = torch.tensor([self.seqs[i][1] for i in decodes])
         prefills, start = [], len(decodes)
         for i, (n, ctx) in enumerate(self.seqs):
             if n > 1:
                 prefills.append(PrefillChunk(start, n, ctx, tables[i]))
                 start += n
-        return AttentionMetadata(torch.zeros(start, dtype=torch.long), len(decodes), dec_tables, dec_mask, prefills)
+        return AttentionMetadata(torch.zeros(start, dtype=torch.long), len(decodes), dec_tables, dec_lens, prefills)
 
     def inputs(self):
         """q, k_cache, v_cache in the tested dtype on the tested device (poison kept)."""
@@ -226,15 +225,17 @@ def test_split_heuristic():
     assert ta._split_tokens(1, 8, 100, 132, 64) == 256  # never below 256 keys
 
 
-def test_dispatch_on_cuda():
-    """attention.paged_attention takes the Triton path for CUDA tensors, from CPU metadata."""
+def test_backend_on_cuda():
+    """CUDA gets the Triton backend, which runs a step from CPU metadata prepared once."""
     if DEVICE != "cuda":
         skip("needs CUDA")
+    backend = choose_backend(torch.device("cuda"), torch.bfloat16)
+    assert isinstance(backend, ta.TritonAttention) and backend.graph_capturable
     b = Batch(MIXED, kv_heads=2, group=4, head_dim=128, dtype=torch.bfloat16)
     q, k, v = b.inputs()
-    meta = b.meta()
-    check(paged_attention(q, k, v, meta, b.scale), b.reference(), torch.bfloat16)
-    assert "triton" in meta.backend_cache
+    step = backend.prepare(b.meta(), k)
+    assert step.slots.is_cuda and step.decode_lens.is_cuda
+    check(backend.forward(q, k, v, step, b.scale), b.reference(), torch.bfloat16)
 
 
 def test_kernels_compile_for_hopper():

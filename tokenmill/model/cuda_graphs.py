@@ -5,8 +5,8 @@ Python, the GPU waits on the host. Capturing the forward once per batch size in 
 replaying it removes that. Inputs live in static buffers that each step overwrites; a batch is
 padded up to the next captured size with rows that see no keys (context length 0) and write
 their K/V into the runner's scratch block, so they touch no request's cache. Needs an
-attention backend whose launches depend only on shapes (the Triton one; the block-table width
-is fixed at the longest context, so the grid never changes).
+attention backend whose launches depend only on shapes (`graph_capturable`: the Triton one; the
+block-table width is fixed at the longest context, so the grid never changes).
 
 `capture=False` runs the same padded static-buffer path eagerly: how the CPU tests check the
 padding logic, since CUDA graphs themselves need a GPU.
@@ -62,14 +62,10 @@ class DecodeGraphs:
         if capture:
             self._capture()
 
-    def _meta(self, b: int, eager: bool) -> AttentionMetadata:
-        mask = None
-        if eager:  # the torch backend masks by position instead of reading context lengths
-            keys = torch.arange(self.max_blocks * self.block_size, device=self.device)
-            mask = (keys[None, :] >= self.lens[:b, None])[:, None, None, :]
+    def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slots[:b], num_decodes=b, decode_block_tables=self.tables[:b],
-            decode_mask=mask, prefills=[], decode_context_lens=self.lens[:b],
+            decode_context_lens=self.lens[:b], prefills=[],
         )
 
     @torch.inference_mode()
@@ -78,7 +74,7 @@ class DecodeGraphs:
         model, kv = self.model, self.kv_caches
         pool = None
         for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            meta = self._meta(b, eager=False)
+            meta = self._meta(b)
             model(self.ids[:b], self.positions[:b], kv, meta)  # warm-up: Triton compiles, cuBLAS picks
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -124,5 +120,4 @@ class DecodeGraphs:
         if self.graphs:
             self.graphs[b].replay()
             return self.outputs[b][:n]
-        meta = self._meta(b, eager=True)  # the mask follows this step's lengths
-        return self.model(self.ids[:b], self.positions[:b], self.kv_caches, meta)[:n]
+        return self.model(self.ids[:b], self.positions[:b], self.kv_caches, self._meta(b))[:n]

@@ -33,8 +33,8 @@ class Fp8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         self.dtype = dtype
 
-    def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
-        shape = x.shape  # dense_from: a CPU quantized linear's switch (quant.py); one kernel here
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
         x8, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
         # mat2 must be column-major: the [out, in] row-major weight, transposed, is exactly that.
         # CUDA's row-wise scaled matmul writes bf16 only; other dtypes are cast from it.

@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.quant import QuantizedWeight
+from tokenmill.model.gguf_blocks import QuantizedWeight
 from tokenmill.model.tokenizer import Tokenizer
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)

@@ -33,8 +33,7 @@ class FloatLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
-        # dense_from: where quantized linears switch kernels (quant.py); one kernel here.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
@@ -46,8 +45,8 @@ class ConcatLinear(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(parts)
 
-    def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
-        return torch.cat([p(x, dense_from) for p in self.parts], dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -103,9 +102,9 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up, self.down = gate_up, down  # gate_up: the gate and up projections stacked
 
-    def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
-        gate, up = self.gate_up(x, dense_from).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up, dense_from)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 def weight_nbytes(module: nn.Module) -> int:

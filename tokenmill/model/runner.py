@@ -14,10 +14,9 @@ from tokenmill.model.attention import AttentionMetadata, PrefillChunk
 from tokenmill.model.host import to_device
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.sampler import Sampler
+from tokenmill.model.step_context import StepContext
 from tokenmill.outputs import SampleResult
 from tokenmill.step import ScheduledSeq, StepRecord
-
-Segment = ScheduledSeq  # what forward() runs: a bare ScheduledSeq is enough
 
 DTYPE_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -72,16 +71,16 @@ class ModelRunner:
                 results[seq.request_id] = res
         return results
 
-    def forward(self, segments: list[Segment]) -> torch.Tensor:
+    def forward(self, segments: list[ScheduledSeq]) -> torch.Tensor:
         """Hidden states of every token of the segments, in batch_order(): one-token
         generated segments, then other generated ones, then prompt chunks."""
         graphs = self.decode_graphs
         if graphs is not None and graphs.fits(segments):
             return graphs.run(segments)
-        input_ids, positions, meta = self._prepare(segments)
-        return self.model(input_ids, positions, self.kv_caches, meta)
+        input_ids, positions, meta, step = self._prepare(segments)
+        return self.model(input_ids, positions, self.kv_caches, meta, step)
 
-    def _prepare(self, segments: list[Segment]):
+    def _prepare(self, segments: list[ScheduledSeq]):
         bs = self.block_size
         kinds = [s.prompt for s in segments]
         assert kinds == sorted(kinds), "generated-token segments must precede prompt segments"
@@ -89,7 +88,7 @@ class ModelRunner:
         pos: list[int] = []
         slots: list[int] = []
         # Decode rows: the leading one-token segments of generated tokens. A one-token prompt
-        # chunk is a prefill chunk here, so it stays among the prompt rows (see decode_first).
+        # chunk is a prefill chunk here, so it stays among the prompt rows (see batch_order).
         nd = 0
         while nd < len(segments) and len(segments[nd].token_ids) == 1 and not segments[nd].prompt:
             nd += 1
@@ -101,13 +100,12 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, s.end))
 
         dev = self.device
-        decode_tables = decode_mask = ctx = None
+        decode_tables = ctx = None
         if decodes:
             max_blocks = max(len(s.block_ids) for s in decodes)
             decode_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes])
             ctx = torch.tensor([s.end for s in decodes])
-            decode_mask = (torch.arange(max_blocks * bs)[None, :] >= ctx[:, None])[:, None, None, :]
-            decode_tables, decode_mask, ctx = (to_device(t, dev) for t in (decode_tables, decode_mask, ctx))
+            decode_tables, ctx = to_device(decode_tables, dev), to_device(ctx, dev)
 
         prefills = []
         offset = len(decodes)
@@ -120,12 +118,11 @@ class ModelRunner:
             slot_mapping=to_device(slots, dev),
             num_decodes=len(decodes),
             decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
-            prefills=prefills,
             decode_context_lens=ctx,
-            dense_from=sum(len(s.token_ids) for s in segments if not s.prompt),
+            prefills=prefills,
         )
-        return to_device(ids, dev), to_device(pos, dev), meta
+        step = StepContext(first_prompt_row=sum(len(s.token_ids) for s in segments if not s.prompt))
+        return to_device(ids, dev), to_device(pos, dev), meta, step
 
 
 def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -143,5 +140,5 @@ def batch_order(seqs: list[ScheduledSeq]) -> list[ScheduledSeq]:
     """A step's sequences in batch order: decodes (one generated token) first, as attention
     batches them together; then verify chunks (a generated token and its drafts); prompt chunks
     last, as quantized linears run every row from the first prompt row on through their dense
-    copies (AttentionMetadata.dense_from)."""
+    copies (StepContext.first_prompt_row)."""
     return sorted(seqs, key=lambda s: (s.prompt, len(s.token_ids) != 1))

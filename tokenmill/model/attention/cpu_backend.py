@@ -1,15 +1,16 @@
 """Paged decode attention for the CPU, in C++: one query token per sequence attends to its
-keys and values where they lie in the block pool, with no gather into a copy.
+keys and values where they lie in the block pool, with no gather into a copy. Prefill chunks
+run the torch code (torch_backend.py).
 
-Why a kernel: the torch path (attention.torch_paged_attention) gathers every sequence's K and V
-blocks into new tensors, then runs two batched matmuls and a dozen small ops per layer. With 16
-sequences of ~300 tokens the gather alone is as costly as the matmuls, and at batch 1 the small
-ops' dispatch overhead dominates. Here one task per (sequence, KV head) reads each key and value
-row once, for all the query heads that share it (GQA), with float32 accumulation.
+Why a kernel: the torch path gathers every sequence's K and V blocks into new tensors, then runs
+two batched matmuls and a dozen small ops per layer. With 16 sequences of ~300 tokens the gather
+alone is as costly as the matmuls, and at batch 1 the small ops' dispatch overhead dominates.
+Here one task per (sequence, KV head) reads each key and value row once, for all the query heads
+that share it (GQA), with float32 accumulation.
 
 Built at first use with torch.utils.cpp_extension (g++ and ninja; ~1 minute once, then cached
 in torch's extension directory). Where it cannot be built, `kernel()` returns None and the
-torch path runs; the engine logs which one it uses.
+model gets the torch backend instead (attention/backend.py, which logs the choice).
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ import hashlib
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 
-log = logging.getLogger("tokenmill.cpu_attention")
+from tokenmill.model.attention.torch_backend import TorchAttention, TorchStep
+
+log = logging.getLogger("tokenmill")
+
+DTYPES = (torch.float32, torch.bfloat16)  # what the kernel is compiled for
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -117,6 +123,20 @@ void paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
   }
 }
 """
+
+
+class CpuAttention(TorchAttention):
+    """The torch backend with its decode rows run by the C++ kernel."""
+
+    name = "C++ CPU decode kernel"
+
+    def __init__(self, paged_decode: Callable[..., None]):
+        self.paged_decode = paged_decode  # kernel()'s
+
+    def decode(self, q, k_cache, v_cache, step: TorchStep, scale: float, out: torch.Tensor) -> None:
+        meta = step.meta
+        nd = meta.num_decodes
+        self.paged_decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out[:nd])
 
 
 @functools.cache

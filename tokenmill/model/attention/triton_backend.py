@@ -1,7 +1,7 @@
 """Paged attention, Triton backend: the GPU path.
 
-Same contract as the torch backend in attention.py, which stays the CPU path and the
-reference these kernels are tested against. Pool layout per layer:
+Same contract as the torch backend (torch_backend.py), the reference these kernels are tested
+against. Pool layout per layer:
 k_cache / v_cache [num_blocks, kv_heads, block_size, head_dim]; token t of a sequence lives
 in block table[t // block_size] at offset t % block_size.
 
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.model.attention import AttentionMetadata, PrefillChunk
+from tokenmill.model.attention.metadata import AttentionMetadata, PrefillChunk
 
 _LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
@@ -348,31 +348,52 @@ def prefill_attention(
     return out
 
 
-def _step_tensors(meta: AttentionMetadata, device: torch.device):
-    """The metadata as the kernels want it, derived once per step and kept on meta for every layer."""
-    cache = meta.backend_cache
-    if "triton" not in cache:
-        tables = lens = packed = None
-        if meta.num_decodes:
-            tables = meta.decode_block_tables.to(device, non_blocking=True)
-            lens = meta.decode_context_lens
-            if lens is None:  # runner did not pass them: count the unmasked keys (on device)
-                lens = (~meta.decode_mask.to(device, non_blocking=True)).sum(-1).flatten()
-            lens = lens.to(device, non_blocking=True)
-        if meta.prefills:
-            packed = pack_prefills(meta.prefills, device)
-        cache["triton"] = (tables, lens, packed)
-    return cache["triton"]
+@dataclass
+class TritonStep:
+    """The metadata as the kernels want it, derived once per step for every layer."""
+
+    slots: torch.Tensor  # [T] on the pool's device
+    num_decodes: int
+    decode_tables: torch.Tensor | None
+    decode_lens: torch.Tensor | None
+    prefills: PackedPrefills | None
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata, device: torch.device) -> "TritonStep":
+        def dev(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        packed = pack_prefills(meta.prefills, device) if meta.prefills else None
+        return cls(dev(meta.slot_mapping), meta.num_decodes, dev(meta.decode_block_tables), dev(meta.decode_context_lens), packed)
+
+
+class TritonAttention:
+    name = "triton"
+    # Every launch's grid comes from shapes and host ints (see above): a decode step replays
+    # as a CUDA graph (model/cuda_graphs.py).
+    graph_capturable = True
+
+    def prepare(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> TritonStep:
+        return TritonStep.of(meta, k_cache.device)
+
+    def write_kv(self, k_cache, v_cache, k, v, step: TritonStep) -> None:
+        write_kv(k_cache, v_cache, k, v, step.slots)
+
+    def forward(self, q, k_cache, v_cache, step: TritonStep, scale: float) -> torch.Tensor:
+        return attend(q, k_cache, v_cache, step, scale)
+
+
+def attend(q, k_cache, v_cache, step: TritonStep, scale: float, out=None, split_tokens=None):
+    """Decodes first, then the prefill chunks."""
+    out = torch.empty_like(q) if out is None else out
+    nd = step.num_decodes
+    if nd:
+        decode_attention(q[:nd], k_cache, v_cache, step.decode_tables, step.decode_lens, scale, out=out[:nd], split_tokens=split_tokens)
+    if step.prefills is not None:
+        prefill_attention(q, k_cache, v_cache, step.prefills, scale, out)
+    return out
 
 
 def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out=None, split_tokens=None):
-    """Drop-in for attention.paged_attention: decodes first, then the prefill chunks."""
-    out = torch.empty_like(q) if out is None else out
-    tables, lens, packed = _step_tensors(meta, q.device)
-    nd = meta.num_decodes
-    if nd:
-        decode_attention(q[:nd], k_cache, v_cache, tables, lens, scale, out=out[:nd], split_tokens=split_tokens)
-    if packed is not None:
-        prefill_attention(q, k_cache, v_cache, packed, scale, out)
-    return out
-
+    """attend() from plain metadata, for tests and benchmarks (the model prepares once per step)."""
+    return attend(q, k_cache, v_cache, TritonStep.of(meta, q.device), scale, out, split_tokens)

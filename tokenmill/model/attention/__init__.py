@@ -1,0 +1,18 @@
+"""Paged attention: the step's metadata (metadata.py), the backend interface and its choice
+(backend.py), and one module per backend: torch_backend.py (the reference, and the path for
+what no kernel covers), cpu_backend.py (a C++ decode kernel), triton_backend.py (the GPU's
+kernels, imported only when chosen, so CPU runs never pay for importing triton)."""
+
+from tokenmill.model.attention.backend import AttentionBackend, choose_backend
+from tokenmill.model.attention.metadata import AttentionMetadata, PrefillChunk
+from tokenmill.model.attention.torch_backend import TorchAttention, torch_paged_attention, torch_write_kv
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "PrefillChunk",
+    "TorchAttention",
+    "choose_backend",
+    "torch_paged_attention",
+    "torch_write_kv",
+]

@@ -1,0 +1,103 @@
+"""GGUF tensors kept in their file encoding, and what the linears need from them: the float
+matrix (gguf's reference dequantizer) or, for the types that map onto a CPU kernel, the integer
+values and scales as they are.
+
+The one place besides the file reader (gguf.py) that imports `gguf`: a QuantizedWeight only
+exists where a GGUF file was read, so HF checkpoints and quantization of float weights
+(quant.py) work without the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+Q = GGMLQuantizationType
+# The integer kernel (quant.py) that runs each of these types on the file's own values.
+KERNEL_FORMATS: dict[GGMLQuantizationType, Literal["int4", "int8"]] = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q8_0: "int8"}
+
+
+@dataclass
+class QuantizedWeight:
+    """A GGUF tensor kept in its file encoding: `data` is the raw bytes, one row of blocks per
+    output row ([out, in_bytes] uint8), `shape` the logical [out, in] of the float matrix."""
+
+    data: np.ndarray
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def kernel_format(self) -> Literal["int4", "int8"] | None:
+        """The integer kernel that runs these blocks exactly as they are, if any."""
+        return KERNEL_FORMATS.get(self.qtype)
+
+    @staticmethod
+    def stacked(weights: list) -> "QuantizedWeight | None":
+        """Weights stacked along the output dim (exact: blocks run along the input dim), or None
+        when they are not all QuantizedWeights of one type."""
+        first = weights[0]
+        if not all(isinstance(w, QuantizedWeight) and w.qtype == first.qtype for w in weights):
+            return None
+        rows = sum(w.shape[0] for w in weights)
+        return QuantizedWeight(np.concatenate([w.data for w in weights]), first.qtype, (rows, first.shape[1]))
+
+    def rows(self, index: np.ndarray | torch.Tensor) -> "QuantizedWeight":
+        # Blocks run along the input dim, so reordering output rows keeps the encoding exact
+        # (used to undo llama.cpp's Q/K row permutation without dequantizing).
+        index = np.asarray(index)
+        return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [out, in] matrix this weight encodes (gguf's reference dequantizer)."""
+        out = gguf_dequantize(self.data, self.qtype)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(self.shape))
+
+    def int4_values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q4_0/Q4_1 -> (q [out, in] int32 in 0..15, d [out, in/32], m [out, in/32]) with w = d*q + m
+        (Q4_0: w = d*(q-8), i.e. m = -8d). The nibble order is whatever gguf's dequantizer uses:
+        we dequantize a copy whose scale is 1 and minimum 0, which yields q itself."""
+        blocks = self._blocks()
+        out, inp = self.shape
+        d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+        if self.qtype == Q.Q4_1:
+            m = blocks[:, 2:4].view(np.float16).astype(np.float32)
+            unit = blocks.copy()
+            unit[:, 0:4] = np.array([1.0, 0.0], dtype=np.float16).view(np.uint8)
+            q = gguf_dequantize(unit, Q.Q4_1)
+        elif self.qtype == Q.Q4_0:
+            m = -8.0 * d
+            unit = blocks.copy()
+            unit[:, 0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+            q = gguf_dequantize(unit, Q.Q4_0) + 8.0  # Q4_0 dequantizes to (q - 8) * d
+        else:
+            raise ValueError(f"not a 4-bit type: {self.qtype.name}")
+        groups = inp // 32
+        return (
+            torch.from_numpy(np.rint(q).astype(np.int32).reshape(out, inp)),
+            torch.from_numpy(d.reshape(out, groups)),
+            torch.from_numpy(m.reshape(out, groups)),
+        )
+
+    def int8_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q8_0 -> (q [out, in] int8, d [out, in/32]) with w = d * q: each block is an fp16 scale
+        d, then 32 int8 values."""
+        if self.qtype != Q.Q8_0:
+            raise ValueError(f"not Q8_0: {self.qtype.name}")
+        blocks = self._blocks()
+        out, inp = self.shape
+        d = torch.from_numpy(blocks[:, 0:2].view(np.float16).astype(np.float32).reshape(out, inp // 32))
+        q = torch.from_numpy(blocks[:, 2:].view(np.int8).reshape(out, inp).copy())
+        return q, d
+
+    def _blocks(self) -> np.ndarray:
+        block_size, type_size = GGML_QUANT_SIZES[self.qtype]
+        return self.data.reshape(-1, type_size)
