@@ -58,10 +58,13 @@ class PrefillCounter:
         self.tokens = 0
         execute = llm.engine.runner.execute
 
-        def wrapped(sched):
-            for c in sched.chunks:
-                self.tokens += max(0, min(c.end, c.request.num_prompt_tokens) - c.start)
-            return execute(sched)
+        requests = llm.engine.scheduler.requests
+
+        def wrapped(record):
+            for s in record.seqs:
+                prompt_len = requests[s.request_id].num_prompt_tokens
+                self.tokens += max(0, min(s.start + s.num_computed, prompt_len) - s.start)
+            return execute(record)
 
         llm.engine.runner.execute = wrapped
 

@@ -188,3 +188,37 @@ def test_compile_cache(llm):
     before = compiler.num_compiled
     assert compiler.compile(StructuredOutput(json=json.dumps(spec.json))) is a
     assert compiler.num_compiled == before
+
+
+def test_client_gone_mid_compile_does_not_poison_the_cache(llm, monkeypatch):
+    """A request cancelled while its grammar compiles must not cancel the compile that the
+    cache shares with every later request for the same constraint."""
+    import asyncio
+
+    from tokenmill.engine.async_engine import AsyncEngine
+
+    compiler = llm.engine.grammars
+    slow_compile = compiler._compile
+
+    def compile_later(spec):
+        time.sleep(0.3)
+        return slow_compile(spec)
+
+    monkeypatch.setattr(compiler, "_compile", compile_later)
+    engine = AsyncEngine(llm.engine)  # check_structured needs no engine thread
+    spec = StructuredOutput(regex=r"[a-c]{3}x")
+
+    async def main():
+        # Two other compiles take the pool's threads, so this one waits in its queue: the only
+        # state in which cancelling an awaiter could cancel the shared future itself.
+        for other in ("[d-f]{3}x", "[g-i]{3}x"):
+            compiler.submit(StructuredOutput(regex=other))
+        task = asyncio.create_task(engine.check_structured(spec))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await engine.check_structured(spec)  # the shared compile finishes for the next caller
+
+    asyncio.run(main())
+    assert not compiler.submit(spec).cancelled()

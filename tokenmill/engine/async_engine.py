@@ -81,7 +81,9 @@ class AsyncEngine:
     async def check_structured(self, spec: StructuredOutput) -> None:
         """Compile (and cache) a constraint without blocking the event loop; raises ValueError
         naming what is wrong."""
-        await asyncio.wrap_future(self.engine.grammars.submit(spec))
+        # Shielded: the future is shared through the compiler's cache, and a client that goes
+        # away mid-compile must not cancel it for every later request with this constraint.
+        await asyncio.shield(asyncio.wrap_future(self.engine.grammars.submit(spec)))
 
     def start(self) -> None:
         if self._thread is None:

@@ -121,6 +121,8 @@ class EngineCore:
         if not sched.is_empty:
             record = self._record(sched)
             sampled = self.executor.execute(record)
+            # Only now: a step that failed hands the same ids to the next one.
+            del self._finished_ids[: len(record.finished_request_ids)]
             self._after_execute(sched, record, sampled)
             self.stats.num_steps += 1
             self.stats.last_step_tokens = sched.num_batched_tokens
@@ -160,8 +162,7 @@ class EngineCore:
                 request.grammar.fill_bitmask(bitmask, row)
         rows = {r.request_id: i for i, r in enumerate(constrained)}
         seqs = [_scheduled_seq(c, rows.get(c.request.request_id)) for c in sched.chunks]
-        finished, self._finished_ids = self._finished_ids, []
-        return StepRecord(seqs, finished, bitmask)
+        return StepRecord(seqs, list(self._finished_ids), bitmask)
 
     def _propose(self, sched: SchedulerOutput) -> None:
         active = [c for c in sched.chunks if c.num_lookahead]

@@ -103,8 +103,8 @@ class Engine:
         )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        out, running = self.outputs.abort(request_id)
-        for core_id in running:
+        out, core_ids = self.outputs.abort(request_id)
+        for core_id in core_ids:
             self.core.abort(core_id)
         return out
 

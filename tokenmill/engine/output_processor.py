@@ -95,15 +95,16 @@ class OutputProcessor:
             self._by_core_id[c.request_id] = (group, c)
 
     def abort(self, request_id: str) -> tuple[RequestOutput | None, list[str]]:
-        """End a group: its output, and the core ids of its completions still running."""
+        """End a group: its output, and the core ids of all its completions. All, not only the
+        unfinished: one a stop string ended here may not have been stopped in the core yet (a
+        step that failed in between), and aborting a finished core request does nothing."""
         group = self.groups.get(request_id)
         if group is None:
             return None, []
-        running = [c.request_id for c in group.completions if c.finish_reason is None]
         for c in group.completions:
             if c.finish_reason is None:
                 c.finish_reason = "abort"
-        return self._finish(group), running
+        return self._finish(group), [c.request_id for c in group.completions]
 
     def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """The step's outputs per touched group, and the core ids a stop string ended."""

@@ -56,7 +56,7 @@ class GrammarCompiler:
         key = spec.key
         with self._lock:
             fut = self._cache.get(key)
-            if fut is not None:
+            if fut is not None and not fut.cancelled():  # a cancelled one is compiled anew
                 self._cache.move_to_end(key)
                 return fut
             fut = self._pool.submit(self._compile, spec)
