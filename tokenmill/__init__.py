@@ -3,7 +3,7 @@
 from tokenmill.config import EngineConfig
 from tokenmill.sampling import SamplingParams
 
-__all__ = ["EngineConfig", "SamplingParams", "LLM", "AsyncEngine", "RequestOutput"]
+__all__ = ["EngineConfig", "SamplingParams", "LLM", "AsyncEngine", "build_async_engine", "RequestOutput"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from tokenmill.engine.async_engine import AsyncEngine
 
         return AsyncEngine
+    if name == "build_async_engine":  # AsyncEngine(engine) wired from an EngineConfig
+        from tokenmill.build import build_async_engine
+
+        return build_async_engine
     if name == "RequestOutput":
         from tokenmill.outputs import RequestOutput
 
