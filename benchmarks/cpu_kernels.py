@@ -73,7 +73,7 @@ def attention() -> None:
             q = torch.randn(b, heads, dim, generator=g)
             out = torch.empty_like(q)
             t_ref = us(lambda: torch_path.forward(q, k_cache, v_cache, step, 0.125), 100)
-            t_k = us(lambda: kernel(q, k_cache, v_cache, tables, lens, 0.125, out), 100)
+            t_k = us(lambda: kernel(q, k_cache, v_cache, tables, torch.arange(b), lens, 0.125, out), 100)
             print(f"| {b} | {ctx} | {t_ref:.0f} | {t_k:.0f} | {t_ref / t_k:.2f}x |")
 
 

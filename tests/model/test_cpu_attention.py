@@ -1,7 +1,7 @@
-"""The C++ CPU decode kernel (tokenmill/model/attention/cpu_backend.py) against the torch
+"""The C++ CPU attention kernel (tokenmill/model/attention/cpu_backend.py) against the torch
 reference (attention.torch_paged_attention) on random pools: GQA ratios, head dims, block sizes,
-context lengths on and off block boundaries, strided queries, float32 and bfloat16; and which
-backend a device gets."""
+context lengths on and off block boundaries, strided queries, float32 and bfloat16; a row's bits
+the same decoded, in a chunk or beside other sequences; and which backend a device gets."""
 
 from __future__ import annotations
 
@@ -65,16 +65,15 @@ def test_kernel_matches_torch_reference(case, dtype, tol):
     q, k_cache, v_cache, meta = decode_case(heads, kv_heads, dim, block, lens, dtype)
     want = torch_paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, dim**-0.5)
     out = torch.full(q.shape, float("nan"), dtype=dtype)  # poisoned: every row must be written
-    cpu_backend.kernel()(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, dim**-0.5, out)
+    rows = torch.arange(len(lens))
+    cpu_backend.kernel()(q, k_cache, v_cache, meta.decode_block_tables, rows, meta.decode_context_lens, dim**-0.5, out)
     assert not out.isnan().any()
     rel = ((out.float() - want).norm() / want.norm()).item()
     assert rel < tol, rel
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
-def test_backend_mixes_kernel_decodes_with_torch_prefill_chunks():
-    # A step with decodes and a prefill chunk: the backend runs the kernel for the decode rows
-    # and the torch code for the chunk; the whole must equal the reference.
+def test_backend_runs_decodes_and_prefill_chunks_like_the_reference():
     q, k_cache, v_cache, meta = decode_case(9, 3, 64, 16, [20, 45], torch.float32, seed=1)
     chunk_q = torch.randn(6, 9, 64, generator=torch.Generator().manual_seed(2))
     q = torch.cat([q, chunk_q])
@@ -85,6 +84,49 @@ def test_backend_mixes_kernel_decodes_with_torch_prefill_chunks():
     got = backend.forward(q, k_cache, v_cache, backend.prepare(meta, k_cache), 0.125)
     want = torch_paged_attention(q, k_cache, v_cache, meta, 0.125)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def prefill_meta(first_row: int, chunks: list[tuple[int, int]], table: torch.Tensor, block: int, decodes=()):
+    """Decodes (context lengths) of the same sequence first, then chunks (num_tokens, context_len)."""
+    nd = len(decodes)
+    prefills, row = [], first_row + nd
+    for n, ctx in chunks:
+        prefills.append(PrefillChunk(start=row, num_tokens=n, context_len=ctx, block_table=table[: -(-ctx // block)]))
+        row += n
+    tables = table[None, :].expand(nd, -1).contiguous() if nd else None
+    return AttentionMetadata(
+        slot_mapping=torch.zeros(row, dtype=torch.long), num_decodes=nd, decode_block_tables=tables,
+        decode_context_lens=torch.tensor(list(decodes)) if nd else None, prefills=prefills,
+    )
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tokens_bits_do_not_depend_on_how_it_is_computed(dtype):
+    # One 70-token sequence (block 16, 5 blocks): its rows prefilled as one chunk, as chunks of
+    # 9 (a chunked prefill or a prefix-cache hit), decoded one at a time, verified as a 4-row
+    # chunk after decodes of other sequences: bit for bit the same output.
+    g = torch.Generator().manual_seed(7)
+    block, n = 16, 70
+    k_cache = torch.randn(32, 3, block, 64, generator=g).to(dtype)
+    v_cache = torch.randn(32, 3, block, 64, generator=g).to(dtype)
+    table = torch.randperm(32, generator=g)[:5]
+    q = torch.randn(n, 9, 64, generator=g).to(dtype)
+    backend = choose_backend(torch.device("cpu"), dtype)
+
+    def run(qq, meta):
+        return backend.forward(qq, k_cache, v_cache, backend.prepare(meta, k_cache), 0.125)
+
+    whole = run(q, prefill_meta(0, [(n, n)], table, block))
+    chunks = [(min(9, n - s), min(s + 9, n)) for s in range(0, n, 9)]
+    pieces = [run(q[ctx - m : ctx], prefill_meta(0, [(m, ctx)], table, block)) for m, ctx in chunks]
+    assert torch.equal(torch.cat(pieces), whole)
+    decoded = [run(q[i : i + 1], prefill_meta(0, [], table, block, decodes=[i + 1])) for i in range(n)]
+    assert torch.equal(torch.cat(decoded), whole)
+    # Beside them in the batch: two decode rows of this sequence, then its 4-row verify chunk.
+    mixed_q = torch.cat([q[10:11], q[40:41], q[60:64]])
+    mixed = run(mixed_q, prefill_meta(0, [(4, 64)], table, block, decodes=[11, 41]))
+    assert torch.equal(mixed, torch.cat([whole[10:11], whole[40:41], whole[60:64]]))
 
 
 def test_torch_backend_where_the_kernel_does_not_run(monkeypatch):
@@ -99,4 +141,4 @@ def test_kernel_refuses_a_context_past_its_table():
     lens = meta.decode_context_lens.clone()
     lens[1] = meta.decode_block_tables.shape[1] * 16 + 1
     with pytest.raises(RuntimeError, match="longer than its block table"):
-        cpu_backend.kernel()(q, k_cache, v_cache, meta.decode_block_tables, lens, 0.125, torch.empty(q.shape))
+        cpu_backend.kernel()(q, k_cache, v_cache, meta.decode_block_tables, torch.arange(2), lens, 0.125, torch.empty(q.shape))

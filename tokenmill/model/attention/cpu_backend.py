@@ -1,12 +1,19 @@
-"""Paged decode attention for the CPU, in C++: one query token per sequence attends to its
-keys and values where they lie in the block pool, with no gather into a copy. Prefill chunks
-run the torch code (torch_backend.py).
+"""Paged attention for the CPU, in C++: every query row (a decode token, a verified draft, a
+prompt token of a prefill chunk) attends to its keys and values where they lie in the block
+pool, with no gather into a copy.
 
-Why a kernel: the torch path gathers every sequence's K and V blocks into new tensors, then runs
-two batched matmuls and a dozen small ops per layer. With 16 sequences of ~300 tokens the gather
-alone is as costly as the matmuls, and at batch 1 the small ops' dispatch overhead dominates.
-Here one task per (sequence, KV head) reads each key and value row once, for all the query heads
-that share it (GQA), with float32 accumulation.
+One kernel for every kind of row, so that a token's arithmetic does not depend on how it was
+computed: greedy text is then the same with speculation on or off (a draft verified in a chunk
+equals the token decoded alone) and with the prefix cache on or off (a prompt's KV prefilled in
+one chunk, in several, or decoded earlier and cached). Each row runs the same operations in the
+same order (scores, max, exp and sum, value sum, all in key order, float32 accumulation)
+whatever the rows beside it; tests check its bits alone and in a batch.
+
+Why C++: the torch path gathers every sequence's K and V blocks into new tensors, then runs
+two batched matmuls and a dozen small ops per layer; at batch 1 the small ops' dispatch overhead
+dominates, and SDPA's tiling (split sizes chosen from the query and key lengths) makes a row's
+result depend on its chunk. Here one task per (tile of up to 16 rows of one sequence, KV head)
+reads each key and value row once, for all the rows and the query heads that share it (GQA).
 
 Built at first use with torch.utils.cpp_extension (g++ and ninja; ~1 minute once, then cached
 in torch's extension directory). Where it cannot be built, `kernel()` returns None and the
@@ -20,10 +27,13 @@ import hashlib
 import logging
 import os
 import time
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
 
+from tokenmill.model.attention.metadata import AttentionMetadata
 from tokenmill.model.attention.torch_backend import TorchAttention, TorchStep
 
 log = logging.getLogger("tokenmill")
@@ -33,6 +43,7 @@ DTYPES = (torch.float32, torch.bfloat16)  # what the kernel is compiled for
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -45,10 +56,18 @@ static inline float dot(const T* a, const float* b, int64_t n) {
   return s;
 }
 
+// Rows are grouped in tiles of consecutive rows of one sequence (a prefill chunk's rows; a
+// decode row is a tile of one). A task is (tile, KV head): each key and value row is read once
+// for the whole tile. Every row's arithmetic is the same sequence of operations whatever its
+// tile: scores in key order, the max, exp and sum in key order, the value sum in key order.
+// So a token gets the same bits whether it is decoded, verified or prefilled, in any batch.
+static constexpr int64_t kTileRows = 16;
+
 template <typename T>
-static void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                   const torch::Tensor& tables, const torch::Tensor& lens, double scale, torch::Tensor& out) {
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                   const torch::Tensor& tables, const torch::Tensor& row_seq, const torch::Tensor& row_ctx,
+                   double scale, torch::Tensor& out) {
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block = k_cache.size(2);
   const int64_t group = heads / kv_heads;
   const int64_t sq0 = q.stride(0), sq1 = q.stride(1), so0 = out.stride(0), so1 = out.stride(1);
@@ -58,90 +77,145 @@ static void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
   const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* seqp = row_seq.data_ptr<int64_t>();
+  const int64_t* ctxp = row_ctx.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
 
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), acc(group * dim), scores;
+  std::vector<int64_t> tiles;  // first row of each tile, then `rows`
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(ctxp[r] >= 0 && ctxp[r] <= max_ctx, "a context is longer than its block table");
+    TORCH_CHECK(seqp[r] >= 0 && seqp[r] < tables.size(0), "a row's sequence has no block table");
+    if (tiles.empty() || seqp[r] != seqp[r - 1] || r - tiles.back() == kTileRows) tiles.push_back(r);
+  }
+  tiles.push_back(rows);
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) - 1;
+
+  at::parallel_for(0, num_tiles * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, acc, scores, mx, total;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, g = task % kv_heads, ctx = lp[b];
-      TORCH_CHECK(ctx >= 0 && ctx <= max_ctx, "a context is longer than its block table");
-      const int64_t* table = tp + b * table_stride;
-      for (int64_t j = 0; j < group; ++j)
-        for (int64_t d = 0; d < dim; ++d)
-          qf[j * dim + d] = static_cast<float>(qp[b * sq0 + (g * group + j) * sq1 + d]) * static_cast<float>(scale);
-      scores.assign(group * ctx, 0.f);
-      std::vector<float> mx(group, -std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < ctx; ++t) {
+      const int64_t tile = task / kv_heads, g = task % kv_heads;
+      const int64_t r0 = tiles[tile], n = tiles[tile + 1] - r0;
+      const int64_t* table = tp + seqp[r0] * table_stride;
+      int64_t span = 0;  // keys the tile reads: the longest context among its rows
+      for (int64_t i = 0; i < n; ++i) span = std::max(span, ctxp[r0 + i]);
+      const int64_t m = n * group;  // query vectors in the task: row i, head j -> i * group + j
+      qf.assign(m * dim, 0.f);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t d = 0; d < dim; ++d)
+            qf[(i * group + j) * dim + d] =
+                static_cast<float>(qp[(r0 + i) * sq0 + (g * group + j) * sq1 + d]) * static_cast<float>(scale);
+      scores.assign(m * span, 0.f);
+      mx.assign(m, -std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < span; ++t) {
         const T* krow = kp + table[t / block] * sb + g * sh + (t % block) * st;
-        for (int64_t j = 0; j < group; ++j) {
-          const float s = dot(krow, qf.data() + j * dim, dim);
-          scores[j * ctx + t] = s;
-          if (s > mx[j]) mx[j] = s;
+        for (int64_t i = 0; i < n; ++i) {
+          if (t >= ctxp[r0 + i]) continue;
+          for (int64_t j = 0; j < group; ++j) {
+            const int64_t v = i * group + j;
+            const float s = dot(krow, qf.data() + v * dim, dim);
+            scores[v * span + t] = s;
+            if (s > mx[v]) mx[v] = s;
+          }
         }
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<float> total(group, 0.f);
-      for (int64_t j = 0; j < group; ++j)
+      total.assign(m, 0.f);
+      for (int64_t v = 0; v < m; ++v) {
+        const int64_t ctx = ctxp[r0 + v / group];
         for (int64_t t = 0; t < ctx; ++t) {
-          const float p = std::exp(scores[j * ctx + t] - mx[j]);
-          scores[j * ctx + t] = p;
-          total[j] += p;
-        }
-      for (int64_t t = 0; t < ctx; ++t) {
-        const T* vrow = vp + table[t / block] * sb + g * sh + (t % block) * st;
-        for (int64_t j = 0; j < group; ++j) {
-          const float p = scores[j * ctx + t];
-          float* a = acc.data() + j * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) a[d] += p * static_cast<float>(vrow[d]);
+          const float p = std::exp(scores[v * span + t] - mx[v]);
+          scores[v * span + t] = p;
+          total[v] += p;
         }
       }
-      for (int64_t j = 0; j < group; ++j) {
-        const float inv = total[j] > 0.f ? 1.f / total[j] : 0.f;  // ctx 0: output 0
-        T* o = op + b * so0 + (g * group + j) * so1;
-        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[j * dim + d] * inv);
+      acc.assign(m * dim, 0.f);
+      for (int64_t t = 0; t < span; ++t) {
+        const T* vrow = vp + table[t / block] * sb + g * sh + (t % block) * st;
+        for (int64_t i = 0; i < n; ++i) {
+          if (t >= ctxp[r0 + i]) continue;
+          for (int64_t j = 0; j < group; ++j) {
+            const int64_t v = i * group + j;
+            const float p = scores[v * span + t];
+            float* a = acc.data() + v * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) a[d] += p * static_cast<float>(vrow[d]);
+          }
+        }
+      }
+      for (int64_t v = 0; v < m; ++v) {
+        const float inv = total[v] > 0.f ? 1.f / total[v] : 0.f;  // context 0: output 0
+        T* o = op + (r0 + v / group) * so0 + (g * group + v % group) * so1;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[v * dim + d] * inv);
       }
     }
   });
 }
 
-void paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
-                  torch::Tensor lens, double scale, torch::Tensor out) {
+void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
+                     torch::Tensor row_seq, torch::Tensor row_ctx, double scale, torch::Tensor out) {
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "rows must be contiguous");
   TORCH_CHECK(k_cache.strides() == v_cache.strides() && k_cache.stride(3) == 1, "K and V pools share one layout");
-  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables and lengths");
-  TORCH_CHECK(tables.stride(1) == 1 && lens.is_contiguous(), "contiguous tables and lengths");
-  TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0) && out.sizes() == q.sizes(), "one row per query");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && row_seq.scalar_type() == at::kLong && row_ctx.scalar_type() == at::kLong,
+              "int64 tables, sequences and lengths");
+  TORCH_CHECK(tables.stride(1) == 1 && row_seq.is_contiguous() && row_ctx.is_contiguous(), "contiguous tables and rows");
+  TORCH_CHECK(row_seq.size(0) == q.size(0) && row_ctx.size(0) == q.size(0) && out.sizes() == q.sizes(), "one entry per query row");
 
   if (q.scalar_type() == at::kFloat) {
-    decode<float>(q, k_cache, v_cache, tables, lens, scale, out);
+    attend<float>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
   } else if (q.scalar_type() == at::kBFloat16) {
-    decode<at::BFloat16>(q, k_cache, v_cache, tables, lens, scale, out);
+    attend<at::BFloat16>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
   } else {
-    TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
+    TORCH_CHECK(false, "paged_attention: float32 or bfloat16 only");
   }
 }
 """
 
 
+@dataclass
+class CpuStep(TorchStep):
+    @cached_property
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block tables [sequences, max blocks], each row's sequence, each row's context): the
+        decode rows' sequences first, then one per prefill chunk, whose row i sees the keys up
+        to its own position."""
+        meta = self.meta
+        tables = [] if meta.decode_block_tables is None else list(meta.decode_block_tables)
+        seq = list(range(meta.num_decodes))
+        ctx = [] if meta.decode_context_lens is None else [meta.decode_context_lens]
+        for chunk in meta.prefills:
+            seq += [len(tables)] * chunk.num_tokens
+            tables.append(chunk.block_table)
+            first = chunk.context_len - chunk.num_tokens + 1
+            ctx.append(torch.arange(first, chunk.context_len + 1))
+        width = max(len(t) for t in tables)
+        padded = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            padded[i, : len(t)] = t
+        return padded, torch.tensor(seq, dtype=torch.long), torch.cat(ctx).long()
+
+
 class CpuAttention(TorchAttention):
-    """The torch backend with its decode rows run by the C++ kernel."""
+    """Every row, decoded, verified or prefilled, through the C++ kernel: one arithmetic per
+    token (module docstring). The KV write is the torch backend's."""
 
-    name = "C++ CPU decode kernel"
+    name = "C++ CPU attention kernel"
 
-    def __init__(self, paged_decode: Callable[..., None]):
-        self.paged_decode = paged_decode  # kernel()'s
+    def __init__(self, paged_attention: Callable[..., None]):
+        self.paged_attention = paged_attention  # kernel()'s
 
-    def decode(self, q, k_cache, v_cache, step: TorchStep, scale: float, out: torch.Tensor) -> None:
-        meta = step.meta
-        nd = meta.num_decodes
-        self.paged_decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out[:nd])
+    def prepare(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> CpuStep:
+        return CpuStep(meta, k_cache.shape[2])
+
+    def forward(self, q, k_cache, v_cache, step: CpuStep, scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        self.paged_attention(q, k_cache, v_cache, *step.rows, scale, out)
+        return out
 
 
 @functools.cache
 def kernel():
-    """The compiled `paged_decode(q, k_cache, v_cache, tables, lens, scale, out)`, or None."""
+    """The compiled `paged_attention(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out)`,
+    or None."""
     try:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
@@ -155,14 +229,14 @@ def kernel():
         module = load_inline(
             name=name,
             cpp_sources=_SOURCE,
-            functions=["paged_decode"],
+            functions=["paged_attention"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
         log.warning("CPU attention kernel unavailable, using the torch path: %s", str(e).splitlines()[0] if str(e) else e)
         return None
-    return module.paged_decode
+    return module.paged_attention
 
 
 def _cpu_flags() -> str:
