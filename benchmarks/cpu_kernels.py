@@ -1,7 +1,8 @@
 """The CPU kernel choices, measured: (1) quantized linears vs a bf16 GEMM over their dequantized
-weights by row count (why prompt rows and the LM head run dense copies), (2) the C++ decode
-attention kernel vs the torch path by batch and context, (3) the engine with and without the
-C++ kernel on the default model (greedy, ignore_eos, engines interleaved, median of 3).
+weights by row count (why prompt rows and the LM head run dense copies), (2) the C++ attention
+kernel vs the torch path for decodes by batch and context, and for one prefill chunk by length
+(the torch path's SDPA), (3) the engine with and without the C++ kernel on the default model
+(greedy, ignore_eos, engines interleaved, median of 3).
 
     python benchmarks/cpu_kernels.py [--threads 2] [--skip-engine]
 """
@@ -14,9 +15,8 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from tokenmill.model.attention import AttentionMetadata, TorchAttention, cpu_backend
+from tokenmill.model.attention import AttentionMetadata, PrefillChunk, TorchAttention, cpu_backend
 from tokenmill.model.quant import Int4Linear, Int8Linear
 
 
@@ -75,6 +75,17 @@ def attention() -> None:
             t_ref = us(lambda: torch_path.forward(q, k_cache, v_cache, step, 0.125), 100)
             t_k = us(lambda: kernel(q, k_cache, v_cache, tables, torch.arange(b), lens, 0.125, out), 100)
             print(f"| {b} | {ctx} | {t_ref:.0f} | {t_k:.0f} | {t_ref / t_k:.2f}x |")
+    backend = cpu_backend.CpuAttention(kernel)
+    print("\n| prefill chunk rows | torch path (SDPA) us | C++ kernel us | speedup |\n|---|---|---|---|")
+    for n in (64, 256, 1024):
+        table = torch.randperm(pool, generator=g)[: -(-n // block)]
+        meta = AttentionMetadata(torch.zeros(n, dtype=torch.long), 0, None, None, [PrefillChunk(0, n, n, table)])
+        q = torch.randn(n, heads, dim, generator=g)
+        times = []
+        for path in (TorchAttention(), backend):
+            step = path.prepare(meta, k_cache)
+            times.append(us(lambda: path.forward(q, k_cache, v_cache, step, 0.125), 10))
+        print(f"| {n} | {times[0]:.0f} | {times[1]:.0f} | {times[0] / times[1]:.2f}x |")
 
 
 def engine() -> None:

@@ -35,7 +35,7 @@ class AttentionBackend(Protocol[Step]):
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """Triton's kernels on CUDA, the C++ decode kernel on the CPU, else the torch code."""
+    """Triton's kernels on CUDA, the C++ kernel on the CPU, else the torch code."""
     t0 = time.perf_counter()  # the C++ kernel is built once per machine and source (about 20 s), then loaded
     backend = _choose(torch.device(device), dtype)
     log.info("attention on %s: %s (%.1f s)", device, backend.name, time.perf_counter() - t0)
