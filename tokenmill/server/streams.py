@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from tokenmill.engine.async_engine import QueueFullError
+from tokenmill.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError
@@ -46,6 +46,10 @@ async def start_requests(engine, prompts: list[list[int]], params: SamplingParam
                        headers={"Retry-After": RETRY_AFTER_SECONDS})
     if isinstance(failure, ValueError):
         raise APIError(400, str(failure))
+    if isinstance(failure, EngineDeadError):
+        raise APIError(503, str(failure), code="engine_dead")
+    if isinstance(failure, RequestFailedError):
+        raise APIError(500, str(failure), code="request_failed")
     raise failure
 
 
