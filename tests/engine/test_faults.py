@@ -252,3 +252,19 @@ def test_async_request_failure_is_raised_to_its_caller_only(tiny_models, monkeyp
     assert not engine.dead
     engine.shutdown()
     assert_pool_whole(engine.engine)
+
+
+def test_gauges_true_after_every_add_abort_and_finish(tiny_models):
+    """No gauge waits for the next step: a slow step must not hide a queue, and an engine that
+    goes idle must not keep the last busy figures."""
+    engine = _engine(tiny_models)
+    s = engine.stats
+    engine.add_request("a", PROMPTS[0], GREEDY)
+    engine.add_request("b", PROMPTS[1], SamplingParams(n=2, max_tokens=12))
+    assert (s.num_running, s.num_waiting) == (0, 3)  # before any step
+    engine.step()
+    assert (s.num_running, s.num_waiting) == (3, 0) and s.kv_blocks_used > 0
+    engine.abort_request("b")
+    assert s.num_running == 1 and s.kv_blocks_used > 0
+    engine.abort_request("a")  # the engine is idle now: nothing will step again
+    assert_idle_and_whole(engine)

@@ -94,6 +94,8 @@ class EngineCore:
         else:
             self.scheduler.check_admissible(request)
             self._compiling[request.request_id] = (request, grammar)
+        # Counted as waiting now, not after the next step: a slow step would hide a queue.
+        self._refresh_gauges()
 
     def abort(self, request_id: str) -> None:
         if self._compiling.pop(request_id, None) is None and self.scheduler.abort(request_id) is None:
