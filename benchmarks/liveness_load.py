@@ -1,10 +1,11 @@
 """Liveness under load: /health and /metrics latency while many streams are open.
 
-    python benchmarks/liveness_load.py --streams 1000 --max-tokens 8          # starts `tokenmill serve`
-    python benchmarks/liveness_load.py --base-url http://127.0.0.1:8000 --streams 1000
+    python benchmarks/liveness_load.py --streams 1000 --max-tokens 4          # starts `tokenmill serve`
+    python benchmarks/liveness_load.py --base-url http://127.0.0.1:8000 --streams 1000 --endpoint chat
 
-Opens N streaming chat completions at once (each a distinct question, so none is a pure
-prefix-cache hit) and, from a separate process so the load generator's own work does not
+Opens N streaming completions at once (each a distinct prompt, so none is a pure prefix-cache
+hit; --endpoint chat sends chat messages, which also renders a template per request on the
+server's event loop) and, from a separate process so the load generator's own work does not
 delay it, probes /health and /metrics every --probe-interval seconds until every stream has
 ended. Reports: streams finished / failed / refused with 429, whether any 429 came after a
 token (it must not: a stream's status is sent before its first token), the p50/p99/max probe
@@ -52,12 +53,17 @@ class Report:
     gauges_after: dict = field(default_factory=dict)
 
 
-async def one_stream(client: httpx.AsyncClient, i: int, model: str, max_tokens: int) -> StreamResult:
-    body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-            "messages": [{"role": "user", "content": f"Question {i}: name a city and one fact about it."}]}
+async def one_stream(client: httpx.AsyncClient, i: int, args) -> StreamResult:
+    body = {"model": args.model, "max_tokens": args.max_tokens, "stream": True, "temperature": 0}
+    if args.endpoint == "chat":
+        path = "/v1/chat/completions"
+        body["messages"] = [{"role": "user", "content": f"Question {i}: name a city and one fact about it."}]
+    else:
+        path = "/v1/completions"
+        body["prompt"] = f"Fact {i}:"
     res = StreamResult()
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async with client.stream("POST", path, json=body) as r:
             res.status = r.status_code
             if r.status_code != 200:
                 await r.aread()
@@ -73,7 +79,7 @@ async def one_stream(client: httpx.AsyncClient, i: int, model: str, max_tokens: 
                     res.error = event["error"]["message"]
                     continue
                 for choice in event["choices"]:
-                    if choice["delta"].get("content"):
+                    if choice.get("text") or choice.get("delta", {}).get("content"):
                         res.tokens += 1
                     if choice.get("finish_reason"):
                         res.finished = True
@@ -126,8 +132,7 @@ async def load(args, headers: dict) -> Report:
     t0 = time.monotonic()
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout,
                                  limits=limits) as client:
-        results = await asyncio.gather(*(one_stream(client, i, args.model, args.max_tokens)
-                                         for i in range(args.streams)))
+        results = await asyncio.gather(*(one_stream(client, i, args) for i in range(args.streams)))
     report.seconds = time.monotonic() - t0
     stop.set()
     latencies, failed = out.get(timeout=60)
@@ -174,7 +179,8 @@ def main() -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--api-key", default=None)
     p.add_argument("--streams", type=int, default=1000)
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=4)
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--probe-interval", type=float, default=0.1)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", default=None, help="also write the report here")

@@ -216,3 +216,20 @@ def test_engine_death_ends_streams_and_health_503(live_engine, tiny_loaded):
         assert_recovered(live, fresh)
     finally:
         fresh.shutdown()
+
+
+def test_sampling_fault_mid_generation_non_streaming_is_a_500(live_engine, monkeypatch):
+    live, engine = live_engine
+    real = Sampler.__call__
+
+    def sample(self, logits, requests, bitmask=None):
+        if any(s.sample.params.seed == POISON_SEED and s.sample.num_output_tokens >= 3 for s in requests):
+            raise RuntimeError("injected sampling fault")
+        return real(self, logits, requests, bitmask)
+
+    monkeypatch.setattr(Sampler, "__call__", sample)
+    r = httpx.post(live.url + "/v1/completions", timeout=30, json={
+        "model": MODEL, "prompt": "x", "max_tokens": 20, "ignore_eos": True, "seed": POISON_SEED})
+    err = assert_openai_error(r, 500)
+    assert err["code"] == "request_failed" and err["type"] == "internal_server_error"
+    assert_recovered(live, engine)
