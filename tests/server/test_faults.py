@@ -24,6 +24,18 @@ POISON_SEED = 4242
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 
 
+def poison_sampling(monkeypatch, after_tokens: int) -> None:
+    """The sampler raises for the request seeded POISON_SEED once it has `after_tokens` tokens."""
+    real = Sampler.__call__
+
+    def sample(self, logits, requests, bitmask=None):
+        if any(s.sample.params.seed == POISON_SEED and s.sample.num_output_tokens >= after_tokens for s in requests):
+            raise RuntimeError("injected sampling fault")
+        return real(self, logits, requests, bitmask)
+
+    monkeypatch.setattr(Sampler, "__call__", sample)
+
+
 def assert_recovered(live: LiveServer, engine) -> None:
     wait_pool_whole(engine)
     text = httpx.get(live.url + "/metrics").text
@@ -126,14 +138,7 @@ def test_disconnect_while_preempting(live_engine):
 
 def test_sampling_fault_is_an_error_event_in_its_stream_only(live_engine, monkeypatch):
     live, engine = live_engine
-    real = Sampler.__call__
-
-    def sample(self, logits, requests, bitmask=None):
-        if any(s.sample.params.seed == POISON_SEED and s.sample.num_output_tokens >= 3 for s in requests):
-            raise RuntimeError("injected sampling fault")
-        return real(self, logits, requests, bitmask)
-
-    monkeypatch.setattr(Sampler, "__call__", sample)
+    poison_sampling(monkeypatch, after_tokens=3)
     results: dict[str, list] = {}
     bodies = {f"good{i}": {"prompt": f"story {i}", "max_tokens": 60, "ignore_eos": True} for i in range(3)}
     bodies["bad"] = {"prompt": "poisoned", "max_tokens": 60, "ignore_eos": True, "seed": POISON_SEED}
@@ -220,14 +225,7 @@ def test_engine_death_ends_streams_and_health_503(live_engine, tiny_loaded):
 
 def test_sampling_fault_mid_generation_non_streaming_is_a_500(live_engine, monkeypatch):
     live, engine = live_engine
-    real = Sampler.__call__
-
-    def sample(self, logits, requests, bitmask=None):
-        if any(s.sample.params.seed == POISON_SEED and s.sample.num_output_tokens >= 3 for s in requests):
-            raise RuntimeError("injected sampling fault")
-        return real(self, logits, requests, bitmask)
-
-    monkeypatch.setattr(Sampler, "__call__", sample)
+    poison_sampling(monkeypatch, after_tokens=3)
     r = httpx.post(live.url + "/v1/completions", timeout=30, json={
         "model": MODEL, "prompt": "x", "max_tokens": 20, "ignore_eos": True, "seed": POISON_SEED})
     err = assert_openai_error(r, 500)
