@@ -90,8 +90,9 @@ async def one_stream(client: httpx.AsyncClient, i: int, args) -> StreamResult:
 
 def probe(base_url: str, headers: dict, interval: float, stop, out) -> None:
     """Runs in its own process: time GET /health and /metrics until told to stop."""
-    latencies: dict[str, list[float]] = {"/health": [], "/metrics": []}
+    latencies: dict[str, list[tuple[float, float]]] = {"/health": [], "/metrics": []}  # (since start, latency)
     failed = {"/health": 0, "/metrics": 0}
+    start = time.perf_counter()
     with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
         while not stop.is_set():
             for path in latencies:
@@ -100,17 +101,20 @@ def probe(base_url: str, headers: dict, interval: float, stop, out) -> None:
                     ok = client.get(path).status_code == 200
                 except httpx.HTTPError:
                     ok = False
-                latencies[path].append(time.perf_counter() - t0)
+                latencies[path].append((t0 - start, time.perf_counter() - t0))
                 failed[path] += not ok
             time.sleep(interval)
     out.put((latencies, failed))
 
 
-def summarize(latencies: list[float], failed: int) -> dict:
-    ordered = sorted(latencies)
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else float("nan")
-    return {"n": len(ordered), "failed": failed, "p50": statistics.median(ordered) if ordered else float("nan"),
-            "p99": p99, "max": ordered[-1] if ordered else float("nan")}
+def summarize(samples: list[tuple[float, float]], failed: int) -> dict:
+    ordered = sorted(latency for _, latency in samples)
+    if not ordered:
+        return {"n": 0, "failed": failed}
+    worst_at = max(samples, key=lambda s: s[1])[0]
+    return {"n": len(ordered), "failed": failed, "p50": statistics.median(ordered),
+            "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "max": ordered[-1],
+            "over_1s": sum(latency > 1.0 for latency in ordered), "max_at_s": worst_at}
 
 
 def gauges(base_url: str, headers: dict) -> dict:
