@@ -1,7 +1,7 @@
 """tokenmill serve | generate | chat | bench: one entry point.
 
-The CLI is (with the server) the only place an EngineConfig is built, from flags; nothing
-reads environment variables.
+The CLI is (with the server) the only place an EngineConfig is built, from flags; the one
+environment variable read anywhere is the API key's (API_KEY_ENV), here.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
 import typing
@@ -93,9 +94,16 @@ def sampling_params(args: argparse.Namespace):
     )
 
 
-def read_api_keys(keys: list[str], key_file: str | None) -> list[str]:
-    """Keys from --api-key flags plus a file (one per line; blank lines and #comments skipped)."""
+# Secrets given as flags show in `ps` to every user of the machine; a file or the environment don't.
+API_KEY_ENV = "TOKENMILL_API_KEY"
+
+
+def read_api_keys(keys: list[str], key_file: str | None, environ: dict[str, str] | None = None) -> list[str]:
+    """Keys from --api-key flags, the TOKENMILL_API_KEY variable (comma-separated) and a file
+    (one per line; blank lines and #comments skipped)."""
+    environ = os.environ if environ is None else environ
     out = [k for k in keys if k]
+    out += [k.strip() for k in environ.get(API_KEY_ENV, "").split(",") if k.strip()]
     if key_file:
         for line in Path(key_file).read_text(encoding="utf-8").splitlines():
             line = line.strip()
@@ -113,8 +121,13 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
-    s.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable)")
+    s.add_argument("--api-key", action="append", default=[],
+                   help=f"accepted key (repeatable; visible in ps: prefer --api-key-file or ${API_KEY_ENV})")
     s.add_argument("--api-key-file", default=None, help="file of accepted keys, one per line")
+    s.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed by CORS (repeatable or comma-separated; default: CORS off)")
+    s.add_argument("--log-requests", action="store_true",
+                   help="log prompts and completions (off by default: they are user data)")
     s.add_argument("--max-body-bytes", type=parse_bytes, default=None, help="request body limit (default 4MiB)")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -182,11 +195,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = engine_config(args)  # validated now, before the port opens
     keys = read_api_keys(args.api_key, args.api_key_file)
-    logging.getLogger("tokenmill").info("API keys: %s", f"{len(keys)} configured" if keys else "none (open)")
+    log = logging.getLogger("tokenmill")
+    log.info("API keys: %s", f"{len(keys)} configured" if keys else "none (open)")
+    if args.api_key:
+        log.warning("--api-key is visible to every user in ps; prefer --api-key-file or $%s", API_KEY_ENV)
+    origins = [o.strip() for value in args.allowed_origins for o in value.split(",") if o.strip()]
     return serve(
         {args.served_model_name or args.model: lambda: build_async_engine(config)},
         host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
-        drain_timeout=args.drain_timeout, log_level=args.log_level,
+        drain_timeout=args.drain_timeout, log_level=args.log_level, allowed_origins=origins,
+        log_requests=args.log_requests,
     )
 
 

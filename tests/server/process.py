@@ -28,8 +28,8 @@ def write_tiny_checkpoint(path: Path) -> Path:
 
 
 class ServeProcess:
-    def __init__(self, *args: str, startup_timeout: float = 120.0):
-        self.port = free_port()
+    def __init__(self, *args: str, startup_timeout: float = 120.0, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(self.port), "--log-level", "warning", *args]
         env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -15,15 +15,25 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tokenmill.engine.engine import Engine, QueueFullError
+from tokenmill.engine.engine import Engine, QueueFullError, failure_of
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams, StructuredOutput
 
-__all__ = ["AsyncEngine", "QueueFullError"]
+__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "RequestFailedError"]
 
 log = logging.getLogger("tokenmill")
 
 STATS_LOG_INTERVAL_S = 5.0  # like vLLM's periodic stats line: enough to watch, not to flood
+
+
+class RequestFailedError(RuntimeError):
+    """Something failed inside this request's own work; the engine and the other requests
+    go on (HTTP 500 for this request alone)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped: nothing will be answered until the process restarts
+    (HTTP 503; /health says so too)."""
 
 
 @dataclass
@@ -78,6 +88,16 @@ class AsyncEngine:
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished
 
+    @property
+    def dead(self) -> bool:
+        """The loop failed, or its thread is gone without being shut down."""
+        thread = self._thread
+        return self.errored is not None or (thread is not None and not thread.is_alive())
+
+    def _check_alive(self) -> None:
+        if self.dead:
+            raise EngineDeadError(f"the engine has stopped ({type(self.errored).__name__}); the server must restart")
+
     async def check_structured(self, spec: StructuredOutput) -> None:
         """Compile (and cache) a constraint without blocking the event loop; raises ValueError
         naming what is wrong."""
@@ -103,6 +123,7 @@ class AsyncEngine:
         """Yield cumulative outputs until the request finishes. Closing the generator early
         (a client that went away) aborts the request and frees its KV blocks."""
         self.start()
+        self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.structured is not None:
@@ -112,9 +133,12 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q)
-        self._commands.put(_Add(request_id, prompt, params, arrival_time or time.monotonic()))
         finished = False
         try:
+            # After registering: a loop that dies from now on fails this stream, one that died
+            # before is seen here (errored is set before the streams are failed).
+            self._check_alive()
+            self._commands.put(_Add(request_id, prompt, params, arrival_time or time.monotonic()))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -142,9 +166,12 @@ class AsyncEngine:
     async def call(self, fn):
         """Run fn(engine) between two steps, on the engine thread."""
         self.start()
+        self._check_alive()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._commands.put(_Call(fn, future, loop))
+        if self.dead:  # died before taking the command: nobody else will answer it
+            self._fail_commands()
         return await future
 
     # -- engine thread -------------------------------------------------------------------
@@ -198,6 +225,41 @@ class AsyncEngine:
         return now, s.generation_tokens_total, s.prefix_cache_queries, s.prefix_cache_hits
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001  (whatever stops the loop, nobody may be left waiting)
+            log.critical("engine loop died: %r; failing every request", exc, exc_info=True)
+            self._die(exc)
+        else:
+            self._fail_waiting(EngineDeadError("the engine was shut down"))
+
+    def _die(self, exc: BaseException) -> None:
+        """The loop cannot go on: say so (errored first, see generate()), give every block
+        back so the gauges stay true, and end every stream and call with an error."""
+        self.errored = exc
+        try:
+            for request_id in list(self.engine.outputs.groups):
+                self.engine.abort_request(request_id)
+        except Exception:
+            log.exception("could not abort the requests of a dead engine")
+        self._fail_waiting(EngineDeadError(f"the engine stopped: {type(exc).__name__}"))
+
+    def _fail_waiting(self, error: Exception) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, error)
+        self._fail_commands()
+
+    def _fail_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Call):
+                error = EngineDeadError("the engine has stopped")
+                command.loop.call_soon_threadsafe(_set_exception, command.future, error)
+
+    def _run(self) -> None:
         last = (time.monotonic(), 0, 0, 0)
         while not self._stop.is_set():
             last = self._log_stats(last)
@@ -214,14 +276,13 @@ class AsyncEngine:
                     command = None
             if self._stop.is_set() or not self.engine.has_unfinished:
                 continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # never leave callers hanging: fail their requests, free blocks
-                log.exception("engine step failed; aborting running requests")
-                self.errored = exc
-                for request_id in list(self.engine.outputs.groups):
-                    self.engine.abort_request(request_id)
-                    self._deliver(request_id, RuntimeError(f"engine error: {exc}"))
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            # A fault of one request ends that request inside the step (finish_reason
+            # "error"); an exception out of step() is the engine's own and ends the loop.
+            for out in self.engine.step():
+                failure = failure_of(out) if out.finished else None
+                self._deliver(out.request_id, out if failure is None else RequestFailedError(failure))
+
+
+def _set_exception(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -10,6 +10,8 @@ the metrics.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from tokenmill.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutpu
 from tokenmill.engine.stats import EngineStats
 from tokenmill.outputs import SampleResult, TokenLogprobs
 from tokenmill.step import DraftRequest, SampleInputs, ScheduledSeq, StepRecord
+
+log = logging.getLogger("tokenmill")
 
 
 class Executor(Protocol):
@@ -45,8 +49,8 @@ class CoreOutput:
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None  # the stop token id, or why it was aborted
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # the stop token id, or why it was aborted or failed
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not scheduled yet)
 
 
@@ -90,6 +94,8 @@ class EngineCore:
         else:
             self.scheduler.check_admissible(request)
             self._compiling[request.request_id] = (request, grammar)
+        # Counted as waiting now, not after the next step: a slow step would hide a queue.
+        self._refresh_gauges()
 
     def abort(self, request_id: str) -> None:
         if self._compiling.pop(request_id, None) is None and self.scheduler.abort(request_id) is None:
@@ -120,10 +126,10 @@ class EngineCore:
         sampled: dict[str, list[SampleResult]] = {}
         if not sched.is_empty:
             record = self._record(sched)
-            sampled = self.executor.execute(record)
+            sampled, executed = self._execute(record)
             # Only now: a step that failed hands the same ids to the next one.
             del self._finished_ids[: len(record.finished_request_ids)]
-            self._after_execute(sched, record, sampled)
+            self._after_execute(sched, executed, sampled)
             self.stats.num_steps += 1
             self.stats.last_step_tokens = sched.num_batched_tokens
         outputs += self._update(sched, sampled)
@@ -139,15 +145,23 @@ class EngineCore:
             del self._compiling[request_id]
             try:
                 template = fut.result()
+                request.grammar = self.grammars.matcher(template)
             except ValueError as e:
-                request.status = RequestStatus.FINISHED_ABORTED
-                request.stop_reason = str(e)
-                self._finished_ids.append(request_id)
-                outputs.append(CoreOutput(request_id, finish_reason="abort", stop_reason=str(e)))
+                outputs.append(self._end_unscheduled(request, RequestStatus.FINISHED_ABORTED, str(e)))
                 continue
-            request.grammar = self.grammars.matcher(template)
+            except Exception as e:  # the compiler broke on this grammar: this request fails, not the engine
+                log.exception("request %s: grammar matcher failed", request_id)
+                outputs.append(self._end_unscheduled(request, RequestStatus.FINISHED_ERROR, _failure("grammar", e)))
+                continue
             self.scheduler.add_request(request)
         return outputs
+
+    def _end_unscheduled(self, request: Request, status: RequestStatus, reason: str) -> CoreOutput:
+        """End a request that never reached the scheduler (its grammar was compiling)."""
+        request.status = status
+        request.stop_reason = reason
+        self._finished_ids.append(request.request_id)
+        return CoreOutput(request.request_id, finish_reason=status.value, stop_reason=reason)
 
     def _record(self, sched: SchedulerOutput) -> StepRecord:
         if self.proposer is not None:
@@ -159,10 +173,45 @@ class EngineCore:
 
             bitmask = allocate_bitmask(len(constrained), self.vocab_size)
             for row, request in enumerate(constrained):
-                request.grammar.fill_bitmask(bitmask, row)
+                try:
+                    request.grammar.fill_bitmask(bitmask, row)
+                except Exception as e:  # this request's grammar broke: it ends, its row goes unused
+                    log.exception("request %s: grammar failed to give its next tokens", request.request_id)
+                    self._fail(request, _failure("grammar", e))
         rows = {r.request_id: i for i, r in enumerate(constrained)}
-        seqs = [_scheduled_seq(c, rows.get(c.request.request_id)) for c in sched.chunks]
+        # A request that failed above is not run: its blocks are already back in the pool.
+        seqs = [_scheduled_seq(c, rows.get(c.request.request_id)) for c in sched.chunks if not c.request.is_finished]
         return StepRecord(seqs, list(self._finished_ids), bitmask)
+
+    def _execute(self, record: StepRecord) -> tuple[dict[str, list[SampleResult]], list[StepRecord]]:
+        """Run the record; (tokens per request, the records that ran). A failed step is run
+        again one sequence at a time, so a fault that belongs to one request (its sampling
+        parameters, its grammar row) fails that request alone and the rest keep their tokens.
+        Writing the same KV again is harmless: same tokens, same slots. When no sequence of a
+        batch of several runs alone either, the fault is the executor's: it is raised."""
+        if record.is_empty:
+            return {}, []
+        try:
+            return self.executor.execute(record), [record]
+        except Exception as batch_error:
+            if len(record.seqs) == 1:
+                self._fail(self.scheduler.requests[record.seqs[0].request_id], _failure("generation", batch_error))
+                log.exception("request %s: step failed", record.seqs[0].request_id)
+                return {}, []
+            sampled: dict[str, list[SampleResult]] = {}
+            executed, failed = [], []
+            for single in _split(record):
+                try:
+                    sampled.update(self.executor.execute(single))
+                    executed.append(single)
+                except Exception as e:
+                    failed.append((single.seqs[0].request_id, e))
+            if not executed:
+                raise
+            for request_id, e in failed:
+                log.error("request %s failed alone after a failed step: %r", request_id, e)
+                self._fail(self.scheduler.requests[request_id], _failure("generation", e))
+            return sampled, executed
 
     def _propose(self, sched: SchedulerOutput) -> None:
         active = [c for c in sched.chunks if c.num_lookahead]
@@ -175,10 +224,11 @@ class EngineCore:
         for chunk in active:
             chunk.draft_token_ids = drafts.get(chunk.request.request_id, [])[: chunk.num_lookahead]
 
-    def _after_execute(self, sched: SchedulerOutput, record: StepRecord, sampled) -> None:
+    def _after_execute(self, sched: SchedulerOutput, executed: list[StepRecord], sampled) -> None:
         if self.proposer is None:
             return
-        self.proposer.observe(record)
+        for record in executed:
+            self.proposer.observe(record)
         s = self.stats
         for chunk in sched.chunks:
             res = sampled.get(chunk.request.request_id)
@@ -218,7 +268,13 @@ class EngineCore:
         for token in new_tokens:
             if request.is_finished:
                 return
-            if not grammar.advance(token):
+            try:
+                accepted = grammar.advance(token)
+            except Exception as e:  # this request's grammar broke: it ends, the batch goes on
+                log.exception("request %s: grammar failed to follow a token", request.request_id)
+                self._fail(request, _failure("grammar", e))
+                return
+            if not accepted:
                 # Cannot happen with the mask applied; end the request rather than emit garbage.
                 request.stop_reason = f"grammar error: {grammar.error}"
                 self._finish(request, RequestStatus.FINISHED_ABORTED)
@@ -228,6 +284,10 @@ class EngineCore:
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
         self._finished_ids.append(request.request_id)
+
+    def _fail(self, request: Request, reason: str) -> None:
+        request.stop_reason = reason
+        self._finish(request, RequestStatus.FINISHED_ERROR)
 
     def _refresh_gauges(self) -> None:
         s = self.stats
@@ -248,6 +308,25 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
+
+
+def _failure(where: str, error: Exception) -> str:
+    # What the caller is told: the kind of fault, not its text (which may quote internals).
+    return f"internal error in this request's {where}: {type(error).__name__}"
+
+
+def _split(record: StepRecord) -> list[StepRecord]:
+    """One record per sequence, each with its own grammar bitmask row; the finished ids go
+    with the first."""
+    singles = []
+    for i, seq in enumerate(record.seqs):
+        bitmask = None
+        if seq.sample is not None and seq.sample.grammar_row is not None:
+            row = seq.sample.grammar_row
+            bitmask = record.grammar_bitmask[row : row + 1]
+            seq = dataclasses.replace(seq, sample=dataclasses.replace(seq.sample, grammar_row=0))
+        singles.append(StepRecord([seq], record.finished_request_ids if i == 0 else [], bitmask))
+    return singles
 
 
 def _scheduled_seq(chunk: ScheduledChunk, grammar_row: int | None) -> ScheduledSeq:

@@ -24,6 +24,11 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
 
 
+def failure_of(out: RequestOutput) -> str | None:
+    """Why a request failed (a completion finished with "error"), or None."""
+    return next((str(c.stop_reason) for c in out.outputs if c.finish_reason == "error"), None)
+
+
 class Engine:
     def __init__(
         self, config: EngineConfig, executor: Executor, tokenizer, max_model_len: int, num_blocks: int,
@@ -119,11 +124,19 @@ class Engine:
         outputs, stopped = self.outputs.process(self.core.step())
         for core_id in stopped:
             self.core.stop(core_id)
+        outputs = [self._end_failed(out) for out in outputs]
         if self.stats.num_steps != num_steps:
             self.stats.last_step_seconds = self.clock() - t0
         if self.config.runtime.debug_checks:
             self.core.check_invariants()
         return outputs
+
+    def _end_failed(self, out: RequestOutput) -> RequestOutput:
+        """A completion that failed (finish_reason "error") fails its whole request: the
+        caller gets an error, not n - 1 answers, so its siblings are aborted now."""
+        if out.finished or failure_of(out) is None:
+            return out
+        return self.abort_request(out.request_id) or out
 
     def check_invariants(self) -> None:
         self.core.check_invariants()

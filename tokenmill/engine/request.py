@@ -14,6 +14,9 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    # Something failed inside this request's own work (its sampling, its grammar): it alone
+    # ends, and its caller gets an internal error rather than a truncated answer.
+    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:

@@ -1,6 +1,6 @@
 """EngineStats: the engine's gauges and counters, read by /metrics and the periodic log line.
 
-The core keeps the gauges true after every step, abort and stop (an idle engine must not
+The core keeps the gauges true after every add, step, abort and stop (an idle engine must not
 report the last busy step's figures); the output processor counts prompt and generated tokens.
 """
 

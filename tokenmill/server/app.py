@@ -11,12 +11,14 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.errors import error_response, install_error_handlers
 from tokenmill.server.guard import Guard, ServerState
 from tokenmill.server.metrics import CONTENT_TYPE
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from tokenmill.server.request_log import RequestLog
 from tokenmill.server.served import ServedModels
 from tokenmill.server.streams import ClientGone
 
@@ -27,16 +29,27 @@ def create_app(
     engines: Mapping[str, AsyncEngine | None],
     api_keys: list[str] | tuple[str, ...] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_origins: list[str] | tuple[str, ...] = (),
+    log_requests: bool = False,
 ) -> FastAPI:
     """`engines`: model name -> AsyncEngine, or None for one still loading (attach_engine()
-    later). Requests are routed by their `model` field."""
+    later). Requests are routed by their `model` field. `allowed_origins`: the browser origins
+    CORS lets in (none by default: no CORS headers at all). `log_requests`: log prompts and
+    completions (off by default: they are user data)."""
     state = ServerState(api_keys=[k.encode() for k in api_keys if k], max_body_bytes=max_body_bytes)
     models = ServedModels(list(engines))
     app = FastAPI(title="tokenmill", docs_url=None, redoc_url=None)
     app.state.tm = state
     app.state.models = models
     install_error_handlers(app)
+    # The last added runs first: CORS answers a browser's preflight (which carries no key)
+    # before the guard asks for one; the request log sees the body the guard has read.
+    if log_requests:
+        app.add_middleware(RequestLog)
     app.add_middleware(Guard, state=state)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, __: ClientGone) -> Response:

@@ -53,6 +53,8 @@ class ServedModels:
         serving = self._serving[model]
         if serving is None:
             raise APIError(503, f"the model {model!r} is loading", code="loading")
+        if serving.engine.dead:
+            raise APIError(503, f"the engine of {model!r} has stopped; the server must restart", code="engine_dead")
         return serving
 
     def unhealthy(self) -> tuple[str, str] | None:
@@ -60,8 +62,8 @@ class ServedModels:
         for name, serving in self._serving.items():
             if serving is None:
                 return "loading", f"the model {name!r} is loading"
-            if serving.engine.errored is not None:
-                return "engine_error", f"the engine of {name!r} failed"
+            if serving.engine.dead:
+                return "engine_dead", f"the engine of {name!r} has stopped; restart the server"
         return None
 
     def stats(self) -> Mapping[str, object]:

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from tokenmill.engine.async_engine import QueueFullError
+from tokenmill.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.errors import APIError
@@ -46,7 +46,17 @@ async def start_requests(engine, prompts: list[list[int]], params: SamplingParam
                        headers={"Retry-After": RETRY_AFTER_SECONDS})
     if isinstance(failure, ValueError):
         raise APIError(400, str(failure))
-    raise failure
+    raise engine_failure(failure)
+
+
+def engine_failure(exc: BaseException) -> BaseException:
+    """An engine error as the HTTP error it is: this request failed (500), or the engine did
+    (503: the process must restart). Anything else is unexpected and stays as it is."""
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc), code="request_failed")
+    return exc
 
 
 async def close_all(started: Started) -> None:
@@ -66,7 +76,7 @@ async def merged(started: Started) -> AsyncIterator[tuple[int, RequestOutput]]:
                 async for out in gen:
                     await queue.put((i, out))
         except Exception as exc:  # engine failure: hand it to the consumer
-            await queue.put((i, exc))
+            await queue.put((i, engine_failure(exc)))
         await queue.put((i, None))
 
     tasks = [asyncio.create_task(pump(i, g, first)) for i, (g, first) in enumerate(started)]
