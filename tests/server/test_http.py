@@ -46,7 +46,7 @@ def test_auth(server):
         ({"prompt": [1, -5]}, None),
         ({"prompt": [10**30]}, None),
         ({"prompt": PROMPT, "seed": 2**70}, "seed"),
-        ({"prompt": PROMPT, "stop": [""]}, "stop"),
+        ({"prompt": PROMPT, "stop": [""]}, "stop[0]"),
         ({}, "prompt"),
     ],
 )
@@ -59,9 +59,9 @@ def test_completion_bad_params_400(server, body, param):
     "body, param",
     [
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-        ({"messages": [{"role": "user"}], "max_completion_tokens": 10**9}, "max_completion_tokens"),
-        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 30, "logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**9}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 30, "logprobs": True}, "top_logprobs"),
         ({"messages": "hello"}, "messages"),
         ({"messages": [{"role": "user", "content": {"deep": [1]}}]}, None),
     ],
