@@ -16,6 +16,7 @@ from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.errors import error_response, install_error_handlers
 from tokenmill.server.guard import Guard, ServerState
 from tokenmill.server.metrics import CONTENT_TYPE
+from tokenmill.server.openapi import install_openapi
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from tokenmill.server.served import ServedModels
 from tokenmill.server.streams import ClientGone
@@ -36,6 +37,7 @@ def create_app(
     app.state.tm = state
     app.state.models = models
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(Guard, state=state)
 
     @app.exception_handler(ClientGone)
