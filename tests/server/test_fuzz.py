@@ -4,7 +4,7 @@ and afterwards the KV pool is whole, the gauges are zero and a normal request is
 Two sources of bodies: schemathesis, from the server's own OpenAPI schema (valid bodies and
 bodies that break one rule of it), and tests/server/fuzz_bodies.py for what a schema cannot
 say (odd unicode, 200 kB strings, deep nesting, truncated JSON, wrong content types, huge
-n/logprobs/stop/logit_bias, pathological regexes and schemas). benchmarks/fuzz_server.py is the
+n/logprobs/stop/logit_bias, pathological regexes and schemas). benchmarks/roomy_server.py is the
 long run of the same against `tokenmill serve`.
 """
 
@@ -19,18 +19,9 @@ from hypothesis import strategies as st
 
 from tests.server.conftest import KEY, MODEL, LiveServer, wait_pool_whole
 from tests.server.fuzz_bodies import FuzzRequest, fuzz_requests, problem
-from tokenmill.server.app import create_app
 
 TIMEOUT = httpx.Timeout(30.0)  # a request still unanswered after this is a hang
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(scope="module")
-def fuzz_server(engine):
-    """The shared engine behind a second app whose body limit lets 200 kB strings through."""
-    live = LiveServer(create_app({MODEL: engine}, api_keys=[KEY], max_body_bytes=1024 * 1024))
-    yield live
-    live.stop()
 
 
 def send(server: LiveServer, req: FuzzRequest) -> httpx.Response:
@@ -42,8 +33,8 @@ def send(server: LiveServer, req: FuzzRequest) -> httpx.Response:
 
 @SETTINGS
 @given(fuzz_requests(MODEL))
-def test_fuzz_hostile_requests(fuzz_server, engine, req):
-    r = send(fuzz_server, req)
+def test_fuzz_hostile_requests(roomy_server, engine, req):
+    r = send(roomy_server, req)
     assert problem(r.status_code, r.headers.get("content-type", ""), r.text) is None, (r.status_code, r.text[:300])
 
 
@@ -56,10 +47,10 @@ def test_fuzz_raw_bytes(server, engine, raw):
 
 
 @pytest.fixture(scope="module")
-def api_schema(fuzz_server):
-    served = httpx.get(fuzz_server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+def api_schema(roomy_server):
+    served = httpx.get(roomy_server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     schema = schemathesis.openapi.from_dict(served)
-    schema.config.update(base_url=fuzz_server.url)
+    schema.config.update(base_url=roomy_server.url)
     schema.config.generation.update(max_examples=25, modes=[schemathesis.GenerationMode.POSITIVE,
                                                            schemathesis.GenerationMode.NEGATIVE])
     return schema
@@ -93,10 +84,10 @@ def test_schemathesis(case, engine):
                            excluded_checks=[positive_data_acceptance])
 
 
-def test_served_normally_after_fuzz(fuzz_server, engine):
+def test_served_normally_after_fuzz(roomy_server, engine):
     wait_pool_whole(engine)  # free == total and every gauge at zero
     body = {"model": MODEL, "prompt": "The quick", "max_tokens": 3, "ignore_eos": True}
-    r = httpx.post(fuzz_server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+    r = httpx.post(roomy_server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=TIMEOUT)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
     wait_pool_whole(engine)

@@ -42,7 +42,7 @@ def test_auth(server):
         ({"prompt": PROMPT, "temperature": "hot"}, "temperature"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
-        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [[]]}, "prompt[0]"),
         ({"prompt": [1, -5]}, None),
         ({"prompt": [10**30]}, None),
         ({"prompt": PROMPT, "seed": 2**70}, "seed"),

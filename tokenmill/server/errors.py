@@ -101,8 +101,13 @@ def _is_type_error(err: dict) -> bool:
 
 def _pick(errors: list[dict]) -> dict:
     """Of a union's failed branches, the one that got furthest: a bad value inside a list of
-    token ids says more than "not a string"."""
-    return max(errors, key=lambda e: (not _is_type_error(e), len(e.get("loc", ()))))
+    token ids says more than "not a string"; a content part of the wrong `type` is reported
+    as that, not as the fields that type would have needed."""
+    def rank(e: dict) -> tuple:
+        loc = e.get("loc", ())
+        return len(loc), bool(loc) and loc[-1] == "type", not _is_type_error(e)
+
+    return max(errors, key=rank)
 
 
 def _bound_code(kind: str, ctx: dict) -> str:

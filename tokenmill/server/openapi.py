@@ -37,8 +37,8 @@ _ERROR_TEXT = {
     503: "the model is loading, its engine failed, or the server is draining",
 }
 _ENGINE_ERRORS = (400, 401, 404, 413, 429, 500, 503)
-_SSE_NOTE = ("with stream=true: server-sent events, each `data: <{chunk}>` then `data: [DONE]`; an "
-             "error after the stream started arrives as `data: <ErrorResponse>`")
+_SSE_NOTE = ("each event's data is one {chunk} as JSON, an ErrorResponse if generation fails after the "
+             "stream started, and last the text [DONE]")
 
 
 def _json(model: type[BaseModel]) -> dict:
@@ -50,11 +50,15 @@ def _answer(description: str, content: dict) -> dict:
 
 
 def _generation(model: type[BaseModel], chunk: type[BaseModel]) -> dict:
-    """A generation route's 200: one JSON body, or (stream=true) a text/event-stream of chunks."""
-    sse = {"text/event-stream": {"schema": {"type": "string", "description": _SSE_NOTE.format(chunk=chunk.__name__)},
-                                 "x-chunk-schema": {"$ref": _REF.format(model=chunk.__name__)}}}
+    """A generation route's 200: one JSON body, or (stream=true) server-sent events. Before
+    OpenAPI 3.2 a text/event-stream `schema` describes one event (as schemathesis reads it)."""
+    data = {"type": "string", "description": _SSE_NOTE.format(chunk=chunk.__name__),
+            "contentMediaType": "application/json",
+            "contentSchema": {"oneOf": [{"$ref": _REF.format(model=chunk.__name__)},
+                                        {"$ref": _REF.format(model=ErrorResponse.__name__)}]}}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
     return _answer("the completion (stream=false), or its chunks as server-sent events (stream=true)",
-                   {**_json(model), **sse})
+                   {**_json(model), "text/event-stream": {"schema": event}})
 
 
 def _errors(statuses: tuple[int, ...]) -> dict:

@@ -111,7 +111,8 @@ class _SamplingFields(_Request):
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
         if len(asked) > 1:
-            raise ValueError(f"only one structured output constraint may be given, got {[a for a, _ in asked]}")
+            raise ValueError(f"{asked[1][0]}: only one structured output constraint may be given, "
+                             f"got {[a for a, _ in asked]}")
         return (asked[0][1], asked[0][0]) if asked else (None, None)
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from tokenmill.sampling import SamplingParams
+from tokenmill.sampling import MAX_N, SamplingParams
 from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import ModelMetrics
 from tokenmill.server.protocol import (
@@ -53,7 +53,7 @@ from tokenmill.server.tools import ToolCallDeltas, ToolMode, finish_reason, forc
 
 log = logging.getLogger("tokenmill.server")
 
-_SEED_MOD = 2**63  # keeps seed + choice index inside torch's 64-bit range
+_SEED_MOD = 2**63 - MAX_N  # keeps seed + choice index (< n) inside torch's 64-bit range
 # How long one request may wait for its constraint to compile. llguidance bounds the work
 # itself (fuel limits); this bounds the wait, so a pathological schema fails its own request
 # with a 400 and never holds a client (the engine loop never waits for a compile at all).
@@ -164,7 +164,9 @@ class Serving:
                     raise ValueError("tool_choice required/named cannot be combined with response_format")
                 structured, field_name = call, "tool_choice"
         except ValueError as e:
-            raise APIError(400, str(e), param=field_name or "response_format") from None
+            message = str(e)
+            named = message.split(":", 1)[0]  # the messages start with the field they are about
+            raise APIError(400, message, param=named if named.isidentifier() else field_name or "response_format") from None
         if structured is None:
             return params
         try:
