@@ -165,6 +165,22 @@ def fuzz_requests(draw, model: str) -> FuzzRequest:
     return FuzzRequest(path, text.encode("utf-8", "surrogatepass"), content_type)
 
 
+def cheap(body):
+    """Keep a schema-generated body cheap to run: a large max_tokens or n that the schema allows
+    becomes small, a missing max_tokens (the rest of the context) 4; values the schema forbids
+    are left alone, so a body that breaks the schema still does."""
+    if isinstance(body, dict):
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_tokens"] = 4
+        # (field, small value, the schema's maximum: above it a value must stay as it is)
+        for key, cap, top in (("max_tokens", 4, None), ("max_completion_tokens", 4, None), ("n", 2, 128),
+                              ("min_tokens", 2, None)):
+            value = body.get(key)
+            if type(value) is int and cap < value and (top is None or value <= top):
+                body[key] = cap
+    return body
+
+
 # -- the rule ----------------------------------------------------------------------------
 
 ERROR_KEYS = {"message", "type", "param", "code"}

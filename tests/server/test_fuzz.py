@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.server.conftest import KEY, MODEL, LiveServer, wait_pool_whole
-from tests.server.fuzz_bodies import FuzzRequest, fuzz_requests, problem
+from tests.server.fuzz_bodies import FuzzRequest, cheap, fuzz_requests, problem
 
 TIMEOUT = httpx.Timeout(30.0)  # a request still unanswered after this is a hang
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
@@ -59,24 +59,11 @@ def api_schema(roomy_server):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
-def small(body):
-    """Keep valid bodies cheap: a large max_tokens or n that the schema allows becomes small;
-    values the schema forbids are left alone, so a negative case stays negative."""
-    if isinstance(body, dict):
-        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            body["max_tokens"] = 4  # left out, a chat may run to the end of the context
-        for key, cap in (("max_tokens", 4), ("max_completion_tokens", 4), ("n", 2), ("min_tokens", 2)):
-            value = body.get(key)
-            if type(value) is int and cap < value <= 128:
-                body[key] = cap
-    return body
-
-
 @schema.parametrize()
 def test_schemathesis(case, engine):
     """Every operation of the served schema: answers conform to it (status, content type,
     body), valid bodies are not refused by the schema's own rules, none is a 5xx."""
-    case.body = small(case.body)
+    case.body = cheap(case.body)
     # Not positive_data_acceptance: a body can satisfy the schema and still break a rule no
     # schema states (the context length, one constraint at a time, the vocabulary size), and
     # those answers are 400s that test_validation.py checks one by one.
