@@ -21,7 +21,7 @@ from tests.server.conftest import KEY, MODEL, LiveServer, wait_pool_whole
 from tests.server.fuzz_bodies import FuzzRequest, cheap, fuzz_requests, problem
 
 TIMEOUT = httpx.Timeout(30.0)  # a request still unanswered after this is a hang
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def send(server: LiveServer, req: FuzzRequest) -> httpx.Response:
@@ -38,7 +38,7 @@ def test_fuzz_hostile_requests(roomy_server, engine, req):
     assert problem(r.status_code, r.headers.get("content-type", ""), r.text) is None, (r.status_code, r.text[:300])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=200))
 def test_fuzz_raw_bytes(server, engine, raw):
     with server.http() as http:
@@ -51,7 +51,7 @@ def api_schema(roomy_server):
     served = httpx.get(roomy_server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     schema = schemathesis.openapi.from_dict(served)
     schema.config.update(base_url=roomy_server.url)
-    schema.config.generation.update(max_examples=25, modes=[schemathesis.GenerationMode.POSITIVE,
+    schema.config.generation.update(max_examples=15, modes=[schemathesis.GenerationMode.POSITIVE,
                                                            schemathesis.GenerationMode.NEGATIVE])
     return schema
 
@@ -69,6 +69,21 @@ def test_schemathesis(case, engine):
     # those answers are 400s that test_validation.py checks one by one.
     case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
                            excluded_checks=[positive_data_acceptance])
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3,
+                              "n": 2, "logprobs": True, "top_logprobs": 2, "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"prompt": "The quick", "stream": True, "max_tokens": 3, "logprobs": 2, "echo": True}),
+])
+def test_streams_conform_to_the_schema(api_schema, path, body):
+    """Every event of a stream (chunks, usage, [DONE]) against the schema, as schemathesis reads it."""
+    case = api_schema[path]["POST"].Case(body={"model": MODEL, "ignore_eos": True, **body},
+                                         media_type="application/json")
+    r = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                               excluded_checks=[positive_data_acceptance])
+    assert r.status_code == 200 and r.headers["content-type"][0].startswith("text/event-stream")
+    assert r.text.rstrip().endswith("data: [DONE]")
 
 
 def test_served_normally_after_fuzz(roomy_server, engine):

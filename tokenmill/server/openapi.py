@@ -52,10 +52,11 @@ def _answer(description: str, content: dict) -> dict:
 def _generation(model: type[BaseModel], chunk: type[BaseModel]) -> dict:
     """A generation route's 200: one JSON body, or (stream=true) server-sent events. Before
     OpenAPI 3.2 a text/event-stream `schema` describes one event (as schemathesis reads it)."""
+    payload = {"contentMediaType": "application/json",
+               "contentSchema": {"oneOf": [{"$ref": _REF.format(model=chunk.__name__)},
+                                           {"$ref": _REF.format(model=ErrorResponse.__name__)}]}}
     data = {"type": "string", "description": _SSE_NOTE.format(chunk=chunk.__name__),
-            "contentMediaType": "application/json",
-            "contentSchema": {"oneOf": [{"$ref": _REF.format(model=chunk.__name__)},
-                                        {"$ref": _REF.format(model=ErrorResponse.__name__)}]}}
+            "anyOf": [{"const": "[DONE]"}, payload]}
     event = {"type": "object", "required": ["data"], "properties": {"data": data}}
     return _answer("the completion (stream=false), or its chunks as server-sent events (stream=true)",
                    {**_json(model), "text/event-stream": {"schema": event}})

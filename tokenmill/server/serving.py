@@ -280,7 +280,8 @@ class Serving:
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         self.check_fields(req, req.n)
-        prompts, prompt_texts = self.completion_prompts(req)
+        # Off the event loop: tokenizing a long prompt takes seconds, and every other request waits on the loop.
+        prompts, prompt_texts = await asyncio.to_thread(self.completion_prompts, req)
         max_tokens = self.check_length(prompts, req.max_tokens, "max_tokens")
         params = await self.constrained(req, self.sampling_params(req, max_tokens, req.logprobs))
         started = await self._run(http, prompts, params, "cmpl")
@@ -375,7 +376,7 @@ class Serving:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         self.check_fields(req, req.n)
-        prompt = self.chat_prompt(req)
+        prompt = await asyncio.to_thread(self.chat_prompt, req)  # off the event loop, as for completions
         wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.check_length([prompt], wanted, param)
