@@ -2,7 +2,7 @@
 
     python benchmarks/fuzz_server.py --bodies 10000 --concurrency 8
 
-Starts `tokenmill serve` on the default model (or --model), then sends --bodies requests,
+Starts `tokenmill serve` on the default model (or --model, context --max-model-len), then sends --bodies requests,
 half drawn by schemathesis from the server's own /openapi.json (bodies that keep the schema and
 bodies that break one rule of it), half from tests/server/fuzz_bodies.py (what a schema cannot
 say: odd unicode, 200 kB strings, deep nesting, truncated JSON, wrong content types, huge
@@ -43,10 +43,10 @@ from tests.server.fuzz_bodies import CHAT, COMPLETIONS, FuzzRequest, cheap, fuzz
 MODEL = "smollm2"
 
 
-def start_server(port: int, model: str, log) -> subprocess.Popen:
+def start_server(port: int, model: str, max_model_len: int, log) -> subprocess.Popen:
     """`tokenmill serve` with its log in a file (a pipe nobody reads would fill and stall it)."""
     cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(port), "--model", model,
-           "--served-model-name", MODEL, "--log-level", "warning"]
+           "--served-model-name", MODEL, "--log-level", "warning", "--max-model-len", str(max_model_len)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -121,6 +121,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer that count as a hang")
     ap.add_argument("--model", default="smollm2")
+    # A valid 30 kB prompt is a legitimate 8k-token prefill, seconds of CPU that only slow the
+    # run; a short context refuses it (after tokenizing it) like any prompt over the context.
+    ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--url", default=None, help="fuzz a running server instead of starting one")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop sending after this long (counts stay true)")
     args = ap.parse_args()
@@ -134,7 +137,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
         log = tempfile.NamedTemporaryFile("w", prefix="fuzz_server_", suffix=".log", delete=False)
-        proc = start_server(port, args.model, log)
+        proc = start_server(port, args.model, args.max_model_len, log)
         print(f"server up in {time.monotonic() - t0:.0f} s at {url}")
     try:
         strategy = st.one_of(fuzz_requests(MODEL), schema_requests(url))

@@ -51,7 +51,7 @@ def api_schema(roomy_server):
     served = httpx.get(roomy_server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     schema = schemathesis.openapi.from_dict(served)
     schema.config.update(base_url=roomy_server.url)
-    schema.config.generation.update(max_examples=15, modes=[schemathesis.GenerationMode.POSITIVE,
+    schema.config.generation.update(max_examples=10, modes=[schemathesis.GenerationMode.POSITIVE,
                                                            schemathesis.GenerationMode.NEGATIVE])
     return schema
 
