@@ -6,6 +6,12 @@ import json
 import math
 from dataclasses import dataclass, field
 
+MAX_N = 128  # choices per request: each is a sequence in the batch
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's top_logprobs bound)
+# A regex, grammar or choice list's text, or a JSON schema's JSON text. llguidance bounds the
+# compile work itself; this bounds the parsing and hashing done before it, per request.
+MAX_CONSTRAINT_CHARS = 64 * 1024
+
 
 @dataclass(frozen=True)
 class StructuredOutput:
@@ -36,6 +42,9 @@ class StructuredOutput:
             object.__setattr__(self, "json", schema)
         if self.json is not None and not isinstance(self.json, (dict, bool)):
             raise ValueError("json schema must be a JSON object")
+        size = len(self.key[1])
+        if size > MAX_CONSTRAINT_CHARS:
+            raise ValueError(f"the constraint is {size} characters long; the limit is {MAX_CONSTRAINT_CHARS}")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -80,7 +89,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
-        _check("n", self.n, 1, 128)
+        _check("n", self.n, 1, MAX_N)
         if self.max_tokens is not None:
             _check("max_tokens", self.max_tokens, 1, None)
         _check("min_tokens", self.min_tokens, 0, self.max_tokens)
@@ -99,9 +108,9 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= 100.0:
             raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
         if self.logprobs is not None:
-            _check("logprobs", self.logprobs, 0, 20)
+            _check("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
-            _check("prompt_logprobs", self.prompt_logprobs, 0, 20)
+            _check("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -105,6 +105,15 @@ def server(engine):
     live.stop()
 
 
+@pytest.fixture(scope="session")
+def roomy_server(engine):
+    """The shared engine behind a second app whose body limit (1 MiB) lets 200 kB strings and
+    large schemas reach validation instead of the 413 at the door."""
+    live = LiveServer(create_app({MODEL: engine}, api_keys=[KEY], max_body_bytes=1024 * 1024))
+    yield live
+    live.stop()
+
+
 @pytest.fixture(autouse=True)
 def pool_whole_after(request):
     yield

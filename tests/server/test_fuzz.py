@@ -1,67 +1,44 @@
-"""Hypothesis-generated request bodies: whatever comes in, no 5xx, and the server stays whole."""
+"""Fuzzing over real HTTP: whatever comes in, no 5xx, no hang, every error in OpenAI's shape,
+and afterwards the KV pool is whole, the gauges are zero and a normal request is answered.
+
+Two sources of bodies: schemathesis, from the server's own OpenAPI schema (valid bodies and
+bodies that break one rule of it), and tests/server/fuzz_bodies.py for what a schema cannot
+say (odd unicode, 200 kB strings, deep nesting, truncated JSON, wrong content types, huge
+n/logprobs/stop/logit_bias, pathological regexes and schemas). benchmarks/roomy_server.py is the
+long run of the same against `tokenmill serve`.
+"""
 
 from __future__ import annotations
 
-import json
-
+import httpx
+import pytest
+import schemathesis
+from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server.conftest import MODEL, wait_pool_whole
+from tests.server.conftest import KEY, MODEL, LiveServer, wait_pool_whole
+from tests.server.fuzz_bodies import FuzzRequest, cheap, fuzz_requests, problem
 
-ODD_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
-    ["", "\x00", "\ud7ff", "🙂" * 30, "</s>", "<s>", "{{ 7*7 }}", "{% for x in y %}"])
-NUMBERS = st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False, allow_infinity=False) | \
-    st.sampled_from([0, 1, -1, 2, 0.5, 128, 129, 2**63, 511, 10**30])
-SCALARS = st.none() | st.booleans() | NUMBERS | ODD_TEXT
-JSON = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(ODD_TEXT, kids, max_size=4),
-                    max_leaves=12)
-
-SAMPLING_FIELDS = ["model", "n", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "stream",
-                   "stream_options", "stop_token_ids", "max_tokens", "logprobs", "skip_special_tokens"]
-
-# Small values stay likely so requests run (rather than only being refused); the fields are
-# free to take any JSON value too.
-SMALL = st.integers(min_value=-2, max_value=8) | st.floats(min_value=-1, max_value=2, allow_nan=False)
+TIMEOUT = httpx.Timeout(30.0)  # a request still unanswered after this is a hang
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def body(extra_fields: list[str], required: dict):
-    fields = st.dictionaries(st.sampled_from(SAMPLING_FIELDS + extra_fields), SMALL | JSON, max_size=6)
-    return st.fixed_dictionaries(required).flatmap(lambda req: fields.map(lambda f: {**req, **f}))
-
-
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "bot"]) | ODD_TEXT,
-                                 "content": ODD_TEXT | JSON})
-COMPLETION = body(["echo", "suffix", "prompt"], {"prompt": ODD_TEXT | st.lists(NUMBERS, max_size=5) | JSON})
-CHAT = body(["messages", "top_logprobs", "max_completion_tokens", "logprobs"],
-            {"messages": st.lists(MESSAGE, max_size=3) | JSON})
-
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def _check(server, engine, path: str, payload) -> None:
-    raw = json.dumps(payload).encode()
-    with server.http() as http:
-        r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
-        assert r.status_code < 500, (r.status_code, r.text[:500], payload)
-        if r.status_code != 200:
-            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+def send(server: LiveServer, req: FuzzRequest) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    if req.content_type is not None:
+        headers["Content-Type"] = req.content_type
+    return httpx.post(server.url + req.path, content=req.body, headers=headers, timeout=TIMEOUT)
 
 
 @SETTINGS
-@given(COMPLETION)
-def test_fuzz_completions(server, engine, payload):
-    _check(server, engine, "/v1/completions", payload)
+@given(fuzz_requests(MODEL))
+def test_fuzz_hostile_requests(roomy_server, engine, req):
+    r = send(roomy_server, req)
+    assert problem(r.status_code, r.headers.get("content-type", ""), r.text) is None, (r.status_code, r.text[:300])
 
 
-@SETTINGS
-@given(CHAT)
-def test_fuzz_chat(server, engine, payload):
-    _check(server, engine, "/v1/chat/completions", payload)
-
-
-@SETTINGS
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=200))
 def test_fuzz_raw_bytes(server, engine, raw):
     with server.http() as http:
@@ -69,9 +46,50 @@ def test_fuzz_raw_bytes(server, engine, raw):
         assert r.status_code == 400, (r.status_code, r.text[:300])
 
 
-def test_served_normally_after_fuzz(server, engine):
-    with server.http() as http:
-        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "The quick", "max_tokens": 3})
-        assert r.status_code == 200
-    wait_pool_whole(engine)
+@pytest.fixture(scope="module")
+def api_schema(roomy_server):
+    served = httpx.get(roomy_server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    schema = schemathesis.openapi.from_dict(served)
+    schema.config.update(base_url=roomy_server.url)
+    schema.config.generation.update(max_examples=10, modes=[schemathesis.GenerationMode.POSITIVE,
+                                                           schemathesis.GenerationMode.NEGATIVE])
+    return schema
 
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+def test_schemathesis(case, engine):
+    """Every operation of the served schema: answers conform to it (status, content type,
+    body), valid bodies are not refused by the schema's own rules, none is a 5xx."""
+    case.body = cheap(case.body)
+    # Not positive_data_acceptance: a body can satisfy the schema and still break a rule no
+    # schema states (the context length, one constraint at a time, the vocabulary size), and
+    # those answers are 400s that test_validation.py checks one by one.
+    case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                           excluded_checks=[positive_data_acceptance])
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3,
+                              "n": 2, "logprobs": True, "top_logprobs": 2, "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"prompt": "The quick", "stream": True, "max_tokens": 3, "logprobs": 2, "echo": True}),
+])
+def test_streams_conform_to_the_schema(api_schema, path, body):
+    """Every event of a stream (chunks, usage, [DONE]) against the schema, as schemathesis reads it."""
+    case = api_schema[path]["POST"].Case(body={"model": MODEL, "ignore_eos": True, **body},
+                                         media_type="application/json")
+    r = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                               excluded_checks=[positive_data_acceptance])
+    assert r.status_code == 200 and r.headers["content-type"][0].startswith("text/event-stream")
+    assert r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_served_normally_after_fuzz(roomy_server, engine):
+    wait_pool_whole(engine)  # free == total and every gauge at zero
+    body = {"model": MODEL, "prompt": "The quick", "max_tokens": 3, "ignore_eos": True}
+    r = httpx.post(roomy_server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    wait_pool_whole(engine)

@@ -22,7 +22,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # Special tokens written in the text (e.g. "<|im_start|>") always map to their ids;
         # add_special_tokens only controls the BOS we prepend ourselves.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if len(text) > 4096:
+            # encode_batch lets go of the GIL (encode holds it): a 200 kB prompt takes seconds,
+            # and tokenized on a worker thread it then stalls no other thread meanwhile.
+            ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             if not ids or ids[0] != self.bos_token_id:
                 ids = [self.bos_token_id] + ids

@@ -17,6 +17,7 @@ from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.errors import error_response, install_error_handlers
 from tokenmill.server.guard import Guard, ServerState
 from tokenmill.server.metrics import CONTENT_TYPE
+from tokenmill.server.openapi import install_openapi
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from tokenmill.server.request_log import RequestLog
 from tokenmill.server.served import ServedModels
@@ -42,6 +43,7 @@ def create_app(
     app.state.tm = state
     app.state.models = models
     install_error_handlers(app)
+    install_openapi(app)
     # The last added runs first: CORS answers a browser's preflight (which carries no key)
     # before the guard asks for one; the request log sees the body the guard has read.
     if log_requests:

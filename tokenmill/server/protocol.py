@@ -1,22 +1,34 @@
 """Pydantic models of the OpenAI wire format (the subset tokenmill serves, plus vLLM's extras).
 
-Requests are strict where a wrong value would reach the engine (types, finite floats, bounded
-integers); the ranges themselves are checked once, by SamplingParams, so the rules live in one
-place. Unknown fields are ignored, as OpenAI clients send fields we do not implement.
+These models are the contract: FastAPI builds the OpenAPI schema clients generate code from
+out of them, so every rule a schema can say (types, required fields per message role, the
+numeric ranges, list lengths) is said here, once, and a body breaking one is a 400 naming the
+parameter (tokenmill.server.errors). What a schema cannot say (the vocabulary size, the
+context length, what this model accepts) is checked by the server. Unknown fields are
+ignored, as OpenAI clients send fields we do not implement.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tokenmill.sampling import StructuredOutput
+from tokenmill.sampling import MAX_CONSTRAINT_CHARS, MAX_LOGPROBS, MAX_N, StructuredOutput
 
 # Seeds travel to torch.Generator.manual_seed, which takes a 64-bit value.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# OpenAI's limits where it has one; the others keep one request's per-step work bounded (every
+# stop string is searched for after every token, every logit_bias entry is applied to every row).
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_BEST_OF = 20
+MAX_LOGIT_BIAS = 300
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class _Request(BaseModel):
@@ -30,7 +42,7 @@ class StreamOptions(_Request):
 
 class JsonSchemaFormat(_Request):
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore", populate_by_name=True)
-    name: str | None = None
+    name: str | None = Field(default=None, max_length=64)
     description: str | None = None
     json_schema: dict | bool | None = Field(default=None, alias="schema")
     strict: bool | None = None
@@ -45,31 +57,40 @@ class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: Int64 | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # Keys are token ids (as JSON object keys are strings); each bias is added to that logit.
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,19}$")], Annotated[float, Field(
+        ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # structured output: OpenAI's response_format, and vLLM's guided_* extras
     response_format: ResponseFormat | None = None
-    guided_json: dict | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    guided_json: dict | Annotated[str, Field(max_length=MAX_CONSTRAINT_CHARS)] | None = None
+    guided_regex: Annotated[str, Field(max_length=MAX_CONSTRAINT_CHARS)] | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, max_length=1024)] | None = None
+    guided_grammar: Annotated[str, Field(max_length=MAX_CONSTRAINT_CHARS)] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
 
     def structured_output(self) -> tuple[StructuredOutput | None, str | None]:
         """(the constraint asked for, the field that asked); ValueError if malformed or several."""
@@ -90,16 +111,23 @@ class _SamplingFields(_Request):
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
         if len(asked) > 1:
-            raise ValueError(f"only one structured output constraint may be given, got {[a for a, _ in asked]}")
+            raise ValueError(f"{asked[1][0]}: only one structured output constraint may be given, "
+                             f"got {[a for a, _ in asked]}")
         return (asked[0][1], asked[0][0]) if asked else (None, None)
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+             | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
     echo: bool = False
     suffix: str | None = None
+
+
+# -- chat messages: one model per role, told apart by `role` -----------------------------
 
 
 class TextPart(_Request):
@@ -107,27 +135,119 @@ class TextPart(_Request):
     text: str
 
 
-class ChatMessage(_Request):
-    # Checked against ROLES in the handler, so the error can name the bad role.
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+class ImageURL(_Request):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
 
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Request):
+    data: str
+    format: Literal["wav", "mp3"]
+
+
+class AudioPart(_Request):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class FileRef(_Request):
+    file_data: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+
+
+class FilePart(_Request):
+    type: Literal["file"]
+    file: FileRef
+
+
+class RefusalPart(_Request):
+    type: Literal["refusal"]
+    refusal: str
+
+
+# Parts OpenAI defines for user messages; the server refuses the non-text ones with a 400
+# (this model takes text only), which is a fact about the model, not about the wire format.
+UserPart = Annotated[Union[TextPart, ImagePart, AudioPart, FilePart], Field(discriminator="type")]
+AssistantPart = Annotated[Union[TextPart, RefusalPart], Field(discriminator="type")]
+Name = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _Message(_Request):
     def text(self) -> str:
-        if self.content is None:
+        content = getattr(self, "content", None)
+        if content is None:
             return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        if isinstance(content, str):
+            return content
+        return "".join(getattr(part, "text", None) or getattr(part, "refusal", "") for part in content)
 
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: str | list[TextPart]
+    name: Name | None = None
+
+
+class DeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: str | list[TextPart]
+    name: Name | None = None
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: str | list[UserPart]
+    name: Name | None = None
+
+
+class CalledFunction(_Request):
+    name: str
+    arguments: str
+
+
+class RequestToolCall(_Request):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class AssistantRequestMessage(_Message):
+    role: Literal["assistant"]
+    content: str | list[AssistantPart] | None = None
+    refusal: str | None = None
+    name: Name | None = None
+    tool_calls: list[RequestToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _content_or_tool_calls(self):
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: an assistant message needs content unless it has tool_calls")
+        return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+ChatMessage = Annotated[
+    Union[SystemMessage, DeveloperMessage, UserMessage, AssistantRequestMessage, ToolMessage],
+    Field(discriminator="role"),
+]
 
 
 class FunctionDef(_Request):
-    name: str
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: str | None = None
     parameters: dict | None = None
+    strict: bool | None = None
 
 
 class Tool(_Request):
@@ -145,13 +265,13 @@ class NamedToolChoice(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
@@ -297,3 +417,11 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class PrefixCacheReset(BaseModel):
+    reset: bool

@@ -6,7 +6,9 @@ first (every problem becomes a 400 that names the field), then running, then for
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -19,12 +21,12 @@ from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from tokenmill.sampling import SamplingParams
+from tokenmill.sampling import MAX_N, SamplingParams
 from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import ModelMetrics
 from tokenmill.server.protocol import (
-    ROLES,
     AssistantMessage,
+    AssistantRequestMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -40,8 +42,10 @@ from tokenmill.server.protocol import (
     ErrorInfo,
     ErrorResponse,
     PromptTokensDetails,
+    ToolMessage,
     TopLogprob,
     Usage,
+    UserMessage,
     _SamplingFields,
 )
 from tokenmill.server.streams import Started, merged, start_requests, until_disconnect
@@ -49,7 +53,12 @@ from tokenmill.server.tools import ToolCallDeltas, ToolMode, finish_reason, forc
 
 log = logging.getLogger("tokenmill.server")
 
-_SEED_MOD = 2**63  # keeps seed + choice index inside torch's 64-bit range
+_SEED_MOD = 2**63 - MAX_N  # keeps seed + choice index (< n) inside torch's 64-bit range
+# How long one request may wait for its constraint to compile. llguidance bounds the work
+# itself (fuel limits); this bounds the wait, so a pathological schema fails its own request
+# with a 400 and never holds a client (the engine loop never waits for a compile at all).
+COMPILE_TIMEOUT_S = 10.0
+_MEDIA_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
 
 
 @dataclass
@@ -93,6 +102,26 @@ class Serving:
             )
         return wanted
 
+    def check_fields(self, req: _SamplingFields, n: int) -> None:
+        """What the schema cannot say: token ids within this model's vocabulary, and the
+        OpenAI fields tokenmill does not implement refused rather than silently ignored."""
+        vocab = self.tokenizer.vocab_size
+        if req.stop_token_ids and max(req.stop_token_ids) >= vocab:
+            raise APIError(400, f"stop_token_ids must be token ids below the vocabulary size {vocab}",
+                           param="stop_token_ids", code="invalid_value")
+        if req.logit_bias:
+            bad = next((k for k in req.logit_bias if int(k) >= vocab), None)
+            if bad is not None:
+                raise APIError(400, f"logit_bias: token id {bad[:20]} is not below the vocabulary size {vocab}",
+                               param="logit_bias", code="invalid_value")
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
+                           code="unsupported_parameter")
+        best_of = getattr(req, "best_of", None)
+        if best_of is not None and best_of != n:
+            what = "must be >= n" if best_of < n else "other than n is not supported (every choice is returned)"
+            raise APIError(400, f"best_of ({best_of}) {what} (n = {n})", param="best_of",
+                           code="invalid_value" if best_of < n else "unsupported_parameter")
+
     def sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
         top_k = -1 if req.top_k is None else req.top_k
         if top_k >= self.tokenizer.vocab_size:  # the same as no top-k, and keeps the sampler's tensors small
@@ -135,13 +164,18 @@ class Serving:
                     raise ValueError("tool_choice required/named cannot be combined with response_format")
                 structured, field_name = call, "tool_choice"
         except ValueError as e:
-            raise APIError(400, str(e), param=field_name or "response_format") from None
+            message = str(e)
+            named = message.split(":", 1)[0]  # the messages start with the field they are about
+            raise APIError(400, message, param=named if named.isidentifier() else field_name or "response_format") from None
         if structured is None:
             return params
         try:
-            await self.engine.check_structured(structured)
+            await asyncio.wait_for(self.engine.check_structured(structured), COMPILE_TIMEOUT_S)
         except ValueError as e:
             raise APIError(400, f"{field_name}: {e}", param=field_name) from None
+        except TimeoutError:
+            raise APIError(400, f"{field_name}: the constraint did not compile within {COMPILE_TIMEOUT_S:g} s; "
+                                "simplify it", param=field_name, code="constraint_too_complex") from None
         return dataclasses.replace(params, structured=structured)
 
     # -- formatting helpers --------------------------------------------------------------
@@ -234,6 +268,9 @@ class Serving:
                 ids.append(self.tokenizer.encode(t))
                 echo.append(t)
             else:
+                if t and max(t) >= self.tokenizer.vocab_size:
+                    raise APIError(400, f"prompt token ids must be below the vocabulary size "
+                                        f"{self.tokenizer.vocab_size}", param="prompt", code="invalid_value")
                 ids.append(list(t))
                 echo.append(None)
         # Decoding token prompts (for echo) is done only when asked, and after validation.
@@ -242,7 +279,9 @@ class Serving:
     async def completions(self, req: CompletionRequest, http: Request):
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        prompts, prompt_texts = self.completion_prompts(req)
+        self.check_fields(req, req.n)
+        # Off the event loop: tokenizing a long prompt takes seconds, and every other request waits on the loop.
+        prompts, prompt_texts = await asyncio.to_thread(self.completion_prompts, req)
         max_tokens = self.check_length(prompts, req.max_tokens, "max_tokens")
         params = await self.constrained(req, self.sampling_params(req, max_tokens, req.logprobs))
         started = await self._run(http, prompts, params, "cmpl")
@@ -297,14 +336,34 @@ class Serving:
         yield "data: [DONE]\n\n"
 
     # -- /v1/chat/completions ------------------------------------------------------------
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        if not req.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
+    def chat_messages(self, req: ChatCompletionRequest) -> list[dict]:
+        """The messages as the chat template takes them; 400 for parts this model cannot read."""
+        messages = []
         for k, m in enumerate(req.messages):
-            if m.role not in ROLES:
-                raise APIError(400, f"messages.{k}.role: unknown role {m.role[:40]!r}; expected one of {ROLES}",
-                               param=f"messages.{k}.role")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            if isinstance(m, UserMessage) and isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.type in _MEDIA_PARTS:
+                        raise APIError(
+                            400, f"this model does not take {_MEDIA_PARTS[part.type]} input: "
+                                 f"messages[{k}].content[{j}] is a {part.type} part; send text parts only",
+                            param=f"messages[{k}].content[{j}]", code="unsupported_content")
+            message = {"role": m.role, "content": m.text()}
+            if isinstance(m, AssistantRequestMessage) and m.tool_calls:
+                # Written back the way tool calls are parsed out of an answer (tools.py), so the
+                # model reads its earlier calls in its own convention.
+                calls = "".join(
+                    "<tool_call>" + json.dumps({"name": c.function.name, "arguments": c.function.arguments})
+                    + "</tool_call>" for c in m.tool_calls)
+                message["content"] += calls
+            if isinstance(m, ToolMessage):
+                message["tool_call_id"] = m.tool_call_id
+            if getattr(m, "name", None):
+                message["name"] = m.name
+            messages.append(message)
+        return messages
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages = self.chat_messages(req)
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
         except (jinja2.TemplateError, ValueError) as e:
@@ -316,7 +375,8 @@ class Serving:
         tools = tool_mode(req)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        prompt = self.chat_prompt(req)
+        self.check_fields(req, req.n)
+        prompt = await asyncio.to_thread(self.chat_prompt, req)  # off the event loop, as for completions
         wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.check_length([prompt], wanted, param)

@@ -1,0 +1,117 @@
+"""The server's OpenAPI schema, exact: what each route takes and every answer it can give.
+
+FastAPI derives the request bodies from the pydantic models (tokenmill.server.protocol) but,
+left alone, documents a 422 the server never sends (errors.py answers 400 in OpenAI's shape),
+says nothing of the streamed answers, the error statuses, the API key, or the routes that
+return plain responses. Clients generate code from this schema and the fuzz tests generate
+bodies from it, so it is completed here, in one table, rather than guessed by the framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from tokenmill.server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+    HealthStatus,
+    ModelList,
+    PrefixCacheReset,
+)
+
+_REF = "#/components/schemas/{model}"
+_ERROR_TEXT = {
+    400: "invalid request: the error's param names the offending field",
+    401: "missing or wrong API key",
+    404: "unknown model (code model_not_found) or route",
+    413: "request body over the size limit",
+    429: "the engine's queue is full; retry after the Retry-After header's seconds",
+    500: "internal error",
+    503: "the model is loading, its engine failed, or the server is draining",
+}
+_ENGINE_ERRORS = (400, 401, 404, 413, 429, 500, 503)
+_SSE_NOTE = ("each event's data is one {chunk} as JSON, an ErrorResponse if generation fails after the "
+             "stream started, and last the text [DONE]")
+
+
+def _json(model: type[BaseModel]) -> dict:
+    return {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
+
+
+def _answer(description: str, content: dict) -> dict:
+    return {"description": description, "content": content}
+
+
+def _generation(model: type[BaseModel], chunk: type[BaseModel]) -> dict:
+    """A generation route's 200: one JSON body, or (stream=true) server-sent events. Before
+    OpenAPI 3.2 a text/event-stream `schema` describes one event (as schemathesis reads it)."""
+    payload = {"contentMediaType": "application/json",
+               "contentSchema": {"oneOf": [{"$ref": _REF.format(model=chunk.__name__)},
+                                           {"$ref": _REF.format(model=ErrorResponse.__name__)}]}}
+    data = {"type": "string", "description": _SSE_NOTE.format(chunk=chunk.__name__),
+            "anyOf": [{"const": "[DONE]"}, payload]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return _answer("the completion (stream=false), or its chunks as server-sent events (stream=true)",
+                   {**_json(model), "text/event-stream": {"schema": event}})
+
+
+def _errors(statuses: tuple[int, ...]) -> dict:
+    return {str(s): _answer(_ERROR_TEXT[s], _json(ErrorResponse)) for s in statuses}
+
+
+# path -> method -> status -> answer. Every status a route can send is listed.
+ROUTES: dict[str, dict[str, dict[str, Any]]] = {
+    "/v1/completions": {"post": {"200": _generation(CompletionResponse, CompletionResponse),
+                                 **_errors(_ENGINE_ERRORS)}},
+    "/v1/chat/completions": {"post": {"200": _generation(ChatCompletionResponse, ChatCompletionChunk),
+                                      **_errors(_ENGINE_ERRORS)}},
+    "/v1/models": {"get": {"200": _answer("the served models", _json(ModelList)), **_errors((401,))}},
+    "/health": {"get": {"200": _answer("every model is loaded and its engine runs", _json(HealthStatus)),
+                        **_errors((503,))}},
+    "/metrics": {"get": {"200": _answer("Prometheus text exposition (vLLM metric names)",
+                                        {"text/plain": {"schema": {"type": "string"}}}), **_errors((401,))}},
+    "/reset_prefix_cache": {"post": {"200": _answer("whether every loaded model's cache was reset",
+                                                    _json(PrefixCacheReset)), **_errors((401, 503))}},
+}
+_OPEN = ("/health",)  # reachable without a key (guard.OPEN_PATHS)
+_DESCRIBED = (CompletionResponse, ChatCompletionResponse, ChatCompletionChunk, ErrorResponse, ModelList,
+              HealthStatus, PrefixCacheReset)
+
+
+def exact_openapi(app: FastAPI) -> dict:
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422, never sent
+        schemas.pop(unused, None)
+    _, defs = models_json_schema([(m, "serialization") for m in _DESCRIBED], ref_template=_REF)
+    schemas.update(defs.get("$defs", {}))
+    components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer",
+                                                "description": "needed when the server was given API keys"}}
+    for path, methods in ROUTES.items():
+        for method, answers in methods.items():
+            op = schema["paths"][path][method]
+            op["responses"] = answers
+            op["security"] = [] if path in _OPEN else [{"apiKey": []}]
+            if "requestBody" in op:
+                op["requestBody"]["required"] = True
+    return schema
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve exact_openapi() at /openapi.json (built once, on first request)."""
+    cached: dict = {}
+
+    def openapi() -> dict:
+        if not cached:
+            cached.update(exact_openapi(app))
+        return cached
+
+    app.openapi = openapi
