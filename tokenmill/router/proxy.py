@@ -175,23 +175,25 @@ class Fleet:
                     await resp.aclose()
                     done.finish(ok=resp.status_code < 500, usage_from=content)
                     return Response(content, resp.status_code, media_type=resp.headers.get("content-type"))
-                first = await _first_chunk(resp)
+                chunks = resp.aiter_raw()
+                first = await _first_chunk(chunks)
             except httpx.TransportError as e:  # broke before any byte went out: try elsewhere
                 await resp.aclose()
                 replica.mark_failed(f"{type(e).__name__} before the first byte")
                 done.finish(ok=False)
                 continue
             done.first_byte()
-            return StreamingResponse(self._relay(first, resp, done), media_type="text/event-stream",
+            return StreamingResponse(self._relay(first, chunks, resp, done), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return _error(503, "no replica could take the request", "service_unavailable")
 
-    async def _relay(self, first: bytes, resp: httpx.Response, done: _Done) -> AsyncIterator[bytes]:
+    async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], resp: httpx.Response,
+                     done: _Done) -> AsyncIterator[bytes]:
         tail = first[-_TAIL:]
         ok = False
         try:
             yield first
-            async for chunk in resp.aiter_raw():
+            async for chunk in chunks:
                 tail = (tail + chunk)[-_TAIL:]
                 yield chunk
             ok = True
@@ -261,8 +263,9 @@ class _Done:
         self.fleet.rollout.record(r.version, Outcome(ok, ttft, tpot))
 
 
-async def _first_chunk(resp: httpx.Response) -> bytes:
-    async for chunk in resp.aiter_raw():
+async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
+    """The first non-empty chunk, taken from the iterator the relay then continues."""
+    async for chunk in chunks:
         if chunk:
             return chunk
     return b""

@@ -67,6 +67,7 @@ def build_fleet(args: argparse.Namespace, local_urls: list[str] = ()) -> Fleet:
 def run_router(args: argparse.Namespace) -> int:
     if not (args.replica or args.replica_file or args.local):
         raise ValueError("no replicas: give --replica URL, --replica-file PATH or --local N")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     local = LocalFleet(args.local, args.serve_arg, args.local_threads) if args.local else None
     fleet = build_fleet(args, local.urls if local else [])
     if local is not None:
