@@ -357,7 +357,8 @@ def create_app(fleet: Fleet, api_keys: list[str] = ()) -> FastAPI:
     async def replicas():
         return [{"url": r.url, "version": r.version, "healthy": r.healthy, "draining": r.draining,
                  "server_draining": r.server_draining, "in_flight": r.in_flight, "waiting": r.waiting,
-                 "running": r.running, "kv_usage": r.kv_usage, "index_blocks": len(r.index)}
+                 "running": r.running, "kv_usage": r.kv_usage, "index_blocks": len(r.index),
+                 "tokenizer": fleet.tokenizers.get(r.fingerprint) is not None}
                 for r in fleet.replicas]
 
     @app.post("/admin/replicas/drain")
