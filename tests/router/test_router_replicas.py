@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from tests.server.checks import metric
 from tests.server.process import ServeProcess
 
 pytestmark = pytest.mark.slow
@@ -56,13 +57,7 @@ def _replicas(router: ServeProcess) -> list[dict]:
 
 
 def _metric(router: ServeProcess, name: str, **labels) -> float:
-    text = httpx.get(router.url + "/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric(httpx.get(router.url + "/metrics", timeout=5).text, name, **labels)
 
 
 def _chat(user: str, **kw) -> dict:
