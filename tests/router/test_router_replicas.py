@@ -184,3 +184,36 @@ def test_kill_9_fails_nothing_unstarted_evicts_and_rejoins(fleet):
         assert httpx.post(router.url + "/v1/completions", json={"model": "smollm2", "prompt": f"Hi {i}",
                                                                 "max_tokens": 2}, timeout=60).status_code == 200
     assert _metric(router, "tokenmill_router_requests_total", replica=victim.url, outcome="ok") > before
+
+
+def test_canary_split_keeps_sessions_and_obeys_the_admin_api_behind_a_key(fleet):
+    _, replicas = fleet
+    router = _router("--replica", f"{replicas[0].url}@v1", "--replica", f"{replicas[1].url}@v2",
+                     "--stable-version", "v1", "--canary-version", "v2", "--canary-percent", "50",
+                     "--api-key", "sk-router")
+    auth = {"Authorization": "Bearer sk-router"}
+    try:
+        assert httpx.get(router.url + "/health").status_code == 200  # open: load balancers probe it
+        body = {"model": "smollm2", "prompt": "Hi", "max_tokens": 1}
+        assert httpx.post(router.url + "/v1/completions", json=body).status_code == 401
+        seen = {}
+        for session in [f"s{i}" for i in range(10)] * 2:
+            r = httpx.post(router.url + "/v1/completions", json=body, headers=auth | {"x-session-id": session},
+                           timeout=60)
+            assert r.status_code == 200
+            assert seen.setdefault(session, r.headers["x-tokenmill-version"]) == r.headers["x-tokenmill-version"]
+        assert set(seen.values()) == {"v1", "v2"}  # these 10 keys hash to both sides (deterministic)
+        state = httpx.post(router.url + "/admin/rollout", json={"action": "rollback"}, headers=auth).json()
+        assert state["percent"] == 0 and state["events"][-1]["action"] == "set"
+        for session in seen:
+            r = httpx.post(router.url + "/v1/completions", json=body, headers=auth | {"x-session-id": session},
+                           timeout=60)
+            assert r.headers["x-tokenmill-version"] == "v1"
+        assert _metric_auth(router, "tokenmill_router_rollout_events_total", action="set") == 1
+    finally:
+        router.kill()
+
+
+def _metric_auth(router: ServeProcess, name: str, **labels) -> float:
+    text = httpx.get(router.url + "/metrics", headers={"Authorization": "Bearer sk-router"}, timeout=5).text
+    return metric(text, name, **labels)

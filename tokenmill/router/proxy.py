@@ -35,6 +35,7 @@ log = logging.getLogger("tokenmill.router")
 
 RETRY_STATUS = (429, 500, 502, 503, 504)  # the replica could not take it: another may
 _HOP_HEADERS = ("content-type", "authorization", "accept")
+VERSION_HEADER = "x-tokenmill-version"  # which version group answered: A/B clients and tests read it
 
 
 @dataclass
@@ -174,7 +175,8 @@ class Fleet:
                     content = await resp.aread()
                     await resp.aclose()
                     done.finish(ok=resp.status_code < 500, usage_from=content)
-                    return Response(content, resp.status_code, media_type=resp.headers.get("content-type"))
+                    return Response(content, resp.status_code, media_type=resp.headers.get("content-type"),
+                                    headers={VERSION_HEADER: replica.version})
                 chunks = resp.aiter_raw()
                 first = await _first_chunk(chunks)
             except httpx.TransportError as e:  # broke before any byte went out: try elsewhere
@@ -184,7 +186,7 @@ class Fleet:
                 continue
             done.first_byte()
             return StreamingResponse(self._relay(first, chunks, resp, done), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache", VERSION_HEADER: replica.version})
         return _error(503, "no replica could take the request", "service_unavailable")
 
     async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], resp: httpx.Response,
