@@ -119,14 +119,15 @@ def decisions_per_s(seconds: float) -> float:
     from tokenmill.model.tokenizer import Tokenizer
     from tokenmill.router.policy import Policy, ReplicaView
     from tokenmill.router.prefix_index import PrefixIndex, block_hashes, usable_blocks
-    from tokenmill.router.prompts import prompt_ids
+    from tokenmill.router.prompts import SegmentEncoder, prompt_ids
 
     tok = Tokenizer(load_tokenizer().backend, chat_template=CHATML)
+    encoder = SegmentEncoder(tok)
     indexes = [PrefixIndex(16384) for _ in range(3)]
     policy, rng = Policy(), random.Random(0)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        ids = prompt_ids(tok, "/v1/chat/completions", _body(n, False))
+        ids = prompt_ids(tok, "/v1/chat/completions", _body(n, False), encoder)
         k = usable_blocks(len(ids), 16)
         hashes = block_hashes(ids[:k * 16], 16)
         views = [ReplicaView(f"r{j}", scraped_at=0.0, in_flight=j, hit_blocks=ix.match(hashes))

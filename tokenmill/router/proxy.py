@@ -120,7 +120,7 @@ class Fleet:
         r = next((r for r in pool if r.fingerprint == fp), None)
         if fp is None or r is None or not r.block_size:
             return [], 0
-        ids = prompt_ids(self.tokenizers.get(fp), path, body)
+        ids = prompt_ids(self.tokenizers.get(fp), path, body, self.tokenizers.encoders.get(fp))
         if ids is None:
             return [], 0
         n = usable_blocks(len(ids), r.block_size)
