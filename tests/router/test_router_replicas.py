@@ -83,6 +83,20 @@ def test_streams_pass_through_chunk_by_chunk(fleet):
     assert len(arrivals) >= 12 and arrivals[-1] - arrivals[0] > 0.1
 
 
+def test_a_client_leaving_mid_stream_aborts_the_replica_request(fleet):
+    router, replicas = fleet
+    body = {"model": "smollm2", "prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as r:
+        chunks = r.iter_raw()
+        next(chunks), next(chunks)  # it is streaming; now leave
+    _until(lambda: _metric(router, "tokenmill_router_requests_total", outcome="cancelled") == 1, 10)
+    # The replica stopped generating (its request was aborted), not ran on to 400 tokens.
+    _until(lambda: sum(metric(httpx.get(u.url + "/metrics").text, "vllm:num_requests_running")
+                       for u in replicas) == 0, 10)
+    assert _metric(router, "tokenmill_router_requests_total", outcome="error") == 0
+
+
 def test_predicted_cached_tokens_match_the_replicas(fleet):
     router, _ = fleet
     before = _metric(router, "tokenmill_router_actual_cached_tokens_total")

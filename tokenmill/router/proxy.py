@@ -100,8 +100,9 @@ class Fleet:
         # A version with no live replica must not turn into 503s: the others take it.
         if any(r.healthy and not (r.draining or r.server_draining) for r in in_version):
             pool = in_version
-        hashes, prompt_blocks = self._hashes(path, body, pool)
-        views = [r.view(r.index.match(hashes) if hashes and r.fingerprint == self._fp(pool) else 0) for r in pool]
+        fp = self._fp(pool)
+        hashes, prompt_blocks = self._hashes(path, body, pool, fp)
+        views = [r.view(r.index.match(hashes) if hashes and r.fingerprint == fp else 0) for r in pool]
         decision = self.policy.choose(views, time.monotonic(), self.rng, prompt_blocks, session)
         if decision is None:
             return None, None, []
@@ -111,12 +112,11 @@ class Fleet:
     def _fp(self, pool: list[Replica]) -> str | None:
         return next((r.fingerprint for r in pool if self.tokenizers.get(r.fingerprint) is not None), None)
 
-    def _hashes(self, path: str, body: dict, pool: list[Replica]) -> tuple[list[bytes], int]:
-        """The prompt's usable block hashes under the pool's tokenizer (the prefix policy only:
-        the others never read them)."""
+    def _hashes(self, path: str, body: dict, pool: list[Replica], fp: str | None) -> tuple[list[bytes], int]:
+        """The prompt's usable block hashes under the pool's tokenizer (`fp`), for the policies
+        that read them (session falls back to prefix without a key)."""
         if self.policy.config.policy not in ("prefix", "session"):
             return [], 0
-        fp = self._fp(pool)
         r = next((r for r in pool if r.fingerprint == fp), None)
         if fp is None or r is None or not r.block_size:
             return [], 0
@@ -192,7 +192,7 @@ class Fleet:
     async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], resp: httpx.Response,
                      done: _Done) -> AsyncIterator[bytes]:
         tail = first[-_TAIL:]
-        ok = False
+        ok: bool | None = False
         try:
             yield first
             async for chunk in chunks:
@@ -205,6 +205,9 @@ class Fleet:
             error = {"error": {"message": f"the replica failed mid-stream ({type(e).__name__})",
                                "type": "internal_server_error", "code": "replica_failed"}}
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+        except (asyncio.CancelledError, GeneratorExit):
+            ok = None  # the client left: no fault of the replica's (closing resp aborts its request)
+            raise
         finally:
             await resp.aclose()
             done.finish(ok=ok, usage_from=_last_usage_event(tail))
@@ -238,14 +241,17 @@ class _Done:
         self.first_at = time.monotonic()
         self.fleet.metrics.ttft.labels(self.replica.version).observe(self.first_at - self.started)
 
-    def finish(self, ok: bool, usage_from: bytes | dict | None = None) -> None:
+    def finish(self, ok: bool | None, usage_from: bytes | dict | None = None) -> None:
+        """ok: None when the client left before the end (counted, but judged neither way)."""
         if self.settled:
             return
         self.settled = True
         now = time.monotonic()
         r, m = self.replica, self.fleet.metrics
         r.in_flight -= 1
-        m.requests.labels(r.url, r.version, "ok" if ok else "error").inc()
+        m.requests.labels(r.url, r.version, {True: "ok", False: "error", None: "cancelled"}[ok]).inc()
+        if ok is None:
+            return
         m.e2e.labels(r.url, r.version).observe(now - self.started)
         usage = _usage(usage_from)
         tpot = None
