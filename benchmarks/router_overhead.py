@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 import httpx
+import uvicorn
+from fastapi import FastAPI, Request  # at module level: the route annotations are resolved from here
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 REPO = Path(__file__).resolve().parents[1]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -32,10 +35,6 @@ SYSTEM = " ".join(["You are a careful assistant who answers in short, exact sent
 
 
 def fake_replica(port: int) -> None:
-    import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-
     from tokenmill.bench.tokenizer import load_tokenizer
 
     doc = {"tokenizer_json": load_tokenizer().backend.to_str(), "bos_token_id": None, "eos_token_ids": [],
