@@ -30,23 +30,13 @@ from tokenmill.router.prefix_index import block_hashes, usable_blocks
 from tokenmill.router.prompts import Tokenizers, prompt_ids
 from tokenmill.router.replicas import Replica, ReplicaFile, ReplicaSet, probe
 from tokenmill.router.rollout import Outcome, Rollout
+from tokenmill.router.settings import RouterSettings
 
 log = logging.getLogger("tokenmill.router")
 
 RETRY_STATUS = (429, 500, 502, 503, 504)  # the replica could not take it: another may
 _HOP_HEADERS = ("content-type", "authorization", "accept")
 VERSION_HEADER = "x-tokenmill-version"  # which version group answered: A/B clients and tests read it
-
-
-@dataclass
-class RouterSettings:
-    max_attempts: int = 3
-    health_interval_s: float = 1.0
-    health_timeout_s: float = 2.0
-    connect_timeout_s: float = 2.0
-    read_timeout_s: float = 600.0
-    session_header: str = "x-session-id"
-    replica_api_key: str | None = None  # sent to replicas; None: the client's Authorization goes through
 
 
 @dataclass

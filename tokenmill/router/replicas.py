@@ -18,10 +18,10 @@ import httpx
 
 from tokenmill.router.policy import ReplicaView
 from tokenmill.router.prefix_index import PrefixIndex
+from tokenmill.router.settings import DEFAULT_VERSION
 
 log = logging.getLogger("tokenmill.router")
 
-DEFAULT_VERSION = "default"
 # Blocks remembered per replica when its KV capacity is unknown: 16k blocks = 256k tokens
 # at the default block size, a few MB of hashes.
 DEFAULT_INDEX_BLOCKS = 16384

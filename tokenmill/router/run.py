@@ -6,13 +6,12 @@ import argparse
 import logging
 from pathlib import Path
 
-import uvicorn
-
-from tokenmill.router.local import LocalFleet
 from tokenmill.router.policy import POLICIES, Policy, PolicyConfig
-from tokenmill.router.proxy import Fleet, RouterSettings, create_app
-from tokenmill.router.replicas import DEFAULT_VERSION, ReplicaFile, ReplicaSet, parse_replica_flag
 from tokenmill.router.rollout import Rollout, RolloutConfig
+from tokenmill.router.settings import DEFAULT_VERSION, RouterSettings
+
+# The HTTP stack (fastapi, httpx, uvicorn, tokenizers) is imported only when a router is
+# built: the CLI builds every subcommand's parser, and `tokenmill generate` should not pay ~1 s.
 
 log = logging.getLogger("tokenmill.router")
 
@@ -46,7 +45,10 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def build_fleet(args: argparse.Namespace, local_urls: list[str] = ()) -> Fleet:
+def build_fleet(args: argparse.Namespace, local_urls: list[str] = ()):
+    from tokenmill.router.proxy import Fleet
+    from tokenmill.router.replicas import ReplicaFile, ReplicaSet, parse_replica_flag
+
     config = PolicyConfig(args.policy, args.stale_after_s, args.max_waiting, args.max_kv_usage,
                           args.imbalance_abs, args.imbalance_rel, args.w_hit, args.w_queue, args.w_kv)
     replicas = ReplicaSet()
@@ -65,6 +67,11 @@ def build_fleet(args: argparse.Namespace, local_urls: list[str] = ()) -> Fleet:
 
 
 def run_router(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tokenmill.router.local import LocalFleet
+    from tokenmill.router.proxy import create_app
+
     if not (args.replica or args.replica_file or args.local):
         raise ValueError("no replicas: give --replica URL, --replica-file PATH or --local N")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
