@@ -3,8 +3,10 @@ threads split between them, restarted when they die (a one-box fleet)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM (its graceful drain) when the router
+    dies, however it dies (SIGKILL included), so no replica outlives its supervisor."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -61,7 +70,7 @@ class LocalFleet:
     def _spawn(self, c: Child) -> None:
         cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(c.port), "--num-threads", str(c.threads),
                *self.serve_args]
-        c.proc = subprocess.Popen(cmd)
+        c.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
         log.info("replica %s started (pid %d, %d threads)", c.url, c.proc.pid, c.threads)
 
     def _supervise(self) -> None:
@@ -71,8 +80,8 @@ class LocalFleet:
                 if code is not None and not self._stop.is_set():
                     log.warning("replica %s exited with %s; restarting", c.url, code)
                     time.sleep(self.restart_delay_s)  # a replica that dies at start must not spin
-                    c.restarts += 1
                     self._spawn(c)
+                    c.restarts += 1
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -311,7 +311,10 @@ class _Keys:
         await self.app(scope, receive, send)
 
 
-def create_app(fleet: Fleet, api_keys: list[str] = ()) -> FastAPI:
+def create_app(fleet: Fleet, api_keys: list[str] = (), on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """`on_shutdown` runs (on a thread) when the server stops: uvicorn re-raises SIGTERM once
+    it has stopped, so code after uvicorn.run() never runs on SIGTERM."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         s = fleet.settings
@@ -325,6 +328,8 @@ def create_app(fleet: Fleet, api_keys: list[str] = ()) -> FastAPI:
         finally:
             task.cancel()
             await fleet.client.aclose()
+            if on_shutdown is not None:
+                await asyncio.to_thread(on_shutdown)
 
     app = FastAPI(title="tokenmill router", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.fleet = fleet

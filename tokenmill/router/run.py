@@ -80,8 +80,9 @@ def run_router(args: argparse.Namespace) -> int:
     if local is not None:
         local.start()
     try:
-        uvicorn.run(create_app(fleet, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(create_app(fleet, args.api_key, on_shutdown=local.stop if local else None),
+                    host=args.host, port=args.port, log_level=args.log_level)
     finally:
-        if local is not None:
+        if local is not None:  # a start-up failure (port taken): the lifespan never ran
             local.stop()
     return 0
