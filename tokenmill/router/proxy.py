@@ -148,36 +148,50 @@ class Fleet:
             replica.in_flight += 1
             done = _Done(self, replica, decision, started)
             try:
-                resp = await self.client.send(
-                    self.client.build_request("POST", replica.url + path, content=raw, headers=headers), stream=True)
-            except httpx.TransportError as e:
-                replica.mark_failed(f"{type(e).__name__} on connect")
-                done.finish(ok=False)
-                continue
+                answer = await self._attempt(path, raw, headers, stream, attempt, replica, done)
+            except asyncio.CancelledError:  # the client left while we waited on the replica
+                done.finish(ok=None)
+                raise
+            if answer is not None:
+                return answer
+        return _error(503, "no replica could take the request", "service_unavailable")
+
+    async def _attempt(self, path: str, raw: bytes, headers: dict, stream: bool, attempt: int, replica: Replica,
+                       done: _Done) -> Response | None:
+        """One try on one replica: its response, or None to try another (nothing sent yet)."""
+        try:
+            resp = await self.client.send(
+                self.client.build_request("POST", replica.url + path, content=raw, headers=headers), stream=True)
+        except httpx.TransportError as e:
+            replica.mark_failed(f"{type(e).__name__} on connect")
+            done.finish(ok=False)
+            return None
+        try:
             if resp.status_code in RETRY_STATUS and attempt + 1 < self.settings.max_attempts:
                 await resp.aclose()
                 if resp.status_code == 503:
                     replica.healthy = False  # draining or loading: the next probe decides
                 done.finish(ok=False)
-                continue
-            try:
-                if not stream or resp.status_code != 200:
-                    content = await resp.aread()
-                    await resp.aclose()
-                    done.finish(ok=resp.status_code < 500, usage_from=content)
-                    return Response(content, resp.status_code, media_type=resp.headers.get("content-type"),
-                                    headers={VERSION_HEADER: replica.version})
-                chunks = resp.aiter_raw()
-                first = await _first_chunk(chunks)
-            except httpx.TransportError as e:  # broke before any byte went out: try elsewhere
+                return None
+            if not stream or resp.status_code != 200:
+                content = await resp.aread()
                 await resp.aclose()
-                replica.mark_failed(f"{type(e).__name__} before the first byte")
-                done.finish(ok=False)
-                continue
-            done.first_byte()
-            return StreamingResponse(self._relay(first, chunks, resp, done), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", VERSION_HEADER: replica.version})
-        return _error(503, "no replica could take the request", "service_unavailable")
+                done.finish(ok=resp.status_code < 500, usage_from=content)
+                return Response(content, resp.status_code, media_type=resp.headers.get("content-type"),
+                                headers={VERSION_HEADER: replica.version})
+            chunks = resp.aiter_raw()
+            first = await _first_chunk(chunks)
+        except httpx.TransportError as e:  # broke before any byte went out: try elsewhere
+            await resp.aclose()
+            replica.mark_failed(f"{type(e).__name__} before the first byte")
+            done.finish(ok=False)
+            return None
+        except asyncio.CancelledError:
+            await resp.aclose()
+            raise
+        done.first_byte()
+        return _Stream(self._relay(first, chunks, resp, done), resp, done,
+                       headers={"Cache-Control": "no-cache", VERSION_HEADER: replica.version})
 
     async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], resp: httpx.Response,
                      done: _Done) -> AsyncIterator[bytes]:
@@ -211,6 +225,24 @@ class Fleet:
             if resp.status_code < 500:
                 return Response(resp.content, resp.status_code, media_type=resp.headers.get("content-type"))
         return _error(503, "no replica answered", "service_unavailable")
+
+
+class _Stream(StreamingResponse):
+    """Settles its attempt however the response ends: a client gone before the relay even
+    started would otherwise leave the replica's stream open and its in-flight count up."""
+
+    def __init__(self, relay: AsyncIterator[bytes], resp: httpx.Response, done: _Done, headers: dict):
+        super().__init__(relay, media_type="text/event-stream", headers=headers)
+        self._resp, self._done = resp, done
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            if not self._done.settled:
+                await self._resp.aclose()
+                self._done.finish(ok=None)
 
 
 _TAIL = 16384  # the usage event is the last data event before [DONE]; keep that much of a stream
