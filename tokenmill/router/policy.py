@@ -106,7 +106,8 @@ class Policy:
         if policy == "prefix" and self._imbalanced(candidates):
             pick, reason = _random_min(candidates, lambda v: v.load, rng), "imbalance"
         elif policy == "prefix":
-            pick, reason = _random_max(candidates, lambda v: self.score(v, candidates, prompt_blocks), rng), policy
+            busiest = max(v.load for v in candidates)
+            pick, reason = _random_max(candidates, lambda v: self.score(v, busiest, prompt_blocks), rng), policy
         elif policy == "least-load":
             pick, reason = _random_min(candidates, lambda v: v.load, rng), policy
         elif policy == "power-of-two":
@@ -125,12 +126,11 @@ class Policy:
         hi, lo = max(loads), min(loads)
         return hi - lo > self.config.imbalance_abs and hi > self.config.imbalance_rel * lo
 
-    def score(self, v: ReplicaView, candidates: list[ReplicaView], prompt_blocks: int) -> float:
+    def score(self, v: ReplicaView, busiest: int, prompt_blocks: int) -> float:
         """hit: share of the prompt's blocks predicted cached there (0..1); queue: its load
-        relative to the busiest candidate (0..1); headroom: free share of its KV pool (0..1)."""
+        relative to the busiest candidate's (0..1); headroom: free share of its KV pool (0..1)."""
         c = self.config
         hit = v.hit_blocks / prompt_blocks if prompt_blocks else 0.0
-        busiest = max(x.load for x in candidates)
         queue = v.load / busiest if busiest else 0.0
         return c.w_hit * hit - c.w_queue * queue + c.w_kv * (1.0 - v.kv_usage)
 
