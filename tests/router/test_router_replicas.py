@@ -231,3 +231,39 @@ def test_canary_split_keeps_sessions_and_obeys_the_admin_api_behind_a_key(fleet)
 def _metric_auth(router: ServeProcess, name: str, **labels) -> float:
     text = httpx.get(router.url + "/metrics", headers={"Authorization": "Bearer sk-router"}, timeout=5).text
     return metric(text, name, **labels)
+
+
+def _fleet_hits(replicas: list[ServeProcess]) -> tuple[float, float]:
+    texts = [httpx.get(r.url + "/metrics", timeout=5).text for r in replicas]
+    return (sum(metric(t, "vllm:prefix_cache_hits_total") for t in texts),
+            sum(metric(t, "vllm:prefix_cache_queries_total") for t in texts))
+
+
+def _conversations_hit_rate(router: ServeProcess, replicas: list[ServeProcess]) -> float:
+    """3 conversations x 3 turns, each turn sent with its history, turn by turn across them
+    (an odd count, so round-robin cannot land a conversation on one replica by accident)."""
+    for r in replicas:
+        assert httpx.post(r.url + "/reset_prefix_cache", timeout=30).json()["reset"]
+    h0, q0 = _fleet_hits(replicas)
+    history = {c: [{"role": "system", "content": f"Conversation {c}. " + SYSTEM}] for c in range(3)}
+    for turn in range(3):
+        for c, messages in history.items():
+            messages.append({"role": "user", "content": f"Tell me fact number {turn} about the number {c}."})
+            body = {"model": "smollm2", "messages": messages, "max_tokens": 2, "temperature": 0}
+            assert httpx.post(router.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+            messages.append({"role": "assistant", "content": f"Fact {turn}: {c} is a number, as numbers go."})
+    h1, q1 = _fleet_hits(replicas)
+    return (h1 - h0) / (q1 - q0)
+
+
+def test_prefix_policy_hits_more_than_round_robin(fleet):
+    _, replicas = fleet
+    rates = {}
+    for policy in ("round-robin", "prefix"):
+        router = _router("--policy", policy, *[a for r in replicas for a in ("--replica", r.url)])
+        try:
+            _until(lambda: all(r["tokenizer"] for r in _replicas(router)), 30)
+            rates[policy] = _conversations_hit_rate(router, replicas)
+        finally:
+            router.kill()
+    assert rates["prefix"] > rates["round-robin"] + 0.1, rates
