@@ -102,7 +102,7 @@ def main() -> int:
                                 "--model", "smollm2", "--backend", "chat", "--dataset-name", "synthetic",
                                 "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
                                 "--synthetic-max-output-len", str(args.max_output_len), "--ignore-eos",
-                                "--percentiles", "50,99", "--no-progress", "--result-json", str(result)],
+                                "--percentiles", "50,99", "--num-warmups", "3", "--no-progress", "--result-json", str(result)],
                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
                 h1, q1 = _hits(replicas)
             finally:
