@@ -81,7 +81,8 @@ def run_router(args: argparse.Namespace) -> int:
         local.start()
     try:
         uvicorn.run(create_app(fleet, args.api_key, on_shutdown=local.stop if local else None),
-                    host=args.host, port=args.port, log_level=args.log_level)
+                    host=args.host, port=args.port, log_level=args.log_level,
+                    access_log=False)  # a log line per proxied request costs more than the routing decision
     finally:
         if local is not None:  # a start-up failure (port taken): the lifespan never ran
             local.stop()
