@@ -1,4 +1,4 @@
-"""tokenmill serve | generate | chat | bench: one entry point.
+"""tokenmill serve | generate | chat | router | bench: one entry point.
 
 The CLI is (with the server) the only place an EngineConfig is built, from flags; the one
 environment variable read anywhere is the API key's (API_KEY_ENV), here.
@@ -142,6 +142,11 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     add_sampling_arguments(c, max_tokens=256)
     c.add_argument("--system", default=None, help="system prompt")
 
+    r = sub.add_parser("router", help="one OpenAI endpoint over many replicas (tokenmill.router)")
+    from tokenmill.router.run import add_router_arguments
+
+    add_router_arguments(r)
+
     b = sub.add_parser("bench", help="benchmark (tokenmill.bench)", add_help=not with_bench)
     if with_bench:
         from tokenmill.bench.cli import add_bench_arguments
@@ -177,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "router":
+            from tokenmill.router.run import run_router
+
+            return run_router(args)
         if args.command == "bench":
             from tokenmill.bench.cli import run_bench
 

@@ -1,4 +1,4 @@
-"""`tokenmill serve` as a real subprocess, and a tiny HF checkpoint dir for it to load."""
+"""`tokenmill serve` (or `tokenmill router`) as a real subprocess, and a tiny HF checkpoint dir for it to load."""
 
 from __future__ import annotations
 
@@ -28,13 +28,18 @@ def write_tiny_checkpoint(path: Path) -> Path:
 
 
 class ServeProcess:
-    def __init__(self, *args: str, startup_timeout: float = 120.0, port: int | None = None):
+    def __init__(self, *args: str, startup_timeout: float = 120.0, port: int | None = None, wait: bool = True,
+                 command: str = "serve"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(self.port), "--log-level", "warning", *args]
+        cmd = [sys.executable, "-m", "tokenmill", command, "--port", str(self.port), "--log-level", "warning", *args]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
+        if wait:
+            self.wait_healthy(startup_timeout)
+
+    def wait_healthy(self, startup_timeout: float = 120.0) -> None:
         deadline = time.monotonic() + startup_timeout
         while True:
             if self.proc.poll() is not None:

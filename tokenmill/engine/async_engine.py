@@ -80,6 +80,11 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def block_size(self) -> int:
+        """Tokens per KV block: the unit of prefix-cache hits (a router hashes the same blocks)."""
+        return self.engine.kv.block_size
+
+    @property
     def max_kv_tokens(self) -> int:
         """Tokens the whole KV pool holds: no request can ever be longer."""
         return self.engine.kv.num_blocks * self.engine.kv.block_size

@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.errors import error_response, install_error_handlers
 from tokenmill.server.guard import Guard, ServerState
+from tokenmill.server.info import add_info_routes
 from tokenmill.server.metrics import CONTENT_TYPE
 from tokenmill.server.openapi import install_openapi
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
@@ -91,6 +92,8 @@ def create_app(
             return error_response(503, "no model is loaded yet", code="loading")
         results = [await engine.call(lambda e: e.reset_prefix_cache()) for engine in loaded.values()]
         return JSONResponse({"reset": all(bool(ok) for ok in results)})
+
+    add_info_routes(app, models)  # for tokenmill router's prefix prediction
 
     for name, engine in engines.items():
         if engine is not None:

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""What the router adds: TTFT through `tokenmill router` vs straight to a replica, requests per
+second through it, and routing decisions per second in-process (tokenize + hash + index match +
+policy), against fast fake replicas so that only the router's own cost shows.
+
+The fakes answer at once (8 streamed tokens, usage with cached_tokens) and serve the default
+model's real tokenizer, so the router tokenizes and hashes every prompt as it does in front of
+`tokenmill serve`.
+
+    python benchmarks/router_overhead.py --requests 300 --seconds 10 --concurrency 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request  # at module level: the route annotations are resolved from here
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SYSTEM = " ".join(["You are a careful assistant who answers in short, exact sentences."] * 12)
+
+
+def fake_replica(port: int) -> None:
+    from tokenmill.bench.tokenizer import load_tokenizer
+
+    doc = {"tokenizer_json": load_tokenizer().backend.to_str(), "bos_token_id": None, "eos_token_ids": [],
+           "chat_template": CHATML, "add_bos_token": False, "fingerprint": "fake-b16"}
+    usage = {"prompt_tokens": 200, "completion_tokens": 8, "total_tokens": 208,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse('vllm:num_requests_waiting{model_name="m"} 0\n'
+                                 'vllm:num_requests_running{model_name="m"} 0\n'
+                                 'vllm:kv_cache_usage_perc{model_name="m"} 0.1\n')
+
+    @app.get("/v1/tokenmill/info")
+    async def info():
+        return {"models": [{"id": "m", "block_size": 16, "max_model_len": 8192, "fingerprint": "fake-b16"}]}
+
+    @app.get("/v1/tokenmill/tokenizer")
+    async def tokenizer(model: str):
+        return JSONResponse(doc)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        if not body.get("stream"):
+            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok " * 8}}], "usage": usage}
+
+        async def events():
+            for _ in range(8):
+                yield 'data: {"choices": [{"index": 0, "delta": {"content": "ok "}}]}\n\n'
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def _body(i: int, stream: bool) -> dict:
+    return {"model": "m", "stream": stream, "messages": [{"role": "system", "content": SYSTEM},
+                                                         {"role": "user", "content": f"Question number {i}?"}]}
+
+
+def ttft_ms(url: str, n: int) -> list[float]:
+    out = []
+    with httpx.Client(timeout=30) as client:
+        for i in range(n):
+            t0 = time.perf_counter()
+            with client.stream("POST", url + "/v1/chat/completions", json=_body(i, True)) as r:
+                chunks = r.iter_raw()
+                next(chunks)
+                out.append((time.perf_counter() - t0) * 1000)
+                for _ in chunks:
+                    pass
+    return out[n // 10:]  # the first tenth warms connections up
+
+
+async def throughput(url: str, seconds: float, concurrency: int) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def worker(k: int):
+            nonlocal done
+            i = k
+            while time.perf_counter() < stop:
+                r = await client.post(url + "/v1/chat/completions", json=_body(i, False))
+                r.raise_for_status()
+                done += 1
+                i += concurrency
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        return done / (time.perf_counter() - t0)
+
+
+def decisions_per_s(seconds: float) -> float:
+    """The decision alone, in this process: tokenize, hash, match 3 indexes, choose, insert."""
+    from tokenmill.bench.tokenizer import load_tokenizer
+    from tokenmill.model.tokenizer import Tokenizer
+    from tokenmill.router.policy import Policy, ReplicaView
+    from tokenmill.router.prefix_index import PrefixIndex, block_hashes, usable_blocks
+    from tokenmill.router.prompts import SegmentEncoder, prompt_ids
+
+    tok = Tokenizer(load_tokenizer().backend, chat_template=CHATML)
+    encoder = SegmentEncoder(tok)
+    indexes = [PrefixIndex(16384) for _ in range(3)]
+    policy, rng = Policy(), random.Random(0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        ids = prompt_ids(tok, "/v1/chat/completions", _body(n, False), encoder)
+        k = usable_blocks(len(ids), 16)
+        hashes = block_hashes(ids[:k * 16], 16)
+        views = [ReplicaView(f"r{j}", scraped_at=0.0, in_flight=j, hit_blocks=ix.match(hashes))
+                 for j, ix in enumerate(indexes)]
+        d = policy.choose(views, 0.0, rng, k)
+        indexes[int(d.replica[1:])].insert(hashes)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--fake-replica", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=32)
+    args = p.parse_args()
+    if args.fake_replica:
+        fake_replica(args.fake_replica)
+        return 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ports = [18301, 18302, 18303]
+    procs = [subprocess.Popen([sys.executable, __file__, "--fake-replica", str(port)], env=env) for port in ports]
+    router = subprocess.Popen([sys.executable, "-m", "tokenmill", "router", "--port", "18300", "--log-level", "warning",
+                               *[a for port in ports for a in ("--replica", f"http://127.0.0.1:{port}")]], env=env)
+    procs.append(router)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                reps = httpx.get("http://127.0.0.1:18300/admin/replicas", timeout=1).json()
+                if all(r["healthy"] and r["tokenizer"] for r in reps):
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the router and its fakes did not come up")
+            time.sleep(0.5)
+        direct = ttft_ms(f"http://127.0.0.1:{ports[0]}", args.requests)
+        routed = ttft_ms("http://127.0.0.1:18300", args.requests)
+        direct_rps = asyncio.run(throughput(f"http://127.0.0.1:{ports[0]}", args.seconds, args.concurrency))
+        rps = asyncio.run(throughput("http://127.0.0.1:18300", args.seconds, args.concurrency))
+        decisions = decisions_per_s(min(args.seconds, 5.0))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+    d50, r50 = statistics.median(direct), statistics.median(routed)
+    print(json.dumps({"ttft_p50_direct_ms": round(d50, 3), "ttft_p50_routed_ms": round(r50, 3),
+                      "added_ttft_p50_ms": round(r50 - d50, 3), "direct_req_per_s_one_replica": round(direct_rps, 1),
+                      "routed_req_per_s": round(rps, 1),
+                      "decisions_per_s": round(decisions, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The routing decision with fake replicas (pure: no HTTP, no clock)."""
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenmill.router.policy import POLICIES, Policy, PolicyConfig, ReplicaView, rendezvous
+
+NOW = 1000.0
+
+
+@st.composite
+def fleets(draw):
+    n = draw(st.integers(1, 8))
+    views = []
+    for i in range(n):
+        views.append(ReplicaView(
+            name=f"r{i}",
+            healthy=draw(st.booleans()),
+            draining=draw(st.booleans()),
+            scraped_at=draw(st.sampled_from([None, NOW - 100, NOW - 1, NOW])),
+            waiting=draw(st.integers(0, 100)),
+            running=draw(st.integers(0, 40)),
+            kv_usage=draw(st.floats(0, 1)),
+            in_flight=draw(st.integers(0, 60)),
+            hit_blocks=draw(st.integers(0, 10)),
+        ))
+    return views
+
+
+def _fit(v: ReplicaView, c: PolicyConfig) -> bool:
+    return (v.healthy and not v.draining and v.scraped_at is not None and NOW - v.scraped_at <= c.stale_after_s
+            and v.waiting <= c.max_waiting and v.kv_usage <= c.max_kv_usage)
+
+
+@settings(max_examples=300)
+@given(views=fleets(), policy=st.sampled_from(POLICIES), seed=st.integers(0, 2**32), session=st.text(max_size=5))
+def test_dead_draining_stale_never_chosen_when_a_fit_replica_exists(views, policy, seed, session):
+    p = Policy(PolicyConfig(policy=policy))
+    d = p.choose(views, NOW, random.Random(seed), prompt_blocks=10, session=session)
+    by_name = {v.name: v for v in views}
+    if any(_fit(v, p.config) for v in views):
+        assert _fit(by_name[d.replica], p.config) and d.reason != "fail-open"
+    elif any(v.healthy and not v.draining for v in views):  # fail open, still never dead or draining
+        assert by_name[d.replica].healthy and not by_name[d.replica].draining and d.reason == "fail-open"
+    elif all(v.draining for v in views):
+        assert d is None
+    else:
+        assert not by_name[d.replica].draining
+
+
+def _fresh(name, **kw) -> ReplicaView:
+    return ReplicaView(name, scraped_at=NOW, **kw)
+
+
+@given(hot=st.integers(20, 60), cold=st.integers(0, 5), hit=st.integers(1, 10))
+def test_imbalance_guard_sends_to_the_idlest_even_against_a_full_hit(hot, cold, hit):
+    views = [_fresh("hot", in_flight=hot, hit_blocks=hit), _fresh("cold", in_flight=cold),
+             _fresh("mid", in_flight=cold + 2)]
+    d = Policy().choose(views, NOW, random.Random(0), prompt_blocks=hit)
+    assert d.replica == "cold" and d.reason == "imbalance"
+
+
+def test_prefix_hit_wins_when_load_is_even():
+    views = [_fresh("a", in_flight=2), _fresh("b", in_flight=2, hit_blocks=8), _fresh("c", in_flight=2)]
+    d = Policy().choose(views, NOW, random.Random(0), prompt_blocks=10)
+    assert (d.replica, d.reason, d.hit_blocks) == ("b", "prefix", 8)
+
+
+def test_queue_outweighs_a_small_hit():
+    views = [_fresh("a", in_flight=5, hit_blocks=1), _fresh("b", in_flight=1)]
+    assert Policy().choose(views, NOW, random.Random(0), prompt_blocks=10).replica == "b"
+
+
+def test_ties_are_broken_at_random():
+    views = [_fresh(f"r{i}") for i in range(4)]
+    rng = random.Random(1)
+    picks = {Policy().choose(views, NOW, rng).replica for _ in range(200)}
+    assert picks == {"r0", "r1", "r2", "r3"}
+
+
+def test_round_robin_cycles_and_least_load_takes_the_idlest():
+    views = [_fresh("a", in_flight=3), _fresh("b", in_flight=1), _fresh("c", in_flight=2)]
+    rr = Policy(PolicyConfig(policy="round-robin"))
+    assert [rr.choose(views, NOW, random.Random(0)).replica for _ in range(6)] == list("abcabc")
+    assert Policy(PolicyConfig(policy="least-load")).choose(views, NOW, random.Random(0)).replica == "b"
+    p2 = Policy(PolicyConfig(policy="power-of-two"))
+    assert all(p2.choose(views, NOW, random.Random(s)).replica != "a" for s in range(100))  # never the max of 2
+
+
+@settings(max_examples=100)
+@given(keys=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=30), n=st.integers(2, 8))
+def test_sessions_stick_and_only_a_leaving_replicas_sessions_move(keys, n):
+    views = [_fresh(f"r{i}", in_flight=i) for i in range(n)]
+    p = Policy(PolicyConfig(policy="session"))
+    first = {k: p.choose(views, NOW, random.Random(0), session=k).replica for k in keys}
+    again = {k: p.choose(views, NOW, random.Random(1), session=k).replica for k in keys}
+    assert first == again  # load changes nothing: sticky
+    gone = views[0].name
+    after = {k: p.choose(views[1:], NOW, random.Random(0), session=k).replica for k in keys}
+    assert all(after[k] == first[k] for k in keys if first[k] != gone)
+
+
+def test_rendezvous_spreads_sessions_evenly():
+    names = [f"r{i}" for i in range(4)]
+    counts = {n: 0 for n in names}
+    for k in range(8000):
+        counts[max(names, key=lambda n: rendezvous(str(k), n))] += 1
+    assert all(abs(c - 2000) < 4 * math.sqrt(8000 * 0.25 * 0.75) for c in counts.values())
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError):
+        PolicyConfig(policy="fastest")
