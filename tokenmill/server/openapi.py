@@ -66,6 +66,15 @@ def _errors(statuses: tuple[int, ...]) -> dict:
     return {str(s): _answer(_ERROR_TEXT[s], _json(ErrorResponse)) for s in statuses}
 
 
+_INT, _STR = {"type": "integer"}, {"type": "string"}
+_INFO = {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": {
+    "type": "object", "required": ["id", "block_size", "max_model_len", "fingerprint"],
+    "properties": {"id": _STR, "block_size": _INT, "max_model_len": _INT, "fingerprint": _STR}}}}}
+_TOKENIZER = {"type": "object", "required": ["tokenizer_json", "eos_token_ids", "fingerprint"], "properties": {
+    "tokenizer_json": _STR, "bos_token_id": {"anyOf": [_INT, {"type": "null"}]},
+    "eos_token_ids": {"type": "array", "items": _INT}, "chat_template": {"anyOf": [_STR, {"type": "null"}]},
+    "add_bos_token": {"type": "boolean"}, "fingerprint": _STR}}
+
 # path -> method -> status -> answer. Every status a route can send is listed.
 ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/v1/completions": {"post": {"200": _generation(CompletionResponse, CompletionResponse),
@@ -79,6 +88,12 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                                         {"text/plain": {"schema": {"type": "string"}}}), **_errors((401,))}},
     "/reset_prefix_cache": {"post": {"200": _answer("whether every loaded model's cache was reset",
                                                     _json(PrefixCacheReset)), **_errors((401, 503))}},
+    # What a router reads of this server (server/info.py).
+    "/v1/tokenmill/info": {"get": {"200": _answer("per model: block size, context, tokenizer fingerprint",
+                                                  {"application/json": {"schema": _INFO}}), **_errors((401,))}},
+    "/v1/tokenmill/tokenizer": {"get": {"200": _answer("a model's tokenizer as the engine uses it",
+                                                       {"application/json": {"schema": _TOKENIZER}}),
+                                        **_errors((400, 401, 404))}},
 }
 _OPEN = ("/health",)  # reachable without a key (guard.OPEN_PATHS)
 _DESCRIBED = (CompletionResponse, ChatCompletionResponse, ChatCompletionChunk, ErrorResponse, ModelList,
