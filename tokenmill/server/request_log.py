@@ -36,6 +36,13 @@ class RequestLog:
         number = next(self._ids)
         status = 0
         body = bytearray()
+        logged = False
+
+        def log_response() -> None:
+            nonlocal logged
+            if not logged:
+                logged = True
+                log.info("response %d %d: %s", number, status, _clip(bytes(body)))
 
         async def logged_receive():
             message = await receive()
@@ -47,11 +54,16 @@ class RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and len(body) <= MAX_LOGGED_BYTES:
-                body.extend(message.get("body", b""))
+            elif message["type"] == "http.response.body":
+                if len(body) <= MAX_LOGGED_BYTES:
+                    body.extend(message.get("body", b""))
+                if not message.get("more_body", False):
+                    # Logged before the last byte leaves, so the line is written by the time
+                    # the client has its answer (a reader of the log never races the client).
+                    log_response()
             await send(message)
 
         try:
             await self.app(scope, logged_receive, logged_send)
         finally:
-            log.info("response %d %d: %s", number, status, _clip(bytes(body)))
+            log_response()  # a response cut short (disconnect, error) is logged with what was sent
