@@ -8,7 +8,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from tokenmill.doctor.recording import Key, Recording, ReplicaRecording, Scrape
+from tokenmill.doctor.recording import Recording, ReplicaRecording, Scrape
 
 
 @dataclass
