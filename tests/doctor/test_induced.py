@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from tests.model.real import loaded
 from tests.server.conftest import LiveServer, make_engine
 from tokenmill.doctor.evidence import windows
-from tokenmill.doctor.recording import record
+from tokenmill.doctor.recording import Recording, record
 from tokenmill.doctor.rules import Evidence, diagnose
 from tokenmill.server.app import create_app
 
@@ -60,8 +62,9 @@ def completion(prompt: str, max_tokens: int):
                                           "ignore_eos": True, "temperature": 0})
 
 
-def watch(engines: list, load_on: list[int], workers: int, body, seconds: float = 8.0):
-    """Serve each engine, load the chosen ones, record all of them; the findings, ranked."""
+def watch(engines: list, load_on: list[int], workers: int, body, seconds: float = 8.0) -> tuple[list, Recording]:
+    """Serve each engine, load the chosen ones, record all of them: the findings, ranked, and
+    what they were found in."""
     servers = [LiveServer(create_app({MODEL: e})) for e in engines]
     try:
         loads = [Load(servers[i].url, workers, body) for i in load_on]
@@ -70,7 +73,7 @@ def watch(engines: list, load_on: list[int], workers: int, body, seconds: float 
         for load in loads:
             load.end()
         assert all(load.answered > 0 and load.failed == 0 for load in loads)
-        return diagnose(Evidence(windows(recording)))
+        return diagnose(Evidence(windows(recording))), recording
     finally:
         for s in servers:
             s.stop()
@@ -78,55 +81,66 @@ def watch(engines: list, load_on: list[int], workers: int, body, seconds: float 
             e.shutdown()
 
 
+def chat_with_shared_system_prompt(i):
+    return "/v1/chat/completions", {"model": MODEL, "max_tokens": 8, "temperature": 0, "messages": [
+        {"role": "system", "content": "You are a lighthouse museum guide. " + PASSAGE},
+        {"role": "user", "content": f"Question {i}: what did the keeper carry?"}]}
+
+
+def repeat_passage(i):
+    return "/v1/completions", {"model": MODEL, "max_tokens": 48, "temperature": 0,
+                               "prompt": f"({i}) Repeat exactly: {PASSAGE}\nRepeated: {PASSAGE[:60]}"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """A pathology: the replicas' settings, which of them get load, how much and of what, and
+    the rule that must come first ("none": nothing above info)."""
+
+    name: str
+    replicas: tuple[dict, ...]
+    workers: int
+    body: Callable
+    expected: str
+    load_on: tuple[int, ...] = (0,)
+
+
+CASES = [
+    Case("batch cap 2 under concurrency 16", ({"max_num_seqs": 2, "num_kv_blocks": 512},), 16,
+         completion("Write a short note about the sea", 16), "batch_cap_too_low"),
+    Case("KV pool of 24 blocks under 8 long requests", ({"num_kv_blocks": 24},), 8, completion(PASSAGE, 64),
+         "kv_pool_too_small"),
+    Case("caching off, shared system prompt", ({"enable_prefix_caching": False, "num_kv_blocks": 512},), 4,
+         chat_with_shared_system_prompt, "prefix_cache_off"),
+    Case("two replicas, all load on one", ({"num_kv_blocks": 512}, {"num_kv_blocks": 512}), 8,
+         completion("Tell me about lighthouses", 16), "uneven_load"),
+    Case("ngram speculation kept on at concurrency 16",
+         ({"num_kv_blocks": 1024, "speculative_method": "ngram", "speculative_disable_by_batch_size": 64},), 16,
+         repeat_passage, "speculation_not_paying"),
+    Case("healthy: defaults, concurrency 2", ({"num_kv_blocks": 512},), 2, completion("The capital of France is", 16),
+         "none"),
+]
+
+
+def run_case(model, case: Case) -> tuple[list, Recording]:
+    return watch([make_engine(model, **r) for r in case.replicas], list(case.load_on), case.workers, case.body)
+
+
+def top(findings) -> str:
+    """The first finding above info, or "none"."""
+    return next((f.rule for f in findings if f.severity != "info"), "none")
+
+
 @pytest.fixture(scope="module")
 def model():
     return loaded("auto")
 
 
-def top(findings) -> str:
-    return findings[0].rule if findings else "none"
-
-
-def test_batch_cap_too_low(model):
-    findings = watch([make_engine(model, max_num_seqs=2, num_kv_blocks=512)], [0], 16,
-                     completion("Write a short note about the sea", 16))
-    assert top(findings) == "batch_cap_too_low", findings
-    assert findings[0].fix.startswith("--max-num-seqs ") and int(findings[0].fix.split()[1]) > 2
-
-
-def test_kv_pool_too_small(model):
-    findings = watch([make_engine(model, num_kv_blocks=24)], [0], 8, completion(PASSAGE, 64))
-    assert top(findings) == "kv_pool_too_small", findings
-    assert findings[0].evidence["preemptions"] > 0 or findings[0].evidence["share_starved"] >= 0.5
-
-
-def test_prefix_cache_off_with_a_shared_system_prompt(model):
-    def chat(i):
-        return "/v1/chat/completions", {"model": MODEL, "max_tokens": 8, "temperature": 0, "messages": [
-            {"role": "system", "content": "You are a lighthouse museum guide. " + PASSAGE},
-            {"role": "user", "content": f"Question {i}: what did the keeper carry?"}]}
-
-    findings = watch([make_engine(model, enable_prefix_caching=False, num_kv_blocks=512)], [0], 4, chat)
-    assert top(findings) == "prefix_cache_off", findings
-    assert findings[0].evidence["share"] >= 0.5  # the system prompt is most of every prompt
-
-
-def test_uneven_load_across_two_replicas(model):
-    engines = [make_engine(model, num_kv_blocks=512), make_engine(model, num_kv_blocks=512)]
-    findings = watch(engines, [0], 8, completion("Tell me about lighthouses", 16))
-    assert top(findings) == "uneven_load", findings
-
-
-def test_speculation_at_high_concurrency(model):
-    def repeat(i):
-        return "/v1/completions", {"model": MODEL, "max_tokens": 48, "temperature": 0,
-                                   "prompt": f"({i}) Repeat exactly: {PASSAGE}\nRepeated: {PASSAGE[:60]}"}
-
-    engine = make_engine(model, num_kv_blocks=1024, speculative_method="ngram", speculative_disable_by_batch_size=64)
-    findings = watch([engine], [0], 16, repeat)
-    assert top(findings) == "speculation_not_paying", findings
-
-
-def test_healthy_replica_raises_nothing_above_info(model):
-    findings = watch([make_engine(model, num_kv_blocks=512)], [0], 2, completion("The capital of France is", 16))
-    assert all(f.severity == "info" for f in findings), findings
+@pytest.mark.parametrize("case", CASES, ids=[c.expected for c in CASES])
+def test_the_doctor_names_the_induced_pathology_first(model, case):
+    findings, _ = run_case(model, case)
+    assert top(findings) == case.expected, findings
+    if case.expected == "batch_cap_too_low":
+        assert int(findings[0].fix.split()[1]) > 2
+    if case.expected == "prefix_cache_off":
+        assert findings[0].evidence["share"] >= 0.5  # the system prompt is most of every prompt
