@@ -65,6 +65,16 @@ class Recording:
             for r in doc["replicas"]])
 
 
+def replicas_of_router(url: str, api_key: str | None = None) -> list[str]:
+    """The replicas a `tokenmill router` routes to (its /admin/replicas), to watch each."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(url.rstrip("/") + "/admin/replicas", headers=headers, timeout=10)
+    r.raise_for_status()
+    return [replica["url"] for replica in r.json()]
+
+
 def record(urls: list[str], seconds: float, interval: float = 1.0, api_key: str | None = None,
            clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> Recording:
     """Scrape every replica each `interval` for `seconds` (at least two scrapes each)."""

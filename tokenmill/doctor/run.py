@@ -8,13 +8,14 @@ from pathlib import Path
 
 from tokenmill.doctor.evidence import windows
 from tokenmill.doctor.gpu import read_dcgm_scrapes, read_nvidia_smi_csv
-from tokenmill.doctor.recording import Recording, record
+from tokenmill.doctor.recording import Recording, record, replicas_of_router
 from tokenmill.doctor.report import markdown, plot, print_terminal
 from tokenmill.doctor.rules import Evidence, diagnose
 
 
 def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", action="append", default=[], help="a replica or router base URL to scrape (repeatable)")
+    p.add_argument("--url", action="append", default=[], help="a replica's base URL to scrape (repeatable)")
+    p.add_argument("--router", default=None, help="a `tokenmill router`: watch every replica it routes to")
     p.add_argument("--seconds", type=float, default=30.0, help="how long to watch")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
     p.add_argument("--api-key", default=None)
@@ -31,11 +32,12 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.load:
         recording = Recording.from_json(Path(args.load).read_text())
-    elif args.url:
-        print(f"watching {len(args.url)} endpoint(s) for {args.seconds:.0f} s ...", file=sys.stderr)
-        recording = record(args.url, args.seconds, args.interval, args.api_key)
+    elif args.url or args.router:
+        urls = list(args.url) + (replicas_of_router(args.router, args.api_key) if args.router else [])
+        print(f"watching {len(urls)} replica(s) for {args.seconds:.0f} s ...", file=sys.stderr)
+        recording = record(urls, args.seconds, args.interval, args.api_key)
     else:
-        print("tokenmill doctor: give --url (repeatable) or --load FILE", file=sys.stderr)
+        print("tokenmill doctor: give --url (repeatable), --router URL or --load FILE", file=sys.stderr)
         return 2
     if args.save:
         Path(args.save).write_text(recording.to_json())
