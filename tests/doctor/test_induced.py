@@ -68,8 +68,18 @@ def watch(engines: list, load_on: list[int], workers: int, body, seconds: float 
     servers = [LiveServer(create_app({MODEL: e})) for e in engines]
     try:
         loads = [Load(servers[i].url, workers, body) for i in load_on]
-        time.sleep(3.0)  # past the start, into the steady state
-        recording = record([s.url for s in servers], seconds, interval=0.5)
+        # Into the steady state: every client has had an answer. Then a window in which each
+        # loaded replica answers at least as many requests as it has clients (a busy box is
+        # slower: the window grows rather than judging a handful of steps).
+        deadline = time.monotonic() + 120
+        while min(load.answered for load in loads) < workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for _ in range(4):
+            before = [load.answered for load in loads]
+            recording = record([s.url for s in servers], seconds, interval=0.5)
+            if all(load.answered - b >= workers for load, b in zip(loads, before)):
+                break
+            seconds *= 2
         for load in loads:
             load.end()
         assert all(load.answered > 0 and load.failed == 0 for load in loads)
@@ -88,7 +98,7 @@ def chat_with_shared_system_prompt(i):
 
 
 def repeat_passage(i):
-    return "/v1/completions", {"model": MODEL, "max_tokens": 48, "temperature": 0,
+    return "/v1/completions", {"model": MODEL, "max_tokens": 24, "temperature": 0,
                                "prompt": f"({i}) Repeat exactly: {PASSAGE}\nRepeated: {PASSAGE[:60]}"}
 
 
