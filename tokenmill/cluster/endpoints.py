@@ -111,7 +111,7 @@ def sync_once(reader: SliceReader, followed: list[Followed], port_name: str, out
     return changed
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenmill.cluster.endpoints", description=__doc__.split("\n")[0])
     p.add_argument("--service", action="append", type=Followed.parse, required=True,
                    metavar="NAME[=VERSION]", help="a Service whose pods are replicas (repeatable)")
@@ -123,11 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-file", type=Path, default=SERVICE_ACCOUNT / "token")
     p.add_argument("--ca-file", default=str(SERVICE_ACCOUNT / "ca.crt"), help="'none': do not verify TLS")
     p.add_argument("--once", action="store_true", help="sync once and exit")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     namespace = args.namespace or (SERVICE_ACCOUNT / "namespace").read_text().strip()
     verify = False if args.ca_file == "none" else args.ca_file
