@@ -9,7 +9,9 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,8 +54,9 @@ def test_autoscaling_settings_reach_serve_and_the_policy():
 class _Ctx:
     """The fields of Serve's AutoscalingContext the policy reads."""
 
-    def __init__(self, now, current, metrics, queued=0.0):
-        self.current_time, self.current_num_replicas, self.aggregated_metrics = now, current, metrics
+    def __init__(self, now, current, metrics, queued=0.0, running=None):
+        self.current_time, self.target_num_replicas, self.aggregated_metrics = now, current, metrics
+        self.current_num_replicas = current if running is None else running
         self.total_queued_requests, self.policy_state, self.deployment_name = queued, {}, "tokenmill"
         self.capacity_adjusted_min_replicas, self.capacity_adjusted_max_replicas = 1, 4
 
@@ -67,6 +70,10 @@ def test_serve_policy_adapter_reads_replica_stats():
     desired, _ = TokenmillAutoscalingPolicy(target_ongoing_requests=4, upscale_delay_s=0)(
         _Ctx(0.0, 1, {"running": {"r1": 1.0}}, queued=9.0))
     assert desired == 2
+    # a second replica still starting (Serve's target 2, running 1) is kept, not stopped
+    steady = {"running": {"r1": 4.0}, "waiting": {"r1": 2.0}}
+    desired, state = policy(_Ctx(101.0, 2, steady, running=1))
+    assert desired == 2 and state["last_reason"].startswith("hold 2")
 
 
 def _free_port() -> int:
@@ -94,33 +101,71 @@ def _ask(client, i: int) -> str:
     return r.choices[0].text
 
 
+def _replicas_running(app: str = "tm") -> int:
+    status = serve.status().applications.get(app)
+    if status is None or "tokenmill" not in status.deployments:
+        return 0
+    return status.deployments["tokenmill"].replica_states.get("RUNNING", 0)
+
+
+def _controller_log() -> str:
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "".join(p.read_text(errors="replace") for p in logs.glob("controller_*.log"))
+
+
 @pytest.mark.slow
-def test_two_replicas_serve_openai_and_survive_a_killed_replica(ray_cluster):
+def test_scale_1_to_2_under_load_then_survive_a_killed_replica(ray_cluster):
+    """One deployment lifecycle (a model load costs ~15 s here): tokenmill's policy scales 1 -> 2
+    under load, two replicas answer the openai client with 0 failures, and after one replica's
+    actor is killed every request sent is still answered."""
     import openai
 
-    settings = {"engine": {"model": MODEL, "num_threads": 1, "max_num_seqs": 8}, "num_replicas": 2,
-                "num_cpus": 1, "router": {"policy": "least-load"}, "graceful_shutdown_timeout_s": 2}
+    settings = {"engine": {"model": MODEL, "num_threads": 1, "max_num_seqs": 8}, "num_cpus": 1,
+                "router": {"policy": "least-load"}, "graceful_shutdown_timeout_s": 2,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                "upscale_delay_s": 0, "downscale_delay_s": 600}}
     serve.run(build_app(settings), name="tm", route_prefix="/", blocking=False)
     deadline = time.monotonic() + 120
     while serve.status().applications["tm"].status != "RUNNING":
         assert time.monotonic() < deadline, serve.status()
         time.sleep(0.5)
-    client = openai.OpenAI(base_url=ray_cluster + "/v1", api_key="none", max_retries=0, timeout=60)
+    assert _replicas_running() == 1
+    client = openai.OpenAI(base_url=ray_cluster + "/v1", api_key="none", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+    # Load: 6 clients in a loop until the second replica runs (ongoing 6 > 2 per replica x 1).
+    stop, answered = threading.Event(), []
+
+    def loop(i):
+        while not stop.is_set():
+            answered.append(_ask(client, i))
+
+    start = time.monotonic()
+    with cf.ThreadPoolExecutor(6) as pool:
+        loops = [pool.submit(loop, i) for i in range(6)]
+        try:
+            while _replicas_running() < 2:
+                assert time.monotonic() - start < 150, ("no scale-up", serve.status())
+                time.sleep(0.25)
+            scale_up_s = time.monotonic() - start
+        finally:
+            stop.set()
+        for f in loops:
+            f.result()  # re-raises any failed request
+    print(f"scale-up 1 -> 2: {scale_up_s:.1f} s from the first request to the second replica running")
+    assert "autoscale tokenmill: up 1 -> 2" in _controller_log()  # tokenmill's policy decided it
 
     with cf.ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda i: _ask(client, i), range(16)))
     assert len(texts) == 16 and all(isinstance(t, str) and t for t in texts)
-    # greedy: the same prompt gives the same text on either replica
-    assert _ask(client, 3) == texts[3]
+    assert _ask(client, 3) == texts[3]  # greedy: the same text from either replica
 
-    # Kill one replica's actor (no restart yet: Serve replaces it later). Requests sent after the
-    # kill must all be answered by the survivor: none may be routed to the dead actor.
+    # Kill one replica's actor: requests sent after the kill must all be answered by the survivor
+    # (or Serve's replacement), none routed to the dead actor.
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("SERVE_REPLICA::tm#tokenmill")]
     assert len(replicas) == 2, replicas
-    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
-    ray.kill(victim, no_restart=True)
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
     with cf.ThreadPoolExecutor(8) as pool:
         after = list(pool.map(lambda i: _ask(client, i), range(16)))
     assert after == texts  # 0 failures (an exception would have raised), same greedy answers

@@ -113,7 +113,7 @@ class Autoscaler:
         idle = s["ongoing"] == 0 and s["request_rate"] == 0
         floor = 0 if c.scale_to_zero and idle else c.floor
         if current < floor:
-            reason = (f"cold start: {s['ongoing']} requests waiting and no replica" if current == 0
+            reason = (f"cold start: {s['ongoing']} requests waiting and no replica" if current == 0 and not idle
                       else f"{current} replicas are below the floor {floor}")
             return self._act(current, floor, "up", reason, s)
         if current == 0:

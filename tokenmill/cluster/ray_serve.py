@@ -33,7 +33,9 @@ from tokenmill.cluster.autoscale import AutoscaleConfig, Autoscaler, ReplicaSnap
 from tokenmill.config import DEFAULT_MODEL, EngineConfig
 from tokenmill.router.policy import Policy, PolicyConfig, ReplicaView
 
-log = logging.getLogger("tokenmill.cluster")
+# The policy runs inside Serve's controller: its records go to Serve's logger, so they land in
+# the controller's log beside Serve's own scaling lines.
+log = logging.getLogger("ray.serve")
 
 # Serve's default (5) would cap a replica's batch at 5 requests; the engine batches far more,
 # and what it cannot run yet waits in its own queue, which the policy reads as `waiting`.
@@ -157,7 +159,11 @@ class TokenmillAutoscalingPolicy:
                 per_replica.setdefault(replica, {})[key] = value
         queued = ctx.total_queued_requests or 0.0
         now = ctx.current_time if ctx.current_time is not None else time.time()
-        decision = self.scaler.decide(now, ctx.current_num_replicas, [snapshot(s) for s in per_replica.values()],
+        # `current` is Serve's target, not its running count: a replica still starting is
+        # capacity on the way, and answering "hold" with the running count would tell Serve
+        # to stop the replica it is starting (it did: 1 -> 2 -> 1 every few seconds).
+        current = ctx.target_num_replicas
+        decision = self.scaler.decide(now, current, [snapshot(s) for s in per_replica.values()],
                                       pending=int(round(queued)))
         desired = min(max(decision.desired, ctx.capacity_adjusted_min_replicas), ctx.capacity_adjusted_max_replicas)
         if decision.changed:
