@@ -67,9 +67,9 @@ def test_bounds_and_every_decision_explained(config, loads, kvs, start):
         current = d.desired
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(target=st.sampled_from([4.0, 8.0, 16.0]), h=st.sampled_from([0.2, 0.3]),
-       mean=st.integers(1, 120), noise=st.lists(st.floats(-1, 1), min_size=20, max_size=200),
+       mean=st.integers(1, 120), noise=st.lists(st.floats(-1, 1), min_size=20, max_size=120),
        start=st.integers(1, 8))
 def test_no_flapping_under_noisy_steady_load(target, h, mean, noise, start):
     """Load that stays within a band narrower than the hysteresis (max/min < 1/(1-h)) moves the

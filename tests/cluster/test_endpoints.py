@@ -3,13 +3,11 @@ over real HTTP (a stand-in serving the discovery.k8s.io list route, checking the
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from fastapi import FastAPI, Header, HTTPException
 
 from tests.server.conftest import LiveServer
+from tokenmill.cluster import endpoints
 from tokenmill.cluster.endpoints import Followed, replica_lines
 from tokenmill.router.replicas import parse_replica_line
 
@@ -58,22 +56,21 @@ def api_server():
     server.stop()
 
 
-def _sync(api_server, tmp_path, token="t0ken"):
+def _sync(api_server, tmp_path, token="t0ken") -> int:
+    """One pass of the sidecar's own entry point (its flags as the manifest gives them)."""
     (tmp_path / "token").write_text(token)
-    return subprocess.run(
-        [sys.executable, "-m", "tokenmill.cluster.endpoints", "--service", "tokenmill-model", "--namespace", "tm",
-         "--api", api_server.url, "--token-file", str(tmp_path / "token"), "--ca-file", "none",
-         "--out", str(tmp_path / "replicas.txt"), "--once"], capture_output=True, text=True, timeout=60)
+    return endpoints.main(["--service", "tokenmill-model", "--namespace", "tm", "--api", api_server.url,
+                           "--token-file", str(tmp_path / "token"), "--ca-file", "none",
+                           "--out", str(tmp_path / "replicas.txt"), "--once"])
 
 
-def test_sync_writes_the_file_and_keeps_it_when_the_api_fails(api_server, tmp_path):
+def test_sync_writes_the_file_and_keeps_it_when_the_api_fails(api_server, tmp_path, caplog):
     api_server.app.state.items = [slice_of(ep("10.1.0.7", ready=True), ep("10.1.0.8", terminating=True))]
-    assert _sync(api_server, tmp_path).returncode == 0
+    assert _sync(api_server, tmp_path) == 0
     out = tmp_path / "replicas.txt"
     assert out.read_text() == "http://10.1.0.7:8000\nhttp://10.1.0.8:8000 draining\n"
     # a refused call (bad token) fails the run but leaves the last good file in place
-    proc = _sync(api_server, tmp_path, token="wrong")
-    assert proc.returncode == 1 and "401" in proc.stderr
+    assert _sync(api_server, tmp_path, token="wrong") == 1 and "401" in caplog.text
     assert out.read_text() == "http://10.1.0.7:8000\nhttp://10.1.0.8:8000 draining\n"
     api_server.app.state.items = []  # every pod gone
-    assert _sync(api_server, tmp_path).returncode == 0 and out.read_text() == ""
+    assert _sync(api_server, tmp_path) == 0 and out.read_text() == ""

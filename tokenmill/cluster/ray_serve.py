@@ -181,7 +181,6 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
         self.policy = Policy(PolicyConfig(policy=policy, **config))
         self.rng = random.Random()
         self.in_flight: dict[ReplicaID, int] = {}
-        self.where: dict[str, ReplicaID] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -210,10 +209,8 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self.in_flight[replica_id] = self.in_flight.get(replica_id, 0) + 1
-        self.where[pending_request.metadata.internal_request_id] = replica_id
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self.where.pop(internal_request_id, None)
         if self.in_flight.get(replica_id, 0) > 0:
             self.in_flight[replica_id] -= 1
 
