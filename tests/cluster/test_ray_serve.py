@@ -51,6 +51,20 @@ def test_autoscaling_settings_reach_serve_and_the_policy():
     assert policy.scaler.config.upscale_delay_s == 2
 
 
+@pytest.mark.parametrize("name", ["serve.yaml", "rayservice.yaml"])
+def test_deploy_configs_are_valid_serve_configs_that_build(name):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "ray" / name).read_text())
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
+    schema = ServeDeploySchema.model_validate(config)  # what `serve run` / `serve deploy` / KubeRay check
+    for app in schema.applications:
+        opts = RayServeSettings.from_args(app.args).deployment_options()
+        assert opts["autoscaling_config"]["policy"]["policy_function"] is TokenmillAutoscalingPolicy
+        build_app(app.args)
+
+
 class _Ctx:
     """The fields of Serve's AutoscalingContext the policy reads."""
 
