@@ -103,6 +103,20 @@ def run_ray(args) -> list[dict]:
         ray.shutdown()
 
 
+def print_summary(rows: list[dict], setups: list[str]) -> None:
+    """Medians per set-up, and each against the single replica measured in the same invocation."""
+    ones = [r["output_tok_s"] for r in rows if r["setup"] == "one"]
+    base = statistics.median(ones) if ones else None
+    print("\nsetup      output tok/s (median)  TTFT p50 ms  vs one  failed  load (1-min)")
+    for setup in setups:
+        mine = [r for r in rows if r["setup"] == setup]
+        tok = statistics.median(r["output_tok_s"] for r in mine)
+        ttft = statistics.median(r["ttft_p50_ms"] for r in mine)
+        ratio = f"{tok / base:.2f}x" if base else "-"
+        loads = ", ".join(f"{r['load']:.1f}" for r in mine)
+        print(f"{setup:10} {tok:21.1f}  {ttft:11.0f}  {ratio:>6}  {sum(r['failed'] for r in mine):6}  {loads}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2, help="CPU threads for each set-up in total")
@@ -127,16 +141,7 @@ def main() -> int:
                                         "--local-threads", str(args.threads)], url, args)
         elif setup == "ray-2":
             rows += run_ray(args)
-    base = statistics.median(r["output_tok_s"] for r in rows if r["setup"] == "one") if any(
-        r["setup"] == "one" for r in rows) else None
-    print("\nsetup      output tok/s (median)  TTFT p50 ms  vs one  failed  load (1-min)")
-    for setup in args.setups.split(","):
-        mine = [r for r in rows if r["setup"] == setup]
-        tok = statistics.median(r["output_tok_s"] for r in mine)
-        ratio = f"{tok / base:.2f}x" if base else "-"
-        loads = ", ".join(f"{r['load']:.1f}" for r in mine)
-        print(f"{setup:10} {tok:21.1f}  {statistics.median(r['ttft_p50_ms'] for r in mine):11.0f}  {ratio:>6}  "
-              f"{sum(r['failed'] for r in mine):6}  {loads}")
+    print_summary(rows, args.setups.split(","))
     (args.out / "summary.json").write_text(json.dumps(rows, indent=1))
     return 0
 

@@ -184,9 +184,9 @@ def test_step_cap_doubles_at_most():
     assert (d.desired, d.action) == (6, "up") and "step cap 6" in d.reason
 
 
-@pytest.mark.parametrize("bad", [dict(min_replicas=5, max_replicas=2), dict(hysteresis=1.0),
-                                 dict(max_step_factor=1.0), dict(target_ongoing_requests=0),
-                                 dict(ttft_p99_slo_s=0.0), dict(upscale_delay_s=-1)])
+@pytest.mark.parametrize("bad", [{"min_replicas": 5, "max_replicas": 2}, {"hysteresis": 1.0},
+                                 {"max_step_factor": 1.0}, {"target_ongoing_requests": 0},
+                                 {"ttft_p99_slo_s": 0.0}, {"upscale_delay_s": -1}])
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError):
         AutoscaleConfig(**bad)

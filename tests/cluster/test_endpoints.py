@@ -45,7 +45,7 @@ def api_server():
     app.state.items = []
 
     @app.get("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices")
-    def list_slices(ns: str, labelSelector: str, authorization: str = Header(None)):  # noqa: N803
+    def list_slices(ns: str, labelSelector: str, authorization: str = Header(None)):
         if authorization != "Bearer t0ken":
             raise HTTPException(401)
         assert ns == "tm" and labelSelector == "kubernetes.io/service-name=tokenmill-model"

@@ -18,8 +18,11 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'tokenmill[ray]')")
 serve = pytest.importorskip("ray.serve")
 
-from tokenmill.cluster.ray_serve import (  # noqa: E402
-    RayServeSettings, TokenmillAutoscalingPolicy, build_app, histogram_quantile,
+from tokenmill.cluster.ray_serve import (
+    RayServeSettings,
+    TokenmillAutoscalingPolicy,
+    build_app,
+    histogram_quantile,
 )
 
 MODEL = "smollm2"

@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from tokenmill.cluster.autoscale import AutoscaleConfig, Autoscaler, ReplicaSnapshot
 from tokenmill.config import DEFAULT_MODEL, EngineConfig
@@ -164,7 +170,7 @@ class TokenmillAutoscalingPolicy:
         # to stop the replica it is starting (it did: 1 -> 2 -> 1 every few seconds).
         current = ctx.target_num_replicas
         decision = self.scaler.decide(now, current, [snapshot(s) for s in per_replica.values()],
-                                      pending=int(round(queued)))
+                                      pending=round(queued))
         desired = min(max(decision.desired, ctx.capacity_adjusted_min_replicas), ctx.capacity_adjusted_max_replicas)
         if decision.changed:
             log.info("autoscale %s: %s", ctx.deployment_name, decision.reason)
