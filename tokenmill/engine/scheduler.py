@@ -174,8 +174,7 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
-            if self.kv.enable_caching:
-                self.kv.record_lookup(request.num_tokens, num_hit)
+            self.kv.record_lookup(request, num_hit)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
