@@ -32,15 +32,14 @@ from tokenmill.plan.cost import Profile  # noqa: E402
 from tokenmill.plan.replica import ReplicaSpec  # noqa: E402
 from tokenmill.plan.workload import TraceRequest, from_bench_result  # noqa: E402
 
-# name: bench flags (all --ignore-eos, --num-warmups 2)
-WORKLOADS = {
-    "rate0.5-in128-out32": "--num-prompts 20 --request-rate 0.5 --random-input-len 128 --random-output-len 32",
-    "rate1-in64-out64": "--num-prompts 20 --request-rate 1 --random-input-len 64 --random-output-len 64",
-    "rate2-in128-out16-mixed": "--num-prompts 30 --request-rate 2 --random-input-len 128 --random-output-len 16 --random-range-ratio 0.5",
-    "conc1-in128-out64": "--num-prompts 6 --max-concurrency 1 --random-input-len 128 --random-output-len 64",
-    "conc4-in256-out32": "--num-prompts 16 --max-concurrency 4 --random-input-len 256 --random-output-len 32",
-    "conc8-in32-out48": "--num-prompts 24 --max-concurrency 8 --random-input-len 32 --random-output-len 48",
-    "prefix192-rate1-in32-out32": "--num-prompts 20 --request-rate 1 --random-prefix-len 192 --random-input-len 32 --random-output-len 32",
+# name: bench flags 
+WORKLOADS = {  # small: a step takes ~0.1-1 s on the shared, loaded 2-core machine
+    "rate0.5-in128-out16": "--num-prompts 10 --request-rate 0.5 --random-input-len 128 --random-output-len 16",
+    "rate1-in64-out32": "--num-prompts 10 --request-rate 1 --random-input-len 64 --random-output-len 32",
+    "conc1-in128-out32": "--num-prompts 4 --max-concurrency 1 --random-input-len 128 --random-output-len 32",
+    "conc4-in192-out16": "--num-prompts 8 --max-concurrency 4 --random-input-len 192 --random-output-len 16",
+    "conc8-in32-out24": "--num-prompts 12 --max-concurrency 8 --random-input-len 32 --random-output-len 24",
+    "prefix192-rate1-in32-out16": "--num-prompts 10 --request-rate 1 --random-prefix-len 192 --random-input-len 32 --random-output-len 16",
 }
 
 
@@ -103,7 +102,7 @@ def main() -> None:
                 path = out / f"{name}.json"
                 load = os.getloadavg()[0]
                 cmd = [sys.executable, "-m", "tokenmill", "bench", "--base-url", f"http://127.0.0.1:{args.port}",
-                       "--ignore-eos", "--num-warmups", "2", "--no-progress", "--result-json", str(path), *flags.split()]
+                       "--ignore-eos", "--num-warmups", "1", "--no-progress", "--result-json", str(path), *flags.split()]
                 subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
                                stdout=subprocess.DEVNULL)
                 meas = json.loads(path.read_text())

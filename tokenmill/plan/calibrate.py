@@ -24,7 +24,7 @@ from tokenmill.plan.catalog import Hardware, ModelShape
 from tokenmill.plan.cost import CostModel, Profile, SeqShape, shape_of_chunks
 from tokenmill.sampling import SamplingParams
 
-DEFAULT_GRID = [(b, n) for b in (1, 4, 16, 32) for n in (16, 128, 384)]  # (batch, prompt length)
+DEFAULT_GRID = [(b, n) for b in (1, 4, 8) for n in (32, 192)]  # (batch, prompt length): minutes on a loaded 2-core CPU
 
 
 @dataclass

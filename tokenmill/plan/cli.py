@@ -63,7 +63,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--engine-model", default="smollm2", help="the model the engine loads")
     c.add_argument("--model", default="smollm2-135m", help="its catalog shape (or HF config.json)")
     c.add_argument("--num-threads", type=int, default=None)
-    c.add_argument("--output-len", type=int, default=16)
+    c.add_argument("--output-len", type=int, default=8)
+    c.add_argument("--batches", nargs="+", type=int, default=None, help="requests per grid point (default 1 4 8)")
+    c.add_argument("--prompt-lens", nargs="+", type=int, default=None, help="prompt lengths (default 32 192)")
     c.add_argument("--output", required=True, help="profile JSON to write")
 
     r = sub.add_parser("search", help="cheapest fleet meeting an SLO: device x TP x format x batch")
@@ -144,7 +146,7 @@ def simulate(args) -> int:
     t0 = time.perf_counter()
     res = sim.run(trace)
     wall = time.perf_counter() - t0
-    console = Console()
+    console = Console(width=200)
     console.print(f"{spec.label}, {args.replicas} replica(s) of {spec.num_blocks} KV blocks; profile: {spec.profile.source}")
     console.print(summary_table(res.metrics, title="Simulated Serving Result"))
     console.print(f"steps {res.num_steps}, preemptions {res.num_preemptions}, prefix hit rate "
@@ -172,7 +174,10 @@ def calibrate(args) -> int:
     kv_bytes = 4 if args.hardware.startswith("cpu") else 2
     facts = cal.machine_facts()
     t0 = time.perf_counter()
-    samples = cal.measure(config, output_len=args.output_len)
+    grid = cal.DEFAULT_GRID
+    if args.batches or args.prompt_lens:
+        grid = [(b, n) for b in args.batches or (1, 4, 8) for n in args.prompt_lens or (32, 192)]
+    samples = cal.measure(config, grid, output_len=args.output_len)
     profile = cal.fit(samples, model_shape(args.model), hardware(args.hardware), Profile(args.hardware, fmt, kv_bytes=kv_bytes))
     fit = {**profile.fit, **facts, "load_avg_1m_after": cal.machine_facts()["load_avg_1m"],
            "num_threads": args.num_threads, "engine_model": args.engine_model, "measure_s": time.perf_counter() - t0}
@@ -191,7 +196,7 @@ def search(args) -> int:
 
     slos = parse_goodput(args.slo)
     capacities = []
-    console = Console()
+    console = Console(width=200)
     t0 = time.perf_counter()
     for hw, tp, fmt, batch in itertools.product(args.hardware, args.tp, args.weight_format, args.batch):
         spec = _spec(args, hw, tp, fmt, max_num_seqs=batch)
