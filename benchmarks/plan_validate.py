@@ -18,14 +18,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.router_compare import _wait as wait_healthy  # noqa: E402
 from tokenmill.config import EngineConfig  # noqa: E402
 from tokenmill.plan.catalog import hardware, model_shape  # noqa: E402
 from tokenmill.plan.cost import Profile  # noqa: E402
@@ -47,18 +45,12 @@ def start_server(port: int, threads: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(port), "--num-threads", str(threads),
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError("serve did not become healthy")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, 600)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def flag(flags: str, name: str, default=None):
