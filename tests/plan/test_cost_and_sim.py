@@ -94,3 +94,18 @@ def test_cli_simulate_writes_a_bench_shaped_result(tmp_path):
                  "--result-json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["completed"] == 50 and result["median_ttft_ms"] > 0 and len(result["ttfts"]) == 50
+
+
+def test_replay_of_a_bench_result(tmp_path):
+    from tokenmill.plan.workload import from_bench_result
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"input_lens": [100, 200, 50], "output_lens": [10, 0, 30], "start_times": [0.0, 0.5, 1.5]}))
+    trace = from_bench_result(path, prefix_len=32)
+    # The failed request (0 output tokens) has no length to replay.
+    assert [(t.arrival, t.input_len, t.output_len, t.prefix_len) for t in trace] == [(0.0, 100, 10, 32), (1.5, 50, 30, 32)]
+    res = _spec().simulator().run(trace)
+    assert res.metrics.completed == 2 and res.records[1].start_time == 1.5
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bench result"):
+        from_bench_result(tmp_path / "bad.json")

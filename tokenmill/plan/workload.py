@@ -46,7 +46,11 @@ def from_bench_result(path: str | Path, prefix_len: int = 0) -> list[TraceReques
     """The arrivals, prompt and output lengths of a `tokenmill bench --result-json` file (its
     start_times are offsets from the first request). A bench run with --random-prefix-len
     should pass the same prefix_len: the file keeps lengths, not prompts."""
-    result = json.loads(Path(path).read_text())
+    try:
+        result = json.loads(Path(path).read_text())
+        result["input_lens"], result["output_lens"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable tokenmill bench result JSON ({e})") from None
     starts = result.get("start_times") or [0.0] * len(result["input_lens"])
     expected = result.get("output_lens")
     return [
