@@ -152,6 +152,11 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
 
     add_doctor_arguments(d)
 
+    pl = sub.add_parser("plan", help="capacity and cost planner on the engine's scheduler (tokenmill.plan)")
+    from tokenmill.plan.cli import add_plan_arguments
+
+    add_plan_arguments(pl)
+
     b = sub.add_parser("bench", help="benchmark (tokenmill.bench)", add_help=not with_bench)
     if with_bench:
         from tokenmill.bench.cli import add_bench_arguments
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             from tokenmill.doctor.run import cmd_doctor
 
             return cmd_doctor(args)
+        if args.command == "plan":
+            from tokenmill.plan.cli import run_plan
+
+            return run_plan(args)
         if args.command == "bench":
             from tokenmill.bench.cli import run_bench
 

@@ -1,0 +1,122 @@
+"""Predicted vs measured: `tokenmill plan` against the real `tokenmill serve` on this machine.
+
+Starts `tokenmill serve` (smollm2, --num-threads 1 like the calibration, default scheduling
+settings), runs `tokenmill bench` over held-apart workloads (different rates, concurrencies,
+lengths, one shared-prefix; none of them is the calibration grid), then simulates each one
+with the calibrated profile: open-loop runs replay the bench's own send times and lengths
+from its result JSON, concurrency-limited runs re-run the closed loop with the same lengths.
+Prints a markdown table of measured / predicted / error for output throughput, TTFT and TPOT
+(p50 and p99) and writes everything to --out.
+
+    python3 benchmarks/plan_validate.py --profile tokenmill/plan/profiles/cpu-2core-q4_1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.router_compare import _wait as wait_healthy  # noqa: E402
+from tokenmill.config import EngineConfig  # noqa: E402
+from tokenmill.plan.catalog import hardware, model_shape  # noqa: E402
+from tokenmill.plan.cost import Profile  # noqa: E402
+from tokenmill.plan.replica import ReplicaSpec  # noqa: E402
+from tokenmill.plan.workload import TraceRequest, from_bench_result  # noqa: E402
+
+# name: bench flags 
+WORKLOADS = {  # small: a step takes ~0.1-1 s on the shared, loaded 2-core machine
+    "rate0.5-in128-out16": "--num-prompts 10 --request-rate 0.5 --random-input-len 128 --random-output-len 16",
+    "rate1-in64-out32": "--num-prompts 10 --request-rate 1 --random-input-len 64 --random-output-len 32",
+    "conc1-in128-out32": "--num-prompts 4 --max-concurrency 1 --random-input-len 128 --random-output-len 32",
+    "conc4-in192-out16": "--num-prompts 8 --max-concurrency 4 --random-input-len 192 --random-output-len 16",
+    "conc8-in32-out24": "--num-prompts 12 --max-concurrency 8 --random-input-len 32 --random-output-len 24",
+    "prefix192-rate1-in32-out16": "--num-prompts 10 --request-rate 1 --random-prefix-len 192 --random-input-len 32 --random-output-len 16",
+}
+
+
+def start_server(port: int, threads: int, log) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(port), "--num-threads", str(threads),
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, 600)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
+
+
+def flag(flags: str, name: str, default=None):
+    parts = flags.split()
+    return parts[parts.index(name) + 1] if name in parts else default
+
+
+def simulate(spec: ReplicaSpec, flags: str, result_path: Path):
+    prefix = int(flag(flags, "--random-prefix-len", 0))
+    conc = flag(flags, "--max-concurrency")
+    trace = from_bench_result(result_path, prefix)
+    if conc:  # a closed loop: every request is ready at 0 and waits for one of `conc` slots
+        trace = [TraceRequest(0.0, t.input_len, t.output_len, t.prefix_len) for t in trace]
+    return spec.simulator(max_concurrency=int(conc) if conc else None).run(trace).metrics
+
+
+def err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas * 100 if meas else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--port", type=int, default=8431)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="/tmp/plan_validate")
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = Profile.load(args.profile)
+    spec = ReplicaSpec(model_shape("smollm2-135m"), hardware(profile.device), 1, profile,
+                       EngineConfig.from_flat(max_waiting_requests=10**9), 8192)
+    rows = []
+    with open(out / "serve.log", "w") as log:
+        server = start_server(args.port, args.threads, log)
+        try:
+            for name, flags in WORKLOADS.items():
+                if args.only and name not in args.only:
+                    continue
+                path = out / f"{name}.json"
+                load = os.getloadavg()[0]
+                cmd = [sys.executable, "-m", "tokenmill", "bench", "--base-url", f"http://127.0.0.1:{args.port}",
+                       "--ignore-eos", "--num-warmups", "1", "--no-progress", "--result-json", str(path), *flags.split()]
+                subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
+                               stdout=subprocess.DEVNULL)
+                meas = json.loads(path.read_text())
+                pred = simulate(spec, flags, path)
+                row = {"workload": name, "load_1m": load, "load_1m_after": os.getloadavg()[0]}
+                for key, p in (("output_throughput", pred.output_throughput),
+                               ("median_ttft_ms", pred.ttft.median), ("p99_ttft_ms", pred.ttft.percentiles[99.0]),
+                               ("median_tpot_ms", pred.tpot.median), ("p99_tpot_ms", pred.tpot.percentiles[99.0])):
+                    row[key] = {"measured": meas[key], "predicted": p, "error_pct": err(p, meas[key])}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
+    (out / "validation.json").write_text(json.dumps(rows, indent=1))
+    print("| workload | load | out tok/s meas / pred (err) | TTFT p50 ms | TPOT p50 ms | TTFT p99 ms | TPOT p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{r[k]['measured']:.1f} / {r[k]['predicted']:.1f} ({r[k]['error_pct']:+.0f}%)"
+                 for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_ttft_ms", "p99_tpot_ms")]
+        print(f"| {r['workload']} | {r['load_1m']:.1f}-{r['load_1m_after']:.1f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The calibration fit recovers a cost model from step timings it generated itself."""
+
+import random
+
+from tokenmill.plan.calibrate import Sample, fit
+from tokenmill.plan.catalog import hardware, model_shape
+from tokenmill.plan.cost import CostModel, Profile, SeqShape
+
+
+def _steps(n: int, rng: random.Random) -> list[list[SeqShape]]:
+    steps = []
+    for _ in range(n):
+        if rng.random() < 0.4:  # a prefill chunk, maybe beside some decode rows
+            seqs = [SeqShape(rng.choice([0, 64, 256]), rng.randint(16, 512), rng.random() < 0.5, True)]
+        else:
+            seqs = []
+        seqs += [SeqShape(rng.randint(16, 600), 1, True, False) for _ in range(rng.randint(0 if seqs else 1, 16))]
+        steps.append(seqs)
+    return steps
+
+
+def test_fit_recovers_step_times_of_a_known_profile():
+    shape, hw = model_shape("smollm2-135m"), hardware("cpu-2core")
+    truth = Profile("cpu-2core", "q4_1", eff_prefill=0.08, eff_decode=0.02, eff_memory=0.3,
+                    step_overhead_s=0.012, per_seq_s=0.0015, kv_bytes=4)
+    model = CostModel(shape, hw, truth)
+    steps = _steps(150, random.Random(0))
+    samples = [Sample(s, model.step_seconds(s)) for s in steps]
+    fitted = fit(samples, shape, hw, Profile("cpu-2core", "q4_1", kv_bytes=4))
+    assert fitted.source == "calibrated"
+    assert fitted.fit["median_abs_rel_error"] < 0.03
+    # And on steps it never saw.
+    fitted_model = CostModel(shape, hw, fitted)
+    held_out = _steps(50, random.Random(1))
+    errors = sorted(abs(fitted_model.step_seconds(s) / model.step_seconds(s) - 1) for s in held_out)
+    assert errors[len(errors) // 2] < 0.05

@@ -1,0 +1,168 @@
+"""Cost model: the seconds one engine step takes, from what the step computes.
+
+A roofline per step: matmul FLOPs against peak x efficiency, bytes (weights once per step,
+the context's KV read, the new KV written) against bandwidth x efficiency; the slower of the
+two, plus a fixed per-step overhead (scheduling, sampling, launch, output processing), a
+per-sequence overhead (building its rows, detokenizing), and with tensor parallelism two
+all-reduces of the step's activations per layer over the link.
+
+Prefill rows and decode rows have separate compute efficiencies: on a CPU they even run
+different kernels (prompt rows use bfloat16 copies of int4 weights, decode rows the int4
+kernel); on a GPU a small batch of decode rows uses the tensor cores far less well than a
+long prompt. The efficiencies and overheads come from a Profile: fitted (calibrate.py) or
+stated defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tokenmill.engine.scheduler import ScheduledChunk
+from tokenmill.plan.catalog import WEIGHT_BYTES, Hardware, ModelShape
+from tokenmill.step import StepRecord
+
+PROFILES_DIR = Path(__file__).with_name("profiles")
+
+
+@dataclass(frozen=True)
+class SeqShape:
+    """One sequence of a step: num_tokens computed from position start."""
+
+    start: int
+    num_tokens: int
+    samples: bool  # its logits give a token: the LM head runs on its last row
+    prompt: bool  # the chunk starts inside the prompt (a prefill row; otherwise decode/verify)
+
+
+def shape_of_chunks(chunks: list[ScheduledChunk]) -> list[SeqShape]:
+    return [SeqShape(c.start, c.num_scheduled, c.samples, c.prompt) for c in chunks]
+
+
+def shape_of_record(record: StepRecord) -> list[SeqShape]:
+    return [SeqShape(s.start, len(s.token_ids), s.sample is not None, s.prompt) for s in record.seqs]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Efficiencies and overheads of one device running one weight format."""
+
+    device: str
+    weight_format: str
+    eff_prefill: float = 0.6  # share of peak FLOP/s reached by prompt rows (and the LM head)
+    eff_decode: float = 0.3  # by decode rows' matmuls
+    eff_memory: float = 0.75  # share of peak bandwidth reached reading weights and KV
+    step_overhead_s: float = 0.003
+    per_seq_s: float = 1e-5
+    allreduce_latency_s: float = 1e-5
+    kv_bytes: float = 2  # bytes per KV element (the engine keeps KV in the model's dtype)
+    source: str = "stated defaults, not measured"
+    fit: dict = field(default_factory=dict)  # how calibrate fitted it: samples, errors, machine, date
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def default_profile(device: str, weight_format: str) -> Profile:
+    """A shipped, measured profile when there is one for this device and format; else defaults."""
+    path = PROFILES_DIR / f"{device}-{weight_format}.json"
+    if path.exists():
+        return Profile.load(path)
+    return Profile(device, weight_format)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    overhead_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.overhead_s + max(self.compute_s, self.memory_s) + self.comm_s
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+class CostModel:
+    """Called once per simulated step (millions of times for a fleet-hour): the constants are
+    folded once here, and step_seconds is a single pass over the step's sequences."""
+
+    def __init__(self, shape: ModelShape, hw: Hardware, profile: Profile, tp: int = 1):
+        self.shape, self.hw, self.profile, self.tp = shape, hw, profile, tp
+        peak = hw.peak_flops(profile.weight_format) * tp
+        self._sec_per_flop_prefill = 1.0 / (peak * profile.eff_prefill)
+        self._sec_per_flop_decode = 1.0 / (peak * profile.eff_decode)
+        self._sec_per_byte = 1.0 / (hw.bandwidth * tp * profile.eff_memory)
+        wb = WEIGHT_BYTES[profile.weight_format]
+        self._body_flops = 2.0 * shape.body_params_active
+        self._head_flops = 2.0 * shape.head_params
+        self._attn_flops = 4.0 * shape.num_layers * shape.num_heads * shape.head_dim  # QK^T and PV per (query, key)
+        self._kv_token_bytes = shape.kv_bytes_per_token(profile.kv_bytes)
+        self._dense_bytes = (shape.params_total - shape.num_layers * shape.num_experts * shape.expert_params) * wb
+        self._expert_bytes = shape.num_layers * shape.expert_params * wb
+        self._moe = shape.num_experts > 1
+        self._link = hw.link_gbs * 1e9
+        self._act_bytes = shape.hidden_size * 2  # bf16 activations per token
+
+    def weight_bytes_read(self, num_tokens: int) -> float:
+        """Weights streamed once per step; an MoE layer reads only the experts its tokens chose
+        (expected distinct experts when each token picks k of E uniformly)."""
+        if not self._moe:
+            return self._dense_bytes + self._expert_bytes
+        e, k = self.shape.num_experts, self.shape.experts_per_token
+        touched = e * (1.0 - (1.0 - k / e) ** num_tokens)
+        return self._dense_bytes + self._expert_bytes * touched
+
+    def features(self, seqs: list[SeqShape]) -> tuple[float, float, float, int, int]:
+        """(prefill FLOPs, decode FLOPs, bytes moved, sequences, tokens): what the time depends
+        on, before any efficiency is applied (calibrate fits the efficiencies on these)."""
+        flops_prefill = flops_decode = 0.0
+        kv_read = tokens = 0
+        for s in seqs:
+            n = s.num_tokens
+            attn = self._attn_flops * (n * s.start + n * (n + 1) // 2)
+            # Verify rows (decode with drafts) need logits on every row; a prefill chunk on its last.
+            head_rows = (n if not s.prompt else 1) if s.samples else 0
+            if s.prompt:
+                flops_prefill += self._body_flops * n + attn + self._head_flops * head_rows
+            else:
+                flops_decode += self._body_flops * n + attn
+                flops_prefill += self._head_flops * head_rows  # the LM head runs dense either way
+            kv_read += s.start
+            tokens += n
+        nbytes = self.weight_bytes_read(tokens) + (kv_read + tokens) * self._kv_token_bytes
+        return flops_prefill, flops_decode, nbytes, len(seqs), tokens
+
+    def cost(self, seqs: list[SeqShape]) -> StepCost:
+        flops_prefill, flops_decode, nbytes, num_seqs, tokens = self.features(seqs)
+        compute = flops_prefill * self._sec_per_flop_prefill + flops_decode * self._sec_per_flop_decode
+        memory = nbytes * self._sec_per_byte
+        comm = 0.0
+        if self.tp > 1:
+            ring = 2.0 * (self.tp - 1) / self.tp * tokens * self._act_bytes / self._link
+            comm = 2 * self.shape.num_layers * (self.profile.allreduce_latency_s + ring)
+        overhead = self.profile.step_overhead_s + self.profile.per_seq_s * num_seqs
+        return StepCost(compute, memory, comm, overhead)
+
+    def step_seconds(self, seqs: list[SeqShape]) -> float:
+        return self.cost(seqs).seconds
+
+
+class ConstantCost:
+    """Every step costs the same: makes the simulator's step i start at i x seconds, so a test
+    can line its steps up one for one with a real engine's."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def step_seconds(self, seqs: list[SeqShape]) -> float:
+        return self.seconds
