@@ -237,9 +237,18 @@ class KVCacheManager:
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         # The tokens of every scheduled position are known now, so their blocks can be keyed
         # before the forward pass fills them (the step runs before anyone else can hit them).
+        # Incremental: a block keyed with the request's own hash stays keyed while the request
+        # holds it (held blocks are never evicted; the cache is never reset with blocks in use),
+        # so the walk starts after that leading run instead of at block 0 every step.
         self._update_hashes(request)
-        for i in range(min(num_tokens // self.block_size, len(request.block_hashes))):
-            self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
+        hashes, ids, blocks = request.block_hashes, request.block_ids, self.pool.blocks
+        end = min(num_tokens // self.block_size, len(hashes))
+        start = request.num_keyed_blocks
+        for i in range(start, end):
+            self.pool.cache_block(ids[i], hashes[i])
+        while start < end and blocks[ids[start]].block_hash == hashes[start]:
+            start += 1  # a block whose hash another block holds stays unkeyed: retried next time
+        request.num_keyed_blocks = start
 
     def free(self, request: Request) -> None:
         # Blocks past the computed tokens were keyed at scheduling time but their KV was never
@@ -253,6 +262,7 @@ class KVCacheManager:
         for block_id in reversed(request.block_ids):
             self.pool.release(block_id)
         request.block_ids = []
+        request.num_keyed_blocks = 0
 
     def trim(self, request: Request) -> None:
         """Give back blocks past the computed tokens (the slots of rejected drafts). They were

@@ -36,6 +36,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # one per full block of all_token_ids
+    num_keyed_blocks: int = 0  # leading blocks of block_ids keyed in the prefix cache with its own hashes
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not scheduled yet)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
