@@ -13,13 +13,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.middleware.cors import CORSMiddleware
 
+from tokenmill.engine.async_embedder import AsyncEmbedder
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.errors import error_response, install_error_handlers
 from tokenmill.server.guard import Guard, ServerState
 from tokenmill.server.info import add_info_routes
 from tokenmill.server.metrics import CONTENT_TYPE
 from tokenmill.server.openapi import install_openapi
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelList
 from tokenmill.server.request_log import RequestLog
 from tokenmill.server.served import ServedModels
 from tokenmill.server.streams import ClientGone
@@ -28,7 +29,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def create_app(
-    engines: Mapping[str, AsyncEngine | None],
+    engines: Mapping[str, AsyncEngine | AsyncEmbedder | None],
     api_keys: list[str] | tuple[str, ...] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: list[str] | tuple[str, ...] = (),
@@ -66,6 +67,10 @@ def create_app(
     async def chat_completions(req: ChatCompletionRequest, http: Request):
         return await models.route(req.model).chat(req, http)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, http: Request):
+        return await models.route(req.model, "embedding").embeddings(req, http)
+
     @app.get("/v1/models")
     async def list_models() -> ModelList:
         return ModelList(data=models.cards())
@@ -101,7 +106,7 @@ def create_app(
     return app
 
 
-def attach_engine(app: FastAPI, name: str, engine: AsyncEngine) -> None:
+def attach_engine(app: FastAPI, name: str, engine: AsyncEngine | AsyncEmbedder) -> None:
     app.state.models.attach(name, engine)
 
 

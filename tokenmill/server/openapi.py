@@ -20,6 +20,7 @@ from tokenmill.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,
+    EmbeddingResponse,
     ErrorResponse,
     HealthStatus,
     ModelList,
@@ -85,6 +86,8 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                                  **_errors(_ENGINE_ERRORS)}},
     "/v1/chat/completions": {"post": {"200": _generation(ChatCompletionResponse, ChatCompletionChunk),
                                       **_errors(_ENGINE_ERRORS)}},
+    "/v1/embeddings": {"post": {"200": _answer("one embedding per input, in input order", _json(EmbeddingResponse)),
+                                **_errors(_ENGINE_ERRORS)}},
     "/v1/models": {"get": {"200": _answer("the served models", _json(ModelList)), **_errors((401,))}},
     "/health": {"get": {"200": _answer("every model is loaded and its engine runs", _json(HealthStatus)),
                         **_errors((503,))}},
@@ -100,8 +103,8 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                                         **_errors((400, 401, 404))}},
 }
 _OPEN = ("/health",)  # reachable without a key (guard.OPEN_PATHS)
-_DESCRIBED = (CompletionResponse, ChatCompletionResponse, ChatCompletionChunk, ErrorResponse, ModelList,
-              HealthStatus, PrefixCacheReset)
+_DESCRIBED = (CompletionResponse, ChatCompletionResponse, ChatCompletionChunk, EmbeddingResponse, ErrorResponse,
+              ModelList, HealthStatus, PrefixCacheReset)
 
 
 def exact_openapi(app: FastAPI) -> dict:
