@@ -122,6 +122,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--model", dest="model", action=_ServeModel, default=EngineConfig().load.model, metavar="[NAME=]MODEL",
                    help="a model to serve (repeatable): 'smollm2', 'minilm' (embeddings), a .gguf file, an HF or "
                         "sentence-transformers directory; NAME= sets the name clients use (default: smollm2)")
+    s.add_argument("--model-memory-budget", type=parse_bytes, default=None, metavar="SIZE",
+                   help="refuse a /v2/repository load that would take the served models past this (default: no bound)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
@@ -244,17 +246,23 @@ def served_models(values: list[str] | None, served_name: str | None) -> dict[str
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.build import build_async_embedder, build_async_engine
-    from tokenmill.model.loader import is_encoder
+    from tokenmill.model.loader import is_encoder, model_file_bytes
     from tokenmill.server.run import serve
 
     models = served_models(getattr(args, "models", None), args.served_model_name)
     settings = engine_settings(args)
-    loaders = {}
+    loaders, sizes = {}, {}
     for name, model in models.items():  # every config validated now, before the port opens
         if is_encoder(model):
             loaders[name] = lambda m=model: build_async_embedder(m, num_threads=settings["num_threads"])
+            sizes[name] = model_file_bytes(model)
         else:
-            loaders[name] = lambda c=EngineConfig.from_flat(**{**settings, "model": model}): build_async_engine(c)
+            config = EngineConfig.from_flat(**{**settings, "model": model})
+            loaders[name] = lambda c=config: build_async_engine(c)
+            sizes[name] = model_file_bytes(model) + config.cache.kv_cache_memory_bytes
+    if args.model_memory_budget is not None and sum(sizes.values()) > args.model_memory_budget:
+        raise ValueError(f"the models need about {sum(sizes.values()) / 2**20:.0f} MiB, over "
+                         f"--model-memory-budget {args.model_memory_budget / 2**20:.0f} MiB")
     keys = read_api_keys(args.api_key, args.api_key_file)
     log = logging.getLogger("tokenmill")
     log.info("API keys: %s", f"{len(keys)} configured" if keys else "none (open)")
@@ -265,7 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loaders,
         host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout, log_level=args.log_level, allowed_origins=origins,
-        log_requests=args.log_requests,
+        log_requests=args.log_requests, model_bytes=sizes, memory_budget=args.model_memory_budget,
     )
 
 

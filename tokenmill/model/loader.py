@@ -122,6 +122,20 @@ def is_encoder(name_or_path: str) -> bool:
     return is_encoder_dir(Path(name_or_path).expanduser())
 
 
+def model_file_bytes(name_or_path: str) -> int:
+    """The bytes of a model's weight files: what loading it will take at least (an estimate
+    for a memory budget; a quantized GGUF may grow when its copies are made)."""
+    if name_or_path == ENCODER_MODEL:
+        path = encoder_model_path()
+    elif name_or_path == DEFAULT_MODEL:
+        path = default_model_path()
+    else:
+        path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return path.stat().st_size if path.is_file() else 0
+
+
 def load_encoder(name_or_path: str):
     """`minilm` or a sentence-transformers directory -> LoadedEncoder."""
     from tokenmill.model.bert import EncoderLoadError, load_bert_dir

@@ -24,6 +24,11 @@ class ServedModels:
         if not names:
             raise ValueError("a server needs at least one model name")
         self._serving: dict[str, Serving | EmbeddingServing | None] = dict.fromkeys(names)
+        # Beside "ready" (an engine attached): "loading", "unloading", "unavailable" (unloaded,
+        # or its load failed: `_reasons` says why). Set by the repository (server/repository.py).
+        self._states: dict[str, str] = dict.fromkeys(names, "loading")
+        self._reasons: dict[str, str | None] = dict.fromkeys(names)
+        self._kinds: dict[str, str | None] = dict.fromkeys(names)
         self.metrics = ServerMetrics(self.stats)
 
     @property
@@ -43,9 +48,32 @@ class ServedModels:
         if name not in self._serving:
             raise KeyError(f"{name!r} is not a model of this server: {self.names}")
         if isinstance(engine, AsyncEmbedder):
-            self._serving[name] = EmbeddingServing(engine, name)
+            serving = EmbeddingServing(engine, name)
         else:
-            self._serving[name] = Serving(engine, name, self.metrics.for_model(name))
+            serving = Serving(engine, name, self.metrics.for_model(name))
+        self._kinds[name], self._reasons[name] = _kind(serving), None
+        self._serving[name] = serving
+        self._states[name] = "ready"
+
+    def state(self, name: str) -> str:
+        return self._states[name]
+
+    def kind(self, name: str) -> str | None:
+        """"generate" or "embedding", once the model has been loaded."""
+        return self._kinds[name]
+
+    def reason(self, name: str) -> str | None:
+        return self._reasons[name]
+
+    def mark(self, name: str, state: str, reason: str | None = None) -> Serving | EmbeddingServing | None:
+        """Set a model's state (loading, unloading, unavailable); its Serving, if any."""
+        self._states[name], self._reasons[name] = state, reason
+        return self._serving[name]
+
+    def detach(self, name: str) -> None:
+        """Stop answering for `name` (unloaded): its requests get 404 until it is loaded again."""
+        self._serving[name] = None
+        self._states[name] = "unavailable"
 
     def route(self, model: str | None, kind: str = "generate") -> Serving | EmbeddingServing:
         """The Serving for a request's `model` field: OpenAI's 404 model_not_found for a name
@@ -56,7 +84,12 @@ class ServedModels:
         if model not in self._serving:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.names}",
                            param="model", code="model_not_found", type="invalid_request_error")
-        serving = self._serving[model]
+        serving, state = self._serving[model], self._states[model]
+        if state == "unavailable":
+            raise APIError(404, f"the model {model!r} is not loaded; load it with POST /v2/repository/models/{model}/load",
+                           param="model", code="model_not_found", type="invalid_request_error")
+        if state == "unloading":
+            raise APIError(503, f"the model {model!r} is being unloaded", code="unloading")
         if serving is None:
             raise APIError(503, f"the model {model!r} is loading", code="loading")
         if serving.engine.dead:
@@ -72,13 +105,15 @@ class ServedModels:
             return self.names[0]
         # A model still loading has no kind yet: only loaded ones can be picked by kind.
         of_kind = [name for name, s in self._serving.items() if s is not None and _kind(s) == kind]
-        if len(of_kind) == 1 and None not in self._serving.values():
+        if len(of_kind) == 1 and "loading" not in self._states.values():
             return of_kind[0]
         raise APIError(400, f"model is required: this server serves {self.names}", param="model")
 
     def unhealthy(self) -> tuple[str, str] | None:
         """(code, message) of the first model that cannot answer, or None when all can."""
         for name, serving in self._serving.items():
+            if self._states[name] in ("unavailable", "unloading"):  # unloaded on purpose: not a fault
+                continue
             if serving is None:
                 return "loading", f"the model {name!r} is loading"
             if serving.engine.dead:
@@ -91,7 +126,7 @@ class ServedModels:
     def cards(self) -> list[ModelCard]:
         return [ModelCard(id=name, max_model_len=s.max_model_len, kind=_kind(s)) if s is not None
                 else ModelCard(id=name)
-                for name, s in self._serving.items()]
+                for name, s in self._serving.items() if self._states[name] != "unavailable"]
 
     def abort_all(self) -> int:
         """End every request being answered, on every model; how many were ended."""
