@@ -29,29 +29,32 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def make_texts(tokenizer, n: int, tokens: int, seed: int) -> list[str]:
-    """n texts of exactly `tokens` tokens (special tokens included), from one-token words."""
+def make_texts(tokenizer, n: int, tokens: int | None, seed: int) -> list[str]:
+    """n texts of exactly `tokens` tokens (special tokens included), from one-token words;
+    tokens=None: each text's length drawn uniformly from 16..256 (a mixed batch)."""
     rng = random.Random(seed)
     vocab = [w for w, i in tokenizer.backend.get_vocab().items() if w.isalpha() and w.islower() and 3 <= len(w) <= 8]
     vocab.sort()
     texts = []
     while len(texts) < n:
-        text = " ".join(rng.choice(vocab) for _ in range(tokens - 2))
-        if len(tokenizer.backend.encode(text, add_special_tokens=True).ids) == tokens:
+        length = tokens or rng.randint(16, 256)
+        text = " ".join(rng.choice(vocab) for _ in range(length - 2))
+        if len(tokenizer.backend.encode(text, add_special_tokens=True).ids) == length:
             texts.append(text)
     return texts
 
 
 def timed(fn, texts: list[str], batch: int, min_seconds: float) -> float:
-    """Embeddings per second over batches of `batch` texts, run for at least min_seconds."""
+    """Embeddings per second over batches of `batch` texts, for at least min_seconds (and at
+    least one batch)."""
     done, start = 0, time.perf_counter()
     while True:
         for i in range(0, len(texts), batch):
             fn(texts[i:i + batch])
             done += len(texts[i:i + batch])
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return done / elapsed
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                return done / elapsed
 
 
 def main() -> None:
@@ -59,7 +62,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--min-seconds", type=float, default=1.0, help="per timing")
-    ap.add_argument("--cases", default="16x1,16x64,256x1,256x64", help="TOKENSxBATCH,...")
+    ap.add_argument("--cases", default="16x1,16x64,256x1,256x64,mixedx64",
+                    help="TOKENSxBATCH,... (TOKENS 'mixed': 16..256 per text)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -75,8 +79,9 @@ def main() -> None:
     print("| text tokens | batch | tokenmill emb/s | sentence-transformers emb/s | ratio |")
     print("|---:|---:|---:|---:|---:|")
     for case in args.cases.split(","):
-        tokens, batch = (int(x) for x in case.split("x"))
-        texts = make_texts(enc.tokenizer, max(batch, 64), tokens, seed=tokens)
+        tokens_s, batch_s = case.split("x")
+        tokens, batch = (None if tokens_s == "mixed" else int(tokens_s)), int(batch_s)
+        texts = make_texts(enc.tokenizer, max(batch, 64), tokens, seed=tokens or 0)
         ours, theirs = [], []
 
         def tm(t):
@@ -93,7 +98,7 @@ def main() -> None:
             ours.append(timed(tm, texts, batch, args.min_seconds))
             theirs.append(timed(sbert, texts, batch, args.min_seconds))
         o, t = statistics.median(ours), statistics.median(theirs)
-        print(f"| {tokens} | {batch} | {o:.1f} | {t:.1f} | {o / t:.2f}x |", flush=True)
+        print(f"| {tokens_s} | {batch} | {o:.1f} | {t:.1f} | {o / t:.2f}x |", flush=True)
     print(f"# load average after: {os.getloadavg()}")
 
 

@@ -176,3 +176,26 @@ def test_serve_smollm2_and_minilm_from_the_command_line():
         assert proc.terminate() == 0
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("path, method, body", [
+    ("/v1/embeddings", "POST", {"model": EMBED, "input": TEXTS, "encoding_format": "float"}),
+    ("/v1/embeddings", "POST", {"model": EMBED, "input": [[7592, 2088]], "encoding_format": "base64"}),
+    ("/v1/embeddings", "POST", {"model": EMBED, "input": "x", "dimensions": 7}),
+    ("/v1/models", "GET", None),
+    ("/v2/repository/index", "GET", None),
+])
+def test_answers_conform_to_the_schema(both, path, method, body):
+    """A real embedding model's answers (the fuzz test's server has none) against the schema."""
+    import httpx
+    import schemathesis
+    from schemathesis.checks import positive_data_acceptance
+
+    served = httpx.get(both.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    schema = schemathesis.openapi.from_dict(served)
+    schema.config.update(base_url=both.url)
+    kw = {"body": body, "media_type": "application/json"} if body is not None else {}
+    case = schema[path][method].Case(**kw)
+    r = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                               excluded_checks=[positive_data_acceptance])
+    assert r.status_code == (400 if body and "dimensions" in body else 200), r.text
