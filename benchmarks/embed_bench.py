@@ -79,7 +79,7 @@ def main() -> None:
     print("| text tokens | batch | tokenmill emb/s | sentence-transformers emb/s | ratio |")
     print("|---:|---:|---:|---:|---:|")
     for case in args.cases.split(","):
-        tokens_s, batch_s = case.split("x")
+        tokens_s, batch_s = case.rsplit("x", 1)
         tokens, batch = (None if tokens_s == "mixed" else int(tokens_s)), int(batch_s)
         texts = make_texts(enc.tokenizer, max(batch, 64), tokens, seed=tokens or 0)
         ours, theirs = [], []
