@@ -87,6 +87,21 @@ def test_every_input_shape(both, offline):
         assert resp.usage.prompt_tokens == tokens
 
 
+def test_metrics_per_model(both):
+    with both.http() as http:
+        before = _sample(http, "tokenmill:embedding_requests_total")
+        r = http.post("/v1/embeddings", json={"model": EMBED, "input": ["one", "two"]})
+        assert r.status_code == 200
+        assert _sample(http, "tokenmill:embedding_requests_total") == before + 1
+        assert _sample(http, "tokenmill:embedding_prompt_tokens_total") >= r.json()["usage"]["prompt_tokens"]
+
+
+def _sample(http, name: str) -> float:
+    prefix = f'{name}{{model_name="{EMBED}"}} '
+    line = next((x for x in http.get("/metrics").text.splitlines() if x.startswith(prefix)), None)
+    return float(line.removeprefix(prefix)) if line else 0.0
+
+
 def test_dimensions(both):
     client = both.client()
     assert len(client.embeddings.create(model=EMBED, input="x", dimensions=384).data[0].embedding) == 384

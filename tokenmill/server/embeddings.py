@@ -7,6 +7,7 @@ client's default) base64 of the float32 little-endian bytes, with the tokens cou
 from __future__ import annotations
 
 import base64
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from tokenmill.engine.async_embedder import AsyncEmbedder, EmbedInputError, QueueFullError
 from tokenmill.server.errors import APIError
+from tokenmill.server.metrics import EmbeddingMetrics
 from tokenmill.server.protocol import EmbeddingRequest
 from tokenmill.server.streams import RETRY_AFTER_SECONDS, engine_failure, until_disconnect
 
@@ -23,6 +25,7 @@ from tokenmill.server.streams import RETRY_AFTER_SECONDS, engine_failure, until_
 class EmbeddingServing:
     engine: AsyncEmbedder
     model_name: str
+    metrics: EmbeddingMetrics
     kind = "embedding"
 
     @property
@@ -43,6 +46,7 @@ class EmbeddingServing:
 
     async def embeddings(self, req: EmbeddingRequest, http: Request) -> JSONResponse:
         self.check_dimensions(req.dimensions)
+        start = time.monotonic()
         try:
             result = await until_disconnect(http, self.engine.embed(req.inputs))
         except EmbedInputError as e:
@@ -54,6 +58,7 @@ class EmbeddingServing:
                            headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         except Exception as e:
             raise engine_failure(e) from None
+        self.metrics.observe(result.num_tokens, time.monotonic() - start)
         rows = result.embeddings.float().numpy()
         data = [{"object": "embedding", "index": i, "embedding": _encoded(row, req.encoding_format)}
                 for i, row in enumerate(rows)]

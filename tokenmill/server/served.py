@@ -48,7 +48,7 @@ class ServedModels:
         if name not in self._serving:
             raise KeyError(f"{name!r} is not a model of this server: {self.names}")
         if isinstance(engine, AsyncEmbedder):
-            serving = EmbeddingServing(engine, name)
+            serving = EmbeddingServing(engine, name, self.metrics.for_embedding_model(name))
         else:
             serving = Serving(engine, name, self.metrics.for_model(name))
         self._kinds[name], self._reasons[name] = _kind(serving), None
