@@ -116,8 +116,14 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="An LLM serving engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    # conflict_handler: serve's own --model (repeatable, NAME=PATH) replaces the engine flag's.
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server", conflict_handler="resolve")
     add_engine_arguments(s)
+    s.add_argument("--model", dest="model", action=_ServeModel, default=EngineConfig().load.model, metavar="[NAME=]MODEL",
+                   help="a model to serve (repeatable): 'smollm2', 'minilm' (embeddings), a .gguf file, an HF or "
+                        "sentence-transformers directory; NAME= sets the name clients use (default: smollm2)")
+    s.add_argument("--model-memory-budget", type=parse_bytes, default=None, metavar="SIZE",
+                   help="refuse a /v2/repository load that would take the served models past this (default: no bound)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
@@ -216,11 +222,56 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+class _ServeModel(argparse.Action):
+    """serve's --model: every value is kept in `models`; `model` (the engine setting) is the
+    first one's model, so that one --model reads as it always did."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        models = list(getattr(namespace, "models", None) or []) + [value]
+        namespace.models = models
+        setattr(namespace, self.dest, next(iter(served_models(models[:1], None).values())))
+
+
+def served_models(values: list[str] | None, served_name: str | None) -> dict[str, str]:
+    """serve's --model flags -> {name clients use: model}. `NAME=MODEL`, or a bare MODEL named
+    by itself (or by --served-model-name when it is the only one)."""
+    pairs = []
+    for value in values or [EngineConfig().load.model]:
+        name, sep, model = value.partition("=")
+        if not sep or not re.fullmatch(r"[\w.:-]+", name):  # no name given (or '=' inside a path)
+            name, model = value, value
+        if not model:
+            raise ValueError(f"--model {value!r}: no model after '='")
+        pairs.append((name, model))
+    if served_name is not None:
+        if len(pairs) > 1:
+            raise ValueError("--served-model-name names the only model; with several, use --model NAME=MODEL")
+        pairs = [(served_name, pairs[0][1])]
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model: each served name must be unique, got {names}")
+    return dict(pairs)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tokenmill.build import build_async_engine
+    from tokenmill.build import build_async_embedder, build_async_engine
+    from tokenmill.model.loader import is_encoder, model_file_bytes
     from tokenmill.server.run import serve
 
-    config = engine_config(args)  # validated now, before the port opens
+    models = served_models(getattr(args, "models", None), args.served_model_name)
+    settings = engine_settings(args)
+    loaders, sizes = {}, {}
+    for name, model in models.items():  # every config validated now, before the port opens
+        if is_encoder(model):
+            loaders[name] = lambda m=model: build_async_embedder(m, num_threads=settings["num_threads"])
+            sizes[name] = model_file_bytes(model)
+        else:
+            config = EngineConfig.from_flat(**{**settings, "model": model})
+            loaders[name] = lambda c=config: build_async_engine(c)
+            sizes[name] = model_file_bytes(model) + config.cache.kv_cache_memory_bytes
+    if args.model_memory_budget is not None and sum(sizes.values()) > args.model_memory_budget:
+        raise ValueError(f"the models need about {sum(sizes.values()) / 2**20:.0f} MiB, over "
+                         f"--model-memory-budget {args.model_memory_budget / 2**20:.0f} MiB")
     keys = read_api_keys(args.api_key, args.api_key_file)
     log = logging.getLogger("tokenmill")
     log.info("API keys: %s", f"{len(keys)} configured" if keys else "none (open)")
@@ -228,10 +279,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("--api-key is visible to every user in ps; prefer --api-key-file or $%s", API_KEY_ENV)
     origins = [o.strip() for value in args.allowed_origins for o in value.split(",") if o.strip()]
     return serve(
-        {args.served_model_name or args.model: lambda: build_async_engine(config)},
+        loaders,
         host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout, log_level=args.log_level, allowed_origins=origins,
-        log_requests=args.log_requests,
+        log_requests=args.log_requests, model_bytes=sizes, memory_budget=args.model_memory_budget,
     )
 
 

@@ -1,6 +1,9 @@
-"""LLM: the offline API. `LLM(model, **settings).generate(prompts, params) -> list[RequestOutput]`."""
+"""The offline API: `LLM(model, **settings).generate(prompts, params) -> list[RequestOutput]`,
+and `Encoder(model).embed(texts) -> tensor` for embedding models."""
 
 from __future__ import annotations
+
+import torch
 
 from tokenmill.build import build_engine
 from tokenmill.config import DEFAULT_MODEL, EngineConfig
@@ -59,3 +62,36 @@ class LLM:
             for m in conversations
         ]
         return self.generate(prompts, sampling_params)
+
+
+class Encoder:
+    """The offline API of an embedding model: `Encoder("minilm").embed(texts) -> [n, dim]`."""
+
+    def __init__(self, model: str = "minilm", max_batch_tokens: int | None = None, num_threads: int | None = None):
+        from tokenmill.build import build_async_embedder
+
+        # The async engine's model and limits, run synchronously here: no thread, no loop.
+        self._embedder = build_async_embedder(model, max_batch_tokens=max_batch_tokens, num_threads=num_threads)
+
+    @property
+    def tokenizer(self):
+        return self._embedder.tokenizer
+
+    @property
+    def dimensions(self) -> int:
+        return self._embedder.dimensions
+
+    def embed(self, inputs: str | list[str] | list[int] | list[list[int]]) -> torch.Tensor:
+        """Texts, or token ids without the model's special tokens (as `/v1/embeddings` takes
+        them) -> one embedding row per input. ValueError (EmbedInputError) for a bad input."""
+        from tokenmill.engine.async_embedder import embed_in_batches
+
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        e = self._embedder
+        if any(isinstance(x, str) for x in inputs):
+            seqs = e.encode_texts(list(inputs))
+        else:
+            seqs = [e.wrap_ids(ids) for ids in inputs]
+        e.check(seqs, one_request=False)  # offline: any number of inputs
+        return embed_in_batches(e.model.embed, seqs, e.limits)

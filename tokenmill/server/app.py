@@ -13,13 +13,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.middleware.cors import CORSMiddleware
 
+from tokenmill.engine.async_embedder import AsyncEmbedder
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.errors import error_response, install_error_handlers
 from tokenmill.server.guard import Guard, ServerState
 from tokenmill.server.info import add_info_routes
 from tokenmill.server.metrics import CONTENT_TYPE
 from tokenmill.server.openapi import install_openapi
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelList
+from tokenmill.server.repository import Repository, add_repository_routes
 from tokenmill.server.request_log import RequestLog
 from tokenmill.server.served import ServedModels
 from tokenmill.server.streams import ClientGone
@@ -28,16 +30,18 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def create_app(
-    engines: Mapping[str, AsyncEngine | None],
+    engines: Mapping[str, AsyncEngine | AsyncEmbedder | None],
     api_keys: list[str] | tuple[str, ...] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: list[str] | tuple[str, ...] = (),
     log_requests: bool = False,
+    repository: Repository | None = None,
 ) -> FastAPI:
     """`engines`: model name -> AsyncEngine, or None for one still loading (attach_engine()
     later). Requests are routed by their `model` field. `allowed_origins`: the browser origins
     CORS lets in (none by default: no CORS headers at all). `log_requests`: log prompts and
-    completions (off by default: they are user data)."""
+    completions (off by default: they are user data). `repository`: how to load each model
+    again, enabling /v2/repository load and unload (off without it)."""
     state = ServerState(api_keys=[k.encode() for k in api_keys if k], max_body_bytes=max_body_bytes)
     models = ServedModels(list(engines))
     app = FastAPI(title="tokenmill", docs_url=None, redoc_url=None)
@@ -65,6 +69,10 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, http: Request):
         return await models.route(req.model).chat(req, http)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, http: Request):
+        return await models.route(req.model, "embedding").embeddings(req, http)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -94,6 +102,7 @@ def create_app(
         return JSONResponse({"reset": all(bool(ok) for ok in results)})
 
     add_info_routes(app, models)  # for tokenmill router's prefix prediction
+    add_repository_routes(app, models, repository)
 
     for name, engine in engines.items():
         if engine is not None:
@@ -101,7 +110,7 @@ def create_app(
     return app
 
 
-def attach_engine(app: FastAPI, name: str, engine: AsyncEngine) -> None:
+def attach_engine(app: FastAPI, name: str, engine: AsyncEngine | AsyncEmbedder) -> None:
     app.state.models.attach(name, engine)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from tokenmill.server.errors import error_response
 
 OPEN_PATHS = ("/health",)  # reachable without a key (load balancers probe it)
-ENGINE_PATHS = ("/v1/completions", "/v1/chat/completions", "/reset_prefix_cache")
+ENGINE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/reset_prefix_cache")
 
 
 @dataclass

@@ -115,6 +115,20 @@ class ModelMetrics:
                 self.success.labels(self.model_name, c.finish_reason).inc()
 
 
+@dataclass
+class EmbeddingMetrics:
+    """The per-request counters of one served embedding model (its label bound)."""
+
+    requests: Counter
+    tokens: Counter
+    latency: Histogram
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        self.requests.inc()
+        self.tokens.inc(num_tokens)
+        self.latency.observe(seconds)
+
+
 class ServerMetrics:
     """The app's registry: engine stats for every loaded model, and each model's histograms."""
 
@@ -133,6 +147,13 @@ class ServerMetrics:
                            _LATENCY_BUCKETS)
         self._success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
+        # Embedding models have no steps or KV cache: requests, tokens and latency say it all.
+        self._embed_requests = Counter("tokenmill:embedding_requests", "Answered /v1/embeddings requests.",
+                                       ["model_name"], registry=self.registry)
+        self._embed_tokens = Counter("tokenmill:embedding_prompt_tokens", "Tokens embedded (special tokens included).",
+                                     ["model_name"], registry=self.registry)
+        self._embed_latency = hist("tokenmill:embedding_request_latency_seconds",
+                                   "Time to answer one /v1/embeddings request.", _LATENCY_BUCKETS)
 
     def for_model(self, model_name: str) -> ModelMetrics:
         return ModelMetrics(
@@ -140,6 +161,10 @@ class ServerMetrics:
             e2e=self._e2e.labels(model_name), queue=self._queue.labels(model_name),
             success=self._success, model_name=model_name,
         )
+
+    def for_embedding_model(self, model_name: str) -> EmbeddingMetrics:
+        return EmbeddingMetrics(self._embed_requests.labels(model_name), self._embed_tokens.labels(model_name),
+                                self._embed_latency.labels(model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,7 @@ from tokenmill.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,
+    EmbeddingResponse,
     ErrorResponse,
     HealthStatus,
     ModelList,
@@ -31,6 +32,7 @@ _ERROR_TEXT = {
     400: "invalid request: the error's param names the offending field",
     401: "missing or wrong API key",
     404: "unknown model (code model_not_found) or route",
+    409: "the model is loading or unloading, or a load would pass the memory budget (the message says by how much)",
     413: "request body over the size limit",
     429: "the engine's queue is full; retry after the Retry-After header's seconds",
     500: "internal error",
@@ -79,12 +81,23 @@ _TOKENIZER = {"type": "object", "required": ["tokenizer_json", "eos_token_ids", 
     "eos_token_ids": {"type": "array", "items": _INT}, "chat_template": {"anyOf": [_STR, {"type": "null"}]},
     "add_bos_token": {"type": "boolean"}, "fingerprint": _STR}}
 
+_REPO_STATE = {"type": "string", "enum": ["loading", "ready", "unloading", "unavailable"]}
+_REPO_INDEX = {"type": "array", "items": {"type": "object", "required": ["name", "kind", "state", "reason", "bytes"],
+               "properties": {"name": _STR, "kind": {"anyOf": [{"type": "string", "enum": ["generate", "embedding"]},
+                                                               {"type": "null"}]},
+                              "state": _REPO_STATE, "reason": {"anyOf": [_STR, {"type": "null"}]},
+                              "bytes": {"anyOf": [_INT, {"type": "null"}]}}}}
+_REPO_ANSWER = {"type": "object", "required": ["name", "state"], "properties": {"name": _STR, "state": _REPO_STATE}}
+_REPO_ERRORS = (400, 401, 404, 409)
+
 # path -> method -> status -> answer. Every status a route can send is listed.
 ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/v1/completions": {"post": {"200": _generation(CompletionResponse, CompletionResponse),
                                  **_errors(_ENGINE_ERRORS)}},
     "/v1/chat/completions": {"post": {"200": _generation(ChatCompletionResponse, ChatCompletionChunk),
                                       **_errors(_ENGINE_ERRORS)}},
+    "/v1/embeddings": {"post": {"200": _answer("one embedding per input, in input order", _json(EmbeddingResponse)),
+                                **_errors(_ENGINE_ERRORS)}},
     "/v1/models": {"get": {"200": _answer("the served models", _json(ModelList)), **_errors((401,))}},
     "/health": {"get": {"200": _answer("every model is loaded and its engine runs", _json(HealthStatus)),
                         **_errors((503,))}},
@@ -92,6 +105,15 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                                         {"text/plain": {"schema": {"type": "string"}}}), **_errors((401,))}},
     "/reset_prefix_cache": {"post": {"200": _answer("whether every loaded model's cache was reset",
                                                     _json(PrefixCacheReset)), **_errors((401, 503))}},
+    # Model control (server/repository.py), as Triton's explicit mode.
+    "/v2/repository/index": {"get": {"200": _answer("every model of the repository with its state",
+                                                    {"application/json": {"schema": _REPO_INDEX}}), **_errors((401,))}},
+    "/v2/repository/models/{name}/load": {"post": {"200": _answer("the model is loaded and ready",
+                                                                  {"application/json": {"schema": _REPO_ANSWER}}),
+                                                   **_errors(_REPO_ERRORS)}},
+    "/v2/repository/models/{name}/unload": {"post": {"200": _answer("the model's requests drained and it is unloaded",
+                                                                    {"application/json": {"schema": _REPO_ANSWER}}),
+                                                     **_errors(_REPO_ERRORS)}},
     # What a router reads of this server (server/info.py).
     "/v1/tokenmill/info": {"get": {"200": _answer("per model: block size, context, tokenizer fingerprint, batch and cache limits",
                                                   {"application/json": {"schema": _INFO}}), **_errors((401,))}},
@@ -100,8 +122,8 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                                         **_errors((400, 401, 404))}},
 }
 _OPEN = ("/health",)  # reachable without a key (guard.OPEN_PATHS)
-_DESCRIBED = (CompletionResponse, ChatCompletionResponse, ChatCompletionChunk, ErrorResponse, ModelList,
-              HealthStatus, PrefixCacheReset)
+_DESCRIBED = (CompletionResponse, ChatCompletionResponse, ChatCompletionChunk, EmbeddingResponse, ErrorResponse,
+              ModelList, HealthStatus, PrefixCacheReset)
 
 
 def exact_openapi(app: FastAPI) -> dict:

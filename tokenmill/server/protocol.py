@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.sampling import MAX_CONSTRAINT_CHARS, MAX_LOGPROBS, MAX_N, StructuredOutput
 
@@ -395,12 +395,68 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+# -- embeddings -------------------------------------------------------------------------
+
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit on the inputs of one request
+EmbedText = Annotated[str, Field(min_length=1)]
+EmbedIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's /v1/embeddings: a text, texts, token ids, or lists of token ids (the text's
+    tokens, without the model's own special tokens)."""
+
+    input: (EmbedText | Annotated[list[EmbedText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+            | EmbedIds | Annotated[list[EmbedIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)])
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _not_too_many(cls, value):
+        # Before the union: each of its branches would report its own, less telling, error.
+        if isinstance(value, list) and len(value) > MAX_EMBED_INPUTS and not all(isinstance(x, int) for x in value):
+            raise ValueError(f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(value)}")
+        return value
+
+    @property
+    def inputs(self) -> list[str] | list[list[int]]:
+        x = self.input
+        if isinstance(x, str) or isinstance(x[0], int):
+            return [x]
+        return x
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    # float: the vector; base64: its float32 little-endian bytes, base64-encoded
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "tokenmill"
     max_model_len: int | None = None
+    # what the model answers: "generate" (completions, chat) or "embedding" (/v1/embeddings);
+    # None while it loads
+    kind: Literal["generate", "embedding"] | None = None
 
 
 class ModelList(BaseModel):

@@ -19,6 +19,7 @@ import uvicorn
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.app import attach_engine, begin_drain, create_app
+from tokenmill.server.repository import Repository
 
 log = logging.getLogger("tokenmill.server")
 
@@ -68,13 +69,17 @@ def serve(
     loaders: Mapping[str, Callable[[], AsyncEngine]], host: str = "127.0.0.1", port: int = 8000,
     api_keys: list[str] = (), max_body_bytes: int | None = None, drain_timeout: float = 30.0,
     log_level: str = "info", allowed_origins: list[str] = (), log_requests: bool = False,
+    model_bytes: Mapping[str, int] | None = None, memory_budget: int | None = None,
 ) -> int:
     """Start answering at once (503 for each model until its loader, run on a thread, has
     built its engine), serve until drained or stopped, and return the process exit status.
-    `loaders`: served model name -> a function that builds its AsyncEngine."""
+    `loaders`: served model name -> a function that builds its AsyncEngine (or AsyncEmbedder);
+    they also load the models again after an unload (/v2/repository). `model_bytes`: each
+    model's estimated memory, summed against `memory_budget` when loading."""
     kwargs = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+    repository = Repository(loaders, dict(model_bytes or {}), memory_budget)
     app = create_app(dict.fromkeys(loaders), api_keys=api_keys, allowed_origins=allowed_origins,
-                     log_requests=log_requests, **kwargs)
+                     log_requests=log_requests, repository=repository, **kwargs)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain_timeout)
