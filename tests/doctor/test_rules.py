@@ -64,9 +64,13 @@ def test_ttft_split_into_queueing_and_compute():
     assert q.rule == "ttft_is_queueing" and q.severity == "warning"
     c = rules.ttft_is_queueing(window([8] * 5, [0] * 5, [0.2] * 5, ttft=Latency(20, 2.0, 4.0), queue=Latency(20, 0.1, 0.2)))
     assert c.rule == "ttft_is_compute" and c.severity == "info"
-    # Long queue times but no queue in the gauge: the wait was for steps in progress, not capacity.
+    # Long queue times, but nobody waited for a seat or memory: the wait was for slow steps.
     s = rules.ttft_is_queueing(window([8] * 5, [0] * 5, [0.2] * 5, ttft=Latency(20, 2.0, 4.0), queue=Latency(20, 1.5, 3.0)))
     assert s.rule == "ttft_is_compute"
+    s = rules.ttft_is_queueing(window([5] * 5, [3] * 5, [0.2] * 5, ttft=Latency(20, 2.0, 4.0), queue=Latency(20, 1.5, 3.0)))
+    assert s.rule == "ttft_is_compute"
+    s = rules.ttft_is_queueing(window([5] * 5, [3] * 5, [0.9] * 5, ttft=Latency(20, 2.0, 4.0), queue=Latency(20, 1.5, 3.0)))
+    assert s.rule == "ttft_is_queueing"  # waiting on memory
     assert rules.ttft_is_queueing(window([8] * 5, [0] * 5, [0.2] * 5, ttft=Latency(20, 0.2, 0.4),
                                          queue=Latency(20, 0.15, 0.2))) is None  # fast enough not to matter
 

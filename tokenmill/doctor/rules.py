@@ -165,9 +165,12 @@ def ttft_is_queueing(w: ModelWindow) -> Finding | None:
     if t is None or q is None or t < 0.5 or w.ttft.count < 5:
         return None
     share = min(q / t, 1.0)
-    # The queue histogram also holds the wait for the step in progress to end (admission
-    # happens between steps); only a queue the gauge shows is waiting for capacity.
-    if share >= 0.5 and w.queued_share >= 0.25:
+    # The queue histogram (and the waiting gauge) also hold the wait for the step in progress
+    # to end, since admission happens between steps: on a slow box that is seconds. Waiting for
+    # capacity is waiting while the batch is at its cap or the KV pool is full.
+    cap = w.max_num_seqs or math.inf
+    for_capacity = w.share(lambda r, wq, kv: wq > 0 and (r >= cap or kv >= 0.85))
+    if share >= 0.5 and for_capacity >= 0.25:
         return Finding(
             "ttft_is_queueing", "warning", "Time to first token is mostly queueing",
             f"TTFT p50 {t:.2f} s, of which {q:.2f} s ({share:.0%}) waiting to be scheduled: the replica "
@@ -176,8 +179,8 @@ def ttft_is_queueing(w: ModelWindow) -> Finding | None:
             {"ttft_p50_s": _r(t), "queue_p50_s": _r(q), "ttft_p99_s": _r(w.ttft.p99)}, _where(w), share)
     return Finding(
         "ttft_is_compute", "info", "Time to first token is mostly prompt compute",
-        f"TTFT p50 {t:.2f} s, of which {q:.2f} s before the first step (with no queue most of the window): "
-        "the steps themselves are slow for these prompts",
+        f"TTFT p50 {t:.2f} s, of which {q:.2f} s before the first step, but requests rarely waited for a "
+        "seat or for memory: the steps themselves are slow for these prompts",
         "shorter prompts, prefix caching of shared parts, or faster hardware for prefill",
         {"ttft_p50_s": _r(t), "queue_p50_s": _r(q)}, _where(w), 1 - share)
 
