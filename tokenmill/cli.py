@@ -132,6 +132,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--api-key-file", default=None, help="file of accepted keys, one per line")
     s.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
                    help="browser origin allowed by CORS (repeatable or comma-separated; default: CORS off)")
+    s.add_argument("--profile-dir", default=None,
+                   help="enable POST /start_profile and /stop_profile: torch profiler traces of the steps go here")
     s.add_argument("--log-requests", action="store_true",
                    help="log prompts and completions (off by default: they are user data)")
     s.add_argument("--max-body-bytes", type=parse_bytes, default=None, help="request body limit (default 4MiB)")
@@ -283,6 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout, log_level=args.log_level, allowed_origins=origins,
         log_requests=args.log_requests, model_bytes=sizes, memory_budget=args.model_memory_budget,
+        profile_dir=args.profile_dir,
     )
 
 

@@ -159,3 +159,25 @@ def test_nvidia_smi_csv_and_dcgm_readers():
     assert found == {"gpu_utilization_misleads", "host_bound", "memory_bound_decode"}
     busy = read_dcgm_scrapes([dcgm(0.9, 0.7, 0.5, 100)])
     assert rules.gpu_findings(busy, [window([64] * 5, [0] * 5, [0.3] * 5)]) == []
+
+
+def test_trace_summary_measures_within_the_step_ranges():
+    from tokenmill.doctor.trace import summarize
+
+    def ev(name, cat, ts, dur, tid=1):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [ev("tokenmill.step", "user_annotation", 0, 100), ev("tokenmill.step", "user_annotation", 200, 100),
+              ev("aten::mm", "cpu_op", 10, 30), ev("aten::addmm", "cpu_op", 15, 10),  # nested: counted once
+              ev("aten::mm", "cpu_op", 210, 20), ev("aten::idle_between_steps", "cpu_op", 120, 50)]
+    t = summarize({"traceEvents": events})
+    assert t.steps == 2 and t.step_us == 200 and t.cpu_op_us == 50 and t.gpu_kernel_us is None
+    assert t.top_ops[0] == ("aten::mm", 50)
+    cpu = {f.rule for f in rules.trace_findings(t)}
+    assert cpu == {"step_time", "host_overhead_trace"}  # 25% of the step in operators
+
+    kernels = [ev("gemm", "kernel", 20, 150, tid=7), ev("gemm", "kernel", 220, 70, tid=7)]
+    t = summarize({"traceEvents": events + kernels})
+    assert t.gpu_busy_share == (80 + 70) / 200
+    assert {f.rule for f in rules.trace_findings(t)} == {"step_time"}  # 75% busy: not host-bound
+    assert summarize({"traceEvents": []}).steps == 0 and rules.trace_findings(summarize({"traceEvents": []})) == []

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.doctor.evidence import ModelWindow
 from tokenmill.doctor.gpu import GpuWindow
+from tokenmill.doctor.trace import TraceSummary
 
 SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 
@@ -38,6 +39,7 @@ class Finding:
 class Evidence:
     windows: list[ModelWindow]
     gpu: GpuWindow | None = None
+    trace: TraceSummary | None = None
 
 
 def _where(w: ModelWindow) -> str:
@@ -301,6 +303,39 @@ def gpu_findings(gpu: GpuWindow, windows: list[ModelWindow]) -> list[Finding]:
     return out
 
 
+# -- a profiler trace ---------------------------------------------------------------------
+
+# Below this share of step time in operators (CPU) or kernels (GPU), the step is paced by
+# Python on the host rather than by the arithmetic.
+HOST_BOUND_SHARE = 0.6
+
+
+def trace_findings(t: TraceSummary) -> list[Finding]:
+    if not t.steps:
+        return []
+    top = ", ".join(f"{name} {us / t.step_us:.0%}" for name, us in t.top_ops[:5])
+    out = [Finding("step_time", "info", "Where the step time goes (profiler trace)",
+                   f"{t.steps} steps, {t.step_us / t.steps / 1e3:.1f} ms each on average; top operators: {top}",
+                   "the largest operator is where a faster kernel pays most",
+                   {"steps": t.steps, "ms_per_step": round(t.step_us / t.steps / 1e3, 2),
+                    "top_ops_ms": {n: round(us / 1e3, 1) for n, us in t.top_ops}}, "trace", 0.0)]
+    gpu = t.gpu_busy_share
+    if gpu is not None and gpu < HOST_BOUND_SHARE:
+        out.append(Finding(
+            "host_bound_trace", "warning", "The GPU idles between kernels inside the steps",
+            f"kernels ran {gpu:.0%} of the step time: launches, syncs and Python between them set the pace",
+            "keep CUDA graphs on (no --enforce-eager), larger batches per step",
+            {"gpu_busy_share": _r(gpu), "steps": t.steps}, "trace", HOST_BOUND_SHARE - gpu))
+    elif gpu is None and t.cpu_op_share < HOST_BOUND_SHARE:
+        out.append(Finding(
+            "host_overhead_trace", "warning", "Steps spend much of their time outside torch operators",
+            f"operators covered {t.cpu_op_share:.0%} of the step time; the rest is Python in the runner "
+            "(batch tensors, attention metadata, sampling bookkeeping)",
+            "larger batches amortize the per-step Python (--max-num-seqs), or profile it with py-spy",
+            {"cpu_op_share": _r(t.cpu_op_share), "steps": t.steps}, "trace", HOST_BOUND_SHARE - t.cpu_op_share))
+    return out
+
+
 PER_REPLICA: tuple[Callable[[ModelWindow], Finding | None], ...] = (
     batch_cap_too_low, kv_pool_too_small, prefix_cache_off, prefix_cache_missing, prefill_interference,
     ttft_is_queueing, speculation_not_paying)
@@ -313,4 +348,6 @@ def diagnose(evidence: Evidence) -> list[Finding]:
     found += [f for rule in FLEET if (f := rule(evidence.windows)) is not None]
     if evidence.gpu is not None:
         found += gpu_findings(evidence.gpu, evidence.windows)
+    if evidence.trace is not None:
+        found += trace_findings(evidence.trace)
     return sorted(found, key=lambda f: f.rank)

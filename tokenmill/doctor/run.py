@@ -11,6 +11,7 @@ from tokenmill.doctor.gpu import read_dcgm_scrapes, read_nvidia_smi_csv
 from tokenmill.doctor.recording import Recording, record, replicas_of_router
 from tokenmill.doctor.report import markdown, plot, print_terminal
 from tokenmill.doctor.rules import Evidence, diagnose
+from tokenmill.doctor.trace import read_trace
 
 
 def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +26,8 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
                    help="output of nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,clocks.sm,"
                         "clocks.max.sm,clocks_event_reasons.active --format=csv -l 1")
     p.add_argument("--dcgm", action="append", default=[], metavar="FILE", help="a DCGM exporter scrape (repeatable)")
+    p.add_argument("--profile", default=None, metavar="TRACE",
+                   help="a torch profiler trace from `tokenmill serve --profile-dir` (/start_profile, /stop_profile)")
     p.add_argument("--format", choices=("terminal", "markdown"), default="terminal")
     p.add_argument("--output", default=None, metavar="FILE", help="write the markdown report here (and a PNG beside it)")
 
@@ -32,12 +35,14 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.load:
         recording = Recording.from_json(Path(args.load).read_text())
+    elif args.profile and not (args.url or args.router):
+        recording = Recording([])  # a trace alone
     elif args.url or args.router:
         urls = list(args.url) + (replicas_of_router(args.router, args.api_key) if args.router else [])
         print(f"watching {len(urls)} replica(s) for {args.seconds:.0f} s ...", file=sys.stderr)
         recording = record(urls, args.seconds, args.interval, args.api_key)
     else:
-        print("tokenmill doctor: give --url (repeatable), --router URL or --load FILE", file=sys.stderr)
+        print("tokenmill doctor: give --url (repeatable), --router URL, --load FILE or --profile TRACE", file=sys.stderr)
         return 2
     if args.save:
         Path(args.save).write_text(recording.to_json())
@@ -47,7 +52,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     elif args.dcgm:
         gpu = read_dcgm_scrapes([Path(f).read_text() for f in args.dcgm])
     ws = windows(recording)
-    findings = diagnose(Evidence(ws, gpu))
+    findings = diagnose(Evidence(ws, gpu, read_trace(args.profile) if args.profile else None))
     if args.output:
         out = Path(args.output)
         picture = plot(ws, out.with_suffix(".png")) if ws else None

@@ -143,3 +143,10 @@ class Engine:
 
     def reset_prefix_cache(self) -> bool:
         return self.core.reset_prefix_cache()
+
+    # The executor's profiler (the model runner's), driven between steps on the engine thread.
+    def start_profile(self) -> None:
+        self.runner.profiler.start()
+
+    def stop_profile(self, directory: str) -> str:
+        return str(self.runner.profiler.stop(directory))

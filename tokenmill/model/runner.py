@@ -13,6 +13,7 @@ from tokenmill.config import ModelConfig
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk
 from tokenmill.model.host import to_device
 from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.profiling import STEP_RANGE, StepProfiler
 from tokenmill.model.sampler import Sampler
 from tokenmill.model.step_context import StepContext
 from tokenmill.outputs import SampleResult
@@ -39,10 +40,17 @@ class ModelRunner:
         )
         self.sampler = Sampler(seed, self.device)
         self.decode_graphs = None  # tokenmill.model.cuda_graphs.DecodeGraphs, once captured
+        self.profiler = StepProfiler()  # traces of the steps, on request (server --profile-dir)
 
     def execute(self, record: StepRecord) -> dict[str, list[SampleResult]]:
         """Run the step; per request that reached its last token, the tokens it gains: one,
         or with drafts the accepted ones plus one."""
+        # A named range in profiler traces (`tokenmill doctor --profile` measures within it);
+        # about a microsecond when no profile is being recorded.
+        with torch.profiler.record_function(STEP_RANGE):
+            return self._execute(record)
+
+    def _execute(self, record: StepRecord) -> dict[str, list[SampleResult]]:
         self.sampler.forget(record.finished_request_ids)
         seqs = batch_order(record.seqs)
         hidden = self.forward(seqs)

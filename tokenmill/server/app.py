@@ -21,6 +21,7 @@ from tokenmill.server.info import add_info_routes
 from tokenmill.server.metrics import CONTENT_TYPE
 from tokenmill.server.openapi import install_openapi
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelList
+from tokenmill.server.profiling import add_profile_routes
 from tokenmill.server.repository import Repository, add_repository_routes
 from tokenmill.server.request_log import RequestLog
 from tokenmill.server.served import ServedModels
@@ -36,12 +37,14 @@ def create_app(
     allowed_origins: list[str] | tuple[str, ...] = (),
     log_requests: bool = False,
     repository: Repository | None = None,
+    profile_dir: str | None = None,
 ) -> FastAPI:
     """`engines`: model name -> AsyncEngine, or None for one still loading (attach_engine()
     later). Requests are routed by their `model` field. `allowed_origins`: the browser origins
     CORS lets in (none by default: no CORS headers at all). `log_requests`: log prompts and
     completions (off by default: they are user data). `repository`: how to load each model
-    again, enabling /v2/repository load and unload (off without it)."""
+    again, enabling /v2/repository load and unload (off without it). `profile_dir`: where
+    /start_profile and /stop_profile write torch profiler traces (off without it)."""
     state = ServerState(api_keys=[k.encode() for k in api_keys if k], max_body_bytes=max_body_bytes)
     models = ServedModels(list(engines))
     app = FastAPI(title="tokenmill", docs_url=None, redoc_url=None)
@@ -103,6 +106,7 @@ def create_app(
 
     add_info_routes(app, models)  # for tokenmill router's prefix prediction
     add_repository_routes(app, models, repository)
+    add_profile_routes(app, models, profile_dir)
 
     for name, engine in engines.items():
         if engine is not None:

@@ -32,7 +32,8 @@ _ERROR_TEXT = {
     400: "invalid request: the error's param names the offending field",
     401: "missing or wrong API key",
     404: "unknown model (code model_not_found) or route",
-    409: "the model is loading or unloading, or a load would pass the memory budget (the message says by how much)",
+    409: "the model is loading or unloading, or a load would pass the memory budget (the message says by how "
+         "much); for profiling: a profile already started, or none to stop",
     413: "request body over the size limit",
     429: "the engine's queue is full; retry after the Retry-After header's seconds",
     500: "internal error",
@@ -105,6 +106,14 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                                         {"text/plain": {"schema": {"type": "string"}}}), **_errors((401,))}},
     "/reset_prefix_cache": {"post": {"200": _answer("whether every loaded model's cache was reset",
                                                     _json(PrefixCacheReset)), **_errors((401, 503))}},
+    # Torch profiler traces of the engine steps (server/profiling.py); 400 without --profile-dir.
+    "/start_profile": {"post": {"200": _answer("every loaded engine records its steps", {"application/json": {
+        "schema": {"type": "object", "required": ["profiling"], "properties": {"profiling": {"type": "boolean"}}}}}),
+        **_errors((400, 401, 409, 503))}},
+    "/stop_profile": {"post": {"200": _answer("the traces written (Chrome trace JSON), one per engine", {
+        "application/json": {"schema": {"type": "object", "required": ["profiling", "traces"], "properties": {
+            "profiling": {"type": "boolean"}, "traces": {"type": "array", "items": _STR}}}}}),
+        **_errors((400, 401, 409, 503))}},
     # Model control (server/repository.py), as Triton's explicit mode.
     "/v2/repository/index": {"get": {"200": _answer("every model of the repository with its state",
                                                     {"application/json": {"schema": _REPO_INDEX}}), **_errors((401,))}},
