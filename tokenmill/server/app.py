@@ -8,6 +8,7 @@ and that model's requests answer 503.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -33,11 +34,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: list[str] | tuple[str, ...] = (),
     log_requests: bool = False,
+    data_dir: Path | None = None,
 ) -> FastAPI:
     """`engines`: model name -> AsyncEngine, or None for one still loading (attach_engine()
     later). Requests are routed by their `model` field. `allowed_origins`: the browser origins
     CORS lets in (none by default: no CORS headers at all). `log_requests`: log prompts and
-    completions (off by default: they are user data)."""
+    completions (off by default: they are user data). `data_dir`: where the Batch API keeps its
+    files and SQLite records (no /v1/files nor /v1/batches without one)."""
     state = ServerState(api_keys=[k.encode() for k in api_keys if k], max_body_bytes=max_body_bytes)
     models = ServedModels(list(engines))
     app = FastAPI(title="tokenmill", docs_url=None, redoc_url=None)
@@ -94,6 +97,12 @@ def create_app(
         return JSONResponse({"reset": all(bool(ok) for ok in results)})
 
     add_info_routes(app, models)  # for tokenmill router's prefix prediction
+
+    if data_dir is not None:
+        from tokenmill.server.batches import add_batch_routes, start_batches
+
+        app.state.batches = start_batches(models, Path(data_dir))
+        add_batch_routes(app, app.state.batches)
 
     for name, engine in engines.items():
         if engine is not None:

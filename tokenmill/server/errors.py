@@ -45,13 +45,18 @@ class APIError(Exception):
         self.type = type  # where OpenAI's differs from the status's usual one (model_not_found)
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None,
+               type: str | None = None) -> dict:
+    """The JSON an error answers with (also a failed batch line's response body)."""
+    error = ErrorInfo(message=message, type=type or _TYPES.get(status, "error"), param=param, code=code)
+    return ErrorResponse(error=error).model_dump()
+
+
 def error_response(
     status: int, message: str, param: str | None = None, code: str | int | None = None,
     headers: dict[str, str] | None = None, type: str | None = None,
 ) -> JSONResponse:
-    error = ErrorInfo(message=message, type=type or _TYPES.get(status, "error"), param=param, code=code)
-    body = ErrorResponse(error=error)
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code, type), status_code=status, headers=headers)
 
 
 _SCALAR_LABELS = {"str", "int", "float", "bool", "none", "dict", "list", "[key]"}

@@ -67,14 +67,14 @@ class DrainingServer(uvicorn.Server):
 def serve(
     loaders: Mapping[str, Callable[[], AsyncEngine]], host: str = "127.0.0.1", port: int = 8000,
     api_keys: list[str] = (), max_body_bytes: int | None = None, drain_timeout: float = 30.0,
-    log_level: str = "info", allowed_origins: list[str] = (), log_requests: bool = False,
+    log_level: str = "info", allowed_origins: list[str] = (), log_requests: bool = False, data_dir=None,
 ) -> int:
     """Start answering at once (503 for each model until its loader, run on a thread, has
     built its engine), serve until drained or stopped, and return the process exit status.
     `loaders`: served model name -> a function that builds its AsyncEngine."""
     kwargs = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     app = create_app(dict.fromkeys(loaders), api_keys=api_keys, allowed_origins=allowed_origins,
-                     log_requests=log_requests, **kwargs)
+                     log_requests=log_requests, data_dir=data_dir, **kwargs)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain_timeout)
