@@ -150,7 +150,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     rb.add_argument("-i", "--input-file", required=True, help="batch input: one request per line (OpenAI format)")
     rb.add_argument("-o", "--output-file", required=True, help="results (appended to: a rerun skips done custom_ids)")
     rb.add_argument("--served-model-name", default=None, help="the model name lines may give (default: --model)")
-    rb.add_argument("--max-concurrency", type=int, default=64, help="lines in flight at once")
+    rb.add_argument("--max-concurrency", type=int, default=128,
+                    help="lines in flight at once (more than --max-num-seqs keeps every slot busy)")
 
     r = sub.add_parser("router", help="one OpenAI endpoint over many replicas (tokenmill.router)")
     from tokenmill.router.run import add_router_arguments

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from tests.server.conftest import MODEL, make_engine
+from tests.server.process import REPO, write_tiny_checkpoint
 from tokenmill.server.run_batch import run_batch_file
 
 
@@ -82,3 +88,19 @@ def test_run_batch_answers_each_line_reports_bad_ones_and_resumes(tiny_loaded, t
         assert out.read_text().splitlines() == after
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+def test_run_batch_command_line(tmp_path):
+    """The command itself, in a subprocess: exit 0, one result per line (resuming is tested above)."""
+    model = write_tiny_checkpoint(tmp_path / "tiny")
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join([_line("a"), _line("b", "/v1/completions"), "oops"]) + "\n")
+    cmd = [sys.executable, "-m", "tokenmill", "run-batch", "-i", str(inp), "-o", str(out), "--model", str(model)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "2 completed, 1 failed" in done.stderr
+    results = _read(out)
+    assert len(results) == 3
+    assert {r["custom_id"] for r in results if r["error"] is None} == {"a", "b"}

@@ -37,7 +37,7 @@ def _public(batch: dict) -> dict:
 class BatchService:
     def __init__(
         self, store: Store, execute: Execute, urls: tuple[str, ...],
-        check: Callable[[BatchLine], LineError | None], ready: Callable[[], bool], concurrency: int = 32,
+        check: Callable[[BatchLine], LineError | None], ready: Callable[[], bool], concurrency: int = 128,
     ):
         self.store = store
         self.execute = execute
