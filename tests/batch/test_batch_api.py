@@ -139,3 +139,17 @@ def test_interactive_request_runs_while_a_batch_waits(batch_server):
     client.batches.cancel(batch.id)
     _wait(client, batch.id)
     wait_pool_whole(engine)
+
+
+def test_priority_field_is_accepted_and_validated(batch_server):
+    live, engine = batch_server
+    with live.http() as http:
+        ok = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "priority": -7})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 2, "priority": 3})
+        assert chat.status_code == 200
+        for bad in ("high", 1.5, 2**63):
+            r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "priority": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "priority", (bad, r.text)
+    wait_pool_whole(engine)
