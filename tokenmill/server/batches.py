@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, File, Form, Query, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from tokenmill.batch.service import BatchService
@@ -25,6 +25,14 @@ PURPOSES = ("batch",)  # what an upload may be for; results are written as purpo
 def start_batches(models: ServedModels, data_dir: Path) -> BatchService:
     calls = BatchCalls(models)
     return BatchService(Store(data_dir), calls, URLS, calls.check, ready=lambda: models.unhealthy() is None)
+
+
+def _only(http: Request, *names: str) -> None:
+    """Refuse query parameters a route does not take, as the schema says (no silent ignoring)."""
+    unknown = next((k for k in http.query_params if k not in names), None)
+    if unknown is not None:
+        raise APIError(400, f"unknown query parameter {unknown[:80]!r}; this route takes {list(names)}",
+                       param=unknown[:80], code="unknown_parameter")
 
 
 def add_batch_routes(app: FastAPI, service: BatchService) -> None:
@@ -50,7 +58,8 @@ def add_batch_routes(app: FastAPI, service: BatchService) -> None:
         return store.add_file((file.filename or "upload.jsonl")[:255], purpose, content)
 
     @app.get("/v1/files")
-    async def list_files(purpose: str | None = Query(None, max_length=64)):
+    async def list_files(http: Request, purpose: str | None = Query(None, max_length=64)):
+        _only(http, "purpose")
         return {"object": "list", "data": store.files(purpose), "has_more": False}
 
     @app.get("/v1/files/{file_id}")
@@ -77,7 +86,9 @@ def add_batch_routes(app: FastAPI, service: BatchService) -> None:
         return service.create(req.input_file_id, req.endpoint, req.completion_window, req.metadata)
 
     @app.get("/v1/batches")
-    async def list_batches(after: str | None = Query(None, max_length=128), limit: int = Query(20, ge=1, le=100)):
+    async def list_batches(http: Request, after: str | None = Query(None, max_length=128),
+                           limit: int = Query(20, ge=1, le=100)):
+        _only(http, "after", "limit")
         page, more = service.list(after, limit)
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": more}
