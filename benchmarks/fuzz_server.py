@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,10 +44,11 @@ from tests.server.fuzz_bodies import CHAT, COMPLETIONS, FuzzRequest, cheap, fuzz
 MODEL = "smollm2"
 
 
-def start_server(port: int, model: str, max_model_len: int, log) -> subprocess.Popen:
+def start_server(port: int, model: str, max_model_len: int, num_threads: int, log) -> subprocess.Popen:
     """`tokenmill serve` with its log in a file (a pipe nobody reads would fill and stall it)."""
     cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(port), "--model", model,
-           "--served-model-name", MODEL, "--log-level", "warning", "--max-model-len", str(max_model_len)]
+           "--served-model-name", MODEL, "--log-level", "warning", "--max-model-len", str(max_model_len),
+           "--num-threads", str(num_threads)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -99,6 +101,21 @@ def generate(strategy: st.SearchStrategy[FuzzRequest], count: int, out: queue.Qu
         out.put(None)
 
 
+def describe(req: FuzzRequest) -> str:
+    """What makes a body costly, in a line: its route, size and the fields that set the work."""
+    try:
+        body = json.loads(req.body)
+    except (ValueError, UnicodeDecodeError):
+        return f"{req.path} {len(req.body)} bytes, not JSON"
+    if not isinstance(body, dict):
+        return f"{req.path} {len(req.body)} bytes, a JSON {type(body).__name__}"
+    keys = ("n", "best_of", "max_tokens", "max_completion_tokens", "min_tokens", "logprobs", "top_logprobs", "stream")
+    fields = {k: body[k] for k in keys if k in body}
+    shaped = "regex/grammar/schema" if any(k in body for k in ("guided_regex", "guided_grammar", "guided_json",
+                                                                "response_format")) else ""
+    return f"{req.path} {len(req.body)} bytes {fields} {shaped}".rstrip()
+
+
 def metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + "{") or line.startswith(name + " "))
@@ -124,6 +141,11 @@ def main() -> int:
     # A valid 30 kB prompt is a legitimate 8k-token prefill, seconds of CPU that only slow the
     # run; a short context refuses it (after tokenizing it) like any prompt over the context.
     ap.add_argument("--max-model-len", type=int, default=1024)
+    # The generator (hypothesis, schemathesis) keeps a core busy. A server whose two compute
+    # threads share their cores with it waits at every parallel region for the thread that
+    # was put aside (a scheduler slice, ~10 ms, a few hundred times a step): answers then take
+    # tens of seconds for reasons that are the benchmark's, not the server's. One thread each.
+    ap.add_argument("--num-threads", type=int, default=1, help="the server's compute threads")
     ap.add_argument("--url", default=None, help="fuzz a running server instead of starting one")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop sending after this long (counts stay true)")
     args = ap.parse_args()
@@ -137,7 +159,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
         log = tempfile.NamedTemporaryFile("w", prefix="fuzz_server_", suffix=".log", delete=False)
-        proc = start_server(port, args.model, args.max_model_len, log)
+        proc = start_server(port, args.model, args.max_model_len, args.num_threads, log)
         print(f"server up in {time.monotonic() - t0:.0f} s at {url}")
     try:
         strategy = st.one_of(fuzz_requests(MODEL), schema_requests(url))
@@ -147,9 +169,12 @@ def main() -> int:
         statuses: Counter = Counter()
         examples: dict[str, str] = {}
         lock = threading.Lock()
+        latencies: list[float] = []
+        slowest: list[tuple[float, object, str]] = []  # the ten slowest answers, to attribute them
 
         def send(req: FuzzRequest, client: httpx.Client) -> None:
             headers = {} if req.content_type is None else {"Content-Type": req.content_type}
+            started = time.monotonic()
             try:
                 r = client.post(url + req.path, content=req.body, headers=headers)
                 bad = problem(r.status_code, r.headers.get("content-type", ""), r.text)
@@ -159,7 +184,12 @@ def main() -> int:
                 kind, bad, status = "hang", "no answer within the timeout", "timeout"
             except httpx.TransportError as e:
                 kind, bad, status = "transport", repr(e), "transport"
+            seconds = time.monotonic() - started
             with lock:
+                latencies.append(seconds)
+                slowest.append((seconds, status, describe(req)))
+                slowest.sort(key=lambda x: -x[0])
+                del slowest[10:]
                 counts["bodies"] += 1
                 statuses[status] += 1
                 if kind is not None:
@@ -197,6 +227,12 @@ def main() -> int:
         print("answers by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)))
         print(f"5xx: {counts['5xx']}  hangs: {counts['hang']}  bad error shapes: {counts['bad_shape']}  "
               f"transport failures: {counts['transport']}")
+        if latencies:
+            q = statistics.quantiles(latencies, n=100)
+            print(f"answer time: p50 {q[49]:.2f} s, p99 {q[98]:.2f} s, max {max(latencies):.1f} s, "
+                  f"over 60 s: {sum(t > 60 for t in latencies)}")
+            for seconds, status, what in slowest:
+                print(f"  slow: {seconds:.1f} s -> {status}: {what}")
         print(f"after: /health {health}, gauges {gauges}, normal request {normal.status_code}")
         if proc is not None:
             tracebacks = Path(log.name).read_text(errors="replace").count("Traceback")

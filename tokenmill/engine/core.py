@@ -297,6 +297,7 @@ class EngineCore:
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries = self.kv.prefix_queries
         s.prefix_cache_hits = self.kv.prefix_hits
+        s.prefix_cache_missed_hits = self.kv.missed_prefix_hits
 
     # -- checks and maintenance -------------------------------------------------------------
     def check_invariants(self) -> None:

@@ -126,6 +126,11 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which were found
+        # With caching off, what it would have found: the leading blocks of each admitted
+        # request that a recent request (within a pool's worth of blocks) also started with.
+        # Tells an operator (tokenmill doctor) that turning caching on would pay.
+        self.missed_prefix_hits = 0
+        self._recent: OrderedDict[bytes, None] = OrderedDict()
 
     @property
     def num_blocks(self) -> int:
@@ -188,10 +193,21 @@ class KVCacheManager:
             hits.append(block_id)
         return hits, len(hits) * self.block_size
 
-    def record_lookup(self, num_tokens: int, num_hit: int) -> None:
+    def record_lookup(self, request: Request, num_hit: int) -> None:
         """Count a lookup once, when its request is admitted (a refused admission retries)."""
-        self.prefix_queries += num_tokens
-        self.prefix_hits += num_hit
+        if self.enable_caching:
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += num_hit
+            return
+        self._update_hashes(request)
+        usable = request.block_hashes[: (request.num_tokens - 1) // self.block_size]
+        found = next((i for i, h in enumerate(usable) if h not in self._recent), len(usable))
+        self.missed_prefix_hits += found * self.block_size
+        for h in request.block_hashes:
+            self._recent[h] = None
+            self._recent.move_to_end(h)
+        while len(self._recent) > self.num_blocks:
+            self._recent.popitem(last=False)
 
     def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
         held = len(request.block_ids) + len(computed_blocks)

@@ -225,8 +225,7 @@ class Scheduler:
 
     def _admit(self, request: Request, num_hit: int) -> None:
         self.waiting.popleft()
-        if self.kv.enable_caching:
-            self.kv.record_lookup(request.num_tokens, num_hit)
+        self.kv.record_lookup(request, num_hit)
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit
         request.status = RequestStatus.RUNNING

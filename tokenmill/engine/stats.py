@@ -20,6 +20,7 @@ class EngineStats:
     generation_tokens_total: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    prefix_cache_missed_hits: int = 0  # with caching off: prompt tokens it would have found
     num_steps: int = 0
     last_step_seconds: float = 0.0
     last_step_tokens: int = 0

@@ -17,6 +17,17 @@ from tokenmill.server.errors import error_response
 from tokenmill.server.served import ServedModels
 
 
+def limits(engine) -> dict:
+    """The settings that bound what the metrics can show (a queue under a full batch means
+    something else at max_num_seqs 2 than at 64): what `tokenmill doctor` needs to read them."""
+    c = engine.engine.config
+    return {"max_num_seqs": c.scheduler.max_num_seqs, "max_num_batched_tokens": c.scheduler.max_num_batched_tokens,
+            "num_kv_blocks": engine.engine.kv.num_blocks, "enable_prefix_caching": c.cache.enable_prefix_caching,
+            "speculative_method": c.speculative.speculative_method,
+            "num_speculative_tokens": c.speculative.num_lookahead_tokens,
+            "speculative_disable_by_batch_size": c.speculative.speculative_disable_by_batch_size}
+
+
 def add_info_routes(app: FastAPI, models: ServedModels) -> None:
     # Serializing a tokenizer takes tens of ms: once per model, not per poll.
     cache: dict[str, dict] = {}
@@ -35,7 +46,7 @@ def add_info_routes(app: FastAPI, models: ServedModels) -> None:
     async def info():
         return JSONResponse({"models": [
             {"id": name, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
-             "fingerprint": tokenizer_doc(name, engine)["fingerprint"]}
+             "fingerprint": tokenizer_doc(name, engine)["fingerprint"], "limits": limits(engine)}
             for name, engine in models.loaded.items()]})
 
     @app.get("/v1/tokenmill/tokenizer")

@@ -37,6 +37,10 @@ _ENGINE_METRICS = (
     (_COUNTER, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
      lambda s: s.prefix_cache_queries),
     (_COUNTER, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", lambda s: s.prefix_cache_hits),
+    # No vLLM name: vLLM counts nothing with caching off. This says what turning it on would save.
+    (_COUNTER, "tokenmill:prefix_cache_missed_hits",
+     "With prefix caching off: prompt tokens a recent request had already computed.",
+     lambda s: s.prefix_cache_missed_hits),
 )
 # Only for the engines that speculate.
 _SPEC_METRICS = (

@@ -67,9 +67,13 @@ def _errors(statuses: tuple[int, ...]) -> dict:
 
 
 _INT, _STR = {"type": "integer"}, {"type": "string"}
+_LIMITS = {"type": "object", "properties": {
+    "max_num_seqs": _INT, "max_num_batched_tokens": _INT, "num_kv_blocks": _INT, "enable_prefix_caching": {"type": "boolean"},
+    "speculative_method": {"anyOf": [_STR, {"type": "null"}]}, "num_speculative_tokens": _INT,
+    "speculative_disable_by_batch_size": _INT}}
 _INFO = {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": {
     "type": "object", "required": ["id", "block_size", "max_model_len", "fingerprint"],
-    "properties": {"id": _STR, "block_size": _INT, "max_model_len": _INT, "fingerprint": _STR}}}}}
+    "properties": {"id": _STR, "block_size": _INT, "max_model_len": _INT, "fingerprint": _STR, "limits": _LIMITS}}}}}
 _TOKENIZER = {"type": "object", "required": ["tokenizer_json", "eos_token_ids", "fingerprint"], "properties": {
     "tokenizer_json": _STR, "bos_token_id": {"anyOf": [_INT, {"type": "null"}]},
     "eos_token_ids": {"type": "array", "items": _INT}, "chat_template": {"anyOf": [_STR, {"type": "null"}]},
@@ -148,7 +152,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/reset_prefix_cache": {"post": {"200": _answer("whether every loaded model's cache was reset",
                                                     _json(PrefixCacheReset)), **_errors((401, 503))}},
     # What a router reads of this server (server/info.py).
-    "/v1/tokenmill/info": {"get": {"200": _answer("per model: block size, context, tokenizer fingerprint",
+    "/v1/tokenmill/info": {"get": {"200": _answer("per model: block size, context, tokenizer fingerprint, batch and cache limits",
                                                   {"application/json": {"schema": _INFO}}), **_errors((401,))}},
     "/v1/tokenmill/tokenizer": {"get": {"200": _answer("a model's tokenizer as the engine uses it",
                                                        {"application/json": {"schema": _TOKENIZER}}),
