@@ -31,7 +31,9 @@ def _wait(client, batch_id, until, timeout=180):
 def test_sigkill_mid_batch_then_restart_answers_each_custom_id_once(tmp_path):
     model = write_tiny_checkpoint(tmp_path / "tiny")
     data = tmp_path / "data"
-    args = ("--model", str(model), "--served-model-name", "tiny", "--data-dir", str(data))
+    # Four sequences at a time: the batch runs in waves, so the kill lands between its first
+    # results and its last.
+    args = ("--model", str(model), "--served-model-name", "tiny", "--data-dir", str(data), "--max-num-seqs", "4")
     lines = [json.dumps({"custom_id": f"row-{i}", "method": "POST", "url": "/v1/completions",
                          "body": {"prompt": f"row {i}", "max_tokens": 16, "ignore_eos": True}})
              for i in range(NUM_LINES)]
