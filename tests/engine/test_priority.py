@@ -94,8 +94,8 @@ def test_real_engine_admits_interactive_ahead_of_a_waiting_batch(tiny_models):
 
     _, loaded = tiny_models("llama")
     engine = build_engine(EngineConfig.from_flat(model="tiny", num_kv_blocks=128, max_num_seqs=2), loaded)
-    batch = SamplingParams(max_tokens=12, ignore_eos=True)
-    for i in range(10):
+    batch = SamplingParams(max_tokens=6, ignore_eos=True)
+    for i in range(6):
         engine.add_request(f"batch-{i}", [5, 6, 7, i + 8], batch, priority=10)
     engine.step()
     engine.step()
@@ -110,13 +110,13 @@ def test_real_engine_admits_interactive_ahead_of_a_waiting_batch(tiny_models):
                 first_token_step[out.request_id] = step
             if out.finished:
                 finished_order.append(out.request_id)
-                assert len(out.outputs[0].token_ids) == (4 if out.request_id == "chat" else 12)
+                assert len(out.outputs[0].token_ids) == (4 if out.request_id == "chat" else 6)
     # The chat request got its first token in the very next step, before any waiting batch
     # request started, and finished first.
     assert first_token_step["chat"] == 1
-    waiting_batch = [f"batch-{i}" for i in range(2, 10)]
+    waiting_batch = [f"batch-{i}" for i in range(2, 6)]
     assert all(first_token_step[r] > 1 for r in waiting_batch)
     assert finished_order[0] == "chat"
-    assert sorted(finished_order) == sorted(["chat"] + [f"batch-{i}" for i in range(10)])
+    assert sorted(finished_order) == sorted(["chat"] + [f"batch-{i}" for i in range(6)])
     assert engine.scheduler.num_preemptions >= 1  # a running batch request gave up its seat
     assert_pool_whole(engine)
