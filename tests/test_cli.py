@@ -64,7 +64,7 @@ def _engine_actions(command: str = "serve") -> dict[str, argparse.Action]:
 NO_FLAG: set[str] = set()
 
 
-@pytest.mark.parametrize("command", ["serve", "generate", "chat"])
+@pytest.mark.parametrize("command", ["serve", "generate", "chat", "run-batch"])
 def test_every_setting_has_a_flag_defaulting_to_the_dataclass(command):
     actions = _engine_actions(command)
     settings = EngineConfig.settings()

@@ -139,6 +139,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=parse_bytes, default=None, help="request body limit (default 4MiB)")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--data-dir", default=None,
+                   help="the Batch API's files and SQLite records (default: ~/.cache/tokenmill/batches, "
+                        "or $XDG_CACHE_HOME/tokenmill/batches)")
 
     g = sub.add_parser("generate", help="complete one prompt offline and print the text")
     g.add_argument("prompt")
@@ -149,6 +152,14 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     add_engine_arguments(c)
     add_sampling_arguments(c, max_tokens=256)
     c.add_argument("--system", default=None, help="system prompt")
+
+    rb = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL) offline; resumable")
+    add_engine_arguments(rb)
+    rb.add_argument("-i", "--input-file", required=True, help="batch input: one request per line (OpenAI format)")
+    rb.add_argument("-o", "--output-file", required=True, help="results (appended to: a rerun skips done custom_ids)")
+    rb.add_argument("--served-model-name", default=None, help="the model name lines may give (default: --model)")
+    rb.add_argument("--max-concurrency", type=int, default=128,
+                    help="lines in flight at once (more than --max-num-seqs keeps every slot busy)")
 
     r = sub.add_parser("router", help="one OpenAI endpoint over many replicas (tokenmill.router)")
     from tokenmill.router.run import add_router_arguments
@@ -200,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "run-batch":
+            return cmd_run_batch(args)
         if args.command == "router":
             from tokenmill.router.run import run_router
 
@@ -286,7 +299,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout, log_level=args.log_level, allowed_origins=origins,
         log_requests=args.log_requests, model_bytes=sizes, memory_budget=args.model_memory_budget,
         profile_dir=args.profile_dir,
+        data_dir=args.data_dir or default_data_dir(),
     )
+
+
+def default_data_dir() -> Path:
+    """Under the user's cache, not a tmp dir: batches must outlive a reboot to be resumable."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "tokenmill" / "batches"
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from tokenmill.build import build_async_engine
+    from tokenmill.server.run_batch import run_batch
+
+    engine = build_async_engine(engine_config(args))
+    return run_batch(engine, args.served_model_name or args.model, args.input_file, args.output_file,
+                     args.max_concurrency)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -106,10 +106,12 @@ def server(engine):
 
 
 @pytest.fixture(scope="session")
-def roomy_server(engine):
+def roomy_server(engine, tmp_path_factory):
     """The shared engine behind a second app whose body limit (1 MiB) lets 200 kB strings and
-    large schemas reach validation instead of the 413 at the door."""
-    live = LiveServer(create_app({MODEL: engine}, api_keys=[KEY], max_body_bytes=1024 * 1024))
+    large schemas reach validation instead of the 413 at the door; with a data directory, so
+    the fuzz tests reach the Batch API's routes too."""
+    live = LiveServer(create_app({MODEL: engine}, api_keys=[KEY], max_body_bytes=1024 * 1024,
+                                 data_dir=tmp_path_factory.mktemp("batch-data")))
     yield live
     live.stop()
 

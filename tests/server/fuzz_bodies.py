@@ -102,7 +102,7 @@ MUTATIONS = {
                                  SCHEMAS) | st.just({"type": "json_object"}) | JSON,
     "stream": st.booleans() | JSON, "stream_options": st.just({"include_usage": True}) | JSON,
     "model": ODD_TEXT | HUGE_TEXT, "user": HUGE_TEXT | JSON, "echo": st.booleans(), "suffix": ODD_TEXT,
-    "ignore_eos": st.booleans() | JSON, "skip_special_tokens": st.booleans() | JSON,
+    "ignore_eos": st.booleans() | JSON, "skip_special_tokens": st.booleans() | JSON, "priority": HUGE_INTS | NUMBERS,
     "tools": st.just([{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#"}}}]) | JSON,
     "tool_choice": st.sampled_from(["required", "auto", "none", "any"]) | JSON,
 }

@@ -48,7 +48,9 @@ def test_fuzz_raw_bytes(server, engine, raw):
 
 @pytest.fixture(scope="module")
 def api_schema(roomy_server):
-    served = httpx.get(roomy_server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    # Built on first request (about 2 s, longer on a loaded machine): more than httpx's default 5 s timeout.
+    served = httpx.get(roomy_server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=60).json()
     schema = schemathesis.openapi.from_dict(served)
     schema.config.update(base_url=roomy_server.url)
     schema.config.generation.update(max_examples=10, modes=[schemathesis.GenerationMode.POSITIVE,

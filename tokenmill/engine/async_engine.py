@@ -42,6 +42,7 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     arrival_time: float
+    priority: int = 0
 
 
 @dataclass
@@ -123,10 +124,12 @@ class AsyncEngine:
             self._thread = None
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, arrival_time: float | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, arrival_time: float | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs until the request finishes. Closing the generator early
-        (a client that went away) aborts the request and frees its KV blocks."""
+        (a client that went away) aborts the request and frees its KV blocks. `priority`: a
+        lower value is scheduled first (vLLM's convention; batch work runs high)."""
         self.start()
         self._check_alive()
         if request_id in self._streams:
@@ -143,7 +146,7 @@ class AsyncEngine:
             # After registering: a loop that dies from now on fails this stream, one that died
             # before is seen here (errored is set before the streams are failed).
             self._check_alive()
-            self._commands.put(_Add(request_id, prompt, params, arrival_time or time.monotonic()))
+            self._commands.put(_Add(request_id, prompt, params, arrival_time or time.monotonic(), priority))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -189,7 +192,8 @@ class AsyncEngine:
     def _handle(self, command) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
+                self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time,
+                                        command.priority)
             except Exception as exc:  # bad request: tell the caller, keep serving
                 self._deliver(command.request_id, exc)
             else:

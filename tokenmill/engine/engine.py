@@ -63,10 +63,12 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         """Never waits: a grammar still compiling holds its request outside the scheduler. A
-        grammar already known to be invalid is refused here (ValueError)."""
+        grammar already known to be invalid is refused here (ValueError). `priority`: a lower
+        value is scheduled first (vLLM's convention)."""
         if request_id in self.outputs.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self.core.num_waiting + params.n > self.config.scheduler.max_waiting_requests:
@@ -85,7 +87,7 @@ class Engine:
             grammar = self.grammars.submit(params.structured)
             if grammar.done():
                 grammar.result()  # raises ValueError naming what is wrong
-        children = [self._child(request_id, ids, params, max_tokens, j) for j in range(params.n)]
+        children = [self._child(request_id, ids, params, max_tokens, j, priority) for j in range(params.n)]
         for child in children:
             self.core.scheduler.check_admissible(child)
         self.outputs.add(
@@ -95,7 +97,9 @@ class Engine:
         for child in children:
             self.core.add_request(child, grammar)
 
-    def _child(self, request_id: str, ids: list[int], params: SamplingParams, max_tokens: int, j: int) -> Request:
+    def _child(
+        self, request_id: str, ids: list[int], params: SamplingParams, max_tokens: int, j: int, priority: int = 0
+    ) -> Request:
         """The j-th of n core requests sharing the prompt; each gets its own seed."""
         if params.n > 1:
             seed = None if params.seed is None else params.seed + j
@@ -105,6 +109,7 @@ class Engine:
         return Request(
             request_id=request_id, prompt_token_ids=ids, params=params, arrival_order=self._arrivals - 1,
             max_tokens=max_tokens, eos_token_ids=tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else (),
+            priority=priority,
         )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -40,6 +40,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not scheduled yet)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    priority: int = 0  # vLLM's convention: a lower value is served first
     # tokenmill.structured.GrammarMatcher when the output is constrained: the sampler masks
     # with it, the engine advances it with each accepted token.
     grammar: object | None = None
@@ -48,6 +49,11 @@ class Request:
     draft_len: int = 0
     spec_misses: int = 0  # consecutive verify steps that accepted nothing
     spec_pause: int = 0
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """The scheduling order: priority first, then arrival."""
+        return (self.priority, self.arrival_order)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,9 +1,15 @@
 """Continuous batching: which requests run this step and how many tokens each computes.
 
 One step, one batch: decode tokens and prefill chunks share a single token budget. Running
-requests go first (in arrival order), then waiting ones are admitted FCFS while budget,
-sequence slots and KV blocks last. Out of blocks, the running request that loses least work
-(fewest computed tokens) is preempted: its blocks are freed and it is recomputed later.
+requests go first, then waiting ones are admitted while budget, sequence slots and KV blocks
+last. Out of blocks, a running request is preempted: its blocks are freed and it is recomputed
+later.
+
+Priority (vLLM's convention: a lower value is served first, default 0): requests wait in
+(priority, arrival) order, running ones take the budget by priority, the preempted one is the
+lowest priority and, among equals, the one that loses least work (fewest computed tokens). A
+waiting request that finds no seat or no blocks displaces running requests of strictly lower
+priority, so batch work (a high value) only ever runs on what interactive work leaves.
 
 Speculative decoding: a decoding request may also reserve lookahead slots (budget and KV) for
 drafts; the engine's proposer fills them after scheduling and update() commits the accepted
@@ -124,7 +130,15 @@ class Scheduler:
         self.check_admissible(request)
         request.draft_len = self.num_speculative_tokens
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        """Into the waiting queue by rank (priority, arrival): a preempted request resumes
+        before later arrivals of its priority."""
+        if not self.waiting or self.waiting[-1].rank <= request.rank:
+            self.waiting.append(request)  # the common case, without the O(n) search
+        else:
+            self.waiting.insert(bisect.bisect_right([r.rank for r in self.waiting], request.rank), request)
 
     @property
     def num_running(self) -> int:
@@ -146,7 +160,7 @@ class Scheduler:
         admitted: set[Request] = set()
         speculate = self.num_speculative_tokens > 0 and len(self.running) <= self.speculative_disable_by_batch_size
 
-        for request in list(self.running):
+        for request in sorted(self.running, key=lambda r: r.priority):  # stable: admission order among equals
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
@@ -164,24 +178,32 @@ class Scheduler:
                 scheduled[request] = (num_new, 0)
                 budget -= num_new
 
-        # Admitting new work right after preempting would only thrash.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+        # Admitting new work right after preempting for memory would only thrash.
+        thrashing = bool(preempted)
+        displaced: list[Request] = []
+        while self.waiting and budget > 0 and not thrashing:
             request = self.waiting[0]
-            computed_blocks, num_hit = self.kv.get_computed_blocks(request)
-            request.num_computed_tokens = num_hit
-            num_new = min(request.num_tokens_to_compute, budget)
-            if not self.kv.allocate_slots(request, num_new, computed_blocks):
+            if displaced and request.priority >= min(r.priority for r in displaced):
+                break  # what was just displaced (or its equal) waits for a later step
+            if len(self.running) < self.max_num_seqs:
+                computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+                request.num_computed_tokens = num_hit
+                num_new = min(request.num_tokens_to_compute, budget)
+                if self.kv.allocate_slots(request, num_new, computed_blocks):
+                    self._admit(request, num_hit)
+                    admitted.add(request)
+                    scheduled[request] = (num_new, 0)
+                    budget -= num_new
+                    continue
                 request.num_computed_tokens = 0
+            victim = self._pick_victim(below=request.priority)
+            if victim is None:
                 break
-            self.waiting.popleft()
-            self.kv.record_lookup(request, num_hit)
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            admitted.add(request)
-            scheduled[request] = (num_new, 0)
-            budget -= num_new
+            self._preempt(victim)
+            preempted.append(victim)
+            displaced.append(victim)
+            if victim in scheduled:
+                budget += sum(scheduled.pop(victim))
 
         # Drafts last, from what is left: they never cost anyone a preemption or an admission.
         if speculate:
@@ -201,9 +223,22 @@ class Scheduler:
             return 0
         return max(0, min(request.draft_len, budget, request.max_total_tokens - request.num_tokens - 1))
 
-    def _pick_victim(self) -> Request:
-        # Least work lost: fewest computed tokens; among equals the latest arrival.
-        return min(self.running, key=lambda r: (r.num_computed_tokens, -r.arrival_order))
+    def _admit(self, request: Request, num_hit: int) -> None:
+        self.waiting.popleft()
+        self.kv.record_lookup(request, num_hit)
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _pick_victim(self, below: int | None = None) -> Request | None:
+        """The lowest priority running request; among equals the one that loses least work
+        (fewest computed tokens), then the latest arrival. With `below`, only a request of
+        strictly lower priority than that (a higher value), or None."""
+        candidates = [r for r in self.running if below is None or r.priority > below]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (-r.priority, r.num_computed_tokens, -r.arrival_order))
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -212,9 +247,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        # Back into the queue in arrival order, so it resumes before later arrivals.
-        index = bisect.bisect_left([r.arrival_order for r in self.waiting], request.arrival_order)
-        self.waiting.insert(index, request)
+        self._enqueue(request)
 
     # -- after the forward pass ----------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:

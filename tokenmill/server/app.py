@@ -8,6 +8,7 @@ and that model's requests answer 503.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -38,13 +39,16 @@ def create_app(
     log_requests: bool = False,
     repository: Repository | None = None,
     profile_dir: str | None = None,
+    data_dir: Path | None = None,
 ) -> FastAPI:
     """`engines`: model name -> AsyncEngine, or None for one still loading (attach_engine()
     later). Requests are routed by their `model` field. `allowed_origins`: the browser origins
     CORS lets in (none by default: no CORS headers at all). `log_requests`: log prompts and
     completions (off by default: they are user data). `repository`: how to load each model
     again, enabling /v2/repository load and unload (off without it). `profile_dir`: where
-    /start_profile and /stop_profile write torch profiler traces (off without it)."""
+    /start_profile and /stop_profile write torch profiler traces (off without it). `data_dir`:
+    where the Batch API keeps its files and SQLite records (no /v1/files nor /v1/batches
+    without one)."""
     state = ServerState(api_keys=[k.encode() for k in api_keys if k], max_body_bytes=max_body_bytes)
     models = ServedModels(list(engines))
     app = FastAPI(title="tokenmill", docs_url=None, redoc_url=None)
@@ -107,6 +111,12 @@ def create_app(
     add_info_routes(app, models)  # for tokenmill router's prefix prediction
     add_repository_routes(app, models, repository)
     add_profile_routes(app, models, profile_dir)
+
+    if data_dir is not None:
+        from tokenmill.server.batches import add_batch_routes, start_batches
+
+        app.state.batches = start_batches(models, Path(data_dir))
+        add_batch_routes(app, app.state.batches)
 
     for name, engine in engines.items():
         if engine is not None:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tokenmill.server.protocol import ErrorInfo, ErrorResponse
 
@@ -45,13 +46,18 @@ class APIError(Exception):
         self.type = type  # where OpenAI's differs from the status's usual one (model_not_found)
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None,
+               type: str | None = None) -> dict:
+    """The JSON an error answers with (also a failed batch line's response body)."""
+    error = ErrorInfo(message=message, type=type or _TYPES.get(status, "error"), param=param, code=code)
+    return ErrorResponse(error=error).model_dump()
+
+
 def error_response(
     status: int, message: str, param: str | None = None, code: str | int | None = None,
     headers: dict[str, str] | None = None, type: str | None = None,
 ) -> JSONResponse:
-    error = ErrorInfo(message=message, type=type or _TYPES.get(status, "error"), param=param, code=code)
-    body = ErrorResponse(error=error)
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code, type), status_code=status, headers=headers)
 
 
 _SCALAR_LABELS = {"str", "int", "float", "bool", "none", "dict", "list", "[key]"}
@@ -163,6 +169,16 @@ def validation_error(errors: list[dict]) -> tuple[str, str | None, str]:
     return f"Invalid '{param}': {first.get('msg', 'invalid value')}.", param, code
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path: Starlette's 405 names only the first
+    route's, and a path with one route per method (GET and POST /v1/files) has several."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -174,11 +190,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param, code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404:
             message = "not found: no such route"
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return error_response(exc.status_code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -23,6 +23,7 @@ class ServerState:
 
     api_keys: list[bytes] = field(default_factory=list)
     max_body_bytes: int = 4 * 1024 * 1024
+    max_upload_bytes: int = 200 * 1024 * 1024  # /v1/files: a batch file (OpenAI's limit is 200 MB)
     draining: bool = False
     in_flight: int = 0  # requests on ENGINE_PATHS still being answered (streams included)
 
@@ -56,7 +57,7 @@ class Guard:
         engine_path = path in ENGINE_PATHS
         if engine_path and self.state.draining:
             return await error_response(503, "server is shutting down", code="draining")(scope, receive, send)
-        limit = self.state.max_body_bytes
+        limit = self.state.max_upload_bytes if path == "/v1/files" else self.state.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await self._too_large(scope, receive, send)
@@ -91,6 +92,7 @@ class Guard:
             self.state.in_flight -= 1
 
     async def _too_large(self, scope, receive, send) -> None:
+        limit = self.state.max_upload_bytes if scope["path"] == "/v1/files" else self.state.max_body_bytes
         await error_response(
-            413, f"request body exceeds the limit of {self.state.max_body_bytes} bytes", code="body_too_large"
+            413, f"request body exceeds the limit of {limit} bytes", code="body_too_large"
         )(scope, receive, send)

@@ -91,6 +91,65 @@ _REPO_INDEX = {"type": "array", "items": {"type": "object", "required": ["name",
 _REPO_ANSWER = {"type": "object", "required": ["name", "state"], "properties": {"name": _STR, "state": _REPO_STATE}}
 _REPO_ERRORS = (400, 401, 404, 409)
 
+# The Batch API (server/batches.py): OpenAI's file and batch objects.
+_NULL = {"type": "null"}
+_TIME = {"anyOf": [_INT, _NULL]}
+_FILE = {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose"], "properties": {
+    "id": _STR, "object": {"const": "file"}, "bytes": _INT, "created_at": _INT, "filename": _STR,
+    "purpose": {"enum": ["batch", "batch_output"]}, "status": _STR}}
+_LINE_ERROR = {"type": "object", "required": ["code", "message"], "properties": {
+    "code": _STR, "message": _STR, "param": {"anyOf": [_STR, _NULL]}, "line": _TIME}}
+_BATCH = {"type": "object", "required": ["id", "object", "endpoint", "input_file_id", "status", "request_counts"],
+          "properties": {
+    "id": _STR, "object": {"const": "batch"}, "endpoint": _STR, "input_file_id": _STR, "completion_window": _STR,
+    "status": {"enum": ["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                        "cancelled"]},
+    "errors": {"anyOf": [_NULL, {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"const": "list"}, "data": {"type": "array", "items": _LINE_ERROR}}}]},
+    "output_file_id": {"anyOf": [_STR, _NULL]}, "error_file_id": {"anyOf": [_STR, _NULL]},
+    **{f"{t}_at": _TIME for t in ("created", "in_progress", "expires", "finalizing", "completed", "failed",
+                                  "expired", "cancelling", "cancelled")},
+    "request_counts": {"type": "object", "required": ["total", "completed", "failed"],
+                       "properties": {"total": _INT, "completed": _INT, "failed": _INT}},
+    "metadata": {"anyOf": [_NULL, {"type": "object", "additionalProperties": _STR}]}}}
+
+
+def _list_of(item: dict, **extra) -> dict:
+    return {"application/json": {"schema": {"type": "object", "required": ["object", "data", "has_more"],
+                                            "properties": {"object": {"const": "list"}, "data": {
+                                                "type": "array", "items": item}, "has_more": {"type": "boolean"},
+                                                **extra}}}}
+
+
+def _one(schema: dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+_DELETED = {"type": "object", "required": ["id", "object", "deleted"],
+            "properties": {"id": _STR, "object": {"const": "file"}, "deleted": {"type": "boolean"}}}
+_ID_OR_NULL = {"anyOf": [_STR, _NULL]}
+BATCH_ROUTES: dict[str, dict[str, dict[str, Any]]] = {
+    "/v1/files": {
+        "post": {"200": _answer("the stored file (purpose batch: one request per line)", _one(_FILE)),
+                 **_errors((400, 401, 413))},
+        "get": {"200": _answer("the stored files, newest first", _list_of(_FILE)), **_errors((400, 401))}},
+    "/v1/files/{file_id}": {
+        "get": {"200": _answer("the file's record", _one(_FILE)), **_errors((401, 404))},
+        "delete": {"200": _answer("the file is gone", _one(_DELETED)), **_errors((401, 404))}},
+    "/v1/files/{file_id}/content": {
+        "get": {"200": _answer("the file's bytes (JSON lines)",
+                               {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}),
+                **_errors((401, 404))}},
+    "/v1/batches": {
+        "post": {"200": _answer("the new batch (status validating)", _one(_BATCH)), **_errors((400, 401, 404, 413))},
+        "get": {"200": _answer("batches, newest first; `after` pages on",
+                               _list_of(_BATCH, first_id=_ID_OR_NULL, last_id=_ID_OR_NULL)), **_errors((400, 401))}},
+    "/v1/batches/{batch_id}": {"get": {"200": _answer("the batch", _one(_BATCH)), **_errors((401, 404))}},
+    "/v1/batches/{batch_id}/cancel": {
+        "post": {"200": _answer("the batch (cancelling, or as it was if already ended)", _one(_BATCH)),
+                 **_errors((401, 404))}},
+}
+
 # path -> method -> status -> answer. Every status a route can send is listed.
 ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/v1/completions": {"post": {"200": _generation(CompletionResponse, CompletionResponse),
@@ -129,6 +188,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/v1/tokenmill/tokenizer": {"get": {"200": _answer("a model's tokenizer as the engine uses it",
                                                        {"application/json": {"schema": _TOKENIZER}}),
                                         **_errors((400, 401, 404))}},
+    **BATCH_ROUTES,  # served only with a data directory
 }
 _OPEN = ("/health",)  # reachable without a key (guard.OPEN_PATHS)
 _DESCRIBED = (CompletionResponse, ChatCompletionResponse, ChatCompletionChunk, EmbeddingResponse, ErrorResponse,
@@ -146,6 +206,8 @@ def exact_openapi(app: FastAPI) -> dict:
     components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer",
                                                 "description": "needed when the server was given API keys"}}
     for path, methods in ROUTES.items():
+        if path not in schema["paths"]:
+            continue  # a route this app does not serve (the Batch API without a data directory)
         for method, answers in methods.items():
             op = schema["paths"][path][method]
             op["responses"] = answers

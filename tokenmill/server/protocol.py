@@ -79,6 +79,8 @@ class _SamplingFields(_Request):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Scheduling order (vLLM's): a lower value is served first; batch work runs at a high one.
+    priority: Int64 = 0
     # structured output: OpenAI's response_format, and vLLM's guided_* extras
     response_format: ResponseFormat | None = None
     guided_json: dict | Annotated[str, Field(max_length=MAX_CONSTRAINT_CHARS)] | None = None
@@ -481,3 +483,15 @@ class HealthStatus(BaseModel):
 
 class PrefixCacheReset(BaseModel):
     reset: bool
+
+
+# -- the Batch API (tokenmill.server.batches) ---------------------------------------------
+
+
+class BatchCreateRequest(_Request):
+    input_file_id: Annotated[str, Field(min_length=1, max_length=128)]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    completion_window: Literal["24h"] = "24h"
+    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None

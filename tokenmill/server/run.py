@@ -70,7 +70,7 @@ def serve(
     api_keys: list[str] = (), max_body_bytes: int | None = None, drain_timeout: float = 30.0,
     log_level: str = "info", allowed_origins: list[str] = (), log_requests: bool = False,
     model_bytes: Mapping[str, int] | None = None, memory_budget: int | None = None,
-    profile_dir: str | None = None,
+    profile_dir: str | None = None, data_dir=None,
 ) -> int:
     """Start answering at once (503 for each model until its loader, run on a thread, has
     built its engine), serve until drained or stopped, and return the process exit status.
@@ -80,7 +80,8 @@ def serve(
     kwargs = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     repository = Repository(loaders, dict(model_bytes or {}), memory_budget)
     app = create_app(dict.fromkeys(loaders), api_keys=api_keys, allowed_origins=allowed_origins,
-                     log_requests=log_requests, repository=repository, profile_dir=profile_dir, **kwargs)
+                     log_requests=log_requests, repository=repository, profile_dir=profile_dir,
+                     data_dir=data_dir, **kwargs)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain_timeout)

@@ -221,9 +221,10 @@ class Serving:
         return ChatLogprobs(content=content)
 
     # -- running -------------------------------------------------------------------------
-    async def _run(self, http: Request, prompts: list[list[int]], params: SamplingParams, prefix: str) -> Started:
+    async def _run(self, http: Request, prompts: list[list[int]], params: SamplingParams, prefix: str,
+                   priority: int) -> Started:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
-        started = await until_disconnect(http, start_requests(self.engine, prompts, params, request_id))
+        started = await until_disconnect(http, start_requests(self.engine, prompts, params, request_id, priority))
         self.active.update(first.request_id for _, first in started)
         return started
 
@@ -284,7 +285,7 @@ class Serving:
         prompts, prompt_texts = await asyncio.to_thread(self.completion_prompts, req)
         max_tokens = self.check_length(prompts, req.max_tokens, "max_tokens")
         params = await self.constrained(req, self.sampling_params(req, max_tokens, req.logprobs))
-        started = await self._run(http, prompts, params, "cmpl")
+        started = await self._run(http, prompts, params, "cmpl", req.priority)
         base = started[0][1].request_id.rsplit("-", 1)[0]
         echo = [""] * len(prompts)
         if req.echo:
@@ -382,7 +383,7 @@ class Serving:
         max_tokens = self.check_length([prompt], wanted, param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = await self.constrained(req, self.sampling_params(req, max_tokens, logprobs), tools)
-        started = await self._run(http, [prompt], params, "chatcmpl")
+        started = await self._run(http, [prompt], params, "chatcmpl", req.priority)
         base = started[0][1].request_id.rsplit("-", 1)[0]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -31,10 +31,12 @@ class ClientGone(Exception):
 Started = list[tuple[AsyncGenerator[RequestOutput, None], RequestOutput]]
 
 
-async def start_requests(engine, prompts: list[list[int]], params: SamplingParams, base_id: str) -> Started:
+async def start_requests(
+    engine, prompts: list[list[int]], params: SamplingParams, base_id: str, priority: int = 0
+) -> Started:
     """Submit every prompt at once (they prefill in the same steps) and wait for each one's
     first output. On any failure all of them are aborted and the error is mapped to HTTP."""
-    gens = [engine.generate(ids, params, f"{base_id}-{i}") for i, ids in enumerate(prompts)]
+    gens = [engine.generate(ids, params, f"{base_id}-{i}", priority=priority) for i, ids in enumerate(prompts)]
     firsts = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
     failure = next((r for r in firsts if isinstance(r, BaseException)), None)
     if failure is None:
