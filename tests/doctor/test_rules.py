@@ -181,3 +181,17 @@ def test_trace_summary_measures_within_the_step_ranges():
     assert t.gpu_busy_share == (80 + 70) / 200
     assert {f.rule for f in rules.trace_findings(t)} == {"step_time"}  # 75% busy: not host-bound
     assert summarize({"traceEvents": []}).steps == 0 and rules.trace_findings(summarize({"traceEvents": []})) == []
+
+
+def test_every_flag_a_rule_suggests_exists():
+    """A fix names flags; a renamed flag must fail here, not mislead an operator."""
+    import re
+    from pathlib import Path
+
+    from tokenmill.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    known = {opt for name in ("serve", "router") for a in commands[name]._actions for opt in a.option_strings}
+    suggested = set(re.findall(r"--[a-z][a-z-]+", Path(rules.__file__).read_text()))
+    assert suggested and suggested <= known, suggested - known

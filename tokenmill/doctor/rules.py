@@ -94,7 +94,7 @@ def kv_pool_too_small(w: ModelWindow) -> Finding | None:
         f"KV usage reached {w.max_kv_usage:.0%}; {preemptions:.0f} preemptions in {w.seconds:.0f} s "
         f"(each recomputes a request's prompt and output so far); requests waited with free batch slots in "
         f"{starved:.0%} of the window",
-        "more KV memory (--kv-cache-memory-gb on CPU, --gpu-memory-utilization on GPU"
+        "more KV memory (--kv-cache-memory on CPU, --gpu-memory-utilization on GPU"
         + (f"; the pool has {blocks} blocks" if blocks else "") + "), or a lower --max-model-len, or more "
         "replicas / tensor parallelism; a quantized KV cache halves its bytes per token",
         {"max_kv_usage": _r(w.max_kv_usage), "preemptions": preemptions,
