@@ -27,7 +27,7 @@ def markdown(findings: list[Finding], windows: list[ModelWindow], seconds: float
         lines += ["No findings: nothing queues, nothing is preempted, nothing idles beyond what the rules flag.", ""]
     for i, f in enumerate(findings, 1):
         lines += [f"## {i}. [{ICON[f.severity]}] {f.title}", "", f"*Where*: {f.where}  ", f"*Rule*: `{f.rule}`", "",
-                  f"**Cause.** {f.cause}.", "", f"**Change.** `{f.fix}`" if f.fix.startswith("--") else f"**Change.** {f.fix}",
+                  f"**Cause.** {f.cause[:1].upper()}{f.cause[1:]}.", "", f"**Change.** `{f.fix}`" if f.fix.startswith("--") else f"**Change.** {f.fix}",
                   "", "Evidence: `" + json.dumps(f.evidence, default=str) + "`", ""]
     if picture:
         lines += [f"![the window]({picture})", ""]
