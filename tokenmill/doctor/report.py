@@ -28,10 +28,20 @@ def markdown(findings: list[Finding], windows: list[ModelWindow], seconds: float
     for i, f in enumerate(findings, 1):
         lines += [f"## {i}. [{ICON[f.severity]}] {f.title}", "", f"*Where*: {f.where}  ", f"*Rule*: `{f.rule}`", "",
                   f"**Cause.** {f.cause[:1].upper()}{f.cause[1:]}.", "", f"**Change.** `{f.fix}`" if f.fix.startswith("--") else f"**Change.** {f.fix}",
-                  "", "Evidence: `" + json.dumps(f.evidence, default=str) + "`", ""]
+                  ""] + _predicted(f) + ["Evidence: `" + json.dumps(f.evidence, default=str) + "`", ""]
     if picture:
         lines += [f"![the window]({picture})", ""]
     return "\n".join(lines)
+
+
+def _predicted(f: Finding) -> list[str]:
+    p = f.evidence.get("predicted")
+    if not p:
+        return []
+    b, a = p["before"], p["after"]
+    return [f"**Predicted** (`{p['by']}` on this window's workload): TTFT p50 {b['ttft_p50_ms']} -> "
+            f"{a['ttft_p50_ms']} ms, TPOT p50 {b['tpot_p50_ms']} -> {a['tpot_p50_ms']} ms, output "
+            f"{b['output_tok_s']} -> {a['output_tok_s']} tok/s.", ""]
 
 
 def print_terminal(findings: list[Finding], windows: list[ModelWindow], seconds: float) -> None:
@@ -48,7 +58,8 @@ def print_terminal(findings: list[Finding], windows: list[ModelWindow], seconds:
         table.add_column(col)
     style = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
     for i, f in enumerate(findings, 1):
-        table.add_row(str(i), f"[{style[f.severity]}]{f.severity}[/]", f"{f.title}\n({f.where})", f.cause, f.fix)
+        change = f.fix + "".join("\n" + line for line in _predicted(f) if line)
+        table.add_row(str(i), f"[{style[f.severity]}]{f.severity}[/]", f"{f.title}\n({f.where})", f.cause, change)
     console.print(table)
 
 
