@@ -43,15 +43,18 @@ def prometheus_over(tmp_path):
              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
+        # Ready, and the target scraped: Prometheus hands new targets to its scrapers a few
+        # seconds after start (its discovery updates are throttled), so "ready" is not enough.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
+                up = httpx.get(url + "/api/v1/query", params={"query": 'up{job="tokenmill"}'}, timeout=1).json()
+                if up["data"]["result"] and up["data"]["result"][0]["value"][1] == "1":
                     return url
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
-        raise RuntimeError("prometheus did not become ready")
+        raise RuntimeError("prometheus did not scrape the server")
 
     yield start
     for proc in procs:
