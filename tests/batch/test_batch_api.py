@@ -8,6 +8,7 @@ import time
 import openai
 import pytest
 
+from tests.server.checks import assert_openai_error
 from tests.server.conftest import KEY, MODEL, LiveServer, make_engine, wait_pool_whole
 from tokenmill.server.app import create_app
 
@@ -153,3 +154,14 @@ def test_priority_field_is_accepted_and_validated(batch_server):
             r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "priority": bad})
             assert r.status_code == 400 and r.json()["error"]["param"] == "priority", (bad, r.text)
     wait_pool_whole(engine)
+
+
+def test_list_routes_refuse_a_query_parameter_given_twice(batch_server):
+    """Found by schemathesis: FastAPI keeps the last of repeated values, so ?purpose=a&purpose=b
+    listed files as if only b had been asked; the schema says one value."""
+    live, _ = batch_server
+    http = live.http()
+    assert_openai_error(http.get("/v1/files", params=[("purpose", "batch"), ("purpose", "\x04")]), 400, "purpose")
+    assert_openai_error(http.get("/v1/batches", params=[("limit", "1"), ("limit", "2")]), 400, "limit")
+    assert http.get("/v1/files", params={"purpose": "batch"}).status_code == 200
+    assert http.get("/v1/batches", params={"limit": "2"}).status_code == 200

@@ -28,11 +28,17 @@ def start_batches(models: ServedModels, data_dir: Path) -> BatchService:
 
 
 def _only(http: Request, *names: str) -> None:
-    """Refuse query parameters a route does not take, as the schema says (no silent ignoring)."""
+    """Refuse query parameters a route does not take, or takes once but got several of, as the
+    schema says (no silent ignoring)."""
     unknown = next((k for k in http.query_params if k not in names), None)
     if unknown is not None:
         raise APIError(400, f"unknown query parameter {unknown[:80]!r}; this route takes {list(names)}",
                        param=unknown[:80], code="unknown_parameter")
+    # Each takes one value; given twice, FastAPI would quietly keep the last (schemathesis).
+    repeated = next((k for k in names if len(http.query_params.getlist(k)) > 1), None)
+    if repeated is not None:
+        raise APIError(400, f"query parameter {repeated!r} given more than once", param=repeated,
+                       code="invalid_value")
 
 
 def add_batch_routes(app: FastAPI, service: BatchService) -> None:
