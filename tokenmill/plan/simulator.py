@@ -29,12 +29,15 @@ from tokenmill.bench.metrics import BenchmarkMetrics, compute_metrics
 from tokenmill.bench.records import RequestRecord
 from tokenmill.config import EngineConfig
 from tokenmill.engine.request import Request
-from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.plan.cost import shape_of_chunks
-from tokenmill.plan.kv import simulated_scheduler
 from tokenmill.plan.workload import TraceRequest, prompt_ids
 from tokenmill.router.policy import Policy, PolicyConfig, ReplicaView
 from tokenmill.sampling import SamplingParams
+
+# How a replica's scheduler is built: the engine core's own way (a seam for tests that compare
+# against another KV manager).
+simulated_scheduler = Scheduler.from_config
 
 # At one instant: arrivals first, then freed client slots, step ends, and last an idle
 # replica waking to step, so requests sent at the same time share its first step.
