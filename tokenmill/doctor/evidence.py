@@ -95,10 +95,6 @@ def _sum(scrape: Scrape, name: str, model: str, **match: str) -> float:
                if n == name and _model_of(labels) == model and all(dict(labels).get(k) == x for k, x in match.items()))
 
 
-def _gauge(scrape: Scrape, name: str, model: str) -> float:
-    return _sum(scrape, name, model)
-
-
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
     """Prometheus's rule: the bucket where the q-th observation falls, linear inside it.
     `buckets`: (upper bound, cumulative count), ascending, ending with +Inf."""
@@ -144,9 +140,9 @@ def windows(recording: Recording) -> list[ModelWindow]:
             w = ModelWindow(
                 replica=replica.url, model=model, seconds=last.at - first.at,
                 times=[s.at for s in replica.scrapes],
-                running=[_gauge(s, "vllm:num_requests_running", model) for s in replica.scrapes],
-                waiting=[_gauge(s, "vllm:num_requests_waiting", model) for s in replica.scrapes],
-                kv_usage=[_gauge(s, "vllm:kv_cache_usage_perc", model) for s in replica.scrapes],
+                running=[_sum(s, "vllm:num_requests_running", model) for s in replica.scrapes],
+                waiting=[_sum(s, "vllm:num_requests_waiting", model) for s in replica.scrapes],
+                kv_usage=[_sum(s, "vllm:kv_cache_usage_perc", model) for s in replica.scrapes],
                 deltas={c: _sum(last, c + "_total", model) - _sum(first, c + "_total", model) for c in COUNTERS},
                 limits=replica.limits.get(model, {}),
             )
