@@ -124,26 +124,36 @@ class CostModel:
 
     def features(self, seqs: list[SeqShape]) -> tuple[float, float, float, int, int]:
         """(prefill FLOPs, decode FLOPs, bytes moved, sequences, tokens): what the time depends
-        on, before any efficiency is applied (calibrate fits the efficiencies on these)."""
-        flops_prefill = flops_decode = 0.0
-        kv_read = tokens = 0
+        on, before any efficiency is applied (calibrate fits the efficiencies on these).
+
+        The sums are of integers (rows, attention pairs), scaled once at the end: a float sum
+        would depend on the order of the sequences, and decode_step_seconds must give the same
+        seconds, to the bit, as this pass over the same decode batch."""
+        body_p = attn_p = body_d = attn_d = head_rows = kv_read = tokens = 0
         for s in seqs:
             n = s.num_tokens
-            attn = self._attn_flops * (n * s.start + n * (n + 1) // 2)
-            # Verify rows (decode with drafts) need logits on every row; a prefill chunk on its last.
-            head_rows = (n if not s.prompt else 1) if s.samples else 0
+            attn = n * s.start + n * (n + 1) // 2
             if s.prompt:
-                flops_prefill += self._body_flops * n + attn + self._head_flops * head_rows
+                body_p += n
+                attn_p += attn
+                head_rows += 1 if s.samples else 0  # a prefill chunk needs logits on its last row
             else:
-                flops_decode += self._body_flops * n + attn
-                flops_prefill += self._head_flops * head_rows  # the LM head runs dense either way
+                body_d += n
+                attn_d += attn
+                head_rows += n if s.samples else 0  # verify rows (decode with drafts): on every row
             kv_read += s.start
             tokens += n
-        nbytes = self.weight_bytes_read(tokens) + (kv_read + tokens) * self._kv_token_bytes
-        return flops_prefill, flops_decode, nbytes, len(seqs), tokens
+        return self._features(body_p, attn_p, body_d, attn_d, head_rows, kv_read, tokens, len(seqs))
 
-    def cost(self, seqs: list[SeqShape]) -> StepCost:
-        flops_prefill, flops_decode, nbytes, num_seqs, tokens = self.features(seqs)
+    def _features(self, body_p: int, attn_p: int, body_d: int, attn_d: int, head_rows: int, kv_read: int,
+                  tokens: int, num_seqs: int) -> tuple[float, float, float, int, int]:
+        # The LM head runs dense either way: its FLOPs count as prefill.
+        flops_prefill = self._body_flops * body_p + self._attn_flops * attn_p + self._head_flops * head_rows
+        flops_decode = self._body_flops * body_d + self._attn_flops * attn_d
+        nbytes = self.weight_bytes_read(tokens) + (kv_read + tokens) * self._kv_token_bytes
+        return flops_prefill, flops_decode, nbytes, num_seqs, tokens
+
+    def _cost(self, flops_prefill: float, flops_decode: float, nbytes: float, num_seqs: int, tokens: int) -> StepCost:
         compute = flops_prefill * self._sec_per_flop_prefill + flops_decode * self._sec_per_flop_decode
         memory = nbytes * self._sec_per_byte
         comm = 0.0
@@ -153,8 +163,18 @@ class CostModel:
         overhead = self.profile.step_overhead_s + self.profile.per_seq_s * num_seqs
         return StepCost(compute, memory, comm, overhead)
 
+    def cost(self, seqs: list[SeqShape]) -> StepCost:
+        return self._cost(*self.features(seqs))
+
     def step_seconds(self, seqs: list[SeqShape]) -> float:
         return self.cost(seqs).seconds
+
+    def decode_step_seconds(self, num_seqs: int, sum_start: int) -> float:
+        """step_seconds of num_seqs decode rows (one token each, all sampling) whose starts sum
+        to sum_start, without building the rows: the simulator's fast-forward prices a run of
+        steady decode steps with it. Equal to the bit to step_seconds on the same rows."""
+        return self._cost(*self._features(0, 0, num_seqs, sum_start + num_seqs, num_seqs, sum_start, num_seqs,
+                                          num_seqs)).seconds
 
 
 class ConstantCost:
@@ -165,4 +185,7 @@ class ConstantCost:
         self.seconds = seconds
 
     def step_seconds(self, seqs: list[SeqShape]) -> float:
+        return self.seconds
+
+    def decode_step_seconds(self, num_seqs: int, sum_start: int) -> float:
         return self.seconds

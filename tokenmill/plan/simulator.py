@@ -15,10 +15,27 @@ Clients: open loop (each request at its arrival time), optionally limited to max
 in flight (a request waits for a free slot, as `tokenmill bench --max-concurrency` does), and
 with think_time_s a slot rests that long (exponential, mean think_time_s) after a response
 before sending its next request: a closed loop of users.
+
+Fast-forward (exact): most steps of a busy replica are steady decode: nobody waiting, every
+running request one token from its next, no request's last token due. Such a run of steps
+changes nothing that the scheduler would decide differently, so the simulator does not call
+schedule()/update() for each: it prices the run with the cost model (decode_step_seconds, one
+call per step, no rows built), posts one event at its end, and then applies the run to the
+requests and the KV pool in bulk: the same fake tokens, the same block allocations and prefix
+keys, in the same order (step by step, requests in the scheduler's order) as the step-by-step
+path, so the pool's free queue and evictions are identical. A run ends early at the step in
+progress when a request is routed to that replica (the next schedule() must see it), and
+routing reads each replica's state as of that instant (KV usage from the run's allocation
+counts; with the prefix policy the run is applied up to that instant first). Per-request token
+times, steps, preemptions and prefix hits equal the step-by-step simulation's
+(tests/plan/test_fast_forward.py); `fast_forward=False` runs every step through the scheduler.
+Timeline points are taken on a fixed grid of virtual time, so both paths sample the same
+instants.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -39,9 +56,15 @@ from tokenmill.sampling import SamplingParams
 # against another KV manager).
 simulated_scheduler = Scheduler.from_config
 
-# At one instant: arrivals first, then freed client slots, step ends, and last an idle
-# replica waking to step, so requests sent at the same time share its first step.
-_ARRIVE, _SLOT_FREE, _STEP_END, _WAKE = 0, 1, 2, 3
+# At one instant: arrivals first, then freed client slots, step ends, an idle replica waking
+# to step (so requests sent at the same time share its first step), and last a timeline
+# sample, which sees the instant settled.
+_ARRIVE, _SLOT_FREE, _STEP_END, _WAKE, _SAMPLE = 0, 1, 2, 3, 4
+
+# Fast-forward runs: at least this many steps (a shorter one is not worth its set-up), priced
+# in chunks that grow from the first (a run is often cut short by an arrival, so pricing all
+# its steps up front would be wasted), and never longer than the last (bounds its lists).
+_MIN_RUN, _FIRST_CHUNK, _MAX_RUN = 2, 8, 4096
 
 
 @dataclass
@@ -68,10 +91,53 @@ class Replica:
         self.current: SchedulerOutput | None = None
         self.num_steps = 0
         self.busy_seconds = 0.0
+        self.run: _Run | None = None  # a fast-forward run in progress
+        self.generation = 0  # bumped when a run's end moves: an older step-end event is stale
 
-    @property
-    def kv_usage(self) -> float:
-        return self.scheduler.kv.pool.usage
+    def kv_usage(self, now: float, settled: bool = False) -> float:
+        """KV usage at `now`; settled: after every event at `now` (else before its step ends)."""
+        pool = self.scheduler.kv.pool
+        if self.run is None:
+            return pool.usage
+        return (self.run.used0 + self.run.allocated_by(now, settled)) / pool.num_blocks
+
+
+class _Run:
+    """A run of steady decode steps on one replica (see Fast-forward above).
+
+    Step j schedules one token for every request (in the scheduler's order) and ends at
+    ends[j]: its requests then hold num_tokens0 + j + 1 tokens. Schedule j allocates a block
+    for each request whose (num_tokens0 - 1) % block_size == -j % block_size, and keys one
+    full block for each whose num_tokens0 % block_size == -j % block_size.
+    """
+
+    def __init__(self, requests: list[Request], start: float, cum_allocs: list[int], used0: int,
+                 block_size: int):
+        self.requests = requests
+        self.tokens0 = [r.num_tokens for r in requests]
+        self.outputs0 = [r.num_output_tokens for r in requests]
+        self.sum_start0 = sum(self.tokens0) - len(requests)
+        self.start = start
+        self.length = len(cum_allocs)  # steps planned (an arrival may cut it short)
+        self.ends: list[float] = []  # of the steps priced so far
+        self.seconds: list[float] = []
+        self.cum_allocs = cum_allocs  # blocks allocated by schedules 0..j
+        bs = block_size
+        self.used0 = used0
+        self.applied = 0  # steps whose schedule and token have been applied to the requests and pool
+        by_residue: list[list[tuple[int, Request]]] = [[] for _ in range(bs)]
+        for pos, (r, t) in enumerate(zip(requests, self.tokens0)):
+            by_residue[(t - 1) % bs].append((pos, r))
+        self.by_residue = by_residue
+        self.retry: dict[int, Request] = {}  # position -> request with a full block not yet keyed
+
+    def steps_started(self, now: float, settled: bool) -> int:
+        """Steps whose schedule has run at `now` (step j > 0 starts when step j - 1 ends)."""
+        before = bisect.bisect_right(self.ends, now) if settled else bisect.bisect_left(self.ends, now)
+        return min(self.length, 1 + before)
+
+    def allocated_by(self, now: float, settled: bool) -> int:
+        return self.cum_allocs[self.steps_started(now, settled) - 1]
 
 
 @dataclass
@@ -116,7 +182,7 @@ class Simulator:
                  num_replicas: int = 1, policy: str = "least-load", seed: int = 0,
                  max_concurrency: int | None = None, think_time_s: float = 0.0,
                  log_steps: bool = False, record_itl: bool = True, timeline_every_s: float = 1.0,
-                 goodput_slos: dict[str, float] | None = None):
+                 goodput_slos: dict[str, float] | None = None, fast_forward: bool = True):
         self.config = config
         self.vocab_size = vocab_size
         self.replicas = [Replica(f"r{i}", config, num_blocks, max_model_len, cost_model) for i in range(num_replicas)]
@@ -128,12 +194,14 @@ class Simulator:
         self.record_itl = record_itl
         self.timeline_every_s = timeline_every_s
         self.goodput_slos = goodput_slos
+        # Only with a cost model that can price a decode batch from its totals.
+        self.fast_forward = fast_forward and hasattr(cost_model, "decode_step_seconds")
         self._events: list = []
         self._seq = 0
         self._tracked: dict[str, tuple[_Tracked, Replica]] = {}
         self._steps: list[dict] = []
+        self._stale = 0  # step-end events of cut runs, still in the heap
         self._timeline: list[TimelinePoint] = []
-        self._next_sample = 0.0
 
     def _push(self, t: float, kind: int, payload) -> None:
         self._seq += 1
@@ -146,6 +214,7 @@ class Simulator:
         free_slots = self.max_concurrency if self.max_concurrency else math.inf
         for i, tr in todo:
             self._push(tr.arrival, _ARRIVE, _Tracked(i, tr))
+        self._push(0.0, _SAMPLE, None)
         done: list[_Tracked] = []
         now = 0.0
         while self._events:
@@ -156,8 +225,19 @@ class Simulator:
                 free_slots += 1
             elif kind == _WAKE:
                 self._start_step(payload, now)
+            elif kind == _SAMPLE:
+                self._sample(now)
+                if len(self._events) > self._stale:  # the timeline ends with the last live event
+                    self._push(now + self.timeline_every_s, _SAMPLE, None)
             else:
-                finished = self._end_step(payload, now)
+                replica, generation = payload
+                if generation != replica.generation:
+                    self._stale -= 1
+                    continue  # a run's old end: the run was cut short
+                if replica.run is not None and replica.run.length > len(replica.run.ends):
+                    self._price_run(replica)  # the next chunk of a run nobody cut short
+                    continue
+                finished = self._end_run(replica, now) if replica.run is not None else self._end_step(replica, now)
                 done.extend(finished)
                 for _ in finished:
                     if self.max_concurrency and self.think_time_s > 0:
@@ -170,7 +250,6 @@ class Simulator:
                 if not self._send(tracked, now):
                     done.append(tracked)
                     free_slots += 1
-            self._sample(now)
         return self._result(done)
 
     def _send(self, tracked: _Tracked, now: float) -> bool:
@@ -191,6 +270,8 @@ class Simulator:
             tracked.error = str(e)
             return False
         self._tracked[request.request_id] = (tracked, replica)
+        if replica.run is not None:
+            self._cut_run(replica, now)
         if not replica.busy:
             replica.busy = True
             self._push(now, _WAKE, replica)
@@ -203,14 +284,19 @@ class Simulator:
         views = []
         for r in self.replicas:
             s = r.scheduler
+            if prefix and r.run is not None:
+                # The hit depends on which cached blocks the run's allocations evicted by now.
+                self._apply_run(r, r.run.steps_started(now, settled=False))
             hit = s.kv.get_computed_blocks(request)[1] // s.kv.block_size if prefix else 0
             views.append(ReplicaView(r.name, scraped_at=now, waiting=s.num_waiting, running=s.num_running,
-                                     kv_usage=r.kv_usage, in_flight=len(s.requests), hit_blocks=hit))
+                                     kv_usage=r.kv_usage(now), in_flight=len(s.requests), hit_blocks=hit))
         blocks = (request.num_tokens - 1) // self.replicas[0].scheduler.kv.block_size
         decision = self.policy.choose(views, now, self.rng, prompt_blocks=blocks)
         return self.replicas[int(decision.replica[1:])]
 
     def _start_step(self, replica: Replica, now: float) -> None:
+        if self.fast_forward and self._start_run(replica, now):
+            return
         out = replica.scheduler.schedule()
         if out.is_empty:
             replica.busy = False
@@ -226,7 +312,7 @@ class Simulator:
         replica.current = out
         replica.num_steps += 1
         replica.busy_seconds += seconds
-        self._push(now + seconds, _STEP_END, replica)
+        self._push(now + seconds, _STEP_END, (replica, replica.generation))
 
     def _end_step(self, replica: Replica, now: float) -> list[_Tracked]:
         out = replica.current
@@ -251,14 +337,137 @@ class Simulator:
         self._start_step(replica, now)
         return ended
 
-    def _sample(self, now: float) -> None:
-        if now < self._next_sample:
+    # -- fast-forward (see the module docstring) -----------------------------------------
+    def _start_run(self, replica: Replica, now: float) -> bool:
+        """Start a run if the next steps are steady decode; False: take one step as usual."""
+        s = replica.scheduler
+        if s.waiting or not s.running or s.num_speculative_tokens or len(s.running) > s.max_num_batched_tokens:
+            return False
+        kv = s.kv
+        bs = kv.block_size
+        order = sorted(s.running, key=lambda r: r.priority)  # schedule()'s order
+        length = _MAX_RUN
+        counts = [0] * bs
+        for r in order:
+            t = r.num_tokens
+            if (r.num_computed_tokens != t - 1 or r.num_computed_tokens < r.num_prompt_tokens
+                    or len(r.block_ids) != -(-(t - 1) // bs)
+                    # a block left unkeyed (another held its hash) is retried every step: no run
+                    or (kv.enable_caching and r.num_keyed_blocks != (t - 1) // bs)
+                    or r.params.stop_token_ids or (r.eos_token_ids and not r.params.ignore_eos)):
+                return False
+            length = min(length, r.max_tokens - r.num_output_tokens - 1)  # the last token's step is an event
+            counts[(t - 1) % bs] += 1
+        # No step of the run may fail to allocate (that would preempt): stop before the pool runs dry.
+        free, total, cum_allocs = kv.num_free_blocks, 0, []
+        for j in range(max(0, length)):
+            total += counts[-j % bs]
+            if total > free:
+                break
+            cum_allocs.append(total)
+        if len(cum_allocs) < _MIN_RUN:
+            return False
+        replica.run = _Run(order, now, cum_allocs, kv.pool.num_used_blocks, bs)
+        replica.busy = True
+        self._price_run(replica)
+        return True
+
+    def _price_run(self, replica: Replica) -> None:
+        """Price the run's next chunk of steps and post an event at its end."""
+        run = replica.run
+        done = len(run.ends)
+        n = len(run.requests)
+        t = run.ends[-1] if run.ends else run.start
+        decode = replica.cost.decode_step_seconds
+        for j in range(done, min(run.length, max(_FIRST_CHUNK, 2 * done))):
+            seconds = decode(n, run.sum_start0 + n * j)
+            t = t + seconds  # as a step-by-step end is now + seconds
+            run.seconds.append(seconds)
+            run.ends.append(t)
+        self._push(t, _STEP_END, (replica, replica.generation))
+
+    def _cut_run(self, replica: Replica, now: float) -> None:
+        """A request joined the replica's queue at `now`: the run ends with the step in
+        progress, so that the next schedule() sees it."""
+        run = replica.run
+        j = bisect.bisect_left(run.ends, now)  # the first step to end at or after now
+        run.length = j + 1
+        if len(run.ends) > j + 1:
+            del run.ends[j + 1:], run.seconds[j + 1:]
+            replica.generation += 1
+            self._stale += 1
+            self._push(run.ends[j], _STEP_END, (replica, replica.generation))
+
+    def _apply_run(self, replica: Replica, upto: int) -> None:
+        """Apply the run's steps before `upto` to its requests and the KV pool: tokens, block
+        allocations and prefix keys, step by step in the scheduler's order of requests, as
+        schedule() would have made them."""
+        run = replica.run
+        first = run.applied
+        if upto <= first:
             return
-        self._next_sample = now + self.timeline_every_s
+        kv = replica.scheduler.kv
+        bs, vocab = kv.block_size, self.vocab_size
+        # Tokens first (a request's later tokens only let it hash its own blocks early; which
+        # blocks get keyed is still bounded by each schedule's own token count).
+        for r, o in zip(run.requests, run.outputs0):
+            a = r.arrival_order
+            r.output_token_ids.extend([_fake_token_at(a, i, vocab) for i in range(o + first, o + upto)])
+        keyed = kv.enable_caching and bs > 1
+        tokens0 = run.tokens0
+        for j in range(first, upto):
+            work = run.by_residue[-j % bs]  # requests that need a new block at step j
+            if keyed or run.retry:  # and those that fill one (or wait to key one)
+                fill = run.by_residue[(-j - 1) % bs] if keyed else []
+                if fill or run.retry:
+                    work = sorted({**dict(work), **dict(fill), **run.retry}.items(), key=_first)
+            for pos, r in work:
+                r.num_computed_tokens = tokens0[pos] - 1 + j
+                if not kv.allocate_slots(r, 1):
+                    raise RuntimeError("a fast-forward run ran out of KV blocks")  # ruled out at its start
+                if kv.enable_caching:
+                    if r.num_keyed_blocks < (tokens0[pos] + j) // bs:
+                        run.retry[pos] = r  # its hash is held by another block: retried each step
+                    else:
+                        run.retry.pop(pos, None)
+        for r, t0 in zip(run.requests, tokens0):
+            r.num_computed_tokens = t0 - 2 + upto  # as after update() of step upto - 2
+        run.applied = upto
+
+    def _end_run(self, replica: Replica, now: float) -> list[_Tracked]:
+        run = replica.run
+        k = run.length
+        self._apply_run(replica, k)
+        ends = run.ends
+        for r, t0 in zip(run.requests, run.tokens0):
+            r.num_computed_tokens = t0 - 1 + k
+            tracked = self._tracked[r.request_id][0]
+            if self.record_itl:
+                last = tracked.last
+                for e in ends:
+                    tracked.token_times.append(e - last)
+                    last = e
+            tracked.last = now
+            tracked.num_tokens += k
+        for seconds in run.seconds:
+            replica.busy_seconds += seconds
+        replica.num_steps += k
+        if self.log_steps:
+            for j in range(k):
+                self._steps.append({
+                    "replica": replica.name,
+                    "chunks": [(r.request_id, t0 - 1 + j, 1, False) for r, t0 in zip(run.requests, run.tokens0)],
+                    "preempted": [],
+                })
+        replica.run = None
+        self._start_step(replica, now)
+        return []  # the run stops before any request's last token
+
+    def _sample(self, now: float) -> None:
         rs = self.replicas
         self._timeline.append(TimelinePoint(
             now, sum(r.scheduler.num_running for r in rs), sum(r.scheduler.num_waiting for r in rs),
-            sum(r.kv_usage for r in rs) / len(rs), sum(r.scheduler.num_preemptions for r in rs),
+            sum(r.kv_usage(now, settled=True) for r in rs) / len(rs), sum(r.scheduler.num_preemptions for r in rs),
         ))
 
     def _result(self, done: list[_Tracked]) -> SimResult:
@@ -277,7 +486,15 @@ class Simulator:
         return SimResult(records, duration, metrics, self.replicas, self._timeline, self._steps)
 
 
+def _first(item: tuple) -> int:
+    return item[0]
+
+
 def _fake_token(request: Request, vocab_size: int) -> int:
+    return _fake_token_at(request.arrival_order, request.num_output_tokens, vocab_size)
+
+
+def _fake_token_at(arrival_order: int, index: int, vocab_size: int) -> int:
     # Deterministic in the request and position: a recompute after preemption re-keys the same
     # blocks, as the engine's greedy tokens would.
-    return (request.arrival_order * 2654435761 + request.num_output_tokens * 40503 + 7) % vocab_size
+    return (arrival_order * 2654435761 + index * 40503 + 7) % vocab_size
