@@ -10,6 +10,7 @@ from tokenmill.plan.catalog import hardware, model_shape
 from tokenmill.plan.cost import ConstantCost, CostModel, Profile, SeqShape
 from tokenmill.plan.simulator import Simulator
 from tokenmill.plan.workload import synthetic
+from tokenmill.router.policy import Policy
 
 LLAMA8B, H100 = model_shape("llama-3.1-8b"), hardware("H100")
 
@@ -66,6 +67,26 @@ def test_preemption_and_closed_loop():
     slow = _run(trace, False, num_blocks=40, replicas=2, max_concurrency=12, think_time_s=0.05)
     _assert_same(fast, slow)
     assert slow[1].num_preemptions > 0
+
+
+@pytest.mark.parametrize("blocks", [40, 400])
+def test_least_load_shortcut_decides_as_the_router_policy(monkeypatch, blocks):
+    # 40 blocks: replicas saturate (KV over 98%) and the policy filters or fails open.
+    trace = synthetic(120, rate=60, input_len=200, output_len=60, range_ratio=0.5, seed=6)
+    fast = _run(trace, True, num_blocks=blocks, replicas=4)
+    monkeypatch.setattr(Simulator, "_least_loaded", lambda self, request, now: self._route_by_views(request, now))
+    filtered = []
+    eligible = Policy.eligible
+
+    def counting(self, views, now):
+        candidates, failed_open = eligible(self, views, now)
+        filtered.append(failed_open or len(candidates) < len(views))
+        return candidates, failed_open
+
+    monkeypatch.setattr(Policy, "eligible", counting)
+    policy = _run(trace, True, num_blocks=blocks, replicas=4)
+    _assert_same(fast, policy)
+    assert len(filtered) == 120 and any(filtered) == (blocks == 40)
 
 
 def test_block_size_one_and_constant_cost():

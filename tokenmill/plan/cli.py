@@ -55,6 +55,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--replay", default=None, help="a tokenmill bench --result-json file: replay its arrivals and lengths")
     s.add_argument("--duration", type=float, default=None, help="seconds of traffic at --request-rate (instead of --num-prompts)")
     s.add_argument("--result-json", default=None)
+    s.add_argument("--no-fast-forward", action="store_true",
+                   help="run every step through the scheduler (same result, slower; for checking)")
     _common(s)
 
     c = sub.add_parser("calibrate", help="fit this machine's efficiencies on the real engine; write a profile")
@@ -142,7 +144,8 @@ def simulate(args) -> int:
         trace = _trace(args, num=num)
     large = len(trace) > 200_000
     sim = spec.simulator(args.replicas, policy=args.policy, seed=args.seed, max_concurrency=args.max_concurrency,
-                         think_time_s=args.think_time, record_itl=not large, goodput_slos=parse_goodput(args.goodput))
+                         think_time_s=args.think_time, record_itl=not large, goodput_slos=parse_goodput(args.goodput),
+                         fast_forward=not args.no_fast_forward)
     t0, c0 = time.perf_counter(), time.process_time()
     res = sim.run(trace)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

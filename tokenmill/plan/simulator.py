@@ -280,6 +280,43 @@ class Simulator:
     def _route(self, request: Request, now: float) -> Replica:
         if len(self.replicas) == 1:
             return self.replicas[0]
+        if self.policy.config.policy == "least-load":
+            return self._least_loaded(request, now)
+        return self._route_by_views(request, now)
+
+    def _least_loaded(self, request: Request, now: float) -> Replica:
+        """Policy.choose for the least-load policy, without a view per replica per request
+        (at fleet scale building them was most of the simulation's time). The same decision
+        and the same draw from the rng (tests/plan/test_fast_forward.py): the candidates are
+        the replicas not saturated (queue over max_waiting, KV over max_kv_usage; every view
+        is fresh, scraped now) or, failing open, all of them; the least loaded win, and a tie
+        is broken by rng.choice over them in replica order."""
+        c = self.policy.config
+        best, ties = math.inf, []
+        for r in self.replicas:
+            s = r.scheduler
+            load = max(len(s.requests), len(s.running) + len(s.waiting))  # ReplicaView.load
+            if load > best or len(s.waiting) > c.max_waiting:
+                continue
+            run = r.run
+            if run is None:
+                if s.kv.pool.usage > c.max_kv_usage:
+                    continue
+            elif (run.used0 + run.cum_allocs[-1]) / s.kv.pool.num_blocks > c.max_kv_usage:
+                if r.kv_usage(now) > c.max_kv_usage:  # the run's peak is over: look closer
+                    continue
+            if load < best:
+                best, ties = load, [r]
+            else:
+                ties.append(r)
+        if not ties:  # every replica saturated: fail open
+            best = min(max(len(r.scheduler.requests), r.scheduler.num_running + r.scheduler.num_waiting)
+                       for r in self.replicas)
+            ties = [r for r in self.replicas
+                    if max(len(r.scheduler.requests), r.scheduler.num_running + r.scheduler.num_waiting) == best]
+        return self.rng.choice(ties)
+
+    def _route_by_views(self, request: Request, now: float) -> Replica:
         prefix = self.policy.config.policy == "prefix"
         views = []
         for r in self.replicas:
