@@ -291,30 +291,27 @@ class Simulator:
         the replicas not saturated (queue over max_waiting, KV over max_kv_usage; every view
         is fresh, scraped now) or, failing open, all of them; the least loaded win, and a tie
         is broken by rng.choice over them in replica order."""
-        c = self.policy.config
-        best, ties = math.inf, []
-        for r in self.replicas:
-            s = r.scheduler
-            load = max(len(s.requests), len(s.running) + len(s.waiting))  # ReplicaView.load
-            if load > best or len(s.waiting) > c.max_waiting:
-                continue
-            run = r.run
-            if run is None:
-                if s.kv.pool.usage > c.max_kv_usage:
-                    continue
-            elif (run.used0 + run.cum_allocs[-1]) / s.kv.pool.num_blocks > c.max_kv_usage:
-                if r.kv_usage(now) > c.max_kv_usage:  # the run's peak is over: look closer
-                    continue
-            if load < best:
-                best, ties = load, [r]
-            else:
-                ties.append(r)
-        if not ties:  # every replica saturated: fail open
-            best = min(max(len(r.scheduler.requests), r.scheduler.num_running + r.scheduler.num_waiting)
-                       for r in self.replicas)
-            ties = [r for r in self.replicas
-                    if max(len(r.scheduler.requests), r.scheduler.num_running + r.scheduler.num_waiting) == best]
+        replicas = self.replicas
+        # A replica's requests are its running and waiting ones: len(requests) is the view's load.
+        loads = [len(r.scheduler.requests) for r in replicas]
+        levels = sorted(set(loads))
+        for level in levels:  # the least loaded level with a replica not saturated
+            ties = [r for r, load in zip(replicas, loads) if load == level and not self._saturated(r, now)]
+            if ties:
+                return self.rng.choice(ties)
+        ties = [r for r, load in zip(replicas, loads) if load == levels[0]]  # all saturated: fail open
         return self.rng.choice(ties)
+
+    def _saturated(self, replica: Replica, now: float) -> bool:
+        """Policy._saturated of the replica's view at `now`."""
+        c = self.policy.config
+        s = replica.scheduler
+        if len(s.waiting) > c.max_waiting:
+            return True
+        run = replica.run
+        if run is not None and (run.used0 + run.cum_allocs[-1]) / s.kv.pool.num_blocks <= c.max_kv_usage:
+            return False  # not even at the run's peak
+        return replica.kv_usage(now) > c.max_kv_usage
 
     def _route_by_views(self, request: Request, now: float) -> Replica:
         prefix = self.policy.config.policy == "prefix"
