@@ -55,6 +55,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--replay", default=None, help="a tokenmill bench --result-json file: replay its arrivals and lengths")
     s.add_argument("--duration", type=float, default=None, help="seconds of traffic at --request-rate (instead of --num-prompts)")
     s.add_argument("--result-json", default=None)
+    s.add_argument("--sample-replicas", type=int, default=None, metavar="M",
+                   help="APPROXIMATE: simulate M of the --replicas with their share (M/replicas) of the requests "
+                        "and of --max-concurrency; latencies are the sample's, throughputs scaled to the fleet")
     s.add_argument("--no-fast-forward", action="store_true",
                    help="run every step through the scheduler (same result, slower; for checking)")
     _common(s)
@@ -142,8 +145,18 @@ def simulate(args) -> int:
     else:
         num = int(args.duration * args.request_rate) if args.duration and math.isfinite(args.request_rate) else None
         trace = _trace(args, num=num)
+    simulated, concurrency, scale = args.replicas, args.max_concurrency, 1.0
+    if args.sample_replicas and args.sample_replicas < args.replicas:
+        from tokenmill.plan.workload import thin
+
+        if args.sample_replicas < 1:
+            raise SystemExit("--sample-replicas must be at least 1")
+        simulated, scale = args.sample_replicas, args.replicas / args.sample_replicas
+        trace = thin(trace, 1 / scale, args.seed)
+        if concurrency:
+            concurrency = max(1, round(concurrency / scale))
     large = len(trace) > 200_000
-    sim = spec.simulator(args.replicas, policy=args.policy, seed=args.seed, max_concurrency=args.max_concurrency,
+    sim = spec.simulator(simulated, policy=args.policy, seed=args.seed, max_concurrency=concurrency,
                          think_time_s=args.think_time, record_itl=not large, goodput_slos=parse_goodput(args.goodput),
                          fast_forward=not args.no_fast_forward)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -151,7 +164,16 @@ def simulate(args) -> int:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     console = Console(width=200)
     console.print(f"{spec.label}, {args.replicas} replica(s) of {spec.num_blocks} KV blocks; profile: {spec.profile.source}")
-    console.print(summary_table(res.metrics, title="Simulated Serving Result"))
+    title = "Simulated Serving Result"
+    if scale != 1.0:
+        title += f" (APPROXIMATE: {simulated} of {args.replicas} replicas sampled; throughputs are the sample's)"
+    console.print(summary_table(res.metrics, title=title))
+    if scale != 1.0:
+        m = res.metrics
+        console.print(f"[bold]APPROXIMATE[/bold] fleet of {args.replicas}: x{scale:g} the sample's throughput: "
+                      f"{m.request_throughput * scale:.2f} req/s, {m.output_throughput * scale:.2f} output tok/s "
+                      f"(latencies: the sample's; exact only if replicas were independent, which a balancing "
+                      f"router across all {args.replicas} makes approximately true)")
     console.print(f"steps {res.num_steps}, preemptions {res.num_preemptions}, prefix hit rate "
                   f"{res.prefix_hit_rate:.1%}, replica utilization {res.utilization:.1%}; "
                   f"simulated {res.duration:.1f} s in {wall:.1f} s of wall time ({cpu:.1f} s of CPU)" + (" (ITL not recorded)" if large else ""))
@@ -161,6 +183,10 @@ def simulate(args) -> int:
         out = result_dict(run, res.metrics, {"backend": "tokenmill-plan", "model_id": args.model, "label": spec.label,
                                               "num_preemptions": res.num_preemptions, "prefix_hit_rate": res.prefix_hit_rate,
                                               "simulation_wall_s": wall, "simulation_cpu_s": cpu, "num_steps": res.num_steps,
+                                              "approximate": scale != 1.0, "simulated_replicas": simulated,
+                                              "fleet_replicas": args.replicas,
+                                              "fleet_request_throughput": res.metrics.request_throughput * scale,
+                                              "fleet_output_throughput": res.metrics.output_throughput * scale,
                                               "timeline": [p.__dict__ for p in res.timeline]})
         with open(args.result_json, "w") as f:
             json.dump(out, f)

@@ -69,3 +69,14 @@ def prompt_ids(index: int, request: TraceRequest, vocab_size: int) -> list[int]:
     hi, lo = divmod(index, vocab_size)
     body = ([hi % vocab_size, lo] + [lo] * (n - 2))[:n] if n > 0 else []
     return prefix + body
+
+
+def thin(trace: list[TraceRequest], share: float, seed: int = 0) -> list[TraceRequest]:
+    """Each request kept with probability `share` (seeded): the traffic a sample of a fleet's
+    replicas would get under a balancing router. Thinning keeps Poisson arrivals Poisson (at
+    share x the rate) and keeps the length distribution; it is an approximation of a fleet,
+    not a simulation of it (see `plan simulate --sample-replicas`)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    rng = random.Random(seed ^ 0x5A3D1E)
+    return [t for t in trace if rng.random() < share]
