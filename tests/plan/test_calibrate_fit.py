@@ -34,3 +34,28 @@ def test_fit_recovers_step_times_of_a_known_profile():
     held_out = _steps(50, random.Random(1))
     errors = sorted(abs(fitted_model.step_seconds(s) / model.step_seconds(s) - 1) for s in held_out)
     assert errors[len(errors) // 2] < 0.05
+
+
+def test_fit_is_robust_to_outlier_steps():
+    # A shared machine: one step in eight took 2-6x its time (another process had the core).
+    shape, hw = model_shape("smollm2-135m"), hardware("cpu-2core")
+    truth = Profile("cpu-2core", "q4_1", eff_prefill=0.08, eff_decode=0.02, eff_memory=0.3,
+                    step_overhead_s=0.012, per_seq_s=0.0015, kv_bytes=4)
+    model = CostModel(shape, hw, truth)
+    rng = random.Random(2)
+    steps = _steps(200, rng)
+    samples = [Sample(s, model.step_seconds(s) * (rng.uniform(2, 6) if rng.random() < 0.125 else 1.0))
+               for s in steps]
+    held_out = _steps(60, random.Random(3))
+
+    def held_out_error(profile):
+        fitted = CostModel(shape, hw, profile)
+        errors = sorted(abs(fitted.step_seconds(s) / model.step_seconds(s) - 1) for s in held_out)
+        return errors[len(errors) // 2]
+
+    robust = fit(samples, shape, hw, Profile("cpu-2core", "q4_1", kv_bytes=4))
+    plain = fit(samples, shape, hw, Profile("cpu-2core", "q4_1", kv_bytes=4), rounds=1)
+    outliers = sum(sm.seconds > 1.5 * model.step_seconds(sm.seqs) for sm in samples)
+    assert robust.fit["outlier_steps"] == outliers > 15  # found, and only them
+    assert held_out_error(robust) < 0.05
+    assert held_out_error(plain) > 2 * held_out_error(robust)  # what least squares alone does with them

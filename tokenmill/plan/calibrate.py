@@ -65,14 +65,41 @@ def measure(config: EngineConfig, grid=DEFAULT_GRID, output_len: int = 16, log=p
     return samples
 
 
-def fit(samples: list[Sample], shape: ModelShape, hw: Hardware, base: Profile) -> Profile:
+def fit(samples: list[Sample], shape: ModelShape, hw: Hardware, base: Profile, rounds: int = 4) -> Profile:
+    """The profile whose step times best match the samples' in relative error, robust to
+    outlier steps: on a shared machine a few steps take several times their share (another
+    process had the core), and least squares would bend the whole model towards them. So the
+    fit is iteratively reweighted: after each round, a step whose relative error is beyond
+    1.345 robust standard deviations (from the median absolute deviation) is down-weighted by
+    Huber's rule; `rounds=1` is the plain least-squares fit."""
     model = CostModel(shape, hw, base)
     feats = np.array([model.features(s.seqs)[:4] for s in samples], dtype=float)
     y = np.array([s.seconds for s in samples])
+    robust = np.ones_like(y)
+    for _ in range(rounds):
+        params = _fit_round(feats, y, hw.peak_flops(base.weight_format), hw.bandwidth, robust)
+        ep, ed, em, a, b = params
+        profile = Profile(base.device, base.weight_format, float(ep), float(ed), float(em), float(a), float(b),
+                          base.allreduce_latency_s, base.kv_bytes, source="calibrated")
+        rel = (np.array([CostModel(shape, hw, profile).step_seconds(s.seqs) for s in samples]) - y) / y
+        # A robust standard deviation, floored at 1%: timing jitter is never smaller than that.
+        spread = max(1.4826 * np.median(np.abs(rel - np.median(rel))), 0.01)
+        robust = np.minimum(1.0, 1.345 * spread / np.maximum(np.abs(rel), 1e-12))
+    rel = np.abs(rel)
+    return Profile(**{**profile.__dict__, "fit": {
+        "samples": len(samples), "median_abs_rel_error": float(np.median(rel)), "p90_abs_rel_error": float(np.percentile(rel, 90)),
+        "step_seconds_range": [float(y.min()), float(y.max())], "robust_rounds": rounds,
+        "outlier_steps": int((np.abs(rel) > 3 * spread).sum()),  # off by more than 3 robust SDs
+    }})
+
+
+def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, robust: np.ndarray) -> tuple:
+    """One weighted fit: for each (prefill, decode, memory) efficiency on a log grid, the
+    per-step and per-sequence overheads by weighted least squares on relative error; the grid
+    point with the smallest weighted error wins."""
     fp, fd, nbytes, nseq = feats.T
-    peak, bw = hw.peak_flops(base.weight_format), hw.bandwidth
     effs = np.logspace(-3.5, 0, 36)
-    w2 = 1.0 / y**2  # relative error
+    w2 = robust / y**2  # relative error, times each step's robust weight
     # Normal equations of r ~ a + b * nseq, weighted: the matrix is the same for every grid point.
     S = np.array([[w2.sum(), (w2 * nseq).sum()], [(w2 * nseq).sum(), (w2 * nseq**2).sum()]])
     S_inv = np.linalg.inv(S)
@@ -88,18 +115,11 @@ def fit(samples: list[Sample], shape: ModelShape, hw: Hardware, base: Profile) -
         ab = rhs @ S_inv.T
         ab = np.maximum(ab, 0.0)  # overheads are never negative (a clipped fit is still a valid one)
         pred = base_t + ab[..., :1] + ab[..., 1:2] * nseq
-        err = (((pred - y) / y) ** 2).mean(-1)
+        err = (w2 * (pred - y) ** 2).sum(-1)
         i, j = np.unravel_index(np.argmin(err), err.shape)
         if err[i, j] < best[0]:
             best = (err[i, j], (effs[i], effs[j], em, ab[i, j, 0], ab[i, j, 1]))
-    ep, ed, em, a, b = best[1]
-    profile = Profile(base.device, base.weight_format, float(ep), float(ed), float(em), float(a), float(b),
-                      base.allreduce_latency_s, base.kv_bytes, source="calibrated")
-    rel = np.abs(np.array([CostModel(shape, hw, profile).step_seconds(s.seqs) for s in samples]) - y) / y
-    return Profile(**{**profile.__dict__, "fit": {
-        "samples": len(samples), "median_abs_rel_error": float(np.median(rel)), "p90_abs_rel_error": float(np.percentile(rel, 90)),
-        "step_seconds_range": [float(y.min()), float(y.max())],
-    }})
+    return best[1]
 
 
 def machine_facts() -> dict:
