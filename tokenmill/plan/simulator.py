@@ -17,9 +17,10 @@ with think_time_s a slot rests that long (exponential, mean think_time_s) after 
 before sending its next request: a closed loop of users.
 
 Fast-forward (exact): most steps of a busy replica are steady decode: nobody waiting, every
-running request one token from its next, no request's last token due. Such a run of steps
-changes nothing that the scheduler would decide differently, so the simulator does not call
-schedule()/update() for each: it prices the run with the cost model (decode_step_seconds, one
+running request one token from its next. A run of such steps, up to the first step that
+gives some request its last token, needs no decision the scheduler could make differently: it
+is the same batch every step, growing by one token a row. So the simulator does not call
+schedule()/update() for each step: it prices the run with the cost model (decode_step_seconds, one
 call per step, no rows built), posts one event at its end, and then applies the run to the
 requests and the KV pool in bulk: the same fake tokens, the same block allocations and prefix
 keys, in the same order (step by step, requests in the scheduler's order) as the step-by-step
@@ -390,7 +391,7 @@ class Simulator:
                     or (kv.enable_caching and r.num_keyed_blocks != (t - 1) // bs)
                     or r.params.stop_token_ids or (r.eos_token_ids and not r.params.ignore_eos)):
                 return False
-            length = min(length, r.max_tokens - r.num_output_tokens - 1)  # the last token's step is an event
+            length = min(length, r.max_tokens - r.num_output_tokens)  # a run ends at the first request's last token
             counts[(t - 1) % bs] += 1
         # No step of the run may fail to allocate (that would preempt): stop before the pool runs dry.
         free, total, cum_allocs = kv.num_free_blocks, 0, []
@@ -473,7 +474,9 @@ class Simulator:
         k = run.length
         self._apply_run(replica, k)
         ends = run.ends
-        for r, t0 in zip(run.requests, run.tokens0):
+        scheduler = replica.scheduler
+        ended = []
+        for r, t0 in zip(run.requests, run.tokens0):  # as update() walks the last step's chunks
             r.num_computed_tokens = t0 - 1 + k
             tracked = self._tracked[r.request_id][0]
             if self.record_itl:
@@ -483,6 +486,10 @@ class Simulator:
                     last = e
             tracked.last = now
             tracked.num_tokens += k
+            status = r.check_stop_token()  # only the last step can finish a request (its length)
+            if status is not None:
+                scheduler.finish(r, status)
+                ended.append(self._tracked.pop(r.request_id)[0])
         for seconds in run.seconds:
             replica.busy_seconds += seconds
         replica.num_steps += k
@@ -495,7 +502,7 @@ class Simulator:
                 })
         replica.run = None
         self._start_step(replica, now)
-        return []  # the run stops before any request's last token
+        return ended
 
     def _sample(self, now: float) -> None:
         rs = self.replicas
