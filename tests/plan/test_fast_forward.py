@@ -61,12 +61,16 @@ def test_fleet_with_prefix_hits_and_evictions(policy):
     assert fast[0].fast_forward and _schedule_calls(fast) < 0.5 * res.num_steps  # runs replaced most steps
 
 
-def test_preemption_and_closed_loop():
-    trace = synthetic(60, input_len=200, output_len=100, range_ratio=0.5, seed=4)
-    fast = _run(trace, True, num_blocks=40, replicas=2, max_concurrency=12, think_time_s=0.05)
-    slow = _run(trace, False, num_blocks=40, replicas=2, max_concurrency=12, think_time_s=0.05)
+@pytest.mark.parametrize("caching", [True, False])
+def test_preemption_and_closed_loop(caching):
+    trace = synthetic(60, input_len=200, output_len=100, range_ratio=0.5, seed=4, prefix_len=32)
+    kw = dict(num_blocks=40, replicas=2, max_concurrency=12, think_time_s=0.05,
+              cache={"enable_prefix_caching": caching})
+    fast, slow = _run(trace, True, **kw), _run(trace, False, **kw)
     _assert_same(fast, slow)
     assert slow[1].num_preemptions > 0
+    kv = slow[1].replicas[0].scheduler.kv
+    assert (kv.prefix_hits > 0) if caching else (kv.missed_prefix_hits > 0)
 
 
 @pytest.mark.parametrize("blocks", [40, 400])
