@@ -37,6 +37,7 @@ class Repository:
     loaders: Mapping[str, Callable[[], object]]
     sizes: Mapping[str, int] = field(default_factory=dict)
     memory_budget: int | None = None
+    kinds: Mapping[str, str] = field(default_factory=dict)  # name -> kind as configured, known before loading
     _busy: set[str] = field(default_factory=set)  # names with a load or unload under way
 
     def check_budget(self, models: ServedModels, name: str) -> None:
@@ -64,7 +65,8 @@ def add_repository_routes(app: FastAPI, models: ServedModels, repo: Repository |
 
     @app.get("/v2/repository/index")
     async def index():
-        return JSONResponse([{"name": name, "kind": models.kind(name), "state": models.state(name),
+        kinds = repo.kinds if repo is not None else {}
+        return JSONResponse([{"name": name, "kind": models.kind(name) or kinds.get(name), "state": models.state(name),
                               "reason": models.reason(name),
                               "bytes": repo.sizes.get(name) if repo is not None else None}
                              for name in models.names])
