@@ -13,6 +13,7 @@ embedding inputs are random token ids (exact lengths, no prefix-cache hits).
 
     python benchmarks/embed_share.py --threads 2 --repeats 3                # starts the server
     python benchmarks/embed_share.py --base-url http://127.0.0.1:8000      # a running one
+    python benchmarks/embed_share.py --compare-turns    # a server without core turns, then one with
 """
 
 from __future__ import annotations
@@ -116,12 +117,12 @@ async def phase(name: str, args, http, rng) -> dict:
     return out
 
 
-async def run(args) -> dict:
+async def run(args, base_url: str) -> dict:
     rng = random.Random(args.seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     names = ["chat", "chat+embed", "embed", "embed+long"]
     rounds: dict[str, list[dict]] = {n: [] for n in names}
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=600) as http:
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600) as http:
         await chat_once(http, rng, 2)  # warm both models up
         await embed_once(http, rng, 1, 16)
         for r in range(args.repeats):
@@ -152,28 +153,42 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more flags for tokenmill serve (last)")
+    p.add_argument("--compare-turns", action="store_true",
+                   help="run it all twice: on a server without core turns (TOKENMILL_CORE_TURNS=0), then with")
     args = p.parse_args()
-    proc = None
-    if args.base_url is None:
-        args.serve_args = ["--model", f"{CHAT}=smollm2", "--model", EMBED, "--num-threads", str(args.threads),
-                           *args.serve_args]
-        proc, args.base_url = start_server(args)
-    load_before = os.getloadavg()
-    try:
-        figures = asyncio.run(run(args))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
-    report = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
-              "args": {k: v for k, v in vars(args).items() if k not in ("api_key",)}, "figures": figures,
-              "ratios": {"chat_ttft_with_embed_load": figures["chat+embed"]["ttft_s"] / figures["chat"]["ttft_s"],
-                         "chat_tpot_with_embed_load": figures["chat+embed"]["tpot_s"] / figures["chat"]["tpot_s"],
-                         "embed_latency_with_long_chats": figures["embed+long"]["latency_s"] / figures["embed"]["latency_s"]}}
+    report = {"cpu": cpu_model(), "cores": os.cpu_count(),
+              "args": {k: v for k, v in vars(args).items() if k not in ("api_key",)}}
+    if args.compare_turns:
+        for turns in ("0", "1"):
+            os.environ["TOKENMILL_CORE_TURNS"] = turns
+            report["with turns" if turns == "1" else "without turns"] = measure(args)
+    else:
+        report.update(measure(args))
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def measure(args) -> dict:
+    """The four phases on one server (started here unless --base-url), with the load average
+    around them and the with/alone ratios."""
+    proc, base_url = None, args.base_url
+    if base_url is None:
+        serve = argparse.Namespace(port=args.port, serve_args=[
+            "--model", f"{CHAT}=smollm2", "--model", EMBED, "--num-threads", str(args.threads), *args.serve_args])
+        proc, base_url = start_server(serve)
+    load_before = os.getloadavg()
+    try:
+        figures = asyncio.run(run(args, base_url))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    return {"load_before": load_before, "load_after": os.getloadavg(), "figures": figures,
+            "ratios": {"chat_ttft_with_embed_load": figures["chat+embed"]["ttft_s"] / figures["chat"]["ttft_s"],
+                       "chat_tpot_with_embed_load": figures["chat+embed"]["tpot_s"] / figures["chat"]["tpot_s"],
+                       "embed_latency_with_long_chats": figures["embed+long"]["latency_s"] / figures["embed"]["latency_s"]}}
 
 
 if __name__ == "__main__":
