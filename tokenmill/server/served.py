@@ -117,12 +117,14 @@ class ServedModels:
             yield serving
         except APIError as e:
             state = self._states[name]
-            if e.code != "engine_dead" or state == "ready":
-                raise
-            if state == "unloading":
-                raise APIError(503, f"the model {name!r} is being unloaded", code="unloading") from None
-            raise APIError(404, f"the model {name!r} was unloaded while this request was being prepared",
-                           param="model", code="model_not_found", type="invalid_request_error") from None
+            if e.code != "engine_dead" or (state == "ready" and self._serving[name] is serving):
+                raise  # not an unload: this very engine died
+            if state == "unavailable":
+                raise APIError(404, f"the model {name!r} was unloaded while this request was being prepared",
+                               param="model", code="model_not_found", type="invalid_request_error") from None
+            # being unloaded, or unloaded and loaded again since: a new request will do
+            raise APIError(503, f"the model {name!r} was being unloaded while this request was prepared; retry",
+                           code="unloading", headers={"Retry-After": "1"}) from None
         finally:
             self._admitted[name] -= 1
 
