@@ -276,7 +276,8 @@ class AsyncEmbedder:
             # One turn on the cores per TURN_TOKENS (engine/core_turns.py): an LLM served
             # beside waits for one such unit at most, not for a whole batch.
             parts = []
-            for start, stop in turn_units([len(s) for s in seqs], self.TURN_TOKENS):
+            units = turn_units([len(s) for s in seqs], self.TURN_TOKENS) if CORE_TURNS.enabled else [(0, len(seqs))]
+            for start, stop in units:
                 with CORE_TURNS.turn():
                     parts.append(self.model.embed(seqs[start:stop]))
             rows = torch.cat(parts)

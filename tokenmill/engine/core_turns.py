@@ -10,6 +10,13 @@ gets it back, so the engine that is always busy would starve the other. Here a w
 engine is served before one that asks again: with both busy they alternate, one unit of
 work each (the encoder bounds its unit, see AsyncEmbedder.TURN_TOKENS); alone, an engine
 waits for nobody.
+
+Off by default (TOKENMILL_CORE_TURNS=1 turns it on): the measurement said no. Alternating
+by units of work is not fair in time when one unit (2048 encoder tokens) lasts many decode
+steps: each chat token then waits a whole unit. Without turns the OS slows each engine by
+about the share the other takes, which starves neither. Kept for the comparison; what
+would make turns pay off is granting them by time used (the engine with the least goes
+next) with encoder units as short as a decode step.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ class CoreTurns:
         self._cond = threading.Condition()
         self._next_ticket = 0
         self._serving = 0
-        self.enabled = True  # off: every turn is granted at once (the benchmark's "without")
+        self.enabled = True  # off: every turn is granted at once
 
     @property
     def waiting(self) -> int:
@@ -53,5 +60,7 @@ class CoreTurns:
 
 # One per process: the engines share the process's cores whichever server or LLM made them.
 CORE_TURNS = CoreTurns()
-# TOKENMILL_CORE_TURNS=0: engines step at once, as before turns (benchmarks/embed_share.py's "without").
-CORE_TURNS.enabled = os.environ.get("TOKENMILL_CORE_TURNS", "1") != "0"
+# Off unless TOKENMILL_CORE_TURNS=1: measured (benchmarks/embed_share.py --compare-turns,
+# docs/benchmarks.md) on 2 cores, a decode step waiting for a 2048-token encoder unit made
+# the chat's time per token far worse than the OS sharing the cores between both engines.
+CORE_TURNS.enabled = os.environ.get("TOKENMILL_CORE_TURNS", "0") == "1"
