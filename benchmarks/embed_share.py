@@ -182,13 +182,17 @@ def measure(args) -> dict:
     try:
         figures = asyncio.run(run(args, base_url))
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        stop_server(proc)
     return {"load_before": load_before, "load_after": os.getloadavg(), "figures": figures,
             "ratios": {"chat_ttft_with_embed_load": figures["chat+embed"]["ttft_s"] / figures["chat"]["ttft_s"],
                        "chat_tpot_with_embed_load": figures["chat+embed"]["tpot_s"] / figures["chat"]["tpot_s"],
                        "embed_latency_with_long_chats": figures["embed+long"]["latency_s"] / figures["embed"]["latency_s"]}}
+
+
+def stop_server(proc) -> None:
+    if proc is not None:  # None: a server this script did not start
+        proc.terminate()
+        proc.wait(60)
 
 
 if __name__ == "__main__":
