@@ -13,7 +13,6 @@ embedding inputs are random token ids (exact lengths, no prefix-cache hits).
 
     python benchmarks/embed_share.py --threads 2 --repeats 3                # starts the server
     python benchmarks/embed_share.py --base-url http://127.0.0.1:8000      # a running one
-    python benchmarks/embed_share.py --compare-turns    # a server without core turns (the default), then one with
 """
 
 from __future__ import annotations
@@ -153,17 +152,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more flags for tokenmill serve (last)")
-    p.add_argument("--compare-turns", action="store_true",
-                   help="run it all twice: on a server without core turns (TOKENMILL_CORE_TURNS=0), then with (=1)")
     args = p.parse_args()
     report = {"cpu": cpu_model(), "cores": os.cpu_count(),
               "args": {k: v for k, v in vars(args).items() if k not in ("api_key",)}}
-    if args.compare_turns:
-        for turns in ("0", "1"):
-            os.environ["TOKENMILL_CORE_TURNS"] = turns
-            report["with turns" if turns == "1" else "without turns"] = measure(args)
-    else:
-        report.update(measure(args))
+    report.update(measure(args))
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.engine.async_engine import EngineDeadError, RequestFailedError
-from tokenmill.engine.core_turns import CORE_TURNS
 from tokenmill.engine.engine import QueueFullError
 from tokenmill.model.tokenizer import Tokenizer
 
@@ -100,25 +99,8 @@ class _Job:
         return self.future.done()  # cancelled by a client that left, or already failed
 
 
-def turn_units(lengths: Sequence[int], turn_tokens: int) -> list[tuple[int, int]]:
-    """A batch cut into (start, stop) runs of at most `turn_tokens` tokens each (an input
-    longer than that is a run of its own: inputs are never split)."""
-    units, start, tokens = [], 0, 0
-    for i, length in enumerate(lengths):
-        if i > start and tokens + length > turn_tokens:
-            units.append((start, i))
-            start, tokens = i, 0
-        tokens += length
-    if start < len(lengths):
-        units.append((start, len(lengths)))
-    return units
-
-
 class AsyncEmbedder:
     kind = "embedding"
-    # Tokens in one forward pass per turn on the cores: large enough for efficient GEMMs
-    # (minilm: about 2048x384 by 384x1536), short enough that a decode step waits little.
-    TURN_TOKENS = 2048
 
     def __init__(self, model, tokenizer: Tokenizer, limits: EmbedLimits,
                  special_ids: tuple[int, int] | None = None, source: str = ""):
@@ -271,16 +253,8 @@ class AsyncEmbedder:
                 _settle(job, EngineDeadError(f"the embedding engine has stopped ({type(e).__name__})"))
 
     def _run(self, batch: list[tuple[_Job, int]]) -> None:
-        seqs = [job.seqs[i] for job, i in batch]
         try:
-            # One turn on the cores per TURN_TOKENS (engine/core_turns.py): an LLM served
-            # beside waits for one such unit at most, not for a whole batch.
-            parts = []
-            units = turn_units([len(s) for s in seqs], self.TURN_TOKENS) if CORE_TURNS.enabled else [(0, len(seqs))]
-            for start, stop in units:
-                with CORE_TURNS.turn():
-                    parts.append(self.model.embed(seqs[start:stop]))
-            rows = torch.cat(parts)
+            rows = self.model.embed([job.seqs[i] for job, i in batch])
         except Exception as e:  # this batch's inputs fail; the engine goes on
             log.exception("embedding batch failed")
             for job in {id(j): j for j, _ in batch}.values():

@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tokenmill.engine.core_turns import CORE_TURNS
 from tokenmill.engine.engine import Engine, QueueFullError, failure_of
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams, StructuredOutput
@@ -291,9 +290,7 @@ class AsyncEngine:
                 continue
             # A fault of one request ends that request inside the step (finish_reason
             # "error"); an exception out of step() is the engine's own and ends the loop.
-            with CORE_TURNS.turn():  # the cores in turn with the process's other engines
-                outs = self.engine.step()
-            for out in outs:
+            for out in self.engine.step():
                 failure = failure_of(out) if out.finished else None
                 self._deliver(out.request_id, out if failure is None else RequestFailedError(failure))
 
