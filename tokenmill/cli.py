@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import typing
+from functools import partial
 from pathlib import Path
 
 from tokenmill.config import EngineConfig
@@ -122,6 +123,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--model", dest="model", action=_ServeModel, default=EngineConfig().load.model, metavar="[NAME=]MODEL",
                    help="a model to serve (repeatable): 'smollm2', 'minilm' (embeddings), a .gguf file, an HF or "
                         "sentence-transformers directory; NAME= sets the name clients use (default: smollm2)")
+    s.add_argument("--model-repository", default=None, metavar="DIR",
+                   help="serve every model folder of DIR, each configured by its tokenmill.toml "
+                        "(kind, model, load, [engine]); beside any --model given")
     s.add_argument("--model-memory-budget", type=parse_bytes, default=None, metavar="SIZE",
                    help="refuse a /v2/repository load that would take the served models past this (default: no bound)")
     s.add_argument("--host", default="127.0.0.1")
@@ -268,24 +272,50 @@ def served_models(values: list[str] | None, served_name: str | None) -> dict[str
     return dict(pairs)
 
 
+def serve_entries(args: argparse.Namespace) -> list:
+    """The served models: each --model flag, then each folder of --model-repository (without
+    any --model flag, a repository replaces the default model)."""
+    from tokenmill.model.loader import is_encoder
+    from tokenmill.server.repository_dir import ModelEntry, read_repository
+
+    flags = getattr(args, "models", None)
+    entries = []
+    if flags or not args.model_repository:
+        entries = [ModelEntry(name, model, "embedding" if is_encoder(model) else "generate", source=f"--model {name}")
+                   for name, model in served_models(flags, args.served_model_name).items()]
+    if args.model_repository:
+        for entry in read_repository(args.model_repository):
+            if (entry.kind == "embedding") != is_encoder(entry.model):
+                raise ValueError(f"{entry.source}: field 'kind' is {entry.kind!r}, but {entry.model!r} is "
+                                 f"{'an embedding' if is_encoder(entry.model) else 'a generative'} model")
+            entries.append(entry)
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each served name must be unique (--model and --model-repository), got {names}")
+    return entries
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.build import build_async_embedder, build_async_engine
-    from tokenmill.model.loader import is_encoder, model_file_bytes
+    from tokenmill.model.loader import model_file_bytes
     from tokenmill.server.run import serve
 
-    models = served_models(getattr(args, "models", None), args.served_model_name)
     settings = engine_settings(args)
-    loaders, sizes = {}, {}
-    for name, model in models.items():  # every config validated now, before the port opens
-        if is_encoder(model):
-            loaders[name] = lambda m=model: build_async_embedder(m, num_threads=settings["num_threads"])
-            sizes[name] = model_file_bytes(model)
+    loaders, sizes, kinds = {}, {}, {}
+    entries = serve_entries(args)
+    for e in entries:  # every config validated now, before the port opens
+        kinds[e.name] = e.kind
+        if e.kind == "embedding":
+            loaders[e.name] = partial(build_async_embedder, e.model, **{"num_threads": settings["num_threads"],
+                                                                      **e.settings})
+            sizes[e.name] = model_file_bytes(e.model)
         else:
-            config = EngineConfig.from_flat(**{**settings, "model": model})
-            loaders[name] = lambda c=config: build_async_engine(c)
-            sizes[name] = model_file_bytes(model) + config.cache.kv_cache_memory_bytes
-    if args.model_memory_budget is not None and sum(sizes.values()) > args.model_memory_budget:
-        raise ValueError(f"the models need about {sum(sizes.values()) / 2**20:.0f} MiB, over "
+            config = EngineConfig.from_flat(**{**settings, **e.settings, "model": e.model})
+            loaders[e.name] = partial(build_async_engine, config)
+            sizes[e.name] = model_file_bytes(e.model) + config.cache.kv_cache_memory_bytes
+    at_start = [e.name for e in entries if e.load_at_start]
+    if args.model_memory_budget is not None and sum(sizes[n] for n in at_start) > args.model_memory_budget:
+        raise ValueError(f"the models need about {sum(sizes[n] for n in at_start) / 2**20:.0f} MiB, over "
                          f"--model-memory-budget {args.model_memory_budget / 2**20:.0f} MiB")
     keys = read_api_keys(args.api_key, args.api_key_file)
     log = logging.getLogger("tokenmill")
@@ -298,6 +328,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout, log_level=args.log_level, allowed_origins=origins,
         log_requests=args.log_requests, model_bytes=sizes, memory_budget=args.model_memory_budget,
+        model_kinds=kinds, unloaded={e.name: f"not loaded at start ({e.source}: load = false)"
+                                     for e in entries if not e.load_at_start},
         profile_dir=args.profile_dir,
         data_dir=args.data_dir or default_data_dir(),
     )

@@ -152,3 +152,94 @@ def test_ten_unload_load_cycles_give_memory_back(repo_server):
         grown = rss_bytes() - before
     # one leaked copy of the weights would be 87 MiB
     assert grown < 30 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over ten cycles"
+
+
+class HeldTokenizer:
+    """Wraps a Serving's or an AsyncEmbedder's tokenizing step: each call waits at a gate
+    (on the worker thread that tokenizes, not the event loop), so a request can be held
+    after it was admitted and before its engine knows of it."""
+
+    def __init__(self, owner, attr: str):
+        self.inner, self.entered, self.gate = getattr(owner, attr), threading.Event(), threading.Event()
+        setattr(owner, attr, self)
+
+    def __call__(self, *args):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.inner(*args)
+
+
+def held_request(live, engines, kind: str):
+    """A request of `kind`, held in its tokenizing step: (its future, the hold, the pool)."""
+    if kind == "embedding":
+        # more than 8 texts: the embedder tokenizes them on a worker thread
+        hold = HeldTokenizer(engines[EMBED], "encode_texts")
+        path, body = "/v1/embeddings", {"model": EMBED, "input": [f"text {i}" for i in range(10)]}
+    else:
+        hold = HeldTokenizer(live.app.state.models.route(MODEL), "completion_prompts")
+        path, body = "/v1/completions", {"model": MODEL, "prompt": "hello there", "max_tokens": 3}
+
+    def post():
+        with live.http() as http:
+            return http.post(path, json=body)
+
+    pool = ThreadPoolExecutor(2)
+    future = pool.submit(post)
+    assert hold.entered.wait(30)
+    return future, hold, pool
+
+
+def unload_in_background(live, pool, name):
+    def unload():
+        with live.http() as http:
+            return http.post(f"/v2/repository/models/{name}/unload")
+
+    return pool.submit(unload)
+
+
+@pytest.mark.parametrize("kind", ["generate", "embedding"])
+def test_unload_waits_for_a_request_still_tokenizing(repo_server, kind):
+    live, engines = repo_server
+    name = EMBED if kind == "embedding" else MODEL
+    future, hold, pool = held_request(live, engines, kind)
+    with pool, live.http() as http:
+        engine = engines[name]
+        # admitted, but its engine does not know of it: the engine alone would call this idle
+        assert (engine.in_flight == 0) if kind == "embedding" else not engine.has_unfinished
+        unloading = unload_in_background(live, pool, name)
+        while states(http)[name][0] != "unloading":
+            time.sleep(0.005)
+        time.sleep(0.3)
+        assert not unloading.done() and states(http)[name][0] == "unloading"
+        hold.gate.set()
+        answer = future.result(timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert unloading.result(timeout=60).status_code == 200
+        assert states(http)[name][0] == "unavailable"
+    if kind == "embedding":
+        assert len(answer.json()["data"]) == 10
+    else:
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("kind", ["generate", "embedding"])
+def test_a_request_outliving_the_drain_gets_a_clean_404(repo_server, kind, monkeypatch):
+    """Past the drain timeout and its grace the engine is shut down under a request still
+    tokenizing: it must end with model_not_found, not hang on a stopped engine nor start
+    the unloaded one again."""
+    import tokenmill.server.repository as repository
+
+    monkeypatch.setattr(repository, "DRAIN_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(repository, "ABORT_GRACE_S", 0.1)
+    live, engines = repo_server
+    name = EMBED if kind == "embedding" else MODEL
+    future, hold, pool = held_request(live, engines, kind)
+    with pool, live.http() as http:
+        assert unload_in_background(live, pool, name).result(timeout=60).status_code == 200
+        assert states(http)[name][0] == "unavailable"
+        hold.gate.set()
+        answer = future.result(timeout=60)
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"]["code"] == "model_not_found" and "unloaded" in answer.json()["error"]["message"]
+        assert engines[name]._thread is None  # not started again by the late request
+        assert http.get("/health").status_code == 200

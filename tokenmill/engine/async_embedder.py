@@ -115,6 +115,7 @@ class AsyncEmbedder:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._closed = False  # shut down for good: an unloaded model's engine never starts again
         self.errored: BaseException | None = None
         self.in_flight = 0  # requests accepted and not yet answered (read by unload's drain)
         self.num_batches = 0
@@ -138,6 +139,8 @@ class AsyncEmbedder:
         return self.errored is not None or (thread is not None and not thread.is_alive())
 
     def start(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the embedding engine was shut down")
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="tokenmill-embed", daemon=True)
@@ -145,7 +148,7 @@ class AsyncEmbedder:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._wake:
-            self._stop = True
+            self._stop = self._closed = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)

@@ -101,6 +101,8 @@ class AsyncEngine:
         return self.errored is not None or (thread is not None and not thread.is_alive())
 
     def _check_alive(self) -> None:
+        if self._stop.is_set():  # shut down (a model unloaded): no loop would ever answer
+            raise EngineDeadError("the engine was shut down")
         if self.dead:
             raise EngineDeadError(f"the engine has stopped ({type(self.errored).__name__}); the server must restart")
 
@@ -112,6 +114,7 @@ class AsyncEngine:
         await asyncio.shield(asyncio.wrap_future(self.engine.grammars.submit(spec)))
 
     def start(self) -> None:
+        self._check_alive()  # one shut down stays down: its model was unloaded
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
             self._thread.start()

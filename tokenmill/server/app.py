@@ -71,15 +71,18 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, http: Request):
-        return await models.route(req.model).completions(req, http)
+        async with models.admitted(req.model) as serving:
+            return await serving.completions(req, http)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, http: Request):
-        return await models.route(req.model).chat(req, http)
+        async with models.admitted(req.model) as serving:
+            return await serving.chat(req, http)
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, http: Request):
-        return await models.route(req.model, "embedding").embeddings(req, http)
+        async with models.admitted(req.model, "embedding") as serving:
+            return await serving.embeddings(req, http)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

@@ -26,6 +26,7 @@ from tokenmill.server.served import ServedModels
 
 DRAIN_POLL_S = 0.02
 DRAIN_TIMEOUT_S = 60.0
+ABORT_GRACE_S = 10.0  # after the drain timeout: aborted requests end within a step
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Repository:
     loaders: Mapping[str, Callable[[], object]]
     sizes: Mapping[str, int] = field(default_factory=dict)
     memory_budget: int | None = None
+    kinds: Mapping[str, str] = field(default_factory=dict)  # name -> kind as configured, known before loading
     _busy: set[str] = field(default_factory=set)  # names with a load or unload under way
 
     def check_budget(self, models: ServedModels, name: str) -> None:
@@ -64,7 +66,8 @@ def add_repository_routes(app: FastAPI, models: ServedModels, repo: Repository |
 
     @app.get("/v2/repository/index")
     async def index():
-        return JSONResponse([{"name": name, "kind": models.kind(name), "state": models.state(name),
+        kinds = repo.kinds if repo is not None else {}
+        return JSONResponse([{"name": name, "kind": models.kind(name) or kinds.get(name), "state": models.state(name),
                               "reason": models.reason(name),
                               "bytes": repo.sizes.get(name) if repo is not None else None}
                              for name in models.names])
@@ -96,11 +99,7 @@ def add_repository_routes(app: FastAPI, models: ServedModels, repo: Repository |
         repo._busy.add(name)
         try:
             serving = models.mark(name, "unloading")  # new requests are refused from here on
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while not _idle(serving) and time.monotonic() < deadline:
-                await asyncio.sleep(DRAIN_POLL_S)
-            if not _idle(serving):
-                serving.abort_all()
+            await _drain(models, name, serving)
             await asyncio.to_thread(serving.engine.shutdown)
             models.detach(name)
             del serving
@@ -110,7 +109,25 @@ def add_repository_routes(app: FastAPI, models: ServedModels, repo: Repository |
         return JSONResponse({"name": name, "state": "unavailable"})
 
 
-def _idle(serving) -> bool:
+async def _drain(models: ServedModels, name: str, serving) -> None:
+    """Wait until no request of the model is left: admitted ones (even those still tokenizing,
+    which the engine does not know of yet) and the engine's own. Past the drain timeout, end
+    the running ones, again at every poll (one still tokenizing then was not running at the
+    first abort), for a grace period; past that the engine is shut down under any straggler,
+    which gets a clean error (ServedModels.admitted)."""
+    start = time.monotonic()
+    while not _idle(models, name, serving):
+        waited = time.monotonic() - start
+        if waited > DRAIN_TIMEOUT_S + ABORT_GRACE_S:
+            return
+        if waited > DRAIN_TIMEOUT_S:
+            serving.abort_all()
+        await asyncio.sleep(DRAIN_POLL_S)
+
+
+def _idle(models: ServedModels, name: str, serving) -> bool:
+    if models.admitted_count(name):
+        return False
     engine = serving.engine
     if getattr(serving, "kind", "generate") == "embedding":
         return engine.in_flight == 0

@@ -70,18 +70,23 @@ def serve(
     api_keys: list[str] = (), max_body_bytes: int | None = None, drain_timeout: float = 30.0,
     log_level: str = "info", allowed_origins: list[str] = (), log_requests: bool = False,
     model_bytes: Mapping[str, int] | None = None, memory_budget: int | None = None,
-    profile_dir: str | None = None, data_dir=None,
+    profile_dir: str | None = None, data_dir=None, model_kinds: Mapping[str, str] | None = None,
+    unloaded: Mapping[str, str] | None = None,
 ) -> int:
     """Start answering at once (503 for each model until its loader, run on a thread, has
     built its engine), serve until drained or stopped, and return the process exit status.
     `loaders`: served model name -> a function that builds its AsyncEngine (or AsyncEmbedder);
     they also load the models again after an unload (/v2/repository). `model_bytes`: each
-    model's estimated memory, summed against `memory_budget` when loading."""
+    model's estimated memory, summed against `memory_budget` when loading. `model_kinds`: each
+    model's kind as configured, listed before it is loaded. `unloaded`: name -> why, for the
+    models not loaded at start (listed as unavailable until a /v2/repository load)."""
     kwargs = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
-    repository = Repository(loaders, dict(model_bytes or {}), memory_budget)
+    repository = Repository(loaders, dict(model_bytes or {}), memory_budget, dict(model_kinds or {}))
     app = create_app(dict.fromkeys(loaders), api_keys=api_keys, allowed_origins=allowed_origins,
                      log_requests=log_requests, repository=repository, profile_dir=profile_dir,
                      data_dir=data_dir, **kwargs)
+    for name, reason in (unloaded or {}).items():
+        app.state.models.mark(name, "unavailable", reason)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain_timeout)
@@ -91,6 +96,8 @@ def serve(
     def load() -> None:
         # One after another: loading is bound by disk and memory bandwidth, not by waiting.
         for name, load_engine in loaders.items():
+            if name in (unloaded or {}):
+                continue
             try:
                 engine = load_engine()
                 engine.start()

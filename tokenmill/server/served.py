@@ -8,7 +8,8 @@ their `model` field; a request without one goes to the only model of the kind it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 
 from tokenmill.engine.async_embedder import AsyncEmbedder
 from tokenmill.engine.async_engine import AsyncEngine
@@ -29,6 +30,9 @@ class ServedModels:
         self._states: dict[str, str] = dict.fromkeys(names, "loading")
         self._reasons: dict[str, str | None] = dict.fromkeys(names)
         self._kinds: dict[str, str | None] = dict.fromkeys(names)
+        # Requests routed to a model and not yet answered (admitted()): an unload waits for
+        # them, including those still tokenizing, which its engine does not know of yet.
+        self._admitted: dict[str, int] = dict.fromkeys(names, 0)
         self.metrics = ServerMetrics(self.stats)
 
     @property
@@ -99,6 +103,33 @@ class ServedModels:
                     else "a generative model: it answers /v1/completions and /v1/chat/completions, not /v1/embeddings")
             raise APIError(400, f"the model {model!r} is {what}", param="model", code="model_kind_mismatch")
         return serving
+
+    @asynccontextmanager
+    async def admitted(self, model: str | None, kind: str = "generate") -> AsyncIterator[Serving | EmbeddingServing]:
+        """route(), counting the request as the model's own until its handler returns (a
+        stream goes on after that, counted by its engine). A request that finds the engine
+        shut down under it all the same (an unload's drain ran out of time) is told the
+        model went away, not that the server must restart."""
+        serving = self.route(model, kind)
+        name = serving.model_name
+        self._admitted[name] += 1
+        try:
+            yield serving
+        except APIError as e:
+            state = self._states[name]
+            if e.code != "engine_dead" or (state == "ready" and self._serving[name] is serving):
+                raise  # not an unload: this very engine died
+            if state == "unavailable":
+                raise APIError(404, f"the model {name!r} was unloaded while this request was being prepared",
+                               param="model", code="model_not_found", type="invalid_request_error") from None
+            # being unloaded, or unloaded and loaded again since: a new request will do
+            raise APIError(503, f"the model {name!r} was being unloaded while this request was prepared; retry",
+                           code="unloading", headers={"Retry-After": "1"}) from None
+        finally:
+            self._admitted[name] -= 1
+
+    def admitted_count(self, name: str) -> int:
+        return self._admitted[name]
 
     def _only_model(self, kind: str) -> str:
         if len(self._serving) == 1:
