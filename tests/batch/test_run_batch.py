@@ -29,7 +29,7 @@ def _read(path):
 
 
 def _run(engine, inp, out):
-    return asyncio.run(run_batch_file(engine, MODEL, inp, out, concurrency=4, progress=False))
+    return asyncio.run(run_batch_file({MODEL: engine}, inp, out, concurrency=4, progress=False))
 
 
 def test_run_batch_answers_each_line_reports_bad_ones_and_resumes(tiny_loaded, tmp_path):
