@@ -79,6 +79,19 @@ def offline(llm: LLM, batch: list[list[int]], output_len: int) -> float:
     return elapsed
 
 
+async def engine_alone(engine: AsyncEngine, batch: list[list[int]], output_len: int) -> float:
+    """Every request submitted at once to AsyncEngine.generate: the engine's loop, no batch path."""
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+    async def one(i, ids):
+        async for _ in engine.generate(ids, params, f"alone-{time.monotonic_ns()}-{i}", priority=100):
+            pass
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch)))
+    return time.perf_counter() - t
+
+
 async def batch_path(calls: BatchCalls, batch: list[list[int]], output_len: int, concurrency: int) -> float:
     lines = [BatchLine(i + 1, f"row-{i}", "/v1/completions", body(ids, output_len)) for i, ids in enumerate(batch)]
     with tempfile.TemporaryDirectory() as tmp, ResultFiles(Path(tmp) / "out.jsonl") as results:
@@ -201,8 +214,11 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
 
     for r in range(args.repeats):
         log(f"repeat {r + 1}/{args.repeats}, load {os.getloadavg()[0]:.1f}")
-        # Offline first, while the async loop has nothing to do: both drive the one Engine.
-        add("offline_s", offline(llm, batch, args.output_len))
+        # Offline first, while the async loop has nothing to do: both drive the one Engine. On
+        # a worker thread, as the engine's own loop runs: on a loaded machine the main thread
+        # ran the same steps several times slower (273 s against 48 s in one run here).
+        add("offline_s", await asyncio.to_thread(offline, llm, batch, args.output_len))
+        add("engine_alone_s", await engine_alone(engine, batch, args.output_len))
         add("batch_path_s", await batch_path(calls, batch, args.output_len, args.concurrency))
         if server is not None:
             add("batch_http_s", await asyncio.to_thread(batch_http, server.url, batch, args.output_len))
@@ -219,8 +235,11 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
 
     n, k = args.num_batch, args.output_len
     report = {"offline_llm_generate": throughput(runs["offline_s"], n, k),
+              "engine_alone": throughput(runs["engine_alone_s"], n, k),
               "batch_path": throughput(runs["batch_path_s"], n, k)}
-    report["batch_path_vs_offline"] = statistics.median(runs["offline_s"]) / statistics.median(runs["batch_path_s"])
+    path = statistics.median(runs["batch_path_s"])
+    report["batch_path_vs_offline"] = statistics.median(runs["offline_s"]) / path
+    report["batch_path_vs_engine_alone"] = statistics.median(runs["engine_alone_s"]) / path
     if server is not None:
         report["batch_http"] = throughput(runs["batch_http_s"], n, k)
         per_c = {c: throughput(runs[f"requests_http_c{c}_s"], n, k) for c in args.http_concurrency}
