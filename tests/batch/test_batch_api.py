@@ -165,3 +165,52 @@ def test_list_routes_refuse_a_query_parameter_given_twice(batch_server):
     assert_openai_error(http.get("/v1/batches", params=[("limit", "1"), ("limit", "2")]), 400, "limit")
     assert http.get("/v1/files", params={"purpose": "batch"}).status_code == 200
     assert http.get("/v1/batches", params={"limit": "2"}).status_code == 200
+
+
+def test_list_pagination_as_openai_with_the_clients_auto_paging(batch_server):
+    """after/limit/order on /v1/files, after/limit on /v1/batches: the openai client's own
+    auto-pagination (it follows has_more with after=<last id>) walks every page."""
+    live, engine = batch_server
+    client = live.client()
+    uploaded = [client.files.create(file=(f"p{i}.jsonl", _jsonl([_chat(f"p{i}")])), purpose="batch").id
+                for i in range(5)]
+    everything = client.files.list()  # OpenAI's default limit (10000): one page
+    assert not everything.has_more
+    newest_first = [f.id for f in everything.data]
+    assert newest_first[:5] == uploaded[::-1]  # newest first, even within one second
+    assert [f.id for f in client.files.list(limit=2)] == newest_first  # auto-paginates: 2 per page
+    assert [f.id for f in client.files.list(limit=2, order="asc")] == newest_first[::-1]
+    assert [f.id for f in client.files.list(limit=3, purpose="batch")] == \
+        [f.id for f in everything.data if f.purpose == "batch"]
+    page = client.files.list(limit=2, after=uploaded[3])
+    assert [f.id for f in page.data] == [uploaded[2], uploaded[1]] and page.has_more
+    with live.http() as http:
+        body = http.get("/v1/files", params={"limit": 2, "order": "asc", "after": uploaded[3]}).json()
+        assert [f["id"] for f in body["data"]] == [uploaded[4]] and body["has_more"] is False
+        assert body["first_id"] == body["last_id"] == uploaded[4]
+
+    batches = [client.batches.create(input_file_id=f, endpoint="/v1/chat/completions", completion_window="24h").id
+               for f in uploaded[:3]]
+    all_batches = client.batches.list(limit=100)
+    assert [b.id for b in all_batches.data][:3] == batches[::-1]
+    assert [b.id for b in client.batches.list(limit=1)] == [b.id for b in all_batches.data]
+    for b in batches:
+        _wait(client, b)
+    wait_pool_whole(engine)
+
+
+@pytest.mark.parametrize("path, params, param", [
+    ("/v1/files", {"limit": 0}, "limit"),
+    ("/v1/files", {"limit": 10001}, "limit"),
+    ("/v1/files", {"limit": "many"}, "limit"),
+    ("/v1/files", {"order": "sideways"}, "order"),
+    ("/v1/files", {"after": "file-nope"}, "after"),
+    ("/v1/batches", {"limit": 0}, "limit"),
+    ("/v1/batches", {"limit": 101}, "limit"),
+    ("/v1/batches", {"after": "batch-nope"}, "after"),
+    ("/v1/batches", {"order": "asc"}, "order"),  # OpenAI's batch list takes no order
+])
+def test_list_pagination_bad_values_are_400s(batch_server, path, params, param):
+    live, _ = batch_server
+    with live.http() as http:
+        assert_openai_error(http.get(path, params=params), 400, param)

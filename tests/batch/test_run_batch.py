@@ -29,7 +29,7 @@ def _read(path):
 
 
 def _run(engine, inp, out):
-    return asyncio.run(run_batch_file(engine, MODEL, inp, out, concurrency=4, progress=False))
+    return asyncio.run(run_batch_file({MODEL: engine}, inp, out, concurrency=4, progress=False))
 
 
 def test_run_batch_answers_each_line_reports_bad_ones_and_resumes(tiny_loaded, tmp_path):
@@ -92,15 +92,21 @@ def test_run_batch_answers_each_line_reports_bad_ones_and_resumes(tiny_loaded, t
 
 @pytest.mark.slow
 def test_run_batch_command_line(tmp_path):
-    """The command itself, in a subprocess: exit 0, one result per line (resuming is tested above)."""
+    """The command itself, in a subprocess, with an LLM and an embedding model as serve takes
+    them: exit 0, one result per line (resuming is tested above)."""
     model = write_tiny_checkpoint(tmp_path / "tiny")
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("\n".join([_line("a"), _line("b", "/v1/completions"), "oops"]) + "\n")
-    cmd = [sys.executable, "-m", "tokenmill", "run-batch", "-i", str(inp), "-o", str(out), "--model", str(model)]
+    embed = json.dumps({"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                        "body": {"model": "minilm", "input": "hello"}})
+    inp.write_text("\n".join([_line("a"), _line("b", "/v1/completions"), "oops", embed]) + "\n")
+    cmd = [sys.executable, "-m", "tokenmill", "run-batch", "-i", str(inp), "-o", str(out), "--model", str(model),
+           "--model", "minilm"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    assert "2 completed, 1 failed" in done.stderr
+    assert "3 completed, 1 failed" in done.stderr
     results = _read(out)
-    assert len(results) == 3
-    assert {r["custom_id"] for r in results if r["error"] is None} == {"a", "b"}
+    assert len(results) == 4
+    assert {r["custom_id"] for r in results if r["error"] is None} == {"a", "b", "e"}
+    vector = next(r for r in results if r["custom_id"] == "e")["response"]["body"]["data"][0]["embedding"]
+    assert len(vector) == 384

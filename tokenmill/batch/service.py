@@ -122,6 +122,10 @@ class BatchService:
         path = self.store.path(batch["input_file_id"])
         if not path.exists():
             return self._finish(batch, "failed", {"code": "invalid_file", "message": "the input file is gone"})
+        # Lines are checked against the models (their kind: an embedding line for an LLM fails
+        # up front), so wait until they are loaded: a check must find the same on every resume.
+        while not self.ready():  # after a restart the model may still be loading
+            await asyncio.sleep(0.2)
         text = await asyncio.to_thread(path.read_text, "utf-8", "replace")
         # A line must ask for the batch's own endpoint (OpenAI's rule).
         allowed = (batch["endpoint"],) if batch["endpoint"] in self.urls else ()
@@ -140,8 +144,6 @@ class BatchService:
         self._set(batch, errors=errors, request_counts={"total": total, "completed": 0, "failed": 0})
         if batch["status"] == "validating":
             self._set(batch, status="in_progress", in_progress_at=int(time.time()))
-        while not self.ready():  # after a restart the model may still be loading
-            await asyncio.sleep(0.2)
         results = ResultFiles(self.store.path(batch["_output"]), self.store.path(batch["_error"]))
         last = [0.0]
 

@@ -78,10 +78,26 @@ class Store:
         return {"id": fid, "object": "file", "bytes": size, "created_at": created, "filename": filename,
                 "purpose": purpose, "status": "processed"}
 
-    def files(self, purpose: str | None = None) -> list[dict]:
-        rows = self._query("SELECT id FROM files ORDER BY created_at DESC, rowid DESC")
-        found = [self.file(r[0]) for r in rows]
-        return [f for f in found if f is not None and (purpose is None or f["purpose"] == purpose)]
+    def files(self, purpose: str | None = None, after: str | None = None, limit: int = 10000,
+              order: str = "desc") -> tuple[list[dict], bool]:
+        """A page in upload order (`desc`: newest first), past the file `after` (KeyError when
+        there is no such file: a cursor that points nowhere has no page). (page, has_more)."""
+        newest_first = order == "desc"
+        where, args = [], []
+        if purpose is not None:
+            where.append("purpose = ?")
+            args.append(purpose)
+        if after is not None:
+            rows = self._query("SELECT rowid FROM files WHERE id = ?", (after,))
+            if not rows:
+                raise KeyError(after)
+            where.append("rowid < ?" if newest_first else "rowid > ?")
+            args.append(rows[0][0])
+        # rowid grows with every insert: upload order, with no tie at the same second.
+        rows = self._query("SELECT id FROM files" + (" WHERE " + " AND ".join(where) if where else "")
+                           + f" ORDER BY rowid {'DESC' if newest_first else 'ASC'} LIMIT ?", (*args, limit + 1))
+        page = [f for f in (self.file(r[0]) for r in rows[:limit]) if f is not None]
+        return page, len(rows) > limit
 
     def delete_file(self, file_id: str) -> bool:
         if self.file(file_id) is None:
@@ -113,10 +129,13 @@ class Store:
         return json.loads(rows[0][0]) if rows else None
 
     def batches(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        """Newest first; `after`: a batch id, the page continues past it. (page, has_more)."""
+        """Newest first; `after`: a batch id, the page continues past it (KeyError when there is
+        no such batch). (page, has_more)."""
         if after is not None:
             rows = self._query("SELECT seq FROM batches WHERE id = ?", (after,))
-            start = rows[0][0] if rows else 0
+            if not rows:
+                raise KeyError(after)
+            start = rows[0][0]
             rows = self._query("SELECT doc FROM batches WHERE seq < ? ORDER BY seq DESC LIMIT ?", (start, limit + 1))
         else:
             rows = self._query("SELECT doc FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,))

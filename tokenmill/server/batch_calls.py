@@ -1,34 +1,39 @@
 """A batch line answered exactly as the HTTP route would answer it, without HTTP.
 
 The body is validated by the same pydantic model and run by the same Serving method as
-/v1/completions and /v1/chat/completions, so a batch result is byte-for-byte what the API
-returns; only the transport differs. Used by the server's Batch API and by the offline
+/v1/completions, /v1/chat/completions and /v1/embeddings, so a batch result is what the API
+returns for the same request; only the transport differs. Used by the server's Batch API and by the offline
 `tokenmill run-batch`, both through tokenmill.batch.runner's `Execute` seam.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from pydantic import BaseModel, ValidationError
 
 from tokenmill.batch.format import BatchLine, LineError
 from tokenmill.server.errors import APIError, error_body, validation_error
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from tokenmill.server.served import ServedModels
 
 log = logging.getLogger("tokenmill.server")
 
-# url -> (request model, Serving method). /v1/embeddings joins here once the server has it.
-ENDPOINTS: dict[str, tuple[type[BaseModel], str]] = {
-    "/v1/completions": (CompletionRequest, "completions"),
-    "/v1/chat/completions": (ChatCompletionRequest, "chat"),
+# url -> (request model, Serving method, the kind of model that answers it).
+ENDPOINTS: dict[str, tuple[type[BaseModel], str, str]] = {
+    "/v1/completions": (CompletionRequest, "completions", "generate"),
+    "/v1/chat/completions": (ChatCompletionRequest, "chat", "generate"),
+    "/v1/embeddings": (EmbeddingRequest, "embeddings", "embedding"),
 }
 URLS = tuple(ENDPOINTS)
 
 # Batch work yields to interactive work (priority 0 by default): a lower value runs first.
 BATCH_PRIORITY = 100
+# A line the engine turns away because its queue is full waits and tries again: a busy server
+# is not the line's fault, and the batch must not end with lines failed for it.
+RETRY_BUSY_SECONDS = (0.05, 2.0)  # first wait, longest wait (doubling between)
 
 
 class _NoClient:
@@ -50,9 +55,9 @@ class BatchCalls:
 
     def parse(self, url: str, body: dict) -> BaseModel:
         """The request a body makes; ValidationError or APIError when it makes none."""
-        model, _ = ENDPOINTS[url]
+        model, _, _ = ENDPOINTS[url]
         req = model.model_validate(body)
-        if req.stream:
+        if getattr(req, "stream", False):
             raise APIError(400, "stream is not supported in a batch", param="stream", code="invalid_value")
         if req.model is not None and req.model not in self.models.names:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.models.names}",
@@ -60,9 +65,18 @@ class BatchCalls:
         return req
 
     def check(self, line: BatchLine) -> LineError | None:
-        """Validate a line's body up front, as the route would (model, fields, ranges)."""
+        """Validate a line's body up front, as the route would (model, its kind, fields, ranges)."""
         try:
-            self.parse(line.url, line.body)
+            req = self.parse(line.url, line.body)
+            kind = ENDPOINTS[line.url][2]
+            try:
+                serving = self.models.route(req.model, kind)
+            except APIError as e:
+                if e.status != 503:
+                    raise
+                return None  # loading or stopping: the line runs later and answers what the route says then
+            if kind == "embedding":
+                serving.check_dimensions(req.dimensions)
         except ValidationError as e:
             message, param, code = validation_error(list(e.errors()))
             return LineError(line.line, line.custom_id, code, f"line {line.line}: {message}", param)
@@ -72,13 +86,26 @@ class BatchCalls:
         return None
 
     async def __call__(self, url: str, body: dict) -> tuple[int, dict]:
+        wait = RETRY_BUSY_SECONDS[0]
+        while True:
+            status, answer = await self._once(url, body)
+            if status != 429:
+                return status, answer
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, RETRY_BUSY_SECONDS[1])
+
+    async def _once(self, url: str, body: dict) -> tuple[int, dict]:
         try:
             req = self.parse(url, body)
-            if self.priority is not None and req.priority < self.priority:
+            _, method, kind = ENDPOINTS[url]
+            # Embeddings have no priority: the embedder runs its queue in arrival order.
+            if self.priority is not None and getattr(req, "priority", self.priority) < self.priority:
                 req = req.model_copy(update={"priority": self.priority})
-            serving = self.models.route(req.model)
-            response = await getattr(serving, ENDPOINTS[url][1])(req, _NoClient())
-            return 200, response.model_dump(mode="json")
+            serving = self.models.route(req.model, kind)
+            response = await getattr(serving, method)(req, _NoClient())
+            # Completions answer a pydantic model; embeddings a JSONResponse already encoded.
+            return 200, (response.model_dump(mode="json") if isinstance(response, BaseModel)
+                         else json.loads(response.body))
         except ValidationError as e:
             message, param, code = validation_error(list(e.errors()))
             return 400, error_body(400, message, param, code)

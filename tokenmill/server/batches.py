@@ -7,7 +7,9 @@ own thread through BatchCalls, the same handlers the HTTP routes use, at low pri
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
@@ -20,6 +22,7 @@ from tokenmill.server.protocol import BatchCreateRequest
 from tokenmill.server.served import ServedModels
 
 PURPOSES = ("batch",)  # what an upload may be for; results are written as purpose batch_output
+MAX_FILES_PAGE, MAX_BATCHES_PAGE = 10000, 100  # OpenAI's largest `limit` (files also its default)
 
 
 def start_batches(models: ServedModels, data_dir: Path) -> BatchService:
@@ -39,6 +42,22 @@ def _only(http: Request, *names: str) -> None:
     if repeated is not None:
         raise APIError(400, f"query parameter {repeated!r} given more than once", param=repeated,
                        code="invalid_value")
+
+
+@contextmanager
+def _cursor(after: str | None):
+    """An `after` that names no file or batch is the client's mistake: a 400 saying so, not an
+    empty page that would read as the end of the list."""
+    try:
+        yield
+    except KeyError:
+        raise APIError(400, f"after: no such id {str(after)[:80]!r} to continue from (it may have been deleted)",
+                       param="after", code="invalid_value") from None
+
+
+def _page(page: list[dict], more: bool) -> dict:
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": more}
 
 
 def add_batch_routes(app: FastAPI, service: BatchService) -> None:
@@ -64,9 +83,14 @@ def add_batch_routes(app: FastAPI, service: BatchService) -> None:
         return store.add_file((file.filename or "upload.jsonl")[:255], purpose, content)
 
     @app.get("/v1/files")
-    async def list_files(http: Request, purpose: str | None = Query(None, max_length=64)):
-        _only(http, "purpose")
-        return {"object": "list", "data": store.files(purpose), "has_more": False}
+    async def list_files(http: Request, purpose: str | None = Query(None, max_length=64),
+                         after: str | None = Query(None, max_length=128),
+                         limit: int = Query(MAX_FILES_PAGE, ge=1, le=MAX_FILES_PAGE),
+                         order: Literal["asc", "desc"] = Query("desc")):
+        _only(http, "purpose", "after", "limit", "order")
+        with _cursor(after):
+            page, more = store.files(purpose, after, limit, order)
+        return _page(page, more)
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str):
@@ -93,11 +117,11 @@ def add_batch_routes(app: FastAPI, service: BatchService) -> None:
 
     @app.get("/v1/batches")
     async def list_batches(http: Request, after: str | None = Query(None, max_length=128),
-                           limit: int = Query(20, ge=1, le=100)):
+                           limit: int = Query(20, ge=1, le=MAX_BATCHES_PAGE)):
         _only(http, "after", "limit")
-        page, more = service.list(after, limit)
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": more}
+        with _cursor(after):
+            page, more = service.list(after, limit)
+        return _page(page, more)
 
     @app.get("/v1/batches/{batch_id}")
     async def retrieve_batch(batch_id: str):

@@ -74,8 +74,9 @@ def param_path(loc: tuple) -> str | None:
     """A pydantic location as OpenAI writes a parameter: messages[0].content[1].text."""
     out: list[str | int] = []
     label, tag_next = "", False
-    for part in loc:
-        if part == "body":
+    for i, part in enumerate(loc):
+        # FastAPI's first part says where the value came from; OpenAI names the parameter alone.
+        if part == "body" or (i == 0 and part in ("query", "path")):
             continue
         if isinstance(part, int):
             out.append(part)

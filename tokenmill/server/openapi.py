@@ -132,7 +132,8 @@ BATCH_ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/v1/files": {
         "post": {"200": _answer("the stored file (purpose batch: one request per line)", _one(_FILE)),
                  **_errors((400, 401, 413))},
-        "get": {"200": _answer("the stored files, newest first", _list_of(_FILE)), **_errors((400, 401))}},
+        "get": {"200": _answer("the stored files, newest first (`order`); `after` pages on",
+                               _list_of(_FILE, first_id=_ID_OR_NULL, last_id=_ID_OR_NULL)), **_errors((400, 401))}},
     "/v1/files/{file_id}": {
         "get": {"200": _answer("the file's record", _one(_FILE)), **_errors((401, 404))},
         "delete": {"200": _answer("the file is gone", _one(_DELETED)), **_errors((401, 404))}},

@@ -490,7 +490,7 @@ class PrefixCacheReset(BaseModel):
 
 class BatchCreateRequest(_Request):
     input_file_id: Annotated[str, Field(min_length=1, max_length=128)]
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     completion_window: Literal["24h"] = "24h"
     # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
     metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from tokenmill.batch.format import parse_lines
 from tokenmill.batch.results import ResultFiles
 from tokenmill.batch.runner import run_lines
+from tokenmill.engine.async_embedder import AsyncEmbedder
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.batch_calls import URLS, BatchCalls, check_lines
 from tokenmill.server.served import ServedModels
@@ -36,13 +38,18 @@ def _progress_bar(total: int, initial: int):
     return advance, lambda: print(file=sys.stderr)
 
 
+Engines = Mapping[str, AsyncEngine | AsyncEmbedder]  # name lines give -> its engine (an LLM or an embedder)
+
+
 async def run_batch_file(
-    engine: AsyncEngine, model_name: str, input_path: Path, output_path: Path, concurrency: int = 64,
-    progress: bool = True,
+    engines: Engines, input_path: Path, output_path: Path, concurrency: int = 64, progress: bool = True,
 ) -> tuple[int, int]:
-    """Run every line of `input_path` not yet answered in `output_path`; (completed, failed) in the output."""
-    models = ServedModels([model_name])
-    models.attach(model_name, engine)
+    """Run every line of `input_path` not yet answered in `output_path`; (completed, failed) in
+    the output. Lines are routed by their `model` as the server routes them."""
+    models = ServedModels(list(engines))
+    for name, engine in engines.items():
+        engine.start()  # both kinds start once: a second start does nothing
+        models.attach(name, engine)
     # Offline there is no interactive traffic to yield to: each line runs at the priority it asks.
     calls = BatchCalls(models, priority=None)
     parsed, bad = parse_lines(Path(input_path).read_text(encoding="utf-8").splitlines(), URLS)
@@ -57,11 +64,11 @@ async def run_batch_file(
         return results.num_completed, results.num_failed
 
 
-def run_batch(engine: AsyncEngine, model_name: str, input_path: str, output_path: str, concurrency: int) -> int:
+def run_batch(engines: Engines, input_path: str, output_path: str, concurrency: int) -> int:
     try:
-        completed, failed = asyncio.run(run_batch_file(engine, model_name, Path(input_path), Path(output_path),
-                                                       concurrency))
+        completed, failed = asyncio.run(run_batch_file(engines, Path(input_path), Path(output_path), concurrency))
     finally:
-        engine.shutdown()
+        for engine in engines.values():
+            engine.shutdown()
     print(f"run-batch: {completed} completed, {failed} failed -> {output_path}", file=sys.stderr)
     return 0
