@@ -101,8 +101,9 @@ class BatchCalls:
             # Embeddings have no priority: the embedder runs its queue in arrival order.
             if self.priority is not None and getattr(req, "priority", self.priority) < self.priority:
                 req = req.model_copy(update={"priority": self.priority})
-            serving = self.models.route(req.model, kind)
-            response = await getattr(serving, method)(req, _NoClient())
+            # Counted as the model's own while it runs, so an unload drains it like a request.
+            async with self.models.admitted(req.model, kind) as serving:
+                response = await getattr(serving, method)(req, _NoClient())
             # Completions answer a pydantic model; embeddings a JSONResponse already encoded.
             return 200, (response.model_dump(mode="json") if isinstance(response, BaseModel)
                          else json.loads(response.body))
