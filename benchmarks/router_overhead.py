@@ -96,7 +96,13 @@ def ttft_ms(url: str, n: int) -> list[float]:
     return out[n // 10:]  # the first tenth warms connections up
 
 
-async def throughput(url: str, seconds: float, concurrency: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def throughput(url: str, seconds: float, concurrency: int, count: bool = False) -> float | tuple[float, int]:
     done = 0
     stop = time.perf_counter() + seconds
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
@@ -110,7 +116,8 @@ async def throughput(url: str, seconds: float, concurrency: int) -> float:
                 i += concurrency
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        return done / (time.perf_counter() - t0)
+        rate = done / (time.perf_counter() - t0)
+        return (rate, done) if count else rate
 
 
 def decisions_per_s(seconds: float) -> float:
@@ -167,9 +174,13 @@ def main() -> int:
                 raise RuntimeError("the router and its fakes did not come up")
             time.sleep(0.5)
         direct = ttft_ms(f"http://127.0.0.1:{ports[0]}", args.requests)
+        cpu0 = cpu_seconds(router.pid)
         routed = ttft_ms("http://127.0.0.1:18300", args.requests)
+        cpu_per_stream = (cpu_seconds(router.pid) - cpu0) / args.requests
         direct_rps = asyncio.run(throughput(f"http://127.0.0.1:{ports[0]}", args.seconds, args.concurrency))
-        rps = asyncio.run(throughput("http://127.0.0.1:18300", args.seconds, args.concurrency))
+        cpu0 = cpu_seconds(router.pid)
+        rps, sent = asyncio.run(throughput("http://127.0.0.1:18300", args.seconds, args.concurrency, count=True))
+        cpu_per_request = (cpu_seconds(router.pid) - cpu0) / sent
         decisions = decisions_per_s(min(args.seconds, 5.0))
     finally:
         for proc in procs:
@@ -180,7 +191,11 @@ def main() -> int:
     print(json.dumps({"ttft_p50_direct_ms": round(d50, 3), "ttft_p50_routed_ms": round(r50, 3),
                       "added_ttft_p50_ms": round(r50 - d50, 3), "direct_req_per_s_one_replica": round(direct_rps, 1),
                       "routed_req_per_s": round(rps, 1),
-                      "decisions_per_s": round(decisions, 1)}))
+                      "decisions_per_s": round(decisions, 1),
+                      # CPU time the router process spent per request (all its threads): unlike the
+                      # wall-clock figures above, barely moved by other work on a shared machine.
+                      "router_cpu_ms_per_stream": round(cpu_per_stream * 1000, 3),
+                      "router_cpu_ms_per_request_c32": round(cpu_per_request * 1000, 3)}))
     return 0
 
 

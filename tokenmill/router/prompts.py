@@ -9,11 +9,12 @@ prompt string through encode with the model's BOS rule, a token-id prompt as is.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from functools import lru_cache
 
-import httpx
+import aiohttp
 import jinja2
 import jinja2.ext  # noqa: F401  (the tokenizer's template sandbox needs the submodule loaded)
 import tokenizers
@@ -103,22 +104,24 @@ class Tokenizers:
     def get(self, fingerprint: str | None) -> Tokenizer | None:
         return self._by_fingerprint.get(fingerprint) if fingerprint else None
 
-    def ensure(self, client: httpx.AsyncClient, fingerprint: str, url: str, model: str) -> None:
+    def ensure(self, client: aiohttp.ClientSession, fingerprint: str, url: str, model: str) -> None:
         """Start fetching this fingerprint's tokenizer in the background (if not yet)."""
         if fingerprint in self._by_fingerprint or fingerprint in self._fetching:
             return
         self._fetching[fingerprint] = asyncio.create_task(self._fetch(client, fingerprint, url, model))
 
-    async def _fetch(self, client: httpx.AsyncClient, fingerprint: str, url: str, model: str) -> None:
+    async def _fetch(self, client: aiohttp.ClientSession, fingerprint: str, url: str, model: str) -> None:
         try:
-            resp = await client.get(url + "/v1/tokenmill/tokenizer", params={"model": model}, timeout=30)
-            resp.raise_for_status()
+            async with client.get(url + "/v1/tokenmill/tokenizer", params={"model": model},
+                                  timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                resp.raise_for_status()
+                raw = await resp.read()
             # Parsing a 2 MB tokenizer.json takes ~100 ms: off the event loop.
-            tok = await asyncio.to_thread(tokenizer_from_doc, resp.json())
+            tok = await asyncio.to_thread(lambda: tokenizer_from_doc(json.loads(raw)))
             self.encoders[fingerprint] = SegmentEncoder(tok)
             self._by_fingerprint[fingerprint] = tok
             log.info("tokenizer %s loaded from %s", fingerprint, url)
-        except (httpx.HTTPError, ValueError, KeyError) as e:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as e:
             log.warning("could not load tokenizer %s from %s: %s", fingerprint, url, e)
         finally:
             self._fetching.pop(fingerprint, None)

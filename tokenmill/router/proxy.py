@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -34,7 +34,9 @@ from tokenmill.router.settings import RouterSettings
 
 log = logging.getLogger("tokenmill.router")
 
-RETRY_STATUS = (429, 500, 502, 503, 504)  # the replica could not take it: another may
+RETRY_STATUS = (429, 500, 502, 503, 504)
+# What a replica failing on the wire looks like: refused, reset, timed out, a broken body.
+CLIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)  # the replica could not take it: another may
 _HOP_HEADERS = ("content-type", "authorization", "accept")
 VERSION_HEADER = "x-tokenmill-version"  # which version group answered: A/B clients and tests read it
 
@@ -50,7 +52,7 @@ class Fleet:
     replica_file: ReplicaFile | None = None
     rng: random.Random = field(default_factory=random.Random)
     tokenizers: Tokenizers = field(default_factory=Tokenizers)
-    client: httpx.AsyncClient | None = None
+    client: aiohttp.ClientSession | None = None
 
     def __post_init__(self):
         self.metrics = RouterMetrics(lambda: (list(self.replicas), self.rollout.snapshot()))
@@ -135,7 +137,9 @@ class Fleet:
         stream = bool(body.get("stream"))
         session = request.headers.get(self.settings.session_header) or body.get("user")
         version = self.rollout.version_for(str(session) if session else uuid.uuid4().hex)
-        headers = self.headers(request)
+        # The body was just parsed as JSON: say so, whatever the client sent (aiohttp would
+        # otherwise label raw bytes application/octet-stream, which the replica refuses).
+        headers = {**self.headers(request), "content-type": "application/json"}
         tried: set[str] = set()
         for attempt in range(self.settings.max_attempts):
             replica, decision, hashes = self.pick(path, body, version, str(session) if session else None, tried)
@@ -160,40 +164,39 @@ class Fleet:
                        done: _Done) -> Response | None:
         """One try on one replica: its response, or None to try another (nothing sent yet)."""
         try:
-            resp = await self.client.send(
-                self.client.build_request("POST", replica.url + path, content=raw, headers=headers), stream=True)
-        except httpx.TransportError as e:
+            resp = await self.client.post(replica.url + path, data=raw, headers=headers)
+        except CLIENT_ERRORS as e:
             replica.mark_failed(f"{type(e).__name__} on connect")
             done.finish(ok=False)
             return None
         try:
-            if resp.status_code in RETRY_STATUS and attempt + 1 < self.settings.max_attempts:
-                await resp.aclose()
-                if resp.status_code == 503:
+            if resp.status in RETRY_STATUS and attempt + 1 < self.settings.max_attempts:
+                resp.close()
+                if resp.status == 503:
                     replica.healthy = False  # draining or loading: the next probe decides
                 done.finish(ok=False)
                 return None
-            if not stream or resp.status_code != 200:
-                content = await resp.aread()
-                await resp.aclose()
-                done.finish(ok=resp.status_code < 500, usage_from=content)
-                return Response(content, resp.status_code, media_type=resp.headers.get("content-type"),
+            if not stream or resp.status != 200:
+                content = await resp.read()
+                resp.release()
+                done.finish(ok=resp.status < 500, usage_from=content)
+                return Response(content, resp.status, media_type=resp.headers.get("content-type"),
                                 headers={VERSION_HEADER: replica.version})
-            chunks = resp.aiter_raw()
+            chunks = resp.content.iter_any()
             first = await _first_chunk(chunks)
-        except httpx.TransportError as e:  # broke before any byte went out: try elsewhere
-            await resp.aclose()
+        except CLIENT_ERRORS as e:  # broke before any byte went out: try elsewhere
+            resp.close()
             replica.mark_failed(f"{type(e).__name__} before the first byte")
             done.finish(ok=False)
             return None
         except asyncio.CancelledError:
-            await resp.aclose()
+            resp.close()
             raise
         done.first_byte()
         return _Stream(self._relay(first, chunks, resp, done), resp, done,
                        headers={"Cache-Control": "no-cache", VERSION_HEADER: replica.version})
 
-    async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], resp: httpx.Response,
+    async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], resp: aiohttp.ClientResponse,
                      done: _Done) -> AsyncIterator[bytes]:
         tail = first[-_TAIL:]
         ok: bool | None = False
@@ -203,7 +206,7 @@ class Fleet:
                 tail = (tail + chunk)[-_TAIL:]
                 yield chunk
             ok = True
-        except httpx.TransportError as e:
+        except CLIENT_ERRORS as e:
             done.replica.mark_failed(f"{type(e).__name__} mid-stream")
             self.metrics.failovers.labels(done.replica.url).inc()
             error = {"error": {"message": f"the replica failed mid-stream ({type(e).__name__})",
@@ -213,17 +216,20 @@ class Fleet:
             ok = None  # the client left: no fault of the replica's (closing resp aborts its request)
             raise
         finally:
-            await resp.aclose()
+            # A whole stream frees its connection for reuse; a cut one closes it, which is
+            # what tells the replica to abort the request.
+            resp.release() if ok else resp.close()
             done.finish(ok=ok, usage_from=_last_usage_event(tail))
 
     async def models(self, request: Request) -> Response:
         for r in sorted(self.replicas, key=lambda r: not r.healthy):
             try:
-                resp = await self.client.get(r.url + "/v1/models", headers=self.headers(request))
-            except httpx.TransportError:
+                async with self.client.get(r.url + "/v1/models", headers=self.headers(request)) as resp:
+                    content = await resp.read()
+            except CLIENT_ERRORS:
                 continue
-            if resp.status_code < 500:
-                return Response(resp.content, resp.status_code, media_type=resp.headers.get("content-type"))
+            if resp.status < 500:
+                return Response(content, resp.status, media_type=resp.headers.get("content-type"))
         return _error(503, "no replica answered", "service_unavailable")
 
 
@@ -231,7 +237,7 @@ class _Stream(StreamingResponse):
     """Settles its attempt however the response ends: a client gone before the relay even
     started would otherwise leave the replica's stream open and its in-flight count up."""
 
-    def __init__(self, relay: AsyncIterator[bytes], resp: httpx.Response, done: _Done, headers: dict):
+    def __init__(self, relay: AsyncIterator[bytes], resp: aiohttp.ClientResponse, done: _Done, headers: dict):
         super().__init__(relay, media_type="text/event-stream", headers=headers)
         self._resp, self._done = resp, done
 
@@ -241,7 +247,7 @@ class _Stream(StreamingResponse):
         finally:
             await self.body_iterator.aclose()
             if not self._done.settled:
-                await self._resp.aclose()
+                self._resp.close()
                 self._done.finish(ok=None)
 
 
@@ -350,16 +356,19 @@ def create_app(fleet: Fleet, api_keys: list[str] = (), on_shutdown: Callable[[],
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         s = fleet.settings
-        fleet.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s),
-            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512))
+        # aiohttp, not httpx: a proxied request costs about a third of the CPU time through it
+        # (docs/benchmarks.md, router overhead), and this hop is all the router adds.
+        fleet.client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s),
+            connector=aiohttp.TCPConnector(limit=2048, limit_per_host=0, keepalive_timeout=30),
+            skip_auto_headers=("User-Agent",))
         await fleet.tick()  # know the fleet before the first request
         task = asyncio.create_task(fleet.run_health())
         try:
             yield
         finally:
             task.cancel()
-            await fleet.client.aclose()
+            await fleet.client.close()
             if on_shutdown is not None:
                 await asyncio.to_thread(on_shutdown)
 

@@ -9,12 +9,14 @@ good probe brings it back). A replica that leaves takes its prefix index with it
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from tokenmill.router.policy import ReplicaView
 from tokenmill.router.prefix_index import PrefixIndex
@@ -156,23 +158,24 @@ class ReplicaFile:
         return [s for s in specs if s is not None]
 
 
-async def probe(client: httpx.AsyncClient, r: Replica, now: float, timeout: float) -> None:
+async def probe(client: aiohttp.ClientSession, r: Replica, now: float, timeout: float) -> None:
     """One active check: /health, then /metrics (load), then /v1/tokenmill/info once."""
+    limit = aiohttp.ClientTimeout(total=timeout)
     try:
-        health = await client.get(r.url + "/health", timeout=timeout)
-        if health.status_code != 200:
-            r.server_draining = _error_code(health) == "draining"
-            if r.healthy:
-                log.warning("replica %s unhealthy: /health %d", r.url, health.status_code)
-            r.healthy = False
-            return
-        metrics = await client.get(r.url + "/metrics", timeout=timeout)
-        metrics.raise_for_status()
-        r.waiting, r.running, r.kv_usage = parse_load(metrics.text)
+        async with client.get(r.url + "/health", timeout=limit) as health:
+            if health.status != 200:
+                r.server_draining = _error_code(await health.read()) == "draining"
+                if r.healthy:
+                    log.warning("replica %s unhealthy: /health %d", r.url, health.status)
+                r.healthy = False
+                return
+        async with client.get(r.url + "/metrics", timeout=limit) as metrics:
+            metrics.raise_for_status()
+            r.waiting, r.running, r.kv_usage = parse_load(await metrics.text())
         r.scraped_at = now
         if r.fingerprint is None:
-            await _read_info(client, r, timeout)
-    except (httpx.HTTPError, ValueError) as e:
+            await _read_info(client, r, limit)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
         if r.healthy:
             log.warning("replica %s unhealthy: %s", r.url, type(e).__name__)
         r.healthy = False
@@ -183,21 +186,21 @@ async def probe(client: httpx.AsyncClient, r: Replica, now: float, timeout: floa
     r.healthy, r.server_draining, r.consecutive_failures = True, False, 0
 
 
-async def _read_info(client: httpx.AsyncClient, r: Replica, timeout: float) -> None:
-    info = await client.get(r.url + "/v1/tokenmill/info", timeout=timeout)
-    if info.status_code == 404:  # not a tokenmill replica (or an old one): no prediction there
-        r.fingerprint = ""
-        return
-    info.raise_for_status()
-    models = info.json()["models"]
+async def _read_info(client: aiohttp.ClientSession, r: Replica, limit: aiohttp.ClientTimeout) -> None:
+    async with client.get(r.url + "/v1/tokenmill/info", timeout=limit) as info:
+        if info.status == 404:  # not a tokenmill replica (or an old one): no prediction there
+            r.fingerprint = ""
+            return
+        info.raise_for_status()
+        models = json.loads(await info.read())["models"]
     if models:
         m = models[0]
         r.block_size, r.fingerprint = m["block_size"], m["fingerprint"]
         r.model = m["id"]
 
 
-def _error_code(resp: httpx.Response) -> str | None:
+def _error_code(body: bytes) -> str | None:
     try:
-        return resp.json()["error"]["code"]
+        return json.loads(body)["error"]["code"]
     except (ValueError, KeyError, TypeError):
         return None

@@ -10,7 +10,7 @@ from tokenmill.router.policy import POLICIES, Policy, PolicyConfig
 from tokenmill.router.rollout import Rollout, RolloutConfig
 from tokenmill.router.settings import DEFAULT_VERSION, RouterSettings
 
-# The HTTP stack (fastapi, httpx, uvicorn, tokenizers) is imported only when a router is
+# The HTTP stack (fastapi, aiohttp, uvicorn, tokenizers) is imported only when a router is
 # built: the CLI builds every subcommand's parser, and `tokenmill generate` should not pay ~1 s.
 
 log = logging.getLogger("tokenmill.router")
@@ -74,7 +74,6 @@ def run_router(args: argparse.Namespace) -> int:
 
     if not (args.replica or args.replica_file or args.local):
         raise ValueError("no replicas: give --replica URL, --replica-file PATH or --local N")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     local = LocalFleet(args.local, args.serve_arg, args.local_threads) if args.local else None
     fleet = build_fleet(args, local.urls if local else [])
     if local is not None:
