@@ -123,3 +123,16 @@ def test_backend_choice_per_pool_dtype():
     # On CUDA an int8 pool gets the torch path (Triton's kernels read float pools only); this
     # needs no GPU: the choice is made from the device's type.
     assert type(backend_module._choose(torch.device("cuda"), torch.bfloat16, torch.int8)) is TorchAttention
+
+
+@pytest.mark.slow  # about a minute loaded: the default model dequantized, three 275-token prefills
+@pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=str)  # the CPU default, the narrowest
+def test_default_model_perplexity_over_a_narrow_pool(kv_dtype):
+    from tests.model import real
+
+    ppl_f, ppl_q, agree, n = real.perplexity_vs_float_kv(kv_dtype)
+    print(f"perplexity over a float32 KV {ppl_f:.4f}, {kv_dtype} KV {ppl_q:.4f}; next-token agreement {agree:.3f} over {n} tokens")
+    assert ppl_f < 60  # a sane model on plain English prose
+    assert abs(ppl_q - ppl_f) / ppl_f < 0.005
+    assert agree >= 0.9
