@@ -3,8 +3,11 @@ default KV memory holds, decode speed at long context, perplexity, and the resid
 `tokenmill serve` after start.
 
     PYTHONPATH=. python benchmarks/kv_dtype.py [--dtypes float32,bfloat16,float16,int8]
-        [--context 2048] [--batch 1,4] [--tokens 32] [--repeats 3] [--parts pool,decode,perplexity,rss]
+        [--context 2048] [--batch 1,4] [--tokens 32] [--repeats 3] [--parts kernel,pool,decode,perplexity,rss]
 
+- kernel: the C++ attention kernel alone, one layer of SmolLM2's shape (9 heads, 3 KV heads, 64),
+  `batch` sequences of `context` keys each, ms per call (median of 15 rounds of 10 calls, the
+  dtypes interleaved so that load drifts hit them alike).
 - pool: the engine's KV tokens at the default --kv-cache-memory (512 MiB).
 - decode: ms per decode step with `batch` requests of `context`-token prompts (distinct
   prompts, so every request reads its own KV), median of `repeats`; the prompts are prefilled
@@ -58,6 +61,29 @@ def long_prompts(llm: LLM, batch: int, context: int) -> list[list[int]]:
     return [torch.randint(100, vocab - 100, (context,), generator=g).tolist() for _ in range(batch)]
 
 
+def kernel_ms(dtypes: list[str], batch: int, context: int) -> dict[str, float]:
+    from tokenmill.model.attention import cpu_backend
+    from tokenmill.model.attention.kv_dtype import to_pool
+
+    kernel = cpu_backend.kernel()
+    g = torch.Generator().manual_seed(0)
+    block = 16
+    blocks = batch * context // block
+    k, v = torch.randn(blocks, 3, block, 64, generator=g), torch.randn(blocks, 3, block, 64, generator=g)
+    q = torch.randn(batch, 9, 64, generator=g)
+    tables, rows, lens = torch.arange(blocks).view(batch, -1), torch.arange(batch), torch.full((batch,), context)
+    pools = {d: (to_pool(k, getattr(torch, d)), to_pool(v, getattr(torch, d))) for d in dtypes}
+    samples: dict[str, list[float]] = {d: [] for d in dtypes}
+    out = torch.empty_like(q)
+    for _ in range(15):
+        for d, (kc, vc) in pools.items():
+            t = time.perf_counter()
+            for _ in range(10):
+                kernel(q, kc, vc, tables, rows, lens, 0.125, out)
+            samples[d].append((time.perf_counter() - t) / 10 * 1000)
+    return {d: statistics.median(s) for d, s in samples.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,6 +132,12 @@ def main() -> None:
     parts = set(args.parts.split(","))
     batches = [int(b) for b in args.batch.split(",")]
     results: dict[str, dict] = {d: {} for d in dtypes}
+
+    if "kernel" in parts:
+        for b in batches:
+            for d, ms in kernel_ms(dtypes, b, args.context).items():
+                results[d][f"kernel_ms_batch{b}"] = ms
+                print(f"{d:>9}: attention kernel, one layer, {b} x {args.context} keys: {ms:.2f} ms", flush=True)
 
     if parts & {"pool", "decode"}:
         for d in dtypes:
