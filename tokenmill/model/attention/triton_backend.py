@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.model.attention.kv_dtype import to_pool
 from tokenmill.model.attention.metadata import AttentionMetadata, PrefillChunk
 
 _LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
@@ -248,7 +249,11 @@ def _num_sms(device: torch.device) -> int:
 def write_kv(k_cache, v_cache, k, v, slots):
     """k, v [T, kv_heads, D] into the pool at slots [T] (negative slots are skipped)."""
     _check_pool(k_cache, v_cache)
-    assert k.dtype == v.dtype  # the store rounds them to the pool's dtype (kv_dtype.py)
+    if k.dtype != k_cache.dtype:
+        # A 16-bit pool under a float32 model: rounded by torch, as the other backends round
+        # (kv_dtype.to_pool), so a pool's bits do not depend on which backend wrote it.
+        k, v = to_pool(k, k_cache.dtype), to_pool(v, v_cache.dtype)
+    assert k.dtype == k_cache.dtype and v.dtype == v_cache.dtype
     assert k.stride(-1) == 1 and v.stride(-1) == 1
     t, kv_heads, head_dim = k.shape
     if t == 0:
