@@ -14,6 +14,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import Engine
 from tokenmill.model.attention import choose_backend
+from tokenmill.model.attention.kv_dtype import TORCH_KV_DTYPES
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.quant import make_linear, quantized_kernel
 from tokenmill.model.runner import ModelRunner, kv_block_bytes
@@ -22,6 +23,9 @@ from tokenmill.step import ScheduledSeq
 log = logging.getLogger("tokenmill")
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# kv_cache_dtype="auto" on a CPU: half the bytes of float32 for every token attention reads and
+# twice the tokens in the pool. bfloat16 over float16: measured in docs/benchmarks.md (KV cache dtypes).
+CPU_KV_DTYPE = torch.bfloat16
 
 
 def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine:
@@ -38,25 +42,26 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.load.dtype, device)
     max_model_len = min(config.scheduler.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    attention = choose_backend(device, dtype)
+    kv_dtype = resolve_kv_dtype(config.cache.kv_cache_dtype, device, dtype)
+    attention = choose_backend(device, dtype, kv_dtype)
     model = _build_model(config, loaded, dtype, device, max_model_len, attention)
     # A draft model's KV pool mirrors the target's blocks: both are paid from one budget.
     draft = _build_draft(config, loaded, draft_loaded, dtype, device, max_model_len, attention)
-    block_bytes = kv_block_bytes(cfg, config.cache.block_size, dtype)
+    block_bytes = kv_block_bytes(cfg, config.cache.block_size, kv_dtype)
     if draft is not None:
-        block_bytes += kv_block_bytes(draft.config, config.cache.block_size, dtype)
+        block_bytes += kv_block_bytes(draft.config, config.cache.block_size, kv_dtype)
     if config.cache.num_kv_blocks:
         num_blocks = config.cache.num_kv_blocks
     elif device.type == "cuda":
-        num_blocks = _cuda_num_blocks(model, config, block_bytes, max_model_len)
+        num_blocks = _cuda_num_blocks(model, config, block_bytes, max_model_len, kv_dtype)
     else:
         num_blocks = max(1, config.cache.kv_cache_memory_bytes // block_bytes)
     log.info(
-        "KV cache on %s: %d blocks x %d tokens = %d tokens (%.1f MiB%s)", device,
+        "KV cache on %s in %s: %d blocks x %d tokens = %d tokens (%.1f MiB%s)", device, kv_dtype,
         num_blocks, config.cache.block_size, num_blocks * config.cache.block_size, num_blocks * block_bytes / 2**20,
         ", the draft's included" if draft is not None else "",
     )
-    runner = ModelRunner(model, num_blocks, config.cache.block_size, config.runtime.seed)
+    runner = ModelRunner(model, num_blocks, config.cache.block_size, config.runtime.seed, kv_dtype)
     if device.type == "cuda" and not config.runtime.enforce_eager:
         if attention.graph_capturable:
             from tokenmill.model.cuda_graphs import DecodeGraphs
@@ -73,7 +78,7 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
     elif draft is not None:
         from tokenmill.spec.draft import DraftModelProposer
 
-        draft_runner = ModelRunner(draft, num_blocks, config.cache.block_size, config.runtime.seed)
+        draft_runner = ModelRunner(draft, num_blocks, config.cache.block_size, config.runtime.seed, kv_dtype)
         proposer = DraftModelProposer(draft_runner, min(cfg.vocab_size, draft.config.vocab_size))
     return Engine(config, runner, loaded.tokenizer, max_model_len, num_blocks, cfg.vocab_size, proposer)
 
@@ -121,6 +126,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def resolve_kv_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype: for "auto" a 16-bit pool on a CPU (whose float32 model would
+    otherwise spend 4 bytes a value), the model's dtype on CUDA (already 16-bit by default)."""
+    if name == "auto":
+        return CPU_KV_DTYPE if device.type == "cpu" else dtype
+    return TORCH_KV_DTYPES[name]
+
+
 def profile_segments(num_tokens: int, max_model_len: int, block_size: int) -> tuple[list[ScheduledSeq], int]:
     """The largest step as prefill segments no longer than the context (RoPE has no positions
     past it), each on its own blocks; and the number of blocks they use."""
@@ -134,23 +147,23 @@ def profile_segments(num_tokens: int, max_model_len: int, block_size: int) -> tu
 
 
 @torch.inference_mode()
-def profile_forward(model: LlamaForCausalLM, config: EngineConfig, max_model_len: int) -> int:
+def profile_forward(model: LlamaForCausalLM, config: EngineConfig, max_model_len: int, kv_dtype=None) -> int:
     """Run the largest step once on a throwaway pool; returns the pool's bytes."""
     segments, num_blocks = profile_segments(config.scheduler.max_num_batched_tokens, max_model_len, config.cache.block_size)
-    probe = ModelRunner(model, num_blocks, config.cache.block_size)
+    probe = ModelRunner(model, num_blocks, config.cache.block_size, kv_dtype=kv_dtype)
     hidden = probe.forward(segments)
     model.compute_logits(hidden[: min(len(hidden), config.scheduler.max_num_seqs)])
     return probe.kv_caches.numel() * probe.kv_caches.element_size()
 
 
-def _cuda_num_blocks(model: LlamaForCausalLM, config: EngineConfig, block_bytes: int, max_model_len: int) -> int:
+def _cuda_num_blocks(model: LlamaForCausalLM, config: EngineConfig, block_bytes: int, max_model_len: int, kv_dtype) -> int:
     """Blocks that fit in gpu_memory_utilization of the GPU after the weights and the activation
     peak of the largest step (a profiling forward of max_num_batched_tokens tokens)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    probe_bytes = profile_forward(model, config, max_model_len)
+    probe_bytes = profile_forward(model, config, max_model_len, kv_dtype)
     torch.cuda.synchronize()
     activations = torch.cuda.max_memory_allocated() - before - probe_bytes
     torch.cuda.empty_cache()

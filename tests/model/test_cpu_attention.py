@@ -13,6 +13,7 @@ import torch
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk, TorchAttention, choose_backend, torch_paged_attention
 from tokenmill.model.attention import cpu_backend
 from tokenmill.model.attention.cpu_backend import CpuAttention
+from tokenmill.model.attention.kv_dtype import to_pool
 
 CAN_BUILD = shutil.which("g++") is not None and shutil.which("ninja") is not None
 
@@ -101,18 +102,22 @@ def prefill_meta(first_row: int, chunks: list[tuple[int, int]], table: torch.Ten
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.float16, torch.int8], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_tokens_bits_do_not_depend_on_how_it_is_computed(dtype):
+def test_a_tokens_bits_do_not_depend_on_how_it_is_computed(dtype, kv_dtype):
     # One 70-token sequence (block 16, 5 blocks): its rows prefilled as one chunk, as chunks of
     # 9 (a chunked prefill or a prefix-cache hit), decoded one at a time, verified as a 4-row
-    # chunk after decodes of other sequences: bit for bit the same output.
+    # chunk after decodes of other sequences: bit for bit the same output. In every pool dtype
+    # (None: the model's), as the pool is written: rounded or quantized.
     g = torch.Generator().manual_seed(7)
     block, n = 16, 70
-    k_cache = torch.randn(32, 3, block, 64, generator=g).to(dtype)
-    v_cache = torch.randn(32, 3, block, 64, generator=g).to(dtype)
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    k_cache = to_pool(torch.randn(32, 3, block, 64, generator=g), kv_dtype)
+    v_cache = to_pool(torch.randn(32, 3, block, 64, generator=g), kv_dtype)
     table = torch.randperm(32, generator=g)[:5]
     q = torch.randn(n, 9, 64, generator=g).to(dtype)
-    backend = choose_backend(torch.device("cpu"), dtype)
+    backend = choose_backend(torch.device("cpu"), dtype, kv_dtype)
+    assert isinstance(backend, CpuAttention)
 
     def run(qq, meta):
         return backend.forward(qq, k_cache, v_cache, backend.prepare(meta, k_cache), 0.125)

@@ -202,6 +202,29 @@ def test_write_kv_matches_reference(case):
     assert torch.equal(v_cache.cpu().nan_to_num(7.0), want_v.nan_to_num(7.0))
 
 
+@cases(torch.bfloat16, torch.float16)
+def test_float32_model_over_a_16_bit_pool(case):
+    # --kv-cache-dtype bfloat16/float16 under a float32 model: the write rounds as torch rounds
+    # (same pool bits as the reference write), and decode reads the pool as the reference does.
+    pool_dtype, kv_heads, dim, tokens = case, 3, 64, 40
+    g = torch.Generator().manual_seed(11)
+    k, v = torch.randn(tokens, kv_heads, dim, generator=g), torch.randn(tokens, kv_heads, dim, generator=g)
+    q = torch.randn(2, 9, dim, generator=g)
+    slots = torch.arange(tokens)
+    want_k, want_v = torch.zeros(4, kv_heads, BLOCK, dim, dtype=pool_dtype), torch.zeros(4, kv_heads, BLOCK, dim, dtype=pool_dtype)
+    torch_write_kv(want_k, want_v, k, v, slots)
+    k_cache, v_cache = torch.zeros_like(want_k).to(DEVICE), torch.zeros_like(want_v).to(DEVICE)
+    ta.write_kv(k_cache, v_cache, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
+    assert torch.equal(k_cache.cpu(), want_k) and torch.equal(v_cache.cpu(), want_v)
+    meta = AttentionMetadata(slot_mapping=slots[:2], num_decodes=2, decode_block_tables=torch.tensor([[0, 1, 2], [0, 1, 2]]),
+                             decode_context_lens=torch.tensor([40, 17]), prefills=[])
+    ref = torch_paged_attention(q, want_k, want_v, meta, dim**-0.5)
+    out = ta.paged_attention(q.to(DEVICE), k_cache, v_cache, meta, dim**-0.5)
+    assert out.dtype == torch.float32
+    # On a GPU the dots run in the pool's dtype (queries rounded to it): bf16-level tolerance there.
+    assert rel_err(out.cpu(), ref) < (1e-5 if DEVICE == "cpu" else TOL[torch.bfloat16])
+
+
 def test_wrong_block_table_fails_the_check():
     """The comparison can fail: two swapped blocks in one chunk's table are caught."""
     b = Batch([(1, 33), (20, 40)], kv_heads=2, group=4, head_dim=64, dtype=torch.float32)

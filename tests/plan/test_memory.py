@@ -11,12 +11,15 @@ from tokenmill.plan.memory import block_bytes, cpu_pool_blocks, gpu_plan
 def test_predicted_pool_equals_the_engines(small_engine, engine_settings):
     config = EngineConfig.from_flat(**engine_settings)
     # The catalog's shape, not the loaded config: the catalog must describe the model right.
-    assert cpu_pool_blocks(model_shape("smollm2-135m"), config) == small_engine.kv.num_blocks == 10
+    assert cpu_pool_blocks(model_shape("smollm2-135m"), config) == small_engine.kv.num_blocks == 20  # bfloat16 KV
 
 
 def test_predicted_pool_of_the_default_budget():
-    # 512 MiB over 2 x 30 layers x 3 KV heads x 64 x 4 bytes (float32 on CPU) x 16 tokens
-    assert cpu_pool_blocks(model_shape("smollm2-135m"), EngineConfig()) == 512 * 2**20 // 737_280
+    # 512 MiB over 2 x 30 layers x 3 KV heads x 64 x 2 bytes (bfloat16 KV on CPU) x 16 tokens
+    assert cpu_pool_blocks(model_shape("smollm2-135m"), EngineConfig()) == 512 * 2**20 // 368_640
+    # int8: 68 bytes per 64 values (the row's scale)
+    int8 = EngineConfig.from_flat(kv_cache_dtype="int8")
+    assert cpu_pool_blocks(model_shape("smollm2-135m"), int8) == 512 * 2**20 // (2 * 30 * 3 * 68 * 16)
 
 
 def test_kv_bytes_per_token_formula():

@@ -1,7 +1,8 @@
 """ModelRunner: StepRecord -> input tensors -> forward -> sampled tokens.
 
-Owns the KV pool tensor: [2 (k, v), layers, blocks, kv_heads, block_size, head_dim], on the
-model's device. Inputs are built on the host and copied over once per step.
+Owns the KV pool tensor: [2 (k, v), layers, blocks, kv_heads, block_size, row width], on the
+model's device, in the KV dtype (attention/kv_dtype.py: the model's, a 16-bit one, or int8 rows
+with their scale). Inputs are built on the host and copied over once per step.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk
+from tokenmill.model.attention.kv_dtype import dtype_name, kv_token_bytes, row_width
 from tokenmill.model.host import to_device
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.profiling import STEP_RANGE, StepProfiler
@@ -19,24 +21,25 @@ from tokenmill.model.step_context import StepContext
 from tokenmill.outputs import SampleResult
 from tokenmill.step import ScheduledSeq, StepRecord
 
-DTYPE_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-
-
-def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * DTYPE_SIZES[dtype]
+def kv_block_bytes(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
+    return block_size * kv_token_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, seed: int = 0, kv_dtype: torch.dtype | None = None,
+    ):
         cfg = model.config
+        kv_dtype = model.dtype if kv_dtype is None else kv_dtype
+        self.kv_cache_dtype = dtype_name(kv_dtype)  # reported by the server (/v1/tokenmill/info)
         self.model = model
         self.block_size = block_size
         self.device = model.embed_tokens.device
         # One block past the scheduler's pool: the padding rows of a CUDA-graph batch write there.
         self.scratch_block = num_blocks
         self.kv_caches = torch.zeros(
-            2, cfg.num_layers, num_blocks + 1, cfg.num_kv_heads, block_size, cfg.head_dim,
-            dtype=model.dtype, device=self.device,
+            2, cfg.num_layers, num_blocks + 1, cfg.num_kv_heads, block_size, row_width(cfg.head_dim, kv_dtype),
+            dtype=kv_dtype, device=self.device,
         )
         self.sampler = Sampler(seed, self.device)
         self.decode_graphs = None  # tokenmill.model.cuda_graphs.DecodeGraphs, once captured

@@ -14,9 +14,17 @@ from dataclasses import dataclass
 from tokenmill.config import EngineConfig
 from tokenmill.plan.catalog import WEIGHT_BYTES, Hardware, ModelShape
 
-# float32 on CPU and bfloat16 on CUDA are the engine's dtypes for dtype="auto" (build.resolve_dtype).
-CPU_KV_BYTES = 4
+# bfloat16 on CPU and bfloat16 on CUDA are the engine's KV dtypes for kv_cache_dtype="auto"
+# (build.resolve_kv_dtype, with dtype="auto").
+CPU_KV_BYTES = 2
 GPU_KV_BYTES = 2
+
+
+def kv_element_bytes(kv_cache_dtype: str, head_dim: int, auto: float = CPU_KV_BYTES) -> float:
+    """Bytes per KV element for a --kv-cache-dtype; int8 rows carry a 4-byte scale per head_dim
+    values (tokenmill/model/attention/kv_dtype.py)."""
+    sizes = {"auto": auto, "float32": 4, "bfloat16": 2, "float16": 2, "int8": (head_dim + 4) / head_dim}
+    return sizes[kv_cache_dtype]
 
 
 def block_bytes(shape: ModelShape, block_size: int, kv_bytes: float, tp: int = 1) -> float:
@@ -25,10 +33,13 @@ def block_bytes(shape: ModelShape, block_size: int, kv_bytes: float, tp: int = 1
     return 2 * shape.num_layers * heads_per_chip * shape.head_dim * kv_bytes * block_size
 
 
-def cpu_pool_blocks(shape: ModelShape, config: EngineConfig, kv_bytes: float = CPU_KV_BYTES) -> int:
-    """The engine's pool on a CPU: the memory budget in whole blocks (or the explicit count)."""
+def cpu_pool_blocks(shape: ModelShape, config: EngineConfig, kv_bytes: float | None = None) -> int:
+    """The engine's pool on a CPU: the memory budget in whole blocks (or the explicit count).
+    kv_bytes None: those of the config's kv_cache_dtype."""
     if config.cache.num_kv_blocks:
         return config.cache.num_kv_blocks
+    if kv_bytes is None:
+        kv_bytes = kv_element_bytes(config.cache.kv_cache_dtype, shape.head_dim)
     return max(1, int(config.cache.kv_cache_memory_bytes // block_bytes(shape, config.cache.block_size, kv_bytes)))
 
 

@@ -23,6 +23,9 @@ def limits(engine) -> dict:
     c = engine.engine.config
     return {"max_num_seqs": c.scheduler.max_num_seqs, "max_num_batched_tokens": c.scheduler.max_num_batched_tokens,
             "num_kv_blocks": engine.engine.kv.num_blocks, "enable_prefix_caching": c.cache.enable_prefix_caching,
+            # What the pool holds and in what ("auto" resolved): the capacity behind kv_cache_usage_perc.
+            "kv_cache_tokens": engine.engine.kv.num_blocks * engine.block_size,
+            "kv_cache_dtype": getattr(engine.engine.runner, "kv_cache_dtype", None),
             "speculative_method": c.speculative.speculative_method,
             "num_speculative_tokens": c.speculative.num_lookahead_tokens,
             "speculative_disable_by_batch_size": c.speculative.speculative_disable_by_batch_size}

@@ -72,6 +72,7 @@ def _errors(statuses: tuple[int, ...]) -> dict:
 _INT, _STR = {"type": "integer"}, {"type": "string"}
 _LIMITS = {"type": "object", "properties": {
     "max_num_seqs": _INT, "max_num_batched_tokens": _INT, "num_kv_blocks": _INT, "enable_prefix_caching": {"type": "boolean"},
+    "kv_cache_tokens": _INT, "kv_cache_dtype": {"anyOf": [_STR, {"type": "null"}]},
     "speculative_method": {"anyOf": [_STR, {"type": "null"}]}, "num_speculative_tokens": _INT,
     "speculative_disable_by_batch_size": _INT}}
 _INFO = {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": {

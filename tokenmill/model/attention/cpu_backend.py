@@ -15,6 +15,11 @@ dominates, and SDPA's tiling (split sizes chosen from the query and key lengths)
 result depend on its chunk. Here one task per (tile of up to 16 rows of one sequence, KV head)
 reads each key and value row once, for all the rows and the query heads that share it (GQA).
 
+The pool may be float32, bfloat16, float16 or int8 whatever the query's dtype (kv_dtype.py):
+each key and value row is converted to float32 as it is read (an int8 row times its scale), so
+a 16-bit or int8 pool halves or quarters the bytes attention reads at long context, with the
+arithmetic above unchanged.
+
 Built at first use with torch.utils.cpp_extension (g++ and ninja; ~1 minute once, then cached
 in torch's extension directory). Where it cannot be built, `kernel()` returns None and the
 model gets the torch backend instead (attention/backend.py, which logs the choice).
@@ -38,13 +43,15 @@ from tokenmill.model.attention.torch_backend import TorchAttention, TorchStep
 
 log = logging.getLogger("tokenmill")
 
-DTYPES = (torch.float32, torch.bfloat16)  # what the kernel is compiled for
+DTYPES = (torch.float32, torch.bfloat16)  # the query and output dtypes the kernel is compiled for
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # and the pool's (kv_dtype.py)
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -56,6 +63,17 @@ static inline float dot(const T* a, const float* b, int64_t n) {
   return s;
 }
 
+// A pool row's scale: 1 for float rows (a multiply by 1 is exact, so float pools keep their
+// bits), for int8 rows the float32 stored after the row's `dim` values (kv_dtype.py).
+template <typename K>
+static inline float row_scale(const K*, int64_t) { return 1.f; }
+template <>
+inline float row_scale<int8_t>(const int8_t* row, int64_t dim) {
+  float s;
+  std::memcpy(&s, row + dim, sizeof s);
+  return s;
+}
+
 // Rows are grouped in tiles of consecutive rows of one sequence (a prefill chunk's rows; a
 // decode row is a tile of one). A task is (tile, KV head): each key and value row is read once
 // for the whole tile. Every row's arithmetic is the same sequence of operations whatever its
@@ -63,7 +81,7 @@ static inline float dot(const T* a, const float* b, int64_t n) {
 // So a token gets the same bits whether it is decoded, verified or prefilled, in any batch.
 static constexpr int64_t kTileRows = 16;
 
-template <typename T>
+template <typename T, typename K>  // T: queries and output, K: the pool's elements
 static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                    const torch::Tensor& tables, const torch::Tensor& row_seq, const torch::Tensor& row_ctx,
                    double scale, torch::Tensor& out) {
@@ -74,8 +92,8 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1), st = k_cache.stride(2);
   const int64_t table_stride = tables.stride(0), max_ctx = tables.size(1) * block;
   const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
+  const K* kp = k_cache.data_ptr<K>();
+  const K* vp = v_cache.data_ptr<K>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* seqp = row_seq.data_ptr<int64_t>();
   const int64_t* ctxp = row_ctx.data_ptr<int64_t>();
@@ -108,12 +126,13 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       scores.assign(m * span, 0.f);
       mx.assign(m, -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < span; ++t) {
-        const T* krow = kp + table[t / block] * sb + g * sh + (t % block) * st;
+        const K* krow = kp + table[t / block] * sb + g * sh + (t % block) * st;
+        const float kscale = row_scale(krow, dim);
         for (int64_t i = 0; i < n; ++i) {
           if (t >= ctxp[r0 + i]) continue;
           for (int64_t j = 0; j < group; ++j) {
             const int64_t v = i * group + j;
-            const float s = dot(krow, qf.data() + v * dim, dim);
+            const float s = dot(krow, qf.data() + v * dim, dim) * kscale;
             scores[v * span + t] = s;
             if (s > mx[v]) mx[v] = s;
           }
@@ -130,12 +149,13 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       }
       acc.assign(m * dim, 0.f);
       for (int64_t t = 0; t < span; ++t) {
-        const T* vrow = vp + table[t / block] * sb + g * sh + (t % block) * st;
+        const K* vrow = vp + table[t / block] * sb + g * sh + (t % block) * st;
+        const float vscale = row_scale(vrow, dim);
         for (int64_t i = 0; i < n; ++i) {
           if (t >= ctxp[r0 + i]) continue;
           for (int64_t j = 0; j < group; ++j) {
             const int64_t v = i * group + j;
-            const float p = scores[v * span + t];
+            const float p = scores[v * span + t] * vscale;
             float* a = acc.data() + v * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) a[d] += p * static_cast<float>(vrow[d]);
@@ -151,6 +171,19 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   });
 }
 
+template <typename T>
+static void attend_pool(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                        const torch::Tensor& tables, const torch::Tensor& row_seq, const torch::Tensor& row_ctx,
+                        double scale, torch::Tensor& out) {
+  switch (k_cache.scalar_type()) {
+    case at::kFloat: return attend<T, float>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
+    case at::kBFloat16: return attend<T, at::BFloat16>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
+    case at::kHalf: return attend<T, at::Half>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
+    case at::kChar: return attend<T, int8_t>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
+    default: TORCH_CHECK(false, "paged_attention: a float32, bfloat16, float16 or int8 pool only");
+  }
+}
+
 void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
                      torch::Tensor row_seq, torch::Tensor row_ctx, double scale, torch::Tensor out) {
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "rows must be contiguous");
@@ -160,12 +193,16 @@ void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
   TORCH_CHECK(tables.stride(1) == 1 && row_seq.is_contiguous() && row_ctx.is_contiguous(), "contiguous tables and rows");
   TORCH_CHECK(row_seq.size(0) == q.size(0) && row_ctx.size(0) == q.size(0) && out.sizes() == q.sizes(), "one entry per query row");
 
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V pools share one dtype");
+  TORCH_CHECK(q.scalar_type() == out.scalar_type(), "the output is in the query's dtype");
+  const int64_t width = k_cache.size(3), dim = q.size(2);
+  TORCH_CHECK(width == (k_cache.scalar_type() == at::kChar ? dim + 4 : dim), "pool rows do not match head_dim");
   if (q.scalar_type() == at::kFloat) {
-    attend<float>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
+    attend_pool<float>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
   } else if (q.scalar_type() == at::kBFloat16) {
-    attend<at::BFloat16>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
+    attend_pool<at::BFloat16>(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
   } else {
-    TORCH_CHECK(false, "paged_attention: float32 or bfloat16 only");
+    TORCH_CHECK(false, "paged_attention: float32 or bfloat16 queries only");
   }
 }
 """

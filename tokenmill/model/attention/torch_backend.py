@@ -1,8 +1,9 @@
 """Paged attention in plain torch: the reference every kernel is tested against, and the path
 for what no kernel covers (prefill chunks on the CPU; a GPU without triton).
 
-Pool layout per layer: [num_blocks, kv_heads, block_size, head_dim]; slot = block * block_size
-+ offset.
+Pool layout per layer: [num_blocks, kv_heads, block_size, row width]; slot = block * block_size
++ offset. The pool may hold another dtype than the model's (kv_dtype.py): rows are rounded or
+quantized on write, and gathered rows are turned back into the query's dtype before the matmuls.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from tokenmill.model.attention.kv_dtype import from_pool, to_pool
 from tokenmill.model.attention.metadata import AttentionMetadata, PrefillChunk
 
 
@@ -72,8 +74,8 @@ class TorchAttention:
         # Gathering blocks gives [B, nb, kv_heads, bs, D]; the query heads of each KV head
         # (GQA) multiply every block in place as one broadcast batched matmul, so the gathered
         # K/V are never transposed into a copy and each KV head is read once.
-        k = k_cache[step.meta.decode_block_tables]
-        v = v_cache[step.meta.decode_block_tables]
+        k = from_pool(k_cache[step.meta.decode_block_tables], q.dtype)
+        v = from_pool(v_cache[step.meta.decode_block_tables], q.dtype)
         nb = k.shape[1]
         qd = q[:nd].view(nd, 1, num_kv_heads, group, head_dim)
         scores = torch.matmul(qd, k.transpose(-1, -2))  # [B, nb, kv_heads, group, bs]
@@ -103,16 +105,16 @@ def split_slots(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
 
 
 def _write_split(k_cache, v_cache, k, v, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
-    k_cache[blocks, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
+    k_cache[blocks, :, offsets] = to_pool(k, k_cache.dtype)
+    v_cache[blocks, :, offsets] = to_pool(v, v_cache.dtype)
 
 
 def prefill_attention(q, k_cache, v_cache, prefills: list[PrefillChunk], scale: float, out: torch.Tensor) -> None:
     """The chunks' rows of `out`, each chunk attending causally to its context through SDPA."""
     for chunk in prefills:
         s, n, ctx = chunk.start, chunk.num_tokens, chunk.context_len
-        k = k_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :ctx]  # [kv_heads, L, D]
-        v = v_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :ctx]
+        k = from_pool(k_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :ctx], q.dtype)  # [kv_heads, L, D]
+        v = from_pool(v_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :ctx], q.dtype)
         qp = q[s : s + n].transpose(0, 1)
         if ctx == n:
             o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=True)

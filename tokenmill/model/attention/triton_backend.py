@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.model.attention.kv_dtype import to_pool
 from tokenmill.model.attention.metadata import AttentionMetadata, PrefillChunk
 
 _LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
@@ -233,6 +234,9 @@ def _dot_dtype(t: torch.Tensor):
 
 def _check_pool(k_cache: torch.Tensor, v_cache: torch.Tensor):
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "K and V pools share one layout"
+    # A 16-bit pool under a float32 model is fine (stores round, loads widen); an int8 pool's
+    # rows carry their scale, which these kernels do not read: backend.py gives it the torch path.
+    assert k_cache.is_floating_point() and k_cache.dtype == v_cache.dtype, "Triton reads float KV pools only"
 
 
 @functools.cache
@@ -245,6 +249,10 @@ def _num_sms(device: torch.device) -> int:
 def write_kv(k_cache, v_cache, k, v, slots):
     """k, v [T, kv_heads, D] into the pool at slots [T] (negative slots are skipped)."""
     _check_pool(k_cache, v_cache)
+    if k.dtype != k_cache.dtype:
+        # A 16-bit pool under a float32 model: rounded by torch, as the other backends round
+        # (kv_dtype.to_pool), so a pool's bits do not depend on which backend wrote it.
+        k, v = to_pool(k, k_cache.dtype), to_pool(v, v_cache.dtype)
     assert k.dtype == k_cache.dtype and v.dtype == v_cache.dtype
     assert k.stride(-1) == 1 and v.stride(-1) == 1
     t, kv_heads, head_dim = k.shape
