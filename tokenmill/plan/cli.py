@@ -109,13 +109,14 @@ def _spec(args, hardware: str, tp: int, fmt: str | None, profile_path: str | Non
     from tokenmill.plan.catalog import hardware as hw_named
     from tokenmill.plan.catalog import model_shape
     from tokenmill.plan.cost import Profile, default_profile
+    from tokenmill.plan.memory import CPU_KV_BYTES
     from tokenmill.plan.replica import ReplicaSpec
 
     hw = hw_named(hardware, args.catalog)
     fmt = fmt or ("q4_1" if hardware.startswith("cpu") else "bf16")
     profile = Profile.load(profile_path) if profile_path else default_profile(hardware, fmt)
     if hardware.startswith("cpu") and not profile_path and profile.source != "calibrated":
-        profile = Profile(hardware, fmt, kv_bytes=4)
+        profile = Profile(hardware, fmt, kv_bytes=CPU_KV_BYTES)
     return ReplicaSpec(model_shape(args.model, args.catalog), hw, tp, profile, _config(args, max_num_seqs),
                        args.max_model_len)
 
@@ -197,10 +198,13 @@ def calibrate(args) -> int:
     from tokenmill.plan import calibrate as cal
     from tokenmill.plan.catalog import hardware, model_shape
     from tokenmill.plan.cost import Profile
+    from tokenmill.plan.memory import GPU_KV_BYTES, kv_element_bytes
 
     fmt = args.weight_format or ("q4_1" if args.hardware.startswith("cpu") else "bf16")
     config = EngineConfig.from_flat(model=args.engine_model, num_threads=args.num_threads)
-    kv_bytes = 4 if args.hardware.startswith("cpu") else 2
+    # The bytes per KV element of the engine being measured (its kv_cache_dtype).
+    kv_bytes = (kv_element_bytes(config.cache.kv_cache_dtype, model_shape(args.model).head_dim)
+                if args.hardware.startswith("cpu") else GPU_KV_BYTES)
     facts = cal.machine_facts()
     t0 = time.perf_counter()
     grid = cal.DEFAULT_GRID
