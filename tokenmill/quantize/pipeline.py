@@ -67,14 +67,15 @@ def quantize_model(cfg: ModelConfig, weights: dict, tokenizer: Tokenizer, spec: 
             raise ValueError(f"--group-size {spec.group_size} does not divide the model's width {width} "
                              f"(hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size})")
     work = float_weights(weights)
-    sequences = calibration_sequences(tokenizer, calibration, spec.seq_len, spec.max_tokens)
-    runner = BlockRunner(cfg, sequences)
-    hidden = runner.embed(work)
+    calibrated = spec.method != "rtn"  # round-to-nearest looks at the weights only
+    sequences = calibration_sequences(tokenizer, calibration, spec.seq_len, spec.max_tokens) if calibrated else []
+    runner = BlockRunner(cfg, sequences) if calibrated else None
+    hidden = runner.embed(work) if calibrated else []
     out: dict = {}
     desc = f"{spec.method} {spec.bits}-bit g{spec.group_size}"
     for i in progress(range(cfg.num_layers), cfg.num_layers, desc):
         prefix = f"model.layers.{i}."
-        _, inputs = runner.run(runner.layer(work, i), hidden, capture=spec.method != "rtn")
+        inputs = runner.run(runner.layer(work, i), hidden, capture=True)[1] if calibrated else None
         in_scales = _awq_scales(work, prefix, inputs, spec) if spec.method == "awq" else {}
         for captured, names in SHARED_INPUT.items():
             names = [f"{prefix}{n}.weight" for n in names]
@@ -84,7 +85,8 @@ def quantize_model(cfg: ModelConfig, weights: dict, tokenizer: Tokenizer, spec: 
             for name, q in zip(names, parts):
                 out[name] = q
                 work[name] = q.dequantize()
-        hidden, _ = runner.run(runner.layer(work, i), hidden)  # the next layer sees this one quantized
+        if calibrated:  # the next layer sees this one quantized
+            hidden, _ = runner.run(runner.layer(work, i), hidden)
     for name, w in work.items():
         out.setdefault(name, w)
     return QuantizeResult(out, time.perf_counter() - start, sum(len(s) for s in sequences))
