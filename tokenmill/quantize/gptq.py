@@ -3,11 +3,13 @@ column's rounding error over the columns not yet quantized, weighted by the inve
 the layer's squared output error, H = 2 X^T X over the calibration inputs X.
 
 Written from the paper: the inverse Hessian is used through the upper Cholesky factor of H^-1
-(numerically stable, and row i of it is exactly the update for column i once columns < i are
+(stable in float32 once damped, and row i of it is exactly the update for column i once columns < i are
 fixed); updates inside a block of `block` columns are applied eagerly, the rest of the matrix
 is updated once per block ("lazy batch" updates, the same arithmetic in bigger GEMMs)."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -38,31 +40,50 @@ def gptq(
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(inp)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.diag(H).mean() * torch.eye(inp, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # H^-1 = L^-T L^-1 from the Cholesky factor (torch's cholesky_inverse is several times slower
+    # on CPU than one triangular solve and a product), then H^-1's upper factor.
+    L = torch.linalg.cholesky(H.float())
+    Linv = torch.linalg.solve_triangular(L, torch.eye(inp), upper=False)
+    U = torch.linalg.cholesky(Linv.t() @ Linv, upper=True)
 
-    Q = torch.zeros(out, inp, dtype=torch.int32)
+    # The column loop runs in float32 (the Cholesky above needs float64, the updates do not), on
+    # W transposed so that each weight column is one contiguous row.
+    Wt = W.t().float().contiguous()
+    Qt = torch.zeros(inp, out)
     groups = inp // group_size
-    scales = torch.zeros(out, groups)
-    zeros = torch.zeros(out, groups, dtype=torch.int32)
-    scale = zero = None
-    for i1 in range(0, inp, block):
-        i2 = min(i1 + block, inp)
-        W1 = W[:, i1:i2]  # a view: updates below land in W, so group fits see them
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:  # a group's grid from its columns as updated so far
-                scale, zero = grid.fit(W[:, col : col + group_size].float())
-                scales[:, col // group_size], zeros[:, col // group_size] = scale, zero.to(torch.int32)
-            wcol = W1[:, i].float()
-            q = grid.quantize(wcol, scale, zero)
-            Q[:, col] = q.to(torch.int32)
-            err = (W1[:, i] - ((q - zero) * scale).double()) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    scales = torch.zeros(groups, out)
+    zeros = torch.zeros(groups, out)
+    maxq = float(grid.maxq)
+    with single_thread():  # thousands of tiny ops: thread hand-offs would cost more than they save
+        for i1 in range(0, inp, block):
+            i2 = min(i1 + block, inp)
+            W1 = Wt[i1:i2]  # a view: updates below land in Wt, so group fits see them
+            E1 = torch.empty_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if col % group_size == 0:  # a group's grid from its columns as updated so far
+                    scale, zero = grid.fit(Wt[col : col + group_size].t())
+                    scales[col // group_size], zeros[col // group_size] = scale, zero
+                w = W1[i]
+                q = torch.round(w / scale + zero).clamp_(0, maxq)
+                err = (w - (q - zero) * scale).div_(U1[i, i])
+                W1[i:].addr_(U1[i, i:], err, alpha=-1)
+                E1[i] = err
+                Qt[col] = q
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
 
     inverse = torch.argsort(perm)
     g_idx = (torch.arange(inp) // group_size)[inverse]  # group of each original column
-    return GroupQuantWeight(Q[:, inverse].contiguous(), scales, zeros, g_idx, grid.bits)
+    q = Qt[inverse].t().to(torch.int32).contiguous()
+    return GroupQuantWeight(q, scales.t().contiguous(), zeros.t().to(torch.int32).contiguous(), g_idx, grid.bits)
+
+
+@contextmanager
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

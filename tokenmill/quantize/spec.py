@@ -22,7 +22,7 @@ class QuantizeSpec:
     seq_len: int = 512  # calibration sequence length
     max_tokens: int | None = None  # use at most this many calibration tokens
     awq_grid: int = 20  # AWQ: alpha and clip-ratio grid points
-    awq_tokens: int = 512  # AWQ: calibration rows its searches sample
+    awq_tokens: int = 256  # AWQ: calibration rows its searches sample
 
     def __post_init__(self):
         if self.method not in METHODS:
