@@ -25,13 +25,15 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the shipped one)")
     p.add_argument("--calib-tokens", type=int, default=None, help="use at most this many calibration tokens")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads while quantizing (default 1: its many small ops stall on more when the CPU is shared)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of the mean Hessian diagonal")
 
 
 def spec_from_args(args: argparse.Namespace) -> QuantizeSpec:
     return QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                         act_order=args.act_order, format=args.format, damp=args.damp, seq_len=args.seq_len,
-                        max_tokens=args.calib_tokens)
+                        max_tokens=args.calib_tokens, threads=args.threads)
 
 
 def run_quantize(args: argparse.Namespace) -> int:

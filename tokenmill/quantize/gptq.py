@@ -9,12 +9,11 @@ is updated once per block ("lazy batch" updates, the same arithmetic in bigger G
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from tokenmill.model.packed import GroupQuantWeight
 from tokenmill.quantize.grid import QuantGrid
+from tokenmill.quantize.threads import torch_threads
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +45,7 @@ def gptq(
     Linv = torch.linalg.solve_triangular(L, torch.eye(inp), upper=False)
     U = torch.linalg.cholesky(Linv.t() @ Linv, upper=True)
 
-    # The column loop runs in float32 (the Cholesky above needs float64, the updates do not), on
+    # The column loop runs in float32 (H was summed in float64; damped, float32 is stable), on
     # W transposed so that each weight column is one contiguous row.
     Wt = W.t().float().contiguous()
     Qt = torch.zeros(inp, out)
@@ -54,7 +53,7 @@ def gptq(
     scales = torch.zeros(groups, out)
     zeros = torch.zeros(groups, out)
     maxq = float(grid.maxq)
-    with single_thread():  # thousands of tiny ops: thread hand-offs would cost more than they save
+    with torch_threads(1):  # thousands of tiny ops: thread hand-offs would cost more than they save
         for i1 in range(0, inp, block):
             i2 = min(i1 + block, inp)
             W1 = Wt[i1:i2]  # a view: updates below land in Wt, so group fits see them
@@ -78,12 +77,3 @@ def gptq(
     q = Qt[inverse].t().to(torch.int32).contiguous()
     return GroupQuantWeight(q, scales.t().contiguous(), zeros.t().to(torch.int32).contiguous(), g_idx, grid.bits)
 
-
-@contextmanager
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -19,6 +19,7 @@ from tokenmill.quantize.calibration import BlockRunner, LayerInputs, calibration
 from tokenmill.quantize.gptq import gptq, hessian
 from tokenmill.quantize.rtn import rtn
 from tokenmill.quantize.spec import QuantizeSpec
+from tokenmill.quantize.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ def float_weights(weights: dict) -> dict[str, torch.Tensor]:
 def quantize_model(cfg: ModelConfig, weights: dict, tokenizer: Tokenizer, spec: QuantizeSpec,
                    calibration=None) -> QuantizeResult:
     """`calibration`: a Path, a text, or None for the shipped calibration text."""
+    with torch_threads(spec.threads):
+        return _quantize_model(cfg, weights, tokenizer, spec, calibration)
+
+
+def _quantize_model(cfg: ModelConfig, weights: dict, tokenizer: Tokenizer, spec: QuantizeSpec, calibration) -> QuantizeResult:
     start = time.perf_counter()
     for width in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim):
         if width % spec.group_size:

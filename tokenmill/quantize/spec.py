@@ -23,12 +23,15 @@ class QuantizeSpec:
     max_tokens: int | None = None  # use at most this many calibration tokens
     awq_grid: int = 20  # AWQ: alpha and clip-ratio grid points
     awq_tokens: int = 256  # AWQ: calibration rows its searches sample
+    threads: int = 1  # torch threads while quantizing (threads.py says why one)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
         if self.bits not in (2, 3, 4, 8):
             raise ValueError(f"--bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.group_size < 8:
             raise ValueError(f"--group-size must be at least 8, got {self.group_size}")
         if self.checkpoint_format not in FORMATS:
