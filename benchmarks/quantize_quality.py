@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--calib-tokens", type=int, default=None)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--configs", nargs="*", default=None, help="e.g. gptq4 rtn3 (default: all six)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
@@ -64,6 +65,8 @@ def main() -> None:
     row("float (Q4_1 dequantized)", "smollm2", "none", None)
     row("Q4_1 GGUF (int4 kernel)", "smollm2", "auto", None)
     for method, bits in CONFIGS:
+        if args.configs is not None and f"{method}{bits}" not in args.configs:
+            continue
         out = args.out / f"{method}{bits}g{args.group_size}"
         if not (out / "config.json").is_file():
             cmd = ["python", "-m", "tokenmill", "quantize", "smollm2", "--method", method, "--bits", str(bits),
@@ -76,8 +79,11 @@ def main() -> None:
                 print(json.dumps({"model": out.name, "error": done.returncode}), flush=True)
                 continue
             print(f"# {out.name}: {time.perf_counter() - t0:.0f} s wall including load and write", flush=True)
-        seconds = json.loads((out / "config.json").read_text())["quantization_config"]["tokenmill"]["seconds"]
-        row(f"{method.upper()} {bits}-bit g{args.group_size}", str(out), "auto", seconds)
+        made = json.loads((out / "config.json").read_text())["quantization_config"]["tokenmill"]
+        label = f"{method.upper()} {bits}-bit g{args.group_size}"
+        if method != "rtn":
+            label += f" ({made['calibration_tokens']} calib tokens" + (f", damp {made['damp']})" if method == "gptq" and "damp" in made else ")")
+        row(label, str(out), "auto", made["seconds"])
     print(f"# load average after: {os.getloadavg()}")
 
 

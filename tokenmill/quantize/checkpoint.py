@@ -23,7 +23,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def quantization_config(spec: QuantizeSpec) -> dict:
     fmt = spec.checkpoint_format
     if fmt in ("gptq", "gptq_v2"):
-        return gptq_format.config(spec.bits, spec.group_size, spec.sym, spec.act_order, v1=fmt == "gptq")
+        return gptq_format.config(spec.bits, spec.group_size, spec.sym, spec.act_order, v1=fmt == "gptq", damp=spec.damp)
     if fmt == "awq":
         return awq_format.config(spec.bits, spec.group_size)
     return ct_format.config(spec.bits, spec.group_size, spec.sym, ignore=["lm_head"])

@@ -47,7 +47,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     result = quantize_model(loaded.config, loaded.weights, loaded.tokenizer, spec, args.calib)
     source = Path(loaded.source)
-    extra = {"method": spec.method, "source": args.model, "calibration_tokens": result.calibration_tokens,
+    extra = {"method": spec.method, "damp": spec.damp, "source": args.model, "calibration_tokens": result.calibration_tokens,
              "seconds": round(result.seconds, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_checkpoint(args.output, loaded.config, loaded.tokenizer, result.weights, spec,
                      source if source.is_dir() else None, extra)

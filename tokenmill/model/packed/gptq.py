@@ -53,9 +53,9 @@ def write(w: GroupQuantWeight, prefix: str, v1: bool = True) -> dict[str, torch.
     }
 
 
-def config(bits: int, group_size: int, sym: bool, desc_act: bool, v1: bool = True) -> dict:
+def config(bits: int, group_size: int, sym: bool, desc_act: bool, v1: bool = True, damp: float = 0.01) -> dict:
     return {
         "quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
-        "damp_percent": 0.01, "static_groups": False, "true_sequential": False,
+        "damp_percent": damp, "static_groups": False, "true_sequential": False,
         "checkpoint_format": "gptq" if v1 else "gptq_v2", "lm_head": False,
     }
