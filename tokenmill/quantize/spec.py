@@ -18,7 +18,11 @@ class QuantizeSpec:
     sym: bool = False
     act_order: bool = False
     format: str | None = None  # None: awq for 4-bit AWQ, else gptq
-    damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
+    # GPTQ: fraction of the mean Hessian diagonal added to it. 0.1, not the paper's 0.01: with a
+    # calibration set of ~1,500 tokens, H of a 1,536-wide down_proj is nearly singular and GPTQ
+    # overfits it (SmolLM2 layer 3, error on held-out text: 0.0080 at 0.01, 0.0052 at 0.1,
+    # round-to-nearest 0.0044; q/k/v and gate/up gain from GPTQ at either damping).
+    damp: float = 0.1
     seq_len: int = 512  # calibration sequence length
     max_tokens: int | None = None  # use at most this many calibration tokens
     awq_grid: int = 20  # AWQ: alpha and clip-ratio grid points
