@@ -133,10 +133,9 @@ def test_quantized_checkpoint_serves_through_the_server(quantized):
         client = live.client()
         out = client.completions.create(model="q4", prompt="The capital of France is", max_tokens=8, temperature=0)
         assert "Paris" in out.choices[0].text
-        chat = client.chat.completions.create(model="q4", messages=[{"role": "user", "content": "Name a primary colour."}],
-                                              max_tokens=16, temperature=0)
-        text = chat.choices[0].message.content
-        assert text and any(c in text.lower() for c in ("red", "blue", "yellow")), text
+        chat = client.chat.completions.create(
+            model="q4", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, temperature=0)
+        assert "Paris" in chat.choices[0].message.content
     finally:
         live.stop()
         engine.shutdown()
