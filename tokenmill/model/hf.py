@@ -38,7 +38,7 @@ def read_hf_dir(path: str | Path) -> HFCheckpoint:
         config.eos_token_ids = list(tokenizer.eos_token_ids)
     if config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
-    return HFCheckpoint(config, hf_weights(root, config), tokenizer)
+    return HFCheckpoint(config, hf_weights(root, config, raw.get("quantization_config")), tokenizer)
 
 
 def _json(path: Path, required: bool = True) -> dict:
@@ -52,7 +52,9 @@ def _json(path: Path, required: bool = True) -> dict:
         raise HFError(f"{path}: not valid JSON ({e})") from e
 
 
-def hf_weights(root: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+def hf_weights(root: Path, config: ModelConfig, quantization: dict | None = None) -> dict:
+    """Float tensors as float32; with a `quantization_config` (GPTQ, AWQ, compressed-tensors),
+    each quantized linear as one GroupQuantWeight (model/packed) under `<linear>.weight`."""
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise HFError(f"{root}: no *.safetensors files")
@@ -63,15 +65,30 @@ def hf_weights(root: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
                 for name in st.keys():
                     if name.endswith("rotary_emb.inv_freq"):  # old checkpoints save the RoPE table
                         continue
-                    weights[name] = st.get_tensor(name).to(torch.float32)
+                    t = st.get_tensor(name)
+                    # packed ints stay ints: as float32 an int32 word would lose its low bits
+                    weights[name] = t.to(torch.float32) if t.is_floating_point() or quantization is None else t
         except HFError:
             raise
         except Exception as e:  # safetensors raises its own error types for bad headers/truncation
             raise HFError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if quantization is not None:
+        weights = _unpack_quantized(root, weights, quantization)
     if config.tie_word_embeddings:
         # The decoder reuses the embedding; a saved copy of it would only double the memory.
         weights.pop("lm_head.weight", None)
     return weights
+
+
+def _unpack_quantized(root: Path, weights: dict, quantization: dict) -> dict:
+    from tokenmill.model.packed import read_quantized
+
+    if not isinstance(quantization, dict):
+        raise HFError(f"{root / 'config.json'}: quantization_config is not an object")
+    try:
+        return read_quantized(weights, quantization)
+    except ValueError as e:
+        raise HFError(f"{root}: {e}") from e
 
 
 def hf_tokenizer(root: Path, config: dict) -> Tokenizer:
