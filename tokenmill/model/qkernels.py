@@ -16,7 +16,7 @@ case); at many rows the dequantized tile is reused from cache by every row.
 Batch-invariant by construction: the arithmetic of y[r, n] is the same sequence of operations
 whatever the row count and the thread split. Its products over k go into 8 lane accumulators in
 k order (lane = k mod 8, fused multiply-add), the lanes are summed in one fixed order, then the
-k tail (in % 8) is added in k order. The 4x4 register block and its 1-row and 1-column edges
+k tail (in % 8) is added in k order. The 4x3 register block and its 1-row and 1-column edges
 all run that sequence; nothing depends on which tile or thread holds a column or how many rows
 share the call. Built with -ffp-contract=off so the compiler does not fuse differently in
 different copies of the loop.
@@ -118,11 +118,13 @@ static inline void block(const float* x, int64_t ldx, const float* w, int64_t K,
 }
 
 // All rows of x against `cols` dequantized columns w[cols, K] (row-major), into y[:, c0:c0+cols].
+// 4 rows x 3 columns: 12 accumulators and 3 weight vectors fit AVX2's 16 registers (x is a
+// memory operand of the fused multiply-add); 4 x 4 would spill.
 static void tile_matmul(const float* x, int64_t rows, int64_t K, const float* w, int64_t cols, float* y, int64_t N) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
     int64_t c = 0;
-    for (; c + 4 <= cols; c += 4) block<4, 4>(x + r * K, K, w + c * K, K, y + r * N + c, N);
+    for (; c + 3 <= cols; c += 3) block<4, 3>(x + r * K, K, w + c * K, K, y + r * N + c, N);
     for (; c < cols; ++c) block<4, 1>(x + r * K, K, w + c * K, K, y + r * N + c, N);
   }
   for (; r < rows; ++r) {
