@@ -1,10 +1,12 @@
-"""The CPU kernel choices, measured: (1) quantized linears vs a bf16 GEMM over their dequantized
-weights by row count (why prompt rows and the LM head run dense copies), (2) the C++ attention
-kernel vs the torch path for decodes by batch and context, and for one prefill chunk by length
-(the torch path's SDPA), (3) the engine with and without the C++ kernel on the default model
-(greedy, ignore_eos, engines interleaved, median of 3).
+"""The CPU kernel choices, measured: (1) tokenmill's int4/int8 linears (qkernels.py) by row
+count against what ran before them (torch's int4 kernel for generated rows, a bfloat16 GEMM over
+a dense copy for prompt rows and the LM head), with the 1-row GB/s against this machine's
+measured read bandwidth (the floor), (2) the C++ attention kernel vs the torch path for decodes
+by batch and context, and for one prefill chunk by length (the torch path's SDPA), (3) the
+engine with and without the C++ attention kernel on the default model (greedy, ignore_eos,
+engines interleaved, median of 3).
 
-    python benchmarks/cpu_kernels.py [--threads 2] [--skip-engine]
+    python benchmarks/cpu_kernels.py [--threads 2] [--skip-engine] [--skip-attention]
 """
 
 from __future__ import annotations
@@ -14,41 +16,68 @@ import random
 import statistics
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
 
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk, TorchAttention, cpu_backend
-from tokenmill.model.quant import Int4Linear, Int8Linear
+from tokenmill.model.gguf_blocks import QuantizedWeight
+from tokenmill.model.layers import weight_nbytes
+from tokenmill.model.quant import make_linear
 
 
 def us(fn, n: int = 30) -> float:
+    """Median microseconds of n calls after 3 warm-ups (the machine is shared: medians)."""
     for _ in range(3):
         fn()
-    t = time.perf_counter()
+    times = []
     for _ in range(n):
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / n * 1e6
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def bandwidth_gbs() -> float:
+    """This machine's read bandwidth: a sum over 512 MiB of float32 (far beyond any cache),
+    median of 5, at the current thread count."""
+    buf = torch.ones(128 * 2**20)
+    return buf.numel() * 4 / us(lambda: buf.sum(), 5) / 1e3
+
+
+def torch_int4(lin):
+    """Before issue 21: torch's int4 kernel over the same values (bf16 activations, group 32)."""
+    q = (lin.dequantized() - lin.minimum.float().repeat_interleave(32, 1)) / lin.scale.float().repeat_interleave(32, 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.round().to(torch.int32).contiguous(), 1)
+    sz = torch.stack([lin.scale.t(), (lin.minimum.float() + 8 * lin.scale.float()).t()], -1).bfloat16().contiguous()
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, sz).float()
 
 
 @torch.inference_mode()
 def linears() -> None:
-    print("| linear (out x in) | rows | quantized kernel us | bf16 dense us |\n|---|---|---|---|")
-    shapes = {"int4 gate|up 3072x576": (3072, 576), "int4 down 576x1536": (576, 1536), "int4 q|k|v 960x576": (960, 576)}
-    for name, (n, k) in shapes.items():
-        w = torch.randn(n, k)
-        lin = Int4Linear.from_float(w, None, 32, torch.float32)
-        dense = Int4Linear.from_float(w, None, 32, torch.float32, dense_rows="all")
-        for m in (1, 4, 16, 64, 512):
+    gbs = bandwidth_gbs()
+    print(f"read bandwidth (sum over 512 MiB float32, {torch.get_num_threads()} threads): {gbs:.1f} GB/s\n")
+    print("| linear (out x in) | rows | tokenmill kernel us | GB/s (1 row) | bf16 dense copy us | torch int4 us | dense / kernel |")
+    print("|---|---|---|---|---|---|---|")
+    shapes = {  # SmolLM2-135M's linears (q|k|v and gate|up stacked) and its Q8_0 LM head
+        "Q4_1 q|k|v 960x576": (Q.Q4_1, 960, 576), "Q4_1 gate|up 3072x576": (Q.Q4_1, 3072, 576),
+        "Q4_1 down 576x1536": (Q.Q4_1, 576, 1536), "Q8_0 LM head 49152x576": (Q.Q8_0, 49152, 576),
+    }
+    for name, (qtype, n, k) in shapes.items():
+        w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+        lin = make_linear(QuantizedWeight(quantize(w, qtype), qtype, (n, k)), None, torch.float32, "auto", 32)
+        dense = lin.dequantized().bfloat16()
+        old = torch_int4(lin) if qtype == Q.Q4_1 else None
+        reps = 5 if n > 10000 else 20
+        for m in (1, 16, 64, 256):
             x = torch.randn(m, k)
-            print(f"| {name} | {m} | {us(lambda: lin(x)):.0f} | {us(lambda: dense(x)):.0f} |")
-    # The SmolLM2 LM head: Q8_0, one scale per 32 inputs (so one int8 kernel call per group).
-    n, k = 49152, 576
-    q = torch.randint(-127, 128, (n, k)).float()
-    scales = torch.rand(k // 32, n) * 0.01
-    head = Int8Linear(q, scales, 32, None, torch.float32)
-    dense_head = Int8Linear(q, scales, 32, None, torch.float32, dense_rows="all")
-    for m in (1, 4, 16, 64):
-        x = torch.randn(m, k)
-        print(f"| int8 LM head {n}x{k} | {m} | {us(lambda: head(x), 10):.0f} | {us(lambda: dense_head(x), 10):.0f} |")
+            t_k = us(lambda: lin(x), reps)
+            t_d = us(lambda: F.linear(x.bfloat16(), dense).float(), reps)
+            t_o = f"{us(lambda: old(x), reps):.0f}" if old is not None and m <= 64 else "-"
+            rate = f"{weight_nbytes(lin) / t_k / 1e3:.1f}" if m == 1 else ""
+            print(f"| {name} | {m} | {t_k:.0f} | {rate} | {t_d:.0f} | {t_o} | {t_d / t_k:.2f}x |")
 
 
 @torch.inference_mode()
@@ -119,10 +148,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--skip-attention", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     linears()
-    attention()
+    if not args.skip_attention:
+        attention()
     if not args.skip_engine:
         engine()
 

@@ -10,13 +10,13 @@ import logging
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, LoadConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import Engine
 from tokenmill.model.attention import choose_backend
 from tokenmill.model.attention.kv_dtype import TORCH_KV_DTYPES
 from tokenmill.model.llama import LlamaForCausalLM
-from tokenmill.model.quant import make_linear, quantized_kernel
+from tokenmill.model.quant import make_linear
 from tokenmill.model.runner import ModelRunner, kv_block_bytes
 from tokenmill.step import ScheduledSeq
 
@@ -89,10 +89,11 @@ def build_async_engine(config: EngineConfig, loaded=None) -> AsyncEngine:
 
 
 def _build_model(config: EngineConfig, loaded, dtype, device, max_model_len: int, attention) -> LlamaForCausalLM:
-    dense = device.type == "cpu" and _dense_copies(config, loaded)
+    if config.load.dense_weight_limit_gb != LoadConfig.dense_weight_limit_gb:
+        log.warning("dense_weight_limit_gb is deprecated and has no effect: int4/int8 linears keep no dense copies")
     model = LlamaForCausalLM(
-        loaded.config, loaded.weights, dtype, _linear_factory(config, dtype, device, dense=dense), max_model_len,
-        make_head=_linear_factory(config, dtype, device, head=True, dense=dense), attention=attention,
+        loaded.config, loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len,
+        make_head=_linear_factory(config, dtype, device, head=True), attention=attention,
     )
     return model.to(device)  # moves what was built on the host; weights made on the device stay put
 
@@ -197,31 +198,16 @@ def check_same_tokenizer(target, draft) -> None:
         raise ValueError("the draft model's EOS tokens differ from the target's")
 
 
-def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.device, head: bool = False, dense: bool = False):
+def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.device, head: bool = False):
     quantization = config.load.quantization
     if device.type == "cuda" and quantization != "fp8":
         quantization = "none"  # the int4/int8 kernels are CPU ones: GGUF weights run dequantized
     if head and quantization == "fp8":
         quantization = "none"  # fp8 logits cost 2% perplexity on SmolLM2 for a small saving (docs/benchmarks.md)
-    # Every LM head row runs the dense copy: a batch-invariant choice that is also the faster one
-    # for its grouped int8 kernel from 2 rows on (quant.py).
-    dense_rows = ("all" if head else "prompt") if dense else "none"
-
     def make(weight, bias):
-        return make_linear(weight, bias, dtype, quantization, config.load.quant_group_size, dense_rows)
+        return make_linear(weight, bias, dtype, quantization, config.load.quant_group_size)
 
     return make
-
-
-def _dense_copies(config: EngineConfig, loaded) -> bool:
-    """Whether the model's int4/int8 linears may keep bfloat16 copies: all of them must fit
-    dense_weight_limit_gb (checked per model: a draft model has its own)."""
-    numel = sum(
-        int(torch.Size(w.shape).numel()) for name, w in loaded.weights.items()
-        # the embedding is looked up, never multiplied: no linear, no copy
-        if len(w.shape) == 2 and name != "model.embed_tokens.weight" and quantized_kernel(w, config.load.quantization)
-    )
-    return 2 * numel <= config.load.dense_weight_limit_gb * 1e9
 
 
 def build_async_embedder(model: str, max_batch_tokens: int | None = None, max_batch_inputs: int | None = None,

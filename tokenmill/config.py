@@ -32,11 +32,11 @@ class LoadConfig:
     dtype: str = setting("auto", "auto: float32 on CPU, bfloat16 on CUDA", choices=DTYPES)
     quantization: str = setting("auto", "auto: keep a GGUF's quantized weights quantized", choices=QUANTIZATIONS)
     quant_group_size: int = setting(32, "weights per scale when int4/int8 quantizes a float checkpoint")
-    # CPU: int4/int8 linears also keep bfloat16 copies for prompt rows and the LM head, where
-    # torch's quantized kernels are 1.5-10x slower; the budget is per model (a draft has its own).
+    # Deprecated no-op, still accepted so existing command lines and configs keep working: the
+    # int4/int8 linears now run every row on tokenmill's own kernels and keep no bf16 copies.
     dense_weight_limit_gb: float = setting(
-        4.0, "CPU: keep bfloat16 copies of int4/int8 weights for prompt rows and the LM head "
-             "if the model's copies fit in this many GB; 0: never")
+        4.0, "deprecated, no effect (int4/int8 linears keep no dense copies since issue 21); "
+             "setting it logs a warning")
 
     def __post_init__(self) -> None:
         _one_of("dtype", self.dtype, DTYPES)

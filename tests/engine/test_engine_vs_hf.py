@@ -5,6 +5,7 @@ import pytest
 from tests.engine.helpers import assert_pool_whole
 from tests.tiny import REFERENCE_MAX_TOKENS, REFERENCE_PROMPT_LENS, hf_greedy, reference_prompts
 from tokenmill import LLM, SamplingParams
+from tokenmill.model.quant import Int4Linear
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +49,13 @@ def test_greedy_matches_transformers(arch, scenario, tiny_models, references):
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_batch_invariance(tiny_models, quantization):
-    # int4: prompt rows run the linears' bf16 copies, generated rows the int4 kernel, whatever
-    # the batch; a choice by row count would fail here.
+    # int4: every row, prompt or generated, runs tokenmill's int4 kernel, whose result for a
+    # row does not depend on the rows beside it (qkernels.py).
     _, loaded = tiny_models("llama")
     params = SamplingParams(temperature=0, max_tokens=REFERENCE_MAX_TOKENS, ignore_eos=True)
     llm = LLM("tiny", loaded=loaded, num_kv_blocks=256, max_num_batched_tokens=64, quantization=quantization)
     if quantization == "int4":
-        assert llm.engine.runner.model.layers[0].mlp.gate_up.dense is not None
+        assert isinstance(llm.engine.runner.model.layers[0].mlp.gate_up, Int4Linear)
     prompts = reference_prompts(seed=1)
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     crowd = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]

@@ -16,7 +16,6 @@ from tokenmill.model.attention.kv_dtype import row_width
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import LoadedModel, default_model_path, load_model
 from tokenmill.model.quant import make_linear
-from tokenmill.model.step_context import StepContext
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = [
@@ -34,18 +33,17 @@ def loaded(quantization: str) -> LoadedModel:
 
 
 @lru_cache(maxsize=4)
-def model(quantization: str, dense: bool = False, cpu_kernel: bool = False) -> LlamaForCausalLM:
-    """`dense`: the quantized linears keep their bf16 copies for batched rows, as the engine's
-    do on CPU; perplexity runs whole sequences, so it then measures that path. `cpu_kernel`: attention
-    through the C++ kernel, as the engine's on CPU (it reads every KV pool dtype), else torch's."""
+def model(quantization: str, cpu_kernel: bool = False) -> LlamaForCausalLM:
+    """`cpu_kernel`: attention through the C++ kernel, as the engine's on CPU (it reads every KV
+    pool dtype), else torch's."""
     lm = loaded(quantization)
 
-    def factory(weight, bias, quantization=quantization, dense_rows="prompt" if dense else "none"):
-        return make_linear(weight, bias, torch.float32, quantization, 32, dense_rows)
+    def factory(weight, bias, quantization=quantization):
+        return make_linear(weight, bias, torch.float32, quantization, 32)
 
-    # As the engine does: fp8 keeps the LM head in float, a head with a dense copy runs every row on it.
+    # As the engine does: fp8 keeps the LM head in float.
     head_quantization = "none" if quantization == "fp8" else quantization
-    head = lambda weight, bias: factory(weight, bias, head_quantization, "all" if dense else "none")  # noqa: E731
+    head = lambda weight, bias: factory(weight, bias, head_quantization)  # noqa: E731
     attention = choose_backend(torch.device("cpu"), torch.float32) if cpu_kernel else None
     return LlamaForCausalLM(
         lm.config, lm.weights, torch.float32, factory, max_positions=2048, make_head=head, attention=attention)
@@ -66,8 +64,7 @@ def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16, k
         decode_context_lens=None,
         prefills=[PrefillChunk(0, t, t, torch.arange(blocks))],
     )
-    # A whole prompt: every row is a prompt row, as in the engine's prefill.
-    hidden = m(torch.tensor(ids), torch.arange(t), kv, meta, StepContext(first_prompt_row=0))
+    hidden = m(torch.tensor(ids), torch.arange(t), kv, meta)
     return m.compute_logits(hidden)
 
 
@@ -115,10 +112,10 @@ def hf_reference(directory: str, name: str):
     return m.eval()
 
 
-def perplexity_vs_float(quantization: str, dense: bool = False) -> tuple[float, float, float, int]:
+def perplexity_vs_float(quantization: str) -> tuple[float, float, float, int]:
     """(float32 perplexity, `quantization`'s, next-token argmax agreement, tokens) on text()."""
     ids = loaded("none").tokenizer.encode(text())
     logits_f = sequence_logits(model("none"), ids)
-    logits_q = sequence_logits(model(quantization, dense), ids)
+    logits_q = sequence_logits(model(quantization), ids)
     agree = (logits_f.argmax(-1) == logits_q.argmax(-1)).float().mean().item()
     return perplexity(logits_f, ids), perplexity(logits_q, ids), agree, len(ids)

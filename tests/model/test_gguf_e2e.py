@@ -2,8 +2,10 @@
 loading the same file (which dequantizes to float32), and the quantized path against the float.
 
 Tolerances: float path logits within 2e-3 absolute of transformers' (logits span about +-30;
-the difference is float32 summation order). Quantized path: bfloat16 activations in the kernels
-(quant.py), so it is held to greedy agreement and perplexity, not logits."""
+the difference is float32 summation order). Quantized path: tokenmill's int4/int8 kernels run
+float32 activations over the file's exact weight values (quant.py), so it is held to the float
+path (quantization="none", gguf's dequantized weights): logits within 2e-3, the same greedy
+text, perplexity within 0.5%."""
 
 from __future__ import annotations
 
@@ -84,12 +86,11 @@ def test_float_logits_close_to_transformers(hf):
 
 def test_quantized_greedy_agrees_with_float(llm_quant, prompt_ids, float_tokens):
     quant_tokens = greedy(llm_quant, prompt_ids)
-    # Free-running sequences part for good at the first near-tie that rounds the other way, so
-    # where they part is chaotic (it moves with any change in summation order); report it, and
-    # require one sequence to agree throughout.
+    # The kernels compute the dequantized reference's products in another summation order only
+    # (logits within 2e-3): on the tests' prompts the greedy text is the same throughout.
     prefix = [next((i for i, (a, b) in enumerate(zip(q, f)) if a != b), MAX_TOKENS) for q, f in zip(quant_tokens, float_tokens)]
     print(f"quantized vs float greedy common prefix per prompt: {prefix}")
-    assert max(prefix) == MAX_TOKENS
+    assert quant_tokens == float_tokens
     # "Agrees on most tokens" measured without the chaos: given the float path's own greedy
     # sequence as context, the quantized model picks the same next token almost everywhere.
     agree = total = 0
@@ -99,16 +100,22 @@ def test_quantized_greedy_agrees_with_float(llm_quant, prompt_ids, float_tokens)
         agree += sum(p == t for p, t in zip(pred, toks))
         total += len(toks)
     print(f"teacher-forced greedy agreement quantized vs float: {agree}/{total} = {agree / total:.3f}")
-    assert agree / total >= 0.9
+    assert agree / total >= 0.99
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["kernels", "dense-copies"])
-def test_quantized_perplexity_close_to_float(dense):
-    ppl_f, ppl_q, agree, n = real.perplexity_vs_float("auto", dense)
-    print(f"perplexity float32 {ppl_f:.3f}, quantized (dense={dense}) {ppl_q:.3f}; next-token argmax agreement {agree:.3f} over {n} tokens")
+def test_quantized_perplexity_equals_the_dequantized_reference():
+    ppl_f, ppl_q, agree, n = real.perplexity_vs_float("auto")
+    print(f"perplexity float32 {ppl_f:.4f}, quantized kernels {ppl_q:.4f}; next-token argmax agreement {agree:.3f} over {n} tokens")
     assert ppl_f < 60  # a sane model on plain English prose
-    assert abs(ppl_q - ppl_f) / ppl_f < 0.03
-    assert agree > 0.95
+    assert abs(ppl_q - ppl_f) / ppl_f < 0.005
+    assert agree > 0.99
+
+
+def test_quantized_logits_close_to_the_dequantized_reference():
+    ids = real.loaded("none").tokenizer.encode(real.text())[:128]
+    ours = real.sequence_logits(real.model("auto"), ids)
+    ref = real.sequence_logits(real.model("none"), ids)
+    assert (ours - ref).abs().max().item() < 2e-3
 
 
 @pytest.mark.parametrize("which", ["float", "quant"])

@@ -1,7 +1,8 @@
 """Quantized linears against float linears over the same (dequantized) weights.
 
-Tolerances: the kernels run bfloat16 activations (see quant.py), so outputs agree with the
-float32 reference to about 1% of the output scale; the weight values themselves are exact."""
+Tolerances: the kernels run float32 activations over the exact weight values, so outputs agree
+with the float32 reference to float32 summation error (1e-4 of the output scale here; the
+kernel's own bound is checked in test_qkernels.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from gguf.quants import quantize
 from tokenmill.model.layers import FloatLinear, weight_nbytes
 from tokenmill.model.gguf_blocks import QuantizedWeight
 from tokenmill.model.quant import Int4Linear, Int8Linear, make_linear
-from tokenmill.model.step_context import StepContext, step_context
 
 OUT, IN = 96, 128
 
@@ -42,15 +42,18 @@ def test_q4_values_reconstruct_exactly(qtype):
 
 
 def test_int4_kernel_zero_point_convention():
-    # W = (q - 8) * scale + zero: build the module from known q/scale/zero and compare.
+    # W = (q - 8) * scale + zero: build the module from known q/scale/zero and compare (the
+    # module keeps scale and min = zero - 8 * scale in float16).
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (OUT, IN), generator=g, dtype=torch.int32)
     scale = torch.rand(OUT, IN // 32, generator=g) + 0.5
     zero = torch.randn(OUT, IN // 32, generator=g)
     lin = Int4Linear(q, scale, zero, 32, None, torch.float32)
-    s, z = (t.to(torch.bfloat16).float().repeat_interleave(32, 1) for t in (scale, zero))
-    w = (q - 8) * s + z
-    assert rel_err(lin(x()), x().to(torch.bfloat16).float() @ w.t()) < 1e-2
+    s = scale.half().float().repeat_interleave(32, 1)
+    m = (zero.double() - 8 * scale.double()).half().float().repeat_interleave(32, 1)
+    w = q * s + m
+    assert torch.equal(lin.dequantized(), w)
+    assert rel_err(lin(x()), x() @ w.t()) < 1e-4
 
 
 @pytest.mark.parametrize("qtype,cls", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])
@@ -63,7 +66,7 @@ def test_gguf_auto_stays_quantized_and_matches_float(qtype, cls, rows):
     ref = torch.nn.functional.linear(x(rows), w.dequantize(), bias)
     out = lin(x(rows))
     assert out.dtype == torch.float32 and out.shape == (rows, OUT)
-    assert rel_err(out, ref) < 1e-2
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_gguf_none_dequantizes_exactly():
@@ -100,9 +103,9 @@ def test_group_size_falls_back_to_one_that_divides():
 def test_weight_nbytes():
     w = torch.randn(OUT, IN)
     assert weight_nbytes(make_linear(w, None, torch.float32, "none", 32)) == OUT * IN * 4
-    # int4: half a byte per weight plus bf16 (scale, zero) per group of 32
+    # int4: half a byte per weight plus fp16 (scale, min) per group of 32
     assert weight_nbytes(make_linear(w, None, torch.float32, "int4", 32)) == OUT * IN // 2 + OUT * IN // 32 * 4
-    # int8 per row: one byte per weight plus one bf16 scale per row
+    # int8 per row: one byte per weight plus one fp16 scale per row
     assert weight_nbytes(make_linear(w, None, torch.float32, "int8", 32)) == OUT * IN + OUT * 2
     # fp8: one byte per weight plus a float32 scale per output row
     assert weight_nbytes(make_linear(w, None, torch.bfloat16, "fp8", 32)) == OUT * IN + OUT * 4
@@ -152,43 +155,3 @@ def test_stacked_projection_equals_its_parts_side_by_side(stack, quantization):
     got = fused(x())
     assert got.shape == (5, 3 * OUT)
     torch.testing.assert_close(got, apart, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("qtype, cls", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])
-def test_dense_copy_serves_the_rows_from_the_first_prompt_row(qtype, cls):
-    # Rows from the step's first prompt row on run a bf16 GEMM over a copy of the kernel's own
-    # weight values: they must match the quantized kernel (same weights, other summation order);
-    # rows before it must be the kernel's bit for bit, whatever follows them; a head built to run
-    # every row dense does so in any step; the copy is not counted as weights a decode step reads.
-    w = gguf_weight(qtype)
-    bias = torch.randn(OUT)
-    plain = make_linear(w, bias, torch.float32, "auto", 32)
-    dense = make_linear(w, bias, torch.float32, "auto", 32, dense_rows="prompt")
-    head = make_linear(w, bias, torch.float32, "auto", 32, dense_rows="all")
-    assert type(dense) is cls and dense.dense.dtype == torch.bfloat16 and plain.dense is None
-    rows = x(9)
-    want = plain(rows)
-    assert torch.equal(dense(rows), want)  # outside a step: no prompt rows
-    with step_context(StepContext(first_prompt_row=9)):
-        assert torch.equal(dense(rows), want)
-    with step_context(StepContext(first_prompt_row=0)):
-        assert torch.equal(plain(rows), want)  # no copy: the kernel throughout
-        all_dense = dense(rows)
-    with step_context(StepContext(first_prompt_row=4)):
-        split = dense(rows)
-        assert torch.equal(head(rows), all_dense)
-    assert torch.equal(head(rows), all_dense)
-    assert torch.equal(split[:4], want[:4])
-    assert not torch.equal(split[4:], want[4:])  # the other path really ran
-    assert torch.equal(split[4:], all_dense[4:])  # a row's dense result does not depend on the others
-    assert rel_err(all_dense, want) < 1e-2
-    assert rel_err(all_dense, FloatLinear(w.dequantize(), bias)(rows)) < 2e-2
-    assert weight_nbytes(dense) == weight_nbytes(plain)
-
-
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
-def test_dense_copy_from_float_weights(quantization):
-    w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(3))
-    dense = make_linear(w, None, torch.float32, quantization, 32, dense_rows="all")
-    plain = make_linear(w, None, torch.float32, quantization, 32)
-    assert rel_err(dense(x(9)), plain(x(9))) < 1e-2

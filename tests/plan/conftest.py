@@ -18,5 +18,4 @@ def small_engine():
     from tokenmill.build import build_engine
     from tokenmill.config import EngineConfig
 
-    # dense_weight_limit_gb=0: no bfloat16 copies, faster to build; scheduling does not care.
-    return build_engine(EngineConfig.from_flat(**SETTINGS, num_threads=1, dense_weight_limit_gb=0))
+    return build_engine(EngineConfig.from_flat(**SETTINGS, num_threads=1))

@@ -87,6 +87,27 @@ class QuantizedWeight:
             torch.from_numpy(m.reshape(out, groups)),
         )
 
+    def int4_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Q4_0/Q4_1 as the int4 kernel keeps them, read from the blocks without decoding:
+        (nibbles [out, in/2] uint8, each 32-block's 16 bytes as in the file, d [out, in/32],
+        m [out, in/32]) with w = d*q + m. A Q4_1 block is fp16 d, fp16 m, 16 bytes; a Q4_0 block
+        fp16 d, 16 bytes, and w = d*(q-8): m is None (the kernel's symmetric form, m = -8d)."""
+        if self.qtype not in (Q.Q4_0, Q.Q4_1):
+            raise ValueError(f"not a 4-bit type: {self.qtype.name}")
+        blocks = self._blocks()
+        out, inp = self.shape
+        d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+        if self.qtype == Q.Q4_1:
+            m, nibbles = blocks[:, 2:4].view(np.float16).astype(np.float32), blocks[:, 4:20]
+        else:
+            m, nibbles = None, blocks[:, 2:18]
+        groups = inp // 32
+        return (
+            torch.from_numpy(np.ascontiguousarray(nibbles).reshape(out, inp // 2)),
+            torch.from_numpy(d.reshape(out, groups)),
+            None if m is None else torch.from_numpy(m.reshape(out, groups)),
+        )
+
     def int8_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Q8_0 -> (q [out, in] int8, d [out, in/32]) with w = d * q: each block is an fp16 scale
         d, then 32 int8 values."""

@@ -12,7 +12,6 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.model.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from tokenmill.model.layers import ConcatLinear, FloatLinear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
-from tokenmill.model.step_context import StepContext, step_context
 
 # (weight, bias) -> module computing x @ weight.T + bias; the loader passes a quantizing one.
 LinearFactory = Callable[[object, "torch.Tensor | None"], nn.Module]
@@ -98,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         make_linear: LinearFactory | None = None,
         max_positions: int | None = None,
-        # the LM head's, when it differs (fp8 keeps it float; a CPU int4/int8 head runs every row dense)
+        # the LM head's, when it differs (fp8 keeps it float)
         make_head: LinearFactory | None = None,
         attention: AttentionBackend | None = None,  # chosen for the device (attention.choose_backend)
     ):
@@ -141,15 +140,13 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: torch.Tensor,
         meta: AttentionMetadata,
-        step: StepContext = StepContext(),
     ) -> torch.Tensor:
-        with step_context(step):
-            h = F.embedding(input_ids, self.embed_tokens)
-            rope = self.rotary(positions)
-            attn_step = self.attention.prepare(meta, kv_caches[0, 0])  # once, for every layer
-            for i, layer in enumerate(self.layers):
-                h = layer(h, rope, (kv_caches[0, i], kv_caches[1, i]), attn_step)
-            return self.norm(h)
+        h = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rotary(positions)
+        attn_step = self.attention.prepare(meta, kv_caches[0, 0])  # once, for every layer
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, (kv_caches[0, i], kv_caches[1, i]), attn_step)
+        return self.norm(h)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

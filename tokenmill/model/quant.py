@@ -1,60 +1,72 @@
-"""Weight-only quantized linears on torch's own CPU kernels, built from float weights or from
-GGUF blocks (gguf_blocks.py: only GGUF data needs the `gguf` package).
+"""Weight-only quantized linears on tokenmill's own CPU kernels (qkernels.py), built from float
+weights or from GGUF blocks (gguf_blocks.py: only GGUF data needs the `gguf` package).
 
 Which format runs which kernel (see `make_linear`):
 
 | weight                  | quantization | module        | kernel                                      |
 |-------------------------|--------------|---------------|---------------------------------------------|
 | float                   | none / auto  | FloatLinear   | F.linear in `dtype`                         |
-| float or any GGUF type  | int4         | Int4Linear    | aten._weight_int4pack_mm_for_cpu, group-wise|
-| float or any GGUF type  | int8         | Int8Linear    | aten._weight_int8pack_mm, per output row    |
+| float or any GGUF type  | int4         | Int4Linear    | qkernels int4_linear, scale + min per group |
+| float or any GGUF type  | int8         | Int8Linear    | qkernels int8_linear, per output row        |
 | float or any GGUF type  | fp8          | Fp8Linear     | torch._scaled_mm, e4m3 W8A8 (model/fp8.py)  |
-| GGUF Q4_0 / Q4_1        | auto         | Int4Linear    | the file's own int4 values, exactly         |
+| GGUF Q4_0 / Q4_1        | auto         | Int4Linear    | the file's own int4 values and scales       |
 | GGUF Q8_0               | auto         | Int8Linear    | the file's int8 values and per-32 scales    |
 | GGUF other types        | auto         | FloatLinear   | dequantized with gguf.quants                |
 | GGUF any type           | none         | FloatLinear   | dequantized with gguf.quants                |
 
-Prompt rows: torch's int4/int8 CPU kernels are tuned for a few rows. From 16 rows (int4) or
-2 rows (grouped int8) a bfloat16 GEMM over the dequantized weights is 1.5-4x faster (figures in
-docs/benchmarks.md), so a linear built with dense_rows="prompt" also keeps that bfloat16 copy.
-Which rows use it is decided by what they are, never by how many share the step, so a request's
-tokens do not depend on its batch (DESIGN.md): rows from the step's first prompt row on
-(step_context.py; the runner puts prompt tokens last) run the copy, the rows before it
-(generated tokens) the kernel. The LM head is built with dense_rows="all": all its rows run the
-copy. The copy costs 2 bytes per weight; the engine caps it (dense_weight_limit_gb).
+Every row, prompt or generated, one or 512 of them, runs the same kernel, whose result for a
+row does not depend on the other rows (qkernels.py): a request's tokens do not depend on its
+batch, and a draft verified in a chunk equals the token decoded alone (DESIGN.md). Weights are
+kept packed, the size of the GGUF data (4.5 or 8.5 bits per weight), with float16 scales; no
+dense copy. Activations run in float32 (x is cast; the result is cast back to out_dtype).
 
-Both kernels run their activations in bfloat16: with float32 activations torch takes a
-slow fallback path (measured 10-40x slower than bfloat16 on an AVX-512 CPU, slower even than a
-float32 F.linear), so the quantized modules cast x to bfloat16 and the result back.
+Where the C++ kernel cannot be built, the linears dequantize their weights in torch for each
+call (slow, for correctness only; qkernels logs it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.model import qkernels
 from tokenmill.model.fp8 import Fp8Linear
 from tokenmill.model.layers import FloatLinear
-from tokenmill.model.step_context import current_step
 
 if TYPE_CHECKING:  # not at run time: GGUF blocks exist only where `gguf` read a file
     from tokenmill.model.gguf_blocks import QuantizedWeight
 
-KERNEL_DTYPE = torch.bfloat16
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-# Which rows a quantized linear runs through a bfloat16 dense copy (module docstring): none (no
-# copy kept), the step's prompt rows, or all rows (the LM head).
-DenseRows = Literal["none", "prompt", "all"]
+SCALE_DTYPE = torch.float16  # the scales' dtype: GGUF's own, and 2 bytes like it
+INT4_BLOCK = 32  # int4 group sizes are multiples of it: the packing's unit
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the sizes `int4_group_size` picks among for float weights
+
+
+# --- packing ---
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values 0..15 -> [out, in/2] uint8 in GGUF's nibble order: byte j of each
+    32-block holds input j (low nibble) and input j+16 (high nibble)."""
+    out, inp = q.shape
+    blocks = q.to(torch.uint8).reshape(out, inp // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, inp // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4's inverse: [out, in] int32 values 0..15."""
+    out, half = packed.shape
+    b = packed.reshape(out, half // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2).to(torch.int32)
+    return torch.cat([b & 0x0F, b >> 4], dim=2).reshape(out, 2 * half)
 
 
 # --- modules ---
 
 
 def int4_group_size(in_features: int, requested: int) -> int:
-    """The requested group size, or the largest smaller one the kernel takes that divides
+    """The requested group size, or the largest smaller one of INT4_GROUP_SIZES that divides
     in_features (e.g. 128 -> 64 for SmolLM2's 576): a model-wide setting should not fail on
     one odd layer width."""
     fits = [g for g in INT4_GROUP_SIZES if g <= requested and in_features % g == 0]
@@ -66,139 +78,125 @@ def int4_group_size(in_features: int, requested: int) -> int:
 
 
 class WeightOnlyLinear(nn.Module):
-    """What the int4 and int8 linears share: their quantized kernel (`_kernel`) for some rows, the
-    dense copy, when they keep one, for the others (module docstring)."""
+    """What the int4 and int8 linears share: x cast to float32, the kernel, the result cast to
+    out_dtype plus the bias; the torch fallback where the kernel could not be built."""
 
-    def __init__(self, bias, out_dtype, dense_rows: DenseRows):
+    def __init__(self, bias, out_dtype):
         super().__init__()
-        if dense_rows not in ("none", "prompt", "all"):
-            raise ValueError(f"dense_rows must be 'none', 'prompt' or 'all', got {dense_rows!r}")
-        self.out_dtype, self.dense_rows = out_dtype, dense_rows
+        self.out_dtype = out_dtype
         self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
-        # Set by the subclass when kept. Not persistent: weight_nbytes counts what a decode step
-        # reads, and decode reads the quantized weights.
-        self.register_buffer("dense", None, persistent=False)
-
-    @property
-    def keeps_dense(self) -> bool:
-        return self.dense_rows != "none"
-
-    def kernel_rows(self, rows: int) -> int:
-        """How many leading rows run the quantized kernel; the rest run the dense copy."""
-        if self.dense is None:
-            return rows
-        if self.dense_rows == "all":
-            return 0
-        first = current_step().first_prompt_row
-        return rows if first is None else min(first, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.to(KERNEL_DTYPE)
-        rows = x.shape[0]
-        k = self.kernel_rows(rows)
-        if k == rows:
-            y = self._kernel(xs).to(self.out_dtype)
-        elif k == 0:
-            y = F.linear(xs, self.dense).to(self.out_dtype)
-        else:
-            y = torch.cat([self._kernel(xs[:k]).to(self.out_dtype), F.linear(xs[k:], self.dense).to(self.out_dtype)])
+        module = qkernels.kernel()
+        xf = x.float()
+        y = self._kernel(module, xf) if module is not None else F.linear(xf, self.dequantized())
+        y = y.to(self.out_dtype)
         return y if self.bias is None else y + self.bias
 
-    def _kernel(self, xs: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 [out, in] weight the kernel multiplies by (its own values and scales)."""
         raise NotImplementedError
 
 
 class Int4Linear(WeightOnlyLinear):
-    """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // group_size:
-    that is _weight_int4pack_mm_for_cpu's zero-point convention (checked in tests)."""
+    """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k // group_size
+    (GPTQ/AWQ-style: zero is the value of q = 8). Stored as GGUF Q4_1 stores it: the nibbles,
+    and per group a float16 scale d and minimum m with W = q * d + m (m = zero - 8 * scale);
+    GGUF Q4_0's blocks keep no m (m = -8d), so they stay at their 18 bytes per 32 weights."""
 
-    def __init__(
-        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype,
-        dense_rows: DenseRows = "none",
-    ):
-        super().__init__(bias, out_dtype, dense_rows)
-        out, inp = q.shape
-        if group_size not in INT4_GROUP_SIZES or inp % group_size:
-            raise ValueError(f"int4 needs a group size in {INT4_GROUP_SIZES} dividing in_features={inp}")
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype):
+        minimum = zero.double() - 8 * scale.double()
+        self._setup(pack_int4(q), scale, minimum, group_size, bias, out_dtype)
+
+    def _setup(self, packed, scale, minimum, group_size, bias, out_dtype) -> None:
+        WeightOnlyLinear.__init__(self, bias, out_dtype)
+        out, inp = packed.shape[0], packed.shape[1] * 2
+        if group_size <= 0 or group_size % INT4_BLOCK or inp % group_size:
+            raise ValueError(f"int4 needs a group size that is a multiple of {INT4_BLOCK} dividing in_features={inp}")
         self.in_features, self.out_features, self.group_size = inp, out, group_size
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         self.register_buffer("packed", packed)
-        # [groups, out, 2] as the kernel wants: scale and zero of group g for output row n.
-        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE).contiguous()
-        self.register_buffer("scales_and_zeros", sz)
-        if self.keeps_dense:  # the kernel's own arithmetic: (q - 8) * scale + zero, with its bf16 scales
-            g = (q.float() - 8).reshape(out, inp // group_size, group_size)
-            w = (g * sz[..., 0].t().float()[..., None] + sz[..., 1].t().float()[..., None]).reshape(out, inp)
-            self.dense = w.to(KERNEL_DTYPE)
+        self.register_buffer("scale", scale.reshape(out, inp // group_size).to(SCALE_DTYPE).contiguous())
+        # None: symmetric (GGUF Q4_0), min = -8 * scale, kept as an empty tensor (no bytes).
+        minimum = torch.empty(0) if minimum is None else minimum.reshape(out, inp // group_size)
+        self.register_buffer("minimum", minimum.to(SCALE_DTYPE).contiguous())
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, bias, group_size: int, out_dtype, dense_rows: DenseRows = "none") -> "Int4Linear":
-        # Asymmetric min/max per group: q = round((w - min) / s), stored zero = min + 8s.
+    def _from_packed(cls, packed, scale, minimum, group_size, bias, out_dtype) -> "Int4Linear":
+        lin = cls.__new__(cls)
+        lin._setup(packed, scale, minimum, group_size, bias, out_dtype)
+        return lin
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias, group_size: int, out_dtype) -> "Int4Linear":
+        # Asymmetric min/max per group, q = round((w - min) / s), with s and min rounded to
+        # their stored dtype first so q is chosen against the values the kernel runs with.
         out, inp = w.shape
         group_size = int4_group_size(inp, group_size)
         g = w.float().reshape(out, inp // group_size, group_size)
         lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        scale = ((hi - lo) / 15).clamp(min=1e-6).to(SCALE_DTYPE).float()
+        lo = lo.to(SCALE_DTYPE).float()
         q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
-        return cls(q, scale, lo + 8 * scale, group_size, bias, out_dtype, dense_rows)
+        return cls._from_packed(pack_int4(q), scale, lo, group_size, bias, out_dtype)
 
     @classmethod
-    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype, dense_rows: DenseRows = "none") -> "Int4Linear":
-        q, d, m = w.int4_values()
-        return cls(q, d, m + 8 * d, 32, bias, out_dtype, dense_rows)  # d*q + m == (q-8)*d + (m+8d)
+    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int4Linear":
+        packed, d, m = w.int4_blocks()  # the file's nibbles, scales and minimums as they are
+        return cls._from_packed(packed, d, m, 32, bias, out_dtype)
 
-    def _kernel(self, xs: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(xs, self.packed, self.group_size, self.scales_and_zeros)
+    def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
+        return module.int4_linear(xf, self.packed, self.scale, self.minimum, self.group_size)
+
+    def dequantized(self) -> torch.Tensor:
+        g = self.group_size
+        q = unpack_int4(self.packed).float().reshape(self.out_features, -1, g)
+        scale = self.scale.float()
+        minimum = -8 * scale if self.minimum.numel() == 0 else self.minimum.float()
+        w = q * scale[..., None] + minimum[..., None]
+        return w.reshape(self.out_features, self.in_features)
 
 
 class Int8Linear(WeightOnlyLinear):
     """y = x @ W.T with symmetric int8 weights, W[n, k] = q[n, k] * scale[g, n], g = k // group_size.
 
-    _weight_int8pack_mm only knows one scale per output row, so a group size below in_features
-    runs one kernel call per input group and sums them: used for GGUF Q8_0, whose per-32 scales
-    are worth keeping (requantizing the tied LM head of SmolLM2 per row moves its logits by up
-    to 0.5, enough to flip greedy tokens). Float checkpoints quantized on load use per-row."""
+    A group size below in_features keeps GGUF Q8_0's per-32 scales, which are worth keeping
+    (requantizing the tied LM head of SmolLM2 per row moves its logits by up to 0.5, enough to
+    flip greedy tokens). Float checkpoints quantized on load use one scale per row."""
 
-    def __init__(
-        self, q: torch.Tensor, scale: torch.Tensor, group_size: int, bias, out_dtype, dense_rows: DenseRows = "none"
-    ):
-        super().__init__(bias, out_dtype, dense_rows)
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, bias, out_dtype):
+        super().__init__(bias, out_dtype)
         out, inp = q.shape
-        if inp % group_size:
+        if group_size <= 0 or inp % group_size:
             raise ValueError(f"int8 group size {group_size} does not divide in_features={inp}")
         self.out_features, self.in_features, self.group_size = out, inp, group_size
         groups = inp // group_size
-        # [groups, out, group_size]: each group's slice is a contiguous matrix for the kernel.
-        qg = q.to(torch.int8).reshape(out, groups, group_size).transpose(0, 1).contiguous()
-        self.register_buffer("qweight", qg)
-        self.register_buffer("scales", scale.reshape(groups, out).to(KERNEL_DTYPE).contiguous())
-        if self.keeps_dense:  # q * scale with the kernel's bf16 scales
-            w = (qg.float() * self.scales.float()[..., None]).transpose(0, 1).reshape(out, inp)
-            self.dense = w.to(KERNEL_DTYPE)
+        self.register_buffer("qweight", q.to(torch.int8).contiguous())
+        # given [groups, out] (one row of scales per input group), kept [out, groups]
+        self.register_buffer("scales", scale.reshape(groups, out).t().to(SCALE_DTYPE).contiguous())
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, bias, out_dtype, dense_rows: DenseRows = "none") -> "Int8Linear":
+    def from_float(cls, w: torch.Tensor, bias, out_dtype) -> "Int8Linear":
         w = w.float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
-        # Round the scale to the kernel's dtype first so q is chosen against the scale it runs with.
-        scale = scale.to(KERNEL_DTYPE).float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-6)
+        # Round the scale to its stored dtype first so q is chosen against the scale it runs with.
+        scale = scale.to(SCALE_DTYPE).float()
         q = (w / scale[:, None]).round().clamp(-127, 127)
-        return cls(q, scale[None, :], w.shape[1], bias, out_dtype, dense_rows)
+        return cls(q, scale[None, :], w.shape[1], bias, out_dtype)
 
     @classmethod
-    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype, dense_rows: DenseRows = "none") -> "Int8Linear":
+    def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int8Linear":
         q, d = w.int8_values()
-        return cls(q, d.t(), 32, bias, out_dtype, dense_rows)
+        return cls(q, d.t(), 32, bias, out_dtype)
 
-    def _kernel(self, xs: torch.Tensor) -> torch.Tensor:
-        groups = self.qweight.shape[0]
-        if groups == 1:
-            return torch._weight_int8pack_mm(xs, self.qweight[0], self.scales[0])
-        xg = xs.view(-1, groups, self.group_size)
-        y = torch.zeros(xs.shape[0], self.out_features, dtype=torch.float32)
-        for g in range(groups):  # accumulate in float32: bf16 partial sums would lose bits
-            y += torch._weight_int8pack_mm(xg[:, g].contiguous(), self.qweight[g], self.scales[g])
-        return y
+    def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
+        return module.int8_linear(xf, self.qweight, self.scales, self.group_size)
+
+    def dequantized(self) -> torch.Tensor:
+        q = self.qweight.float().reshape(self.out_features, -1, self.group_size)
+        return (q * self.scales.float()[..., None]).reshape(self.out_features, self.in_features)
 
 
 def quantized_kernel(weight: "torch.Tensor | QuantizedWeight", quantization: str) -> type | None:
@@ -219,19 +217,17 @@ def make_linear(
     dtype: torch.dtype,
     quantization: str,
     group_size: int,
-    dense_rows: DenseRows = "none",
 ) -> nn.Module:
-    """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above).
-    `dense_rows`: which rows int4/int8 linears run through a bfloat16 copy (docstring above)."""
+    """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above)."""
     kernel = quantized_kernel(weight, quantization)
     if not isinstance(weight, torch.Tensor):  # GGUF blocks
         if quantization == "auto" and kernel is not None:
-            return kernel.from_gguf(weight, bias, dtype, dense_rows)
+            return kernel.from_gguf(weight, bias, dtype)
         weight = weight.dequantize()
     if kernel is Int8Linear:
-        return Int8Linear.from_float(weight, bias, dtype, dense_rows)
+        return Int8Linear.from_float(weight, bias, dtype)
     if kernel is Int4Linear:
-        return Int4Linear.from_float(weight, bias, group_size, dtype, dense_rows)
+        return Int4Linear.from_float(weight, bias, group_size, dtype)
     if quantization == "fp8":
         return Fp8Linear(weight, bias, dtype)
     if quantization not in ("none", "auto"):

@@ -17,7 +17,6 @@ from tokenmill.model.host import to_device
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.profiling import STEP_RANGE, StepProfiler
 from tokenmill.model.sampler import Sampler
-from tokenmill.model.step_context import StepContext
 from tokenmill.outputs import SampleResult
 from tokenmill.step import ScheduledSeq, StepRecord
 
@@ -88,8 +87,8 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and graphs.fits(segments):
             return graphs.run(segments)
-        input_ids, positions, meta, step = self._prepare(segments)
-        return self.model(input_ids, positions, self.kv_caches, meta, step)
+        input_ids, positions, meta = self._prepare(segments)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _prepare(self, segments: list[ScheduledSeq]):
         bs = self.block_size
@@ -132,8 +131,7 @@ class ModelRunner:
             decode_context_lens=ctx,
             prefills=prefills,
         )
-        step = StepContext(first_prompt_row=sum(len(s.token_ids) for s in segments if not s.prompt))
-        return to_device(ids, dev), to_device(pos, dev), meta, step
+        return to_device(ids, dev), to_device(pos, dev), meta
 
 
 def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -150,6 +148,5 @@ def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
 def batch_order(seqs: list[ScheduledSeq]) -> list[ScheduledSeq]:
     """A step's sequences in batch order: decodes (one generated token) first, as attention
     batches them together; then verify chunks (a generated token and its drafts); prompt chunks
-    last, as quantized linears run every row from the first prompt row on through their dense
-    copies (StepContext.first_prompt_row)."""
+    last. (The order changes no row's arithmetic: every kernel computes a row alone.)"""
     return sorted(seqs, key=lambda s: (s.prompt, len(s.token_ids) != 1))

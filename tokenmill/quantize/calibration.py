@@ -15,7 +15,6 @@ from tokenmill.config import ModelConfig
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk, TorchAttention
 from tokenmill.model.layers import RotaryEmbedding
 from tokenmill.model.llama import DecoderLayer, float_linear_factory
-from tokenmill.model.step_context import StepContext, step_context
 from tokenmill.model.tokenizer import Tokenizer
 
 BLOCK = 16  # KV block size of the per-sequence scratch cache
@@ -108,6 +107,5 @@ class BlockRunner:
             slot_mapping=torch.arange(t), num_decodes=0, decode_block_tables=None, decode_context_lens=None,
             prefills=[PrefillChunk(0, t, t, torch.arange(blocks))],
         )
-        with step_context(StepContext(first_prompt_row=0)):
-            step = self.attention.prepare(meta, kv[0])
-            return layer(h, (rope[0][:t], rope[1][:t]), (kv[0], kv[1]), step)
+        step = self.attention.prepare(meta, kv[0])
+        return layer(h, (rope[0][:t], rope[1][:t]), (kv[0], kv[1]), step)

@@ -1,0 +1,133 @@
+"""tokenmill's C++ int4/int8 linears (qkernels.py) against a float64 reference over the very
+weights they hold, on every format and on odd shapes; and batch invariance: a row's output bits
+are the same alone, inside a batch of 64 and at another thread count.
+
+Tolerance: the kernel accumulates in float32 over 8 lanes, so |y - ref| <= 1e-5 * (|x| @ |W|.T)
+element by element (float32 rounding of a sum of products is bounded by a multiple of the
+sum of their magnitudes; 1e-5 leaves ~3x margin over K/8 * 2^-24 at K = 1536)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
+
+from tokenmill.model import qkernels
+from tokenmill.model.gguf_blocks import QuantizedWeight
+from tokenmill.model.layers import weight_nbytes
+from tokenmill.model.quant import Int4Linear, Int8Linear, make_linear
+
+ROWS = [1, 2, 7, 63, 64, 65, 513]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if qkernels.kernel() is None:
+        pytest.fail("the quantized linear kernel did not build (g++ and ninja are installed by scripts/install.sh)")
+
+
+def gguf(qtype: Q, out: int, inp: int, seed: int = 0) -> QuantizedWeight:
+    w = np.random.default_rng(seed).standard_normal((out, inp)).astype(np.float32)
+    return QuantizedWeight(quantize(w, qtype), qtype, (out, inp))
+
+
+def group_int4(out: int, inp: int, group: int, seed: int = 0) -> Int4Linear:
+    # GPTQ/AWQ style: q in 0..15, a scale and a zero (the value of q = 8) per group.
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out, inp), generator=g, dtype=torch.int32)
+    scale = torch.rand(out, inp // group, generator=g) * 0.02 + 0.005
+    zero = torch.randn(out, inp // group, generator=g) * 0.01
+    return Int4Linear(q, scale, zero, group, None, torch.float32)
+
+
+def per_row_int8(out: int, inp: int, seed: int = 0) -> Int8Linear:
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
+    return make_linear(w, None, torch.float32, "int8", 32)
+
+
+# (name, builder): out and in sizes that are not multiples of the kernel's tiles (4, 32 columns;
+# 8 lanes) where the format allows: GGUF blocks and int4 groups need in % 32 == 0, per-row int8 none.
+CASES = {
+    "Q4_0": lambda: make_linear(gguf(Q.Q4_0, 97, 160), None, torch.float32, "auto", 32),
+    "Q4_1": lambda: make_linear(gguf(Q.Q4_1, 97, 160), None, torch.float32, "auto", 32),
+    "Q8_0": lambda: make_linear(gguf(Q.Q8_0, 97, 160), None, torch.float32, "auto", 32),
+    "int4 group 64": lambda: group_int4(37, 192, 64),
+    "int4 group 128": lambda: group_int4(70, 256, 128),
+    "int8 per row": lambda: per_row_int8(33, 101),
+}
+
+
+def reference(lin, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x @ W.T in float64 over the module's own dequantized weights, |x| @ |W|.T)."""
+    w = lin.dequantized().double()
+    return x.double() @ w.t(), x.double().abs() @ w.abs().t()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_equals_float_reference(case):
+    lin = CASES[case]()
+    g = torch.Generator().manual_seed(1)
+    for rows in ROWS:
+        x = torch.randn(rows, lin.in_features, generator=g)
+        y = lin(x)
+        assert y.dtype == torch.float32 and y.shape == (rows, lin.out_features)
+        ref, mag = reference(lin, x)
+        err = (y.double() - ref).abs()
+        assert (err <= 1e-5 * mag + 1e-30).all(), f"{case} rows={rows}: max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_gguf_weights_held_exactly_in_the_file_size(qtype):
+    # The module's weights are the file's (gguf's dequantizer gives the same floats) and take
+    # no more bytes than the file's blocks: no dense copy anywhere.
+    w = gguf(qtype, 64, 256)
+    lin = make_linear(w, None, torch.float32, "auto", 32)
+    assert torch.equal(lin.dequantized(), w.dequantize())
+    assert weight_nbytes(lin) == sum(b.numel() * b.element_size() for b in lin.buffers())
+    assert weight_nbytes(lin) <= w.nbytes
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_rows_bits_do_not_depend_on_its_batch_or_threads(case):
+    lin = CASES[case]()
+    x = torch.randn(64, lin.in_features, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batch = lin(x)
+        for i in (0, 3, 31, 63):
+            assert torch.equal(lin(x[i : i + 1]), batch[i : i + 1])  # alone
+            assert torch.equal(lin(x[i : i + 3])[0], batch[i])  # in a few rows (the few-rows tiles)
+        assert torch.equal(lin(x[5:60]), batch[5:60])  # a row's position in the batch does not matter
+        torch.set_num_threads(1)
+        assert torch.equal(lin(x), batch)
+        assert torch.equal(lin(x[7:8]), batch[7:8])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_torch_fallback_where_the_kernel_is_missing(monkeypatch):
+    lin = CASES["Q4_1"]()
+    x = torch.randn(5, lin.in_features, generator=torch.Generator().manual_seed(3))
+    want = lin(x)
+    monkeypatch.setattr(qkernels, "kernel", lambda: None)
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_refused():
+    k = qkernels.kernel()
+    lin = CASES["Q4_1"]()
+    with pytest.raises(RuntimeError, match="in_features"):
+        k.int4_linear(torch.randn(2, 96), lin.packed, lin.scale, lin.minimum, 32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        group_int4(8, 96, 48)
+
+
+def test_isa_flags_name_instruction_sets_never_native_or_amx():
+    flags = "fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni amx_tile amx_bf16 avx512_bf16"
+    got = qkernels.isa_flags(flags)
+    assert got == ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+    assert not any("amx" in f or "native" in f for f in got)
+    assert qkernels.isa_flags("fpu sse2 avx avx2 f16c") == ["-mf16c"]  # AVX2 without FMA: the scalar path
