@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from tokenmill.model import qkernels
+from tokenmill.model import cpp_build, qkernels
 from tokenmill.model.gguf_blocks import QuantizedWeight
 from tokenmill.model.layers import weight_nbytes
 from tokenmill.model.quant import Int4Linear, Int8Linear, make_linear
@@ -127,7 +127,7 @@ def test_bad_shapes_are_refused():
 
 def test_isa_flags_name_instruction_sets_never_native_or_amx():
     flags = "fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni amx_tile amx_bf16 avx512_bf16"
-    got = qkernels.isa_flags(flags)
+    got = cpp_build.isa_flags(flags)
     assert got == ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
     assert not any("amx" in f or "native" in f for f in got)
-    assert qkernels.isa_flags("fpu sse2 avx avx2 f16c") == ["-mf16c"]  # AVX2 without FMA: the scalar path
+    assert cpp_build.isa_flags("fpu sse2 avx avx2 f16c") == ["-mf16c"]  # AVX2 without FMA: the scalar path

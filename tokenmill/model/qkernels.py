@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import time
 
-from tokenmill.model.attention.cpu_backend import _cpu_flags, _digest
+from tokenmill.model.cpp_build import build
 
 log = logging.getLogger("tokenmill")
 
@@ -248,41 +246,13 @@ std::string isa() {
 }
 """
 
-# /proc/cpuinfo flag -> compiler flag. AMX is left out on purpose (module docstring).
-_ISA_FLAGS = {
-    "avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c",
-    "avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl", "avx512_vnni": "-mavx512vnni",
-}
-
-
-def isa_flags(cpu_flags: str) -> list[str]:
-    """Compiler flags for the instruction sets /proc/cpuinfo lists; AVX2 only with FMA (the
-    kernel's AVX2 path needs both)."""
-    have = set(cpu_flags.split())
-    flags = [f for name, f in _ISA_FLAGS.items() if name in have]
-    if not {"avx2", "fma"} <= have:
-        flags = [f for f in flags if f not in ("-mavx2", "-mfma")]
-    return flags
-
 
 @functools.cache
 def kernel():
     """The compiled module (int4_linear, int8_linear, isa), or None where it cannot be built."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-
-        flags = isa_flags(_cpu_flags())
-        name = f"tokenmill_qlinear_{_digest(_SOURCE + ' '.join(flags))}"
-        lock = os.path.join(_get_build_directory(name, False), "lock")
-        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
-            os.remove(lock)  # left by a build that was killed: torch would wait on it forever
-        module = load_inline(
-            name=name,
-            cpp_sources=_SOURCE,
-            functions=["int4_linear", "int8_linear", "isa"],
-            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *flags],
-            extra_ldflags=["-fopenmp"],
-        )
+        module = build("tokenmill_qlinear", _SOURCE, ["int4_linear", "int8_linear", "isa"],
+                       ["-O3", "-fopenmp", "-ffp-contract=off"])
     except Exception as e:  # no compiler, no ninja, no headers: quant.py dequantizes in torch
         log.warning("quantized linear kernel unavailable, dequantizing in torch: %s",
                     str(e).splitlines()[0] if str(e) else e)

@@ -20,18 +20,15 @@ each key and value row is converted to float32 as it is read (an int8 row times 
 a 16-bit or int8 pool halves or quarters the bytes attention reads at long context, with the
 arithmetic above unchanged.
 
-Built at first use with torch.utils.cpp_extension (g++ and ninja; ~1 minute once, then cached
-in torch's extension directory). Where it cannot be built, `kernel()` returns None and the
+Built at first use by model/cpp_build.py (g++ and ninja; ~1 minute once, then cached in
+torch's extension directory; the instruction sets named from /proc/cpuinfo, never -march=native). Where it cannot be built, `kernel()` returns None and the
 model gets the torch backend instead (attention/backend.py, which logs the choice).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -39,6 +36,7 @@ from typing import Callable
 import torch
 
 from tokenmill.model.attention.metadata import AttentionMetadata
+from tokenmill.model.cpp_build import build
 from tokenmill.model.attention.torch_backend import TorchAttention, TorchStep
 
 log = logging.getLogger("tokenmill")
@@ -254,35 +252,8 @@ def kernel():
     """The compiled `paged_attention(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out)`,
     or None."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-
-        # -march=native: the binary is for this CPU only, so the cache entry is keyed by the CPU's
-        # flags (a shared home directory or image must not hand an AVX-512 build to another CPU),
-        # and by the source.
-        name = f"tokenmill_cpu_attention_{_digest(_SOURCE + _cpu_flags())}"
-        lock = os.path.join(_get_build_directory(name, False), "lock")
-        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
-            os.remove(lock)  # left by a build that was killed: torch would wait on it forever
-        module = load_inline(
-            name=name,
-            cpp_sources=_SOURCE,
-            functions=["paged_attention"],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
+        module = build("tokenmill_cpu_attention", _SOURCE, ["paged_attention"], ["-O3", "-fopenmp"])
     except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
         log.warning("CPU attention kernel unavailable, using the torch path: %s", str(e).splitlines()[0] if str(e) else e)
         return None
     return module.paged_attention
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
