@@ -38,9 +38,9 @@ class ScheduledSeq:
     block_ids: list[int]
     start: int
     token_ids: list[int]
-    # The chunk starts inside the prompt (a recompute after preemption included): its rows run
-    # the quantized linears' dense copies. Decided by where the chunk starts, so a recompute
-    # chunk's generated tokens may run either kernel: within float tolerance, not bit-exact.
+    # The chunk starts inside the prompt (a recompute after preemption included). It orders
+    # the step's rows (generated tokens first, then prompt chunks; runner.batch_order) and the
+    # planner's cost model reads it; no kernel depends on it (every row runs the same ones).
     prompt: bool = False
     request_id: str = ""
     num_drafts: int = 0
