@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.model.quant import pack_int4
+
 log = logging.getLogger(__name__)
 KERNEL_GROUP = 32  # the group size Int4Linear/Int8Linear.from_gguf build with (quant.py)
 
@@ -90,6 +92,12 @@ class GroupQuantWeight:
         d = self._per_kernel_group(self.scale.float())
         m = -self._per_kernel_group(self.zero.float()) * d
         return self.q.to(torch.int32), d, m
+
+    def int4_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(nibbles [out, in/2] uint8 in the int4 kernel's (GGUF's) order, d, m) per group of 32,
+        as Int4Linear.from_gguf takes them: int4_values, packed."""
+        q, d, m = self.int4_values()
+        return pack_int4(q), d, m
 
     def int8_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, d) with W = q*d per group of 32, q signed, as Int8Linear.from_gguf takes them."""
