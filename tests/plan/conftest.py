@@ -3,8 +3,8 @@ import pytest
 # One real engine serves the plan tests: building smollm2 dequantizes its GGUF (most of a
 # minute on a loaded 2-core machine), so it is built once. Its KV budget is a memory size,
 # not a block count, so the memory-model test checks the engine's own sizing; the budget is
-# small (10 blocks of 737,280 bytes and change) so the scheduling test preempts.
-SETTINGS = dict(kv_cache_memory_bytes=7_500_000, block_size=16, max_num_seqs=4, max_num_batched_tokens=48)
+# small (10 blocks of 368,640 bytes, bfloat16 KV, and change) so the scheduling test preempts.
+SETTINGS = dict(kv_cache_memory_bytes=3_750_000, block_size=16, max_num_seqs=4, max_num_batched_tokens=48)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from tokenmill.plan.memory import block_bytes, cpu_pool_blocks, gpu_plan
 def test_predicted_pool_equals_the_engines(small_engine, engine_settings):
     config = EngineConfig.from_flat(**engine_settings)
     # The catalog's shape, not the loaded config: the catalog must describe the model right.
-    assert cpu_pool_blocks(model_shape("smollm2-135m"), config) == small_engine.kv.num_blocks == 20  # bfloat16 KV
+    assert cpu_pool_blocks(model_shape("smollm2-135m"), config) == small_engine.kv.num_blocks == 10  # bfloat16 KV
 
 
 def test_predicted_pool_of_the_default_budget():
