@@ -267,10 +267,12 @@ class _ServeModel(argparse.Action):
 def served_models(values: list[str] | None, served_name: str | None) -> dict[str, str]:
     """serve's --model flags -> {name clients use: model}. `NAME=MODEL`, or a bare MODEL named
     by itself (or by --served-model-name when it is the only one)."""
+    from tokenmill.server.repository_dir import NAME_PATTERN  # a repository folder's names are the same
+
     pairs = []
     for value in values or [EngineConfig().load.model]:
         name, sep, model = value.partition("=")
-        if not sep or not re.fullmatch(r"[\w.:-]+", name):  # no name given (or '=' inside a path)
+        if not sep or not re.fullmatch(NAME_PATTERN, name):  # no name given (or '=' inside a path)
             name, model = value, value
         if not model:
             raise ValueError(f"--model {value!r}: no model after '='")
