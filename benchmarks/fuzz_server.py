@@ -107,6 +107,8 @@ def describe(req: FuzzRequest) -> str:
         body = json.loads(req.body)
     except (ValueError, UnicodeDecodeError):
         return f"{req.path} {len(req.body)} bytes, not JSON"
+    except RecursionError:  # the deep-nesting bodies: the server answers them, Python's json cannot
+        return f"{req.path} {len(req.body)} bytes, JSON nested too deep to parse"
     if not isinstance(body, dict):
         return f"{req.path} {len(req.body)} bytes, a JSON {type(body).__name__}"
     keys = ("n", "best_of", "max_tokens", "max_completion_tokens", "min_tokens", "logprobs", "top_logprobs", "stream")
