@@ -139,7 +139,9 @@ class Fleet:
             return error(400, f"the body is not a JSON object: {e}")
         stream = bool(body.get("stream"))
         session = request.headers.get(self.settings.session_header) or body.get("user")
-        version = self.rollout.version_for(str(session) if session else uuid.uuid4().hex)
+        # A request without a session gets a random split key, drawn only while there is a split.
+        version = self.rollout.version_for(str(session) if session else
+                                           uuid.uuid4().hex if self.rollout.splitting else "")
         # The body was just parsed as JSON: say so, whatever the client sent (aiohttp would
         # otherwise label raw bytes application/octet-stream, which the replica refuses).
         headers = {**self.headers(request), "content-type": "application/json"}
@@ -209,26 +211,28 @@ class Fleet:
         # Kept as chunks and joined once at the end, not copied on every chunk.
         tail: deque[bytes] = deque((first,), maxlen=_TAIL_CHUNKS)
         ok: bool | None = None
+        reusable = False  # the replica's body was read to its end: its connection can serve again
         try:
             await out.prepare(request)
-            chunk, content = first, resp.content
-            while chunk:
+            chunk, content, broke = first, resp.content, None
+            while chunk and not chunk.endswith(_LAST_EVENT):
                 await out.write(chunk)
                 try:
                     chunk = await content.readany()
                 except CLIENT_ERRORS as e:
-                    broke, ok = type(e).__name__, False
+                    broke = type(e).__name__
                     break
                 tail.append(chunk)
-            else:
-                ok = True
-            if ok is False:
+            if broke is not None:
                 done.replica.mark_failed(f"{broke} mid-stream")
                 self.metrics.failovers.labels(done.replica.url).inc()
                 event = {"error": {"message": f"the replica failed mid-stream ({broke})",
                                    "type": "internal_server_error", "code": "replica_failed"}}
-                await out.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
-            await out.write_eof()
+                chunk = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+            # The last event and the stream's terminator leave in one write.
+            await out.write_eof(chunk)
+            ok = broke is None
+            reusable = ok and await _read_to_end(content)
         except ConnectionError:  # the client left: no fault of the replica's
             ok = None
         except asyncio.CancelledError:  # the client left (handler cancellation)
@@ -237,7 +241,7 @@ class Fleet:
         finally:
             # A whole stream frees its connection for reuse; a cut one closes it, which is
             # what tells the replica to abort the request.
-            resp.release() if ok else resp.close()
+            resp.release() if reusable else resp.close()
             done.finish(ok=ok, usage_from=_last_usage_event(b"".join(tail)) if ok else None)
         return out
 
@@ -257,6 +261,7 @@ def _answer_headers(resp: aiohttp.ClientResponse, version: str) -> dict[str, str
     return {"Content-Type": resp.headers.get("Content-Type", "application/json"), VERSION_HEADER: version}
 
 
+_LAST_EVENT = b"data: [DONE]\n\n"  # an OpenAI stream's last event: nothing follows it
 _TAIL_CHUNKS = 8  # replica reads kept for the usage event (it is a few hundred bytes, in the last one or two)
 
 
@@ -303,6 +308,17 @@ class _Done:
                 tpot = (now - self.first_at) / (out - 1)
         ttft = self.first_at - self.started if self.first_at is not None else None
         self.fleet.rollout.record(r.version, Outcome(ok, ttft, tpot))
+
+
+async def _read_to_end(content: aiohttp.StreamReader) -> bool:
+    """After [DONE] only the body's end is left (usually in the same read): take it, so the
+    connection goes back to the pool instead of being closed."""
+    try:
+        while await content.readany():
+            pass
+    except CLIENT_ERRORS:
+        return False
+    return True
 
 
 def _usage(source: bytes | dict | None) -> dict | None:
