@@ -86,18 +86,32 @@ def _body(i: int, stream: bool) -> dict:
                                                          {"role": "user", "content": f"Question number {i}?"}]}
 
 
+def _ttft_once(client: httpx.Client, url: str, i: int) -> float:
+    t0 = time.perf_counter()
+    with client.stream("POST", url + "/v1/chat/completions", json=_body(i, True)) as r:
+        chunks = r.iter_raw()
+        next(chunks)
+        ttft = (time.perf_counter() - t0) * 1000
+        for _ in chunks:
+            pass
+    return ttft
+
+
 def ttft_ms(url: str, n: int) -> list[float]:
-    out = []
     with httpx.Client(timeout=30) as client:
-        for i in range(n):
-            t0 = time.perf_counter()
-            with client.stream("POST", url + "/v1/chat/completions", json=_body(i, True)) as r:
-                chunks = r.iter_raw()
-                next(chunks)
-                out.append((time.perf_counter() - t0) * 1000)
-                for _ in chunks:
-                    pass
+        out = [_ttft_once(client, url, i) for i in range(n)]
     return out[n // 10:]  # the first tenth warms connections up
+
+
+def ttft_pairs_ms(direct_url: str, routed_url: str, n: int) -> tuple[list[float], list[float]]:
+    """Straight and through the router, one after the other, request by request: on a shared
+    machine both then see the same load, and the difference of the medians is the router's."""
+    direct, routed = [], []
+    with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
+        for i in range(n):
+            direct.append(_ttft_once(a, direct_url, i))
+            routed.append(_ttft_once(b, routed_url, i))
+    return direct[n // 10:], routed[n // 10:]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -171,9 +185,9 @@ def measure_router(repo: Path, replica_urls: list[str], args: argparse.Namespace
                                *[a for u in replica_urls for a in ("--replica", u)]], env=env, cwd=repo)
     try:
         wait_ready(url, router)
-        direct = ttft_ms(replica_urls[0], args.requests)
+        ttft_ms(url, 30)  # warm: the router's connections to the replicas, its caches
         cpu0 = cpu_seconds(router.pid)
-        routed = ttft_ms(url, args.requests)
+        direct, routed = ttft_pairs_ms(replica_urls[0], url, args.requests)
         cpu_per_stream = (cpu_seconds(router.pid) - cpu0) / args.requests
         direct_rps = asyncio.run(throughput(replica_urls[0], args.seconds, args.concurrency))
         cpu0 = cpu_seconds(router.pid)
