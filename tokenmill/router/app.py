@@ -9,6 +9,7 @@ aiohttp is already its client to the replicas, so one HTTP stack serves both sid
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import time
@@ -75,6 +76,11 @@ def create_app(fleet: Fleet, api_keys: list[str] = (), on_shutdown: Callable[[],
             connector=aiohttp.TCPConnector(limit=2048, limit_per_host=0, keepalive_timeout=30),
             skip_auto_headers=("User-Agent",))
         await fleet.tick()  # know the fleet before the first request
+        # What start-up built (modules, the CLI's imports) lives as long as the process: out of
+        # the collector's sight, each collection of the old generation is cheaper.
+        gc.freeze()
+        # A proxied request leaves little cyclic garbage: collect young objects 10x less often.
+        gc.set_threshold(7000, 10, 10)
         task = asyncio.create_task(fleet.run_health())
         try:
             yield
