@@ -8,6 +8,10 @@ model's real tokenizer, so the router tokenizes and hashes every prompt as it do
 `tokenmill serve`.
 
     python benchmarks/router_overhead.py --requests 300 --seconds 10 --concurrency 32
+
+`--baseline DIR` measures a second checkout's router (e.g. `git worktree add DIR <commit>`)
+the same way in the same run, alternating with this one over `--rounds`, for before/after
+figures taken under the same load; medians over the rounds are printed with the ratios.
 """
 
 from __future__ import annotations
@@ -82,18 +86,32 @@ def _body(i: int, stream: bool) -> dict:
                                                          {"role": "user", "content": f"Question number {i}?"}]}
 
 
+def _ttft_once(client: httpx.Client, url: str, i: int) -> float:
+    t0 = time.perf_counter()
+    with client.stream("POST", url + "/v1/chat/completions", json=_body(i, True)) as r:
+        chunks = r.iter_raw()
+        next(chunks)
+        ttft = (time.perf_counter() - t0) * 1000
+        for _ in chunks:
+            pass
+    return ttft
+
+
 def ttft_ms(url: str, n: int) -> list[float]:
-    out = []
     with httpx.Client(timeout=30) as client:
-        for i in range(n):
-            t0 = time.perf_counter()
-            with client.stream("POST", url + "/v1/chat/completions", json=_body(i, True)) as r:
-                chunks = r.iter_raw()
-                next(chunks)
-                out.append((time.perf_counter() - t0) * 1000)
-                for _ in chunks:
-                    pass
+        out = [_ttft_once(client, url, i) for i in range(n)]
     return out[n // 10:]  # the first tenth warms connections up
+
+
+def ttft_pairs_ms(direct_url: str, routed_url: str, n: int) -> tuple[list[float], list[float]]:
+    """Straight and through the router, one after the other, request by request: on a shared
+    machine both then see the same load, and the difference of the medians is the router's."""
+    direct, routed = [], []
+    with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
+        for i in range(n):
+            direct.append(_ttft_once(a, direct_url, i))
+            routed.append(_ttft_once(b, routed_url, i))
+    return direct[n // 10:], routed[n // 10:]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -145,57 +163,86 @@ def decisions_per_s(seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reps = httpx.get(url + "/admin/replicas", timeout=1).json()
+            if all(r["healthy"] and r["tokenizer"] for r in reps):
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the router and its fakes did not come up")
+        time.sleep(0.5)
+
+
+def measure_router(repo: Path, replica_urls: list[str], args: argparse.Namespace) -> dict:
+    """One router (the code under `repo`) in front of the fakes: every figure, beside a direct one."""
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    url = "http://127.0.0.1:18300"
+    router = subprocess.Popen([sys.executable, "-m", "tokenmill", "router", "--port", "18300", "--log-level", "warning",
+                               *[a for u in replica_urls for a in ("--replica", u)]], env=env, cwd=repo)
+    try:
+        wait_ready(url, router)
+        ttft_ms(url, 30)  # warm: the router's connections to the replicas, its caches
+        cpu0 = cpu_seconds(router.pid)
+        direct, routed = ttft_pairs_ms(replica_urls[0], url, args.requests)
+        cpu_per_stream = (cpu_seconds(router.pid) - cpu0) / args.requests
+        direct_rps = asyncio.run(throughput(replica_urls[0], args.seconds, args.concurrency))
+        cpu0 = cpu_seconds(router.pid)
+        rps, sent = asyncio.run(throughput(url, args.seconds, args.concurrency, count=True))
+        cpu_per_request = (cpu_seconds(router.pid) - cpu0) / sent
+    finally:
+        router.terminate()
+        router.wait(30)
+    d50, r50 = statistics.median(direct), statistics.median(routed)
+    return {"ttft_p50_direct_ms": round(d50, 3), "ttft_p50_routed_ms": round(r50, 3),
+            "added_ttft_p50_ms": round(r50 - d50, 3),
+            # the median of each pair's difference: less moved by load that comes and goes
+            "added_ttft_p50_paired_ms": round(statistics.median(r - d for r, d in zip(routed, direct)), 3), "direct_req_per_s_one_replica": round(direct_rps, 1),
+            "routed_req_per_s": round(rps, 1),
+            # CPU time the router process spent per request (all its threads): unlike the
+            # wall-clock figures above, barely moved by other work on a shared machine.
+            "router_cpu_ms_per_stream": round(cpu_per_stream * 1000, 3),
+            "router_cpu_ms_per_request_c32": round(cpu_per_request * 1000, 3)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--fake-replica", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=1, help="rounds; with --baseline the routers alternate")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another checkout whose router is measured the same way in the same run (before/after)")
     args = p.parse_args()
     if args.fake_replica:
         fake_replica(args.fake_replica)
         return 0
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ports = [18301, 18302, 18303]
-    procs = [subprocess.Popen([sys.executable, __file__, "--fake-replica", str(port)], env=env) for port in ports]
-    router = subprocess.Popen([sys.executable, "-m", "tokenmill", "router", "--port", "18300", "--log-level", "warning",
-                               *[a for port in ports for a in ("--replica", f"http://127.0.0.1:{port}")]], env=env)
-    procs.append(router)
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    fakes = [subprocess.Popen([sys.executable, __file__, "--fake-replica", str(port)], env=env) for port in ports]
+    routers = {"now": REPO, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    runs: dict[str, list[dict]] = {name: [] for name in routers}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                reps = httpx.get("http://127.0.0.1:18300/admin/replicas", timeout=1).json()
-                if all(r["healthy"] and r["tokenizer"] for r in reps):
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the router and its fakes did not come up")
-            time.sleep(0.5)
-        direct = ttft_ms(f"http://127.0.0.1:{ports[0]}", args.requests)
-        cpu0 = cpu_seconds(router.pid)
-        routed = ttft_ms("http://127.0.0.1:18300", args.requests)
-        cpu_per_stream = (cpu_seconds(router.pid) - cpu0) / args.requests
-        direct_rps = asyncio.run(throughput(f"http://127.0.0.1:{ports[0]}", args.seconds, args.concurrency))
-        cpu0 = cpu_seconds(router.pid)
-        rps, sent = asyncio.run(throughput("http://127.0.0.1:18300", args.seconds, args.concurrency, count=True))
-        cpu_per_request = (cpu_seconds(router.pid) - cpu0) / sent
-        decisions = decisions_per_s(min(args.seconds, 5.0))
+        for _ in range(args.rounds):
+            for name, repo in routers.items():
+                runs[name].append(measure_router(repo, urls, args))
     finally:
-        for proc in procs:
+        for proc in fakes:
             proc.terminate()
-        for proc in procs:
+        for proc in fakes:
             proc.wait(30)
-    d50, r50 = statistics.median(direct), statistics.median(routed)
-    print(json.dumps({"ttft_p50_direct_ms": round(d50, 3), "ttft_p50_routed_ms": round(r50, 3),
-                      "added_ttft_p50_ms": round(r50 - d50, 3), "direct_req_per_s_one_replica": round(direct_rps, 1),
-                      "routed_req_per_s": round(rps, 1),
-                      "decisions_per_s": round(decisions, 1),
-                      # CPU time the router process spent per request (all its threads): unlike the
-                      # wall-clock figures above, barely moved by other work on a shared machine.
-                      "router_cpu_ms_per_stream": round(cpu_per_stream * 1000, 3),
-                      "router_cpu_ms_per_request_c32": round(cpu_per_request * 1000, 3)}))
+    out = {name: {"median": {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}, "rounds": rs}
+           for name, rs in runs.items()}
+    if args.baseline:
+        now, base = out["now"]["median"], out["baseline"]["median"]
+        out["now_vs_baseline"] = {k: round(now[k] / base[k], 3) for k in now if base[k]}
+    out["decisions_per_s"] = round(decisions_per_s(min(args.seconds, 5.0)), 1)
+    print(json.dumps(out, indent=1))
     return 0
 
 

@@ -4,7 +4,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenmill.router.policy import POLICIES, Policy, PolicyConfig, ReplicaView, rendezvous
@@ -36,7 +36,7 @@ def _fit(v: ReplicaView, c: PolicyConfig) -> bool:
             and v.waiting <= c.max_waiting and v.kv_usage <= c.max_kv_usage)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a shared, loaded box
 @given(views=fleets(), policy=st.sampled_from(POLICIES), seed=st.integers(0, 2**32), session=st.text(max_size=5))
 def test_dead_draining_stale_never_chosen_when_a_fit_replica_exists(views, policy, seed, session):
     p = Policy(PolicyConfig(policy=policy))
@@ -91,7 +91,7 @@ def test_round_robin_cycles_and_least_load_takes_the_idlest():
     assert all(p2.choose(views, NOW, random.Random(s)).replica != "a" for s in range(100))  # never the max of 2
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(keys=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=30), n=st.integers(2, 8))
 def test_sessions_stick_and_only_a_leaving_replicas_sessions_move(keys, n):
     views = [_fresh(f"r{i}", in_flight=i) for i in range(n)]

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from tests.router.polling import until
 from tests.server.checks import metric
 from tests.server.process import ServeProcess
 
@@ -35,21 +36,12 @@ def fleet():
         for r in replicas:
             r.wait_healthy(300)
         router = _router(*[a for r in replicas for a in ("--replica", r.url)])
-        _until(lambda: all(r["tokenizer"] for r in _replicas(router)), 30)
+        until(lambda: all(r["tokenizer"] for r in _replicas(router)), 30)
         yield router, replicas
     finally:
         for p in [router, *replicas]:
             if p is not None:
                 p.kill()
-
-
-def _until(cond, timeout: float, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(step)
-    raise AssertionError(f"not within {timeout}s")
 
 
 def _replicas(router: ServeProcess) -> list[dict]:
@@ -90,9 +82,9 @@ def test_a_client_leaving_mid_stream_aborts_the_replica_request(fleet):
     with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as r:
         chunks = r.iter_raw()
         next(chunks), next(chunks)  # it is streaming; now leave
-    _until(lambda: _metric(router, "tokenmill_router_requests_total", outcome="cancelled") == 1, 10)
+    until(lambda: _metric(router, "tokenmill_router_requests_total", outcome="cancelled") == 1, 10)
     # The replica stopped generating (its request was aborted), not ran on to 400 tokens.
-    _until(lambda: sum(metric(httpx.get(u.url + "/metrics").text, "vllm:num_requests_running")
+    until(lambda: sum(metric(httpx.get(u.url + "/metrics").text, "vllm:num_requests_running")
                        for u in replicas) == 0, 10)
     assert _metric(router, "tokenmill_router_requests_total", outcome="error") == 0
 
@@ -133,9 +125,9 @@ def test_replica_file_changes_at_run_time(fleet, tmp_path):
         assert [r["url"] for r in _replicas(router)] == [replicas[0].url]
         time.sleep(0.05)  # a new mtime
         path.write_text(f"{replicas[1].url} version=v2\n")
-        _until(lambda: [(r["url"], r["version"]) for r in _replicas(router)] == [(replicas[1].url, "v2")], 5)
+        until(lambda: [(r["url"], r["version"]) for r in _replicas(router)] == [(replicas[1].url, "v2")], 5)
         body = {"model": "smollm2", "prompt": "Hi", "max_tokens": 2}
-        _until(lambda: httpx.post(router.url + "/v1/completions", json=body, timeout=60).status_code == 200, 10)
+        until(lambda: httpx.post(router.url + "/v1/completions", json=body, timeout=60).status_code == 200, 10)
     finally:
         router.kill()
 
@@ -176,12 +168,12 @@ def test_kill_9_fails_nothing_unstarted_evicts_and_rejoins(fleet):
     with cf.ThreadPoolExecutor(16) as pool:
         streams = [pool.submit(_stream, router.url, i) for i in range(4)]
         plain = [pool.submit(_complete, router.url, i) for i in range(8)]
-        _until(lambda: next(r for r in _replicas(router) if r["url"] == victim.url)["in_flight"] >= 2, 30, 0.02)
+        until(lambda: next(r for r in _replicas(router) if r["url"] == victim.url)["in_flight"] >= 2, 30, 0.02)
         victim.proc.kill()  # SIGKILL: no drain, connections cut
         killed_at = time.monotonic()
         replacement = ServeProcess(*REPLICA_ARGS, port=victim.port, wait=False)
         replicas[1] = replacement  # the fixture kills it at the end
-        _until(lambda: not next(r for r in _replicas(router) if r["url"] == victim.url)["healthy"], 5, 0.05)
+        until(lambda: not next(r for r in _replicas(router) if r["url"] == victim.url)["healthy"], 5, 0.05)
         evicted_after = time.monotonic() - killed_at
         later = [pool.submit(_complete, router.url, 100 + i) for i in range(6)]
         ends = [f.result(timeout=120) for f in streams]
@@ -192,7 +184,7 @@ def test_kill_9_fails_nothing_unstarted_evicts_and_rejoins(fleet):
     assert all(kind in ("done", "error-event") and text for kind, text in ends)
 
     replacement.wait_healthy(300)
-    _until(lambda: next(r for r in _replicas(router) if r["url"] == victim.url)["healthy"], 5, 0.05)
+    until(lambda: next(r for r in _replicas(router) if r["url"] == victim.url)["healthy"], 5, 0.05)
     before = _metric(router, "tokenmill_router_requests_total", replica=victim.url, outcome="ok")
     for i in range(12):  # short prompts: no prefix to follow, so ties spread them at random
         assert httpx.post(router.url + "/v1/completions", json={"model": "smollm2", "prompt": f"Hi {i}",
@@ -262,7 +254,7 @@ def test_prefix_policy_hits_more_than_round_robin(fleet):
     for policy in ("round-robin", "prefix"):
         router = _router("--policy", policy, *[a for r in replicas for a in ("--replica", r.url)])
         try:
-            _until(lambda: all(r["tokenizer"] for r in _replicas(router)), 30)
+            until(lambda: all(r["tokenizer"] for r in _replicas(router)), 30)
             rates[policy] = _conversations_hit_rate(router, replicas)
         finally:
             router.kill()

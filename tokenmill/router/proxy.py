@@ -1,5 +1,5 @@
-"""The HTTP front: OpenAI routes proxied to the chosen replica, streams passed through chunk
-by chunk, plus /health, /metrics and the admin API.
+"""The proxy: an OpenAI request goes to the chosen replica, its answer comes back, a stream
+chunk by chunk as the replica writes it (app.py holds the routes around it).
 
 A request may move to another replica only while nothing of it has reached the client: a
 refused connection, a 5xx/429 status, or a stream that breaks before its first chunk. The
@@ -10,21 +10,19 @@ a replica failure ends the stream with an OpenAI error event and [DONE], never a
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections import deque
 from dataclasses import dataclass, field
 
 import aiohttp
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from aiohttp import web
 
-from tokenmill.router.metrics import CONTENT_TYPE, RouterMetrics
+from tokenmill.router.errors import error
+from tokenmill.router.metrics import RouterMetrics
 from tokenmill.router.policy import Decision, Policy
 from tokenmill.router.prefix_index import block_hashes, usable_blocks
 from tokenmill.router.prompts import Tokenizers, prompt_ids
@@ -88,10 +86,14 @@ class Fleet:
     def pick(self, path: str, body: dict, version: str, session: str | None,
              exclude: set[str]) -> tuple[Replica | None, Decision | None, list[bytes]]:
         pool = [r for r in self.replicas if r.url not in exclude]
-        in_version = [r for r in pool if r.version == version]
-        # A version with no live replica must not turn into 503s: the others take it.
-        if any(r.healthy and not (r.draining or r.server_draining) for r in in_version):
-            pool = in_version
+        # A version with no live replica (a canary whose one replica just failed) must not
+        # turn into 503s: stable takes it, and only with stable gone too do the other groups
+        # (a version staged but not rolled out must not get traffic while stable can take it).
+        for group in (version, self.rollout.stable):
+            members = [r for r in pool if r.version == group]
+            if any(r.healthy and not (r.draining or r.server_draining) for r in members):
+                pool = members
+                break
         fp = self._fp(pool)
         hashes, prompt_blocks = self._hashes(path, body, pool, fp)
         views = [r.view(r.index.match(hashes) if hashes and r.fingerprint == fp else 0) for r in pool]
@@ -118,25 +120,28 @@ class Fleet:
         n = usable_blocks(len(ids), r.block_size)
         return block_hashes(ids[:n * r.block_size], r.block_size), n
 
-    def headers(self, request: Request) -> dict[str, str]:
-        out = {k: v for k, v in request.headers.items() if k.lower() in _HOP_HEADERS}
+    def headers(self, request: web.Request) -> dict[str, str]:
+        h = request.headers
+        out = {k: h[k] for k in _HOP_HEADERS if k in h}
         if self.settings.replica_api_key:
             out["authorization"] = f"Bearer {self.settings.replica_api_key}"
         return out
 
     # -- the proxy ------------------------------------------------------------------------
-    async def forward(self, path: str, request: Request) -> Response:
+    async def forward(self, path: str, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        raw = await request.body()
+        raw = await request.read()  # the app's client_max_size bounds it (413)
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError as e:
-            return _error(400, f"the body is not a JSON object: {e}", "invalid_request_error")
+            return error(400, f"the body is not a JSON object: {e}")
         stream = bool(body.get("stream"))
         session = request.headers.get(self.settings.session_header) or body.get("user")
-        version = self.rollout.version_for(str(session) if session else uuid.uuid4().hex)
+        # A request without a session gets a random split key, drawn only while there is a split.
+        version = self.rollout.version_for(str(session) if session else
+                                           uuid.uuid4().hex if self.rollout.splitting else "")
         # The body was just parsed as JSON: say so, whatever the client sent (aiohttp would
         # otherwise label raw bytes application/octet-stream, which the replica refuses).
         headers = {**self.headers(request), "content-type": "application/json"}
@@ -152,17 +157,17 @@ class Fleet:
             replica.in_flight += 1
             done = _Done(self, replica, decision, started)
             try:
-                answer = await self._attempt(path, raw, headers, stream, attempt, replica, done)
+                answer = await self._attempt(request, path, raw, headers, stream, attempt, replica, done)
             except asyncio.CancelledError:  # the client left while we waited on the replica
                 done.finish(ok=None)
                 raise
             if answer is not None:
                 return answer
-        return _error(503, "no replica could take the request", "service_unavailable")
+        return error(503, "no replica could take the request")
 
-    async def _attempt(self, path: str, raw: bytes, headers: dict, stream: bool, attempt: int, replica: Replica,
-                       done: _Done) -> Response | None:
-        """One try on one replica: its response, or None to try another (nothing sent yet)."""
+    async def _attempt(self, request: web.Request, path: str, raw: bytes, headers: dict, stream: bool, attempt: int,
+                       replica: Replica, done: _Done) -> web.StreamResponse | None:
+        """One try on one replica: the response sent, or None to try another (nothing sent yet)."""
         try:
             resp = await self.client.post(replica.url + path, data=raw, headers=headers)
         except CLIENT_ERRORS as e:
@@ -180,10 +185,11 @@ class Fleet:
                 content = await resp.read()
                 resp.release()
                 done.finish(ok=resp.status < 500, usage_from=content)
-                return Response(content, resp.status, media_type=resp.headers.get("content-type"),
-                                headers={VERSION_HEADER: replica.version})
-            chunks = resp.content.iter_any()
-            first = await _first_chunk(chunks)
+                return web.Response(body=content, status=resp.status,
+                                    headers=_answer_headers(resp, replica.version))
+            # readany, not iter_any: one await per chunk, no async generator in between. It
+            # returns b"" only at the end of the body.
+            first = await resp.content.readany()
         except CLIENT_ERRORS as e:  # broke before any byte went out: try elsewhere
             resp.close()
             replica.mark_failed(f"{type(e).__name__} before the first byte")
@@ -193,35 +199,53 @@ class Fleet:
             resp.close()
             raise
         done.first_byte()
-        return _Stream(self._relay(first, chunks, resp, done), resp, done,
-                       headers={"Cache-Control": "no-cache", VERSION_HEADER: replica.version})
+        return await self._relay(request, first, resp, done)
 
-    async def _relay(self, first: bytes, chunks: AsyncIterator[bytes], resp: aiohttp.ClientResponse,
-                     done: _Done) -> AsyncIterator[bytes]:
-        tail = first[-_TAIL:]
-        ok: bool | None = False
+    async def _relay(self, request: web.Request, first: bytes, resp: aiohttp.ClientResponse,
+                     done: _Done) -> web.StreamResponse:
+        """Pass the stream through chunk by chunk: each replica read is written to the client
+        as it comes (aiohttp sends the headers with the first chunk, in one write)."""
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                          VERSION_HEADER: done.replica.version})
+        # The usage event is the last data event before [DONE]: the last few reads hold it.
+        # Kept as chunks and joined once at the end, not copied on every chunk.
+        tail: deque[bytes] = deque((first,), maxlen=_TAIL_CHUNKS)
+        ok: bool | None = None
+        reusable = False  # the replica's body was read to its end: its connection can serve again
         try:
-            yield first
-            async for chunk in chunks:
-                tail = (tail + chunk)[-_TAIL:]
-                yield chunk
-            ok = True
-        except CLIENT_ERRORS as e:
-            done.replica.mark_failed(f"{type(e).__name__} mid-stream")
-            self.metrics.failovers.labels(done.replica.url).inc()
-            error = {"error": {"message": f"the replica failed mid-stream ({type(e).__name__})",
-                               "type": "internal_server_error", "code": "replica_failed"}}
-            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
-        except (asyncio.CancelledError, GeneratorExit):
-            ok = None  # the client left: no fault of the replica's (closing resp aborts its request)
+            await out.prepare(request)
+            chunk, content, broke = first, resp.content, None
+            while chunk and not chunk.endswith(_LAST_EVENT):
+                await out.write(chunk)
+                try:
+                    chunk = await content.readany()
+                except CLIENT_ERRORS as e:
+                    broke = type(e).__name__
+                    break
+                tail.append(chunk)
+            if broke is not None:
+                done.replica.mark_failed(f"{broke} mid-stream")
+                self.metrics.failovers.labels(done.replica.url).inc()
+                event = {"error": {"message": f"the replica failed mid-stream ({broke})",
+                                   "type": "internal_server_error", "code": "replica_failed"}}
+                chunk = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+            # The last event and the stream's terminator leave in one write.
+            await out.write_eof(chunk)
+            ok = broke is None
+            reusable = ok and await _read_to_end(content)
+        except ConnectionError:  # the client left: no fault of the replica's
+            ok = None
+        except asyncio.CancelledError:  # the client left (handler cancellation)
+            ok = None
             raise
         finally:
             # A whole stream frees its connection for reuse; a cut one closes it, which is
             # what tells the replica to abort the request.
-            resp.release() if ok else resp.close()
-            done.finish(ok=ok, usage_from=_last_usage_event(tail))
+            resp.release() if reusable else resp.close()
+            done.finish(ok=ok, usage_from=_last_usage_event(b"".join(tail)) if ok else None)
+        return out
 
-    async def models(self, request: Request) -> Response:
+    async def models(self, request: web.Request) -> web.StreamResponse:
         for r in sorted(self.replicas, key=lambda r: not r.healthy):
             try:
                 async with self.client.get(r.url + "/v1/models", headers=self.headers(request)) as resp:
@@ -229,29 +253,16 @@ class Fleet:
             except CLIENT_ERRORS:
                 continue
             if resp.status < 500:
-                return Response(content, resp.status, media_type=resp.headers.get("content-type"))
-        return _error(503, "no replica answered", "service_unavailable")
+                return web.Response(body=content, status=resp.status, headers=_answer_headers(resp, r.version))
+        return error(503, "no replica answered")
 
 
-class _Stream(StreamingResponse):
-    """Settles its attempt however the response ends: a client gone before the relay even
-    started would otherwise leave the replica's stream open and its in-flight count up."""
-
-    def __init__(self, relay: AsyncIterator[bytes], resp: aiohttp.ClientResponse, done: _Done, headers: dict):
-        super().__init__(relay, media_type="text/event-stream", headers=headers)
-        self._resp, self._done = resp, done
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-            if not self._done.settled:
-                self._resp.close()
-                self._done.finish(ok=None)
+def _answer_headers(resp: aiohttp.ClientResponse, version: str) -> dict[str, str]:
+    return {"Content-Type": resp.headers.get("Content-Type", "application/json"), VERSION_HEADER: version}
 
 
-_TAIL = 16384  # the usage event is the last data event before [DONE]; keep that much of a stream
+_LAST_EVENT = b"data: [DONE]\n\n"  # an OpenAI stream's last event: nothing follows it
+_TAIL_CHUNKS = 8  # replica reads kept for the usage event (it is a few hundred bytes, in the last one or two)
 
 
 @dataclass
@@ -299,16 +310,21 @@ class _Done:
         self.fleet.rollout.record(r.version, Outcome(ok, ttft, tpot))
 
 
-async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
-    """The first non-empty chunk, taken from the iterator the relay then continues."""
-    async for chunk in chunks:
-        if chunk:
-            return chunk
-    return b""
+async def _read_to_end(content: aiohttp.StreamReader) -> bool:
+    """After [DONE] only the body's end is left (usually in the same read): take it, so the
+    connection goes back to the pool instead of being closed."""
+    try:
+        while await content.readany():
+            pass
+    except CLIENT_ERRORS:
+        return False
+    return True
 
 
 def _usage(source: bytes | dict | None) -> dict | None:
     if isinstance(source, bytes):
+        if b'"usage"' not in source:  # most error bodies: not worth a parse
+            return None
         try:
             source = json.loads(source)
         except ValueError:
@@ -326,119 +342,3 @@ def _last_usage_event(tail: bytes) -> dict | None:
             except ValueError:
                 return None
     return None
-
-
-def _error(status: int, message: str, type_: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": None}},
-                        status_code=status)
-
-
-class _Keys:
-    """API keys (ASGI middleware, so streams are not wrapped): every path but /health."""
-
-    def __init__(self, app, keys: list[str]):
-        self.app, self.keys = app, [k.encode() for k in keys]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.keys and scope["path"] != "/health":
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            token = auth[7:] if auth[:7].lower() == b"bearer " else b""
-            if not any(hmac.compare_digest(token, k) for k in self.keys):
-                await _error(401, "invalid or missing API key", "invalid_request_error")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def create_app(fleet: Fleet, api_keys: list[str] = (), on_shutdown: Callable[[], None] | None = None) -> FastAPI:
-    """`on_shutdown` runs (on a thread) when the server stops: uvicorn re-raises SIGTERM once
-    it has stopped, so code after uvicorn.run() never runs on SIGTERM."""
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        s = fleet.settings
-        # aiohttp, not httpx: a proxied request costs about a third of the CPU time through it
-        # (docs/benchmarks.md, router overhead), and this hop is all the router adds.
-        fleet.client = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s),
-            connector=aiohttp.TCPConnector(limit=2048, limit_per_host=0, keepalive_timeout=30),
-            skip_auto_headers=("User-Agent",))
-        await fleet.tick()  # know the fleet before the first request
-        task = asyncio.create_task(fleet.run_health())
-        try:
-            yield
-        finally:
-            task.cancel()
-            await fleet.client.close()
-            if on_shutdown is not None:
-                await asyncio.to_thread(on_shutdown)
-
-    app = FastAPI(title="tokenmill router", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.fleet = fleet
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await fleet.forward("/v1/completions", request)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await fleet.forward("/v1/chat/completions", request)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        return await fleet.models(request)
-
-    @app.get("/health")
-    async def health():
-        up = sum(r.healthy and not (r.draining or r.server_draining) for r in fleet.replicas)
-        body = {"status": "ok" if up else "unavailable", "replicas": len(fleet.replicas), "healthy": up}
-        return JSONResponse(body, status_code=200 if up else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(fleet.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/admin/replicas")
-    async def replicas():
-        return [{"url": r.url, "version": r.version, "healthy": r.healthy, "draining": r.draining,
-                 "server_draining": r.server_draining, "in_flight": r.in_flight, "waiting": r.waiting,
-                 "running": r.running, "kv_usage": r.kv_usage, "index_blocks": len(r.index),
-                 "tokenizer": fleet.tokenizers.get(r.fingerprint) is not None}
-                for r in fleet.replicas]
-
-    @app.post("/admin/replicas/drain")
-    async def drain(request: Request):
-        body = await request.json()
-        r = fleet.replicas.get(str(body.get("url", "")).rstrip("/"))
-        if r is None:
-            return _error(404, "no such replica", "invalid_request_error")
-        r.draining = bool(body.get("draining", True))
-        log.warning("replica %s %s by the admin API", r.url, "draining" if r.draining else "undrained")
-        return {"url": r.url, "draining": r.draining}
-
-    @app.get("/admin/rollout")
-    async def rollout():
-        return fleet.rollout.snapshot()
-
-    @app.post("/admin/rollout")
-    async def change_rollout(request: Request):
-        """{"canary": "v2", "auto": true, "percent": 10} starts one; {"percent": P} sets the
-        split (100 promotes, 0 stops sending); {"action": "rollback"} is percent 0."""
-        body = await request.json()
-        now = time.monotonic()
-        try:
-            if body.get("canary"):
-                event = fleet.rollout.start(str(body["canary"]), now, bool(body.get("auto", True)),
-                                            body.get("percent"))
-            elif body.get("action") == "rollback":
-                event = fleet.rollout.set_percent(0.0, now, "admin rollback")
-            elif "percent" in body:
-                event = fleet.rollout.set_percent(float(body["percent"]), now)
-            else:
-                return _error(400, "expected canary, percent or action", "invalid_request_error")
-        except (ValueError, TypeError) as e:
-            return _error(400, str(e), "invalid_request_error")
-        fleet.count_rollout(event)
-        return fleet.rollout.snapshot()
-
-    app.add_middleware(_Keys, keys=list(api_keys))
-    return app

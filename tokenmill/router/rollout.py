@@ -97,8 +97,12 @@ class Rollout:
             return "stable"
         return "rolled-back" if self.percent == 0 and self.events and self.events[-1].action == "rollback" else "canary"
 
+    @property
+    def splitting(self) -> bool:
+        return self.canary is not None and self.percent > 0
+
     def version_for(self, session_key: str) -> str:
-        if self.canary is None or self.percent <= 0:
+        if not self.splitting:
             return self.stable
         return self.canary if split_bucket(session_key) < self.percent * _BUCKETS / 100 else self.stable
 

@@ -10,8 +10,8 @@ from tokenmill.router.policy import POLICIES, Policy, PolicyConfig
 from tokenmill.router.rollout import Rollout, RolloutConfig
 from tokenmill.router.settings import DEFAULT_VERSION, RouterSettings
 
-# The HTTP stack (fastapi, aiohttp, uvicorn, tokenizers) is imported only when a router is
-# built: the CLI builds every subcommand's parser, and `tokenmill generate` should not pay ~1 s.
+# The HTTP stack (aiohttp, tokenizers) is imported only when a router is built: the CLI
+# builds every subcommand's parser, and `tokenmill generate` should not pay ~1 s.
 
 log = logging.getLogger("tokenmill.router")
 
@@ -42,6 +42,8 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + f.replace("_", "-"), dest=f, type=type(default), default=default)
     p.add_argument("--health-interval", type=float, default=RouterSettings.health_interval_s)
     p.add_argument("--max-attempts", type=int, default=RouterSettings.max_attempts)
+    p.add_argument("--max-body-bytes", type=int, default=RouterSettings.max_body_bytes,
+                   help="larger request bodies are refused with 413")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -59,7 +61,8 @@ def build_fleet(args: argparse.Namespace, local_urls: list[str] = ()):
     if args.canary_version:
         rollout.start(args.canary_version, 0.0, auto=args.canary_percent is None, percent=args.canary_percent)
     settings = RouterSettings(max_attempts=args.max_attempts, health_interval_s=args.health_interval,
-                              session_header=args.session_header.lower(), replica_api_key=args.replica_api_key)
+                              session_header=args.session_header.lower(), replica_api_key=args.replica_api_key,
+                              max_body_bytes=args.max_body_bytes)
     replica_file = ReplicaFile(Path(args.replica_file)) if args.replica_file else None
     if replica_file is not None and specs:
         raise ValueError("--replica-file replaces the replica list: use it without --replica/--local")
@@ -67,22 +70,36 @@ def build_fleet(args: argparse.Namespace, local_urls: list[str] = ()):
 
 
 def run_router(args: argparse.Namespace) -> int:
-    import uvicorn
+    from aiohttp import web
 
+    from tokenmill.router.app import create_app
     from tokenmill.router.local import LocalFleet
-    from tokenmill.router.proxy import create_app
 
     if not (args.replica or args.replica_file or args.local):
         raise ValueError("no replicas: give --replica URL, --replica-file PATH or --local N")
+    logging.getLogger("tokenmill.router").setLevel(args.log_level.upper())
     local = LocalFleet(args.local, args.serve_arg, args.local_threads) if args.local else None
     fleet = build_fleet(args, local.urls if local else [])
     if local is not None:
         local.start()
     try:
-        uvicorn.run(create_app(fleet, args.api_key, on_shutdown=local.stop if local else None),
-                    host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=False)  # a log line per proxied request costs more than the routing decision
+        # SIGINT/SIGTERM stop it gracefully: streams get shutdown_timeout to finish, then the
+        # app's cleanup stops the --local children. handler_cancellation: a client that hangs
+        # up cancels its request, which closes the replica connection and so aborts it there.
+        web.run_app(create_app(fleet, args.api_key, on_shutdown=local.stop if local else None),
+                    host=args.host, port=args.port, access_log=None,  # a log line per request costs more than routing
+                    print=None, handler_cancellation=True, shutdown_timeout=30, loop=_event_loop())
     finally:
-        if local is not None:  # a start-up failure (port taken): the lifespan never ran
+        if local is not None:  # a start-up failure (port taken): the cleanup never ran
             local.stop()
     return 0
+
+
+def _event_loop():
+    """uvloop where installed (as uvicorn chose before): its transports cost less per write."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

@@ -17,3 +17,4 @@ class RouterSettings:
     read_timeout_s: float = 600.0
     session_header: str = "x-session-id"
     replica_api_key: str | None = None  # sent to replicas; None: the client's Authorization goes through
+    max_body_bytes: int = 4 * 1024 * 1024  # a larger request body is refused with 413 (the server's default)
