@@ -23,7 +23,12 @@ class QuantizeSpec:
     # overfits it (SmolLM2 layer 3, error on held-out text: 0.0080 at 0.01, 0.0052 at 0.1,
     # round-to-nearest 0.0044; q/k/v and gate/up gain from GPTQ at either damping).
     damp: float = 0.1
+    # GPTQ: each group's range shrunk to the least diag(H)-weighted rounding error (grid.fit_mse);
+    # RTN: the least plain rounding error. AWQ has its own output-error clip search.
+    mse: bool = False
     seq_len: int = 512  # calibration sequence length
+    # tokens sampled from the model itself added to the calibration text (selfgen.py)
+    calib_generate: int = 0
     max_tokens: int | None = None  # use at most this many calibration tokens
     awq_grid: int = 20  # AWQ: alpha and clip-ratio grid points
     awq_tokens: int = 256  # AWQ: calibration rows its searches sample
@@ -36,6 +41,10 @@ class QuantizeSpec:
             raise ValueError(f"--bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.calib_generate < 0:
+            raise ValueError(f"--calib-generate must be at least 0, got {self.calib_generate}")
+        if self.mse and self.method == "awq":
+            raise ValueError("--mse applies to --method gptq and rtn (AWQ searches its clip on the output error)")
         if self.group_size < 8:
             raise ValueError(f"--group-size must be at least 8, got {self.group_size}")
         if self.checkpoint_format not in FORMATS:
