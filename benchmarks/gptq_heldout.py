@@ -10,6 +10,7 @@ sequential quantization), so only the calibration set differs between rows.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--generated", type=int, nargs="*", default=[4096, 16384])
     p.add_argument("--damp", type=float, nargs="*", default=[0.01, 0.1])
     p.add_argument("--mse", action="store_true", help="GPTQ and RTN with the clip search")
+    p.add_argument("--cache", type=Path, default=None, help="JSON of sampled token ids: read if present, else written")
     args = p.parse_args()
     torch.set_num_threads(2)
     lm = load_model("smollm2")
@@ -59,7 +61,12 @@ def main() -> None:
     work = float_weights(lm.weights)
     grid = QuantGrid(args.bits, min_zero=1)
     shipped = calibration_sequences(tok, None)
-    generated = sample_sequences(cfg, work, tok, max(args.generated)) if args.generated else []
+    if args.cache is not None and args.cache.is_file():
+        generated = json.loads(args.cache.read_text())
+    else:
+        generated = sample_sequences(cfg, work, tok, max(args.generated)) if args.generated else []
+        if args.cache is not None:
+            args.cache.write_text(json.dumps(generated))
     per_seq = len(generated[0]) if generated else 1
     sets = {f"shipped {sum(map(len, shipped))}": shipped}
     for n in args.generated:

@@ -76,8 +76,8 @@ def _quantize_model(cfg: ModelConfig, weights: dict, tokenizer: Tokenizer, spec:
     work = float_weights(weights)
     calibrated = spec.method != "rtn"  # round-to-nearest looks at the weights only
     sequences = calibration_sequences(tokenizer, calibration, spec.seq_len, spec.max_tokens) if calibrated else []
-    if calibrated and spec.calib_generate:
-        sequences += sample_sequences(cfg, work, tokenizer, spec.calib_generate)
+    if calibrated and spec.generated_tokens:
+        sequences += sample_sequences(cfg, work, tokenizer, spec.generated_tokens)
     runner = BlockRunner(cfg, sequences) if calibrated else None
     hidden = runner.embed(work) if calibrated else []
     out: dict = {}

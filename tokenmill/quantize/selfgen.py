@@ -32,9 +32,9 @@ def start_token(tokenizer: Tokenizer) -> int:
 
 @torch.inference_mode()
 def sample_sequences(cfg: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer, num_tokens: int,
-                     seq_len: int = 256, batch: int = 32, seed: int = 0) -> list[list[int]]:
+                     seq_len: int = 256, batch: int = 32, seed: int = 0, temperature: float = 1.0) -> list[list[int]]:
     """About num_tokens sampled tokens, as sequences of seq_len (each begins with the start
-    token), generated `batch` at a time from the float weights."""
+    token), generated `batch` at a time from the float weights (temperature 0: greedy)."""
     model = LlamaForCausalLM(cfg, weights, torch.float32, max_positions=seq_len)
     gen = torch.Generator().manual_seed(seed)
     first = start_token(tokenizer)
@@ -42,13 +42,13 @@ def sample_sequences(cfg: ModelConfig, weights: dict[str, torch.Tensor], tokeniz
     remaining = num_tokens
     while remaining > 0:
         n = min(batch, -(-remaining // (seq_len - 1)))
-        out += _sample_batch(model, cfg, first, n, seq_len, gen)
+        out += _sample_batch(model, cfg, first, n, seq_len, gen, temperature)
         remaining -= n * (seq_len - 1)
     return out
 
 
 def _sample_batch(model: LlamaForCausalLM, cfg: ModelConfig, first: int, n: int, seq_len: int,
-                  gen: torch.Generator) -> list[list[int]]:
+                  gen: torch.Generator, temperature: float) -> list[list[int]]:
     blocks = -(-seq_len // BLOCK)
     kv = torch.zeros(2, cfg.num_layers, n * blocks, cfg.num_kv_heads, BLOCK, cfg.head_dim)
     tables = torch.arange(n * blocks).view(n, blocks)  # sequence b owns blocks [b*blocks, (b+1)*blocks)
@@ -59,7 +59,11 @@ def _sample_batch(model: LlamaForCausalLM, cfg: ModelConfig, first: int, n: int,
         meta = AttentionMetadata(slot_mapping=slots, num_decodes=n, decode_block_tables=tables,
                                  decode_context_lens=torch.full((n,), pos + 1), prefills=[])
         hidden = model(seqs[:, pos], torch.full((n,), pos), kv, meta)
-        probs = torch.softmax(model.compute_logits(hidden), dim=-1)
-        seqs[:, pos + 1] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        logits = model.compute_logits(hidden)
+        if temperature == 0:
+            seqs[:, pos + 1] = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            seqs[:, pos + 1] = torch.multinomial(probs, 1, generator=gen)[:, 0]
     return seqs.tolist()
 

@@ -27,8 +27,9 @@ class QuantizeSpec:
     # RTN: the least plain rounding error. AWQ has its own output-error clip search.
     mse: bool = False
     seq_len: int = 512  # calibration sequence length
-    # tokens sampled from the model itself added to the calibration text (selfgen.py)
-    calib_generate: int = 0
+    # tokens sampled from the model itself added to the calibration text (selfgen.py); None: 4,096
+    # for GPTQ (it overfits the ~1,500 shipped tokens), none for AWQ (its searches sample 256 rows)
+    calib_generate: int | None = None
     max_tokens: int | None = None  # use at most this many calibration tokens
     awq_grid: int = 20  # AWQ: alpha and clip-ratio grid points
     awq_tokens: int = 256  # AWQ: calibration rows its searches sample
@@ -41,7 +42,7 @@ class QuantizeSpec:
             raise ValueError(f"--bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
-        if self.calib_generate < 0:
+        if self.calib_generate is not None and self.calib_generate < 0:
             raise ValueError(f"--calib-generate must be at least 0, got {self.calib_generate}")
         if self.mse and self.method == "awq":
             raise ValueError("--mse applies to --method gptq and rtn (AWQ searches its clip on the output error)")
@@ -61,6 +62,12 @@ class QuantizeSpec:
         if self.format is not None:
             return self.format
         return "awq" if self.method == "awq" and self.bits == 4 else "gptq"
+
+    @property
+    def generated_tokens(self) -> int:
+        if self.calib_generate is not None:
+            return self.calib_generate
+        return 4096 if self.method == "gptq" else 0
 
     @property
     def grid(self) -> QuantGrid:
