@@ -26,7 +26,7 @@ EVAL = Path(__file__).parent / "data" / "eval.txt"
 # model itself: on the shipped text alone it overfits (benchmarks/gptq_heldout.py: layer 3's
 # down_proj at 3 bits, held-out output error 0.045 vs RTN's 0.037). Sampled once per session and
 # handed to every GPTQ run as one calibration file (each run would otherwise sample its own).
-GENERATED = 4096
+GENERATED = 4080  # 16 sequences of 256
 
 
 class Quantized:
@@ -41,9 +41,11 @@ class Quantized:
         if self._calibration is None:
             from tokenmill.quantize.pipeline import float_weights
             from tokenmill.quantize.selfgen import sample_sequences
+            from tokenmill.quantize.threads import torch_threads
 
             lm = load_model("smollm2")
-            seqs = sample_sequences(lm.config, float_weights(lm.weights), lm.tokenizer, GENERATED)
+            with torch_threads(1):  # as the quantizer samples (threads.py)
+                seqs = sample_sequences(lm.config, float_weights(lm.weights), lm.tokenizer, GENERATED)
             sampled = [lm.tokenizer.decode(s[1:]) for s in seqs]
             self._calibration = self.root / "calibration.txt"
             self._calibration.write_text("\n\n".join([default_calibration_text(), *sampled]), encoding="utf-8")
