@@ -23,8 +23,8 @@ def test_greedy_samples_are_the_prefill_argmax(tiny):
     """Temperature 0: every token is the argmax of the logits a whole-sequence prefill gives at
     the position before it, so the decode path (slots, block tables, context lengths) is right."""
     w = float_weights(tiny.weights)
-    seqs = sample_sequences(tiny.config, w, tiny.tokenizer, 3 * 39, seq_len=40, batch=2, temperature=0)
-    assert len(seqs) == 3 and all(len(s) == 40 for s in seqs)
+    seqs = sample_sequences(tiny.config, w, tiny.tokenizer, 3 * 23, seq_len=24, batch=2, temperature=0)
+    assert len(seqs) == 3 and all(len(s) == 24 for s in seqs)
     m = LlamaForCausalLM(tiny.config, w, torch.float32, max_positions=64)
     logits = sequence_logits(m, seqs[0])
     assert logits[:-1].argmax(-1).tolist() == seqs[0][1:]
@@ -33,9 +33,9 @@ def test_greedy_samples_are_the_prefill_argmax(tiny):
 
 def test_samples_are_seeded_and_distinct(tiny):
     w = float_weights(tiny.weights)
-    a = sample_sequences(tiny.config, w, tiny.tokenizer, 4 * 31, seq_len=32, batch=4, seed=1)
-    b = sample_sequences(tiny.config, w, tiny.tokenizer, 4 * 31, seq_len=32, batch=4, seed=1)
-    c = sample_sequences(tiny.config, w, tiny.tokenizer, 4 * 31, seq_len=32, batch=4, seed=2)
+    a = sample_sequences(tiny.config, w, tiny.tokenizer, 4 * 11, seq_len=12, batch=4, seed=1)
+    b = sample_sequences(tiny.config, w, tiny.tokenizer, 4 * 11, seq_len=12, batch=4, seed=1)
+    c = sample_sequences(tiny.config, w, tiny.tokenizer, 4 * 11, seq_len=12, batch=4, seed=2)
     assert a == b and a != c
     assert all(s[0] == start_token(tiny.tokenizer) for s in a)
     assert len({tuple(s) for s in a}) == 4
