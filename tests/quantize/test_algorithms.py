@@ -103,3 +103,26 @@ def QuantSpecGrid(fmt):  # noqa: N802
 def test_spec_refuses_bad_flags(kw, match):
     with pytest.raises(ValueError, match=match):
         QuantizeSpec(**kw)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_mse_clip_never_rounds_worse_than_the_full_range(bits):
+    """The clip search keeps the full range unless a shrunk one rounds the group with less
+    (importance-weighted) error, so no row gets worse, and rows with an outlier get better."""
+    _, w = layer()
+    w[::7, 3] *= 8  # an outlier in some groups: clipping it pays
+    grid = QuantGrid(bits)
+    g = w.reshape(-1, 32)
+    importance = torch.rand(32, generator=torch.Generator().manual_seed(1)) + 0.1
+    full = grid._err(g, *grid.fit(g), importance)
+    clipped = grid._err(g, *grid.fit_mse(g, importance), importance)
+    assert (clipped <= full + 1e-9).all()
+    assert clipped.sum() < 0.97 * full.sum()
+
+
+def test_gptq_clip_search_lowers_output_error():
+    x, w = layer(outliers=4)
+    h = hessian(x)
+    plain = out_err(x, w, gptq(w, h, QuantGrid(3), 32).dequantize())
+    searched = out_err(x, w, gptq(w, h, QuantGrid(3), 32, mse=True).dequantize())
+    assert searched < 0.9 * plain

@@ -24,6 +24,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint format (default: awq for 4-bit AWQ, else gptq, i.e. GPTQ v1 zero points)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text file (default: the shipped one)")
     p.add_argument("--calib-tokens", type=int, default=None, help="use at most this many calibration tokens")
+    p.add_argument("--calib-generate", type=int, default=None, metavar="N",
+                   help="add N tokens sampled from the model itself to the calibration text "
+                        "(default 4096 for gptq, which overfits the ~1,500 shipped tokens; 0 for awq)")
+    p.add_argument("--mse", action="store_true",
+                   help="rtn/gptq: shrink each group's range to the least rounding error (GPTQ weighs it by diag(H))")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads while quantizing (default 1: its many small ops stall on more when the CPU is shared)")
@@ -34,7 +39,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> QuantizeSpec:
     return QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                         act_order=args.act_order, format=args.format, damp=args.damp, seq_len=args.seq_len,
-                        max_tokens=args.calib_tokens, threads=args.threads)
+                        max_tokens=args.calib_tokens, threads=args.threads,
+                        calib_generate=args.calib_generate, mse=args.mse)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -48,7 +54,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     result = quantize_model(loaded.config, loaded.weights, loaded.tokenizer, spec, args.calib)
     source = Path(loaded.source)
-    extra = {"method": spec.method, "damp": spec.damp, "source": args.model, "calibration_tokens": result.calibration_tokens,
+    extra = {"method": spec.method, "damp": spec.damp, "mse": spec.mse, "calib_generate": spec.generated_tokens, "source": args.model, "calibration_tokens": result.calibration_tokens,
              "seconds": round(result.seconds, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_checkpoint(args.output, loaded.config, loaded.tokenizer, result.weights, spec,
                      source if source.is_dir() else None, extra)

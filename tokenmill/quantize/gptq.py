@@ -24,10 +24,11 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 def gptq(
     w: torch.Tensor, h: torch.Tensor, grid: QuantGrid, group_size: int, act_order: bool = False,
-    damp: float = 0.01, block: int = 128,
+    damp: float = 0.01, block: int = 128, mse: bool = False,
 ) -> GroupQuantWeight:
     """w [out, in], h [in, in] -> the quantized weight. act_order: columns in order of
-    decreasing H diagonal (most-activated first), groups formed in that order (g_idx)."""
+    decreasing H diagonal (most-activated first), groups formed in that order (g_idx). mse: each
+    group's range shrunk to the least rounding error weighted by diag(H) (QuantGrid.fit_mse)."""
     out, inp = w.shape
     if inp % group_size:
         raise ValueError(f"group size {group_size} does not divide in_features={inp}")
@@ -48,6 +49,7 @@ def gptq(
     # The column loop runs in float32 (H was summed in float64; damped, float32 is stable), on
     # W transposed so that each weight column is one contiguous row.
     Wt = W.t().float().contiguous()
+    diag = torch.diag(H).float()
     Qt = torch.zeros(inp, out)
     groups = inp // group_size
     scales = torch.zeros(groups, out)
@@ -62,7 +64,8 @@ def gptq(
             for i in range(i2 - i1):
                 col = i1 + i
                 if col % group_size == 0:  # a group's grid from its columns as updated so far
-                    scale, zero = grid.fit(Wt[col : col + group_size].t())
+                    wg = Wt[col : col + group_size].t()
+                    scale, zero = grid.fit_mse(wg, diag[col : col + group_size]) if mse else grid.fit(wg)
                     scales[col // group_size], zeros[col // group_size] = scale, zero
                 w = W1[i]
                 q = torch.round(w / scale + zero).clamp_(0, maxq)

@@ -37,6 +37,30 @@ class QuantGrid:
             zero = (-lo / scale).round().clamp(self.min_zero, self.maxq)
         return scale, zero
 
+    def fit_mse(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 20,
+                max_shrink: float = 0.5):
+        """Per-row (scale, zero) for w [rows, G] with the range shrunk towards zero by the ratio in
+        (1 - max_shrink, 1] whose rounding error is least: a group's extreme weights cost every
+        other weight of the group a coarser step, and clipping them is often cheaper. The error
+        is weighted per column by `importance` [G] (GPTQ passes diag(H): how much each input
+        moves the output), else plain squared error."""
+        lo0 = torch.minimum(w.amin(-1), torch.zeros(()))
+        hi0 = torch.maximum(w.amax(-1), torch.zeros(()))
+        best_scale, best_zero = self.fit(w, lo0, hi0)
+        best = self._err(w, best_scale, best_zero, importance)
+        for r in range(1, int(max_shrink * steps)):
+            ratio = 1 - r / steps
+            scale, zero = self.fit(w, lo0 * ratio, hi0 * ratio)
+            err = self._err(w, scale, zero, importance)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        return best_scale, best_zero
+
+    def _err(self, w, scale, zero, importance):
+        e = (self.fake(w, scale, zero) - w).pow(2)
+        return (e if importance is None else e * importance).sum(-1)
+
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """w [rows, ...] -> integer q (as float) with scale/zero broadcast over trailing dims."""
         shape = (-1,) + (1,) * (w.dim() - 1)

@@ -18,6 +18,7 @@ from tokenmill.quantize import awq
 from tokenmill.quantize.calibration import BlockRunner, LayerInputs, calibration_sequences
 from tokenmill.quantize.gptq import gptq, hessian
 from tokenmill.quantize.rtn import rtn
+from tokenmill.quantize.selfgen import sample_sequences
 from tokenmill.quantize.spec import QuantizeSpec
 from tokenmill.quantize.threads import torch_threads
 
@@ -75,6 +76,8 @@ def _quantize_model(cfg: ModelConfig, weights: dict, tokenizer: Tokenizer, spec:
     work = float_weights(weights)
     calibrated = spec.method != "rtn"  # round-to-nearest looks at the weights only
     sequences = calibration_sequences(tokenizer, calibration, spec.seq_len, spec.max_tokens) if calibrated else []
+    if calibrated and spec.generated_tokens:
+        sequences += sample_sequences(cfg, work, tokenizer, spec.generated_tokens)
     runner = BlockRunner(cfg, sequences) if calibrated else None
     hidden = runner.embed(work) if calibrated else []
     out: dict = {}
@@ -136,7 +139,7 @@ def _quantize_stacked(ws: list[torch.Tensor], x: torch.Tensor | None, spec: Quan
     w = torch.cat(ws)
     grid, g = spec.grid, spec.group_size
     if spec.method == "gptq":
-        q = gptq(w, hessian(x), grid, g, spec.act_order, spec.damp)
+        q = gptq(w, hessian(x), grid, g, spec.act_order, spec.damp, mse=spec.mse)
     elif spec.method == "awq":
         lo = hi = None
         # Clip everything but q and k: their error moves attention scores, which a range clip
@@ -148,7 +151,7 @@ def _quantize_stacked(ws: list[torch.Tensor], x: torch.Tensor | None, spec: Quan
             lo[start:], hi[start:] = awq.search_clip(_sample(x, spec.awq_tokens), w[start:], grid, g, spec.awq_grid)
         q = rtn(w, grid, g, lo, hi)
     else:
-        q = rtn(w, grid, g)
+        q = rtn(w, grid, g, mse=spec.mse)
     parts, row = [], 0
     for part in ws:
         n = part.shape[0]

@@ -10,12 +10,16 @@ from tokenmill.quantize.grid import QuantGrid
 
 
 def rtn(w: torch.Tensor, grid: QuantGrid, group_size: int, lo: torch.Tensor | None = None,
-        hi: torch.Tensor | None = None) -> GroupQuantWeight:
-    """w [out, in]; lo/hi [out, groups]: clipped ranges (AWQ), else each group's min/max."""
+        hi: torch.Tensor | None = None, mse: bool = False) -> GroupQuantWeight:
+    """w [out, in]; lo/hi [out, groups]: clipped ranges (AWQ), else each group's min/max, or
+    (mse) the shrunk range with the least rounding error (QuantGrid.fit_mse)."""
     out, inp = w.shape
     groups = inp // group_size
     g = w.float().reshape(out * groups, group_size)
-    scale, zero = grid.fit(g, None if lo is None else lo.reshape(-1), None if hi is None else hi.reshape(-1))
+    if mse and lo is None:
+        scale, zero = grid.fit_mse(g)
+    else:
+        scale, zero = grid.fit(g, None if lo is None else lo.reshape(-1), None if hi is None else hi.reshape(-1))
     q = grid.quantize(g, scale, zero).reshape(out, inp)
     return GroupQuantWeight(
         q.to(torch.int32), scale.reshape(out, groups), zero.reshape(out, groups).to(torch.int32),

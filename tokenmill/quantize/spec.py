@@ -23,7 +23,13 @@ class QuantizeSpec:
     # overfits it (SmolLM2 layer 3, error on held-out text: 0.0080 at 0.01, 0.0052 at 0.1,
     # round-to-nearest 0.0044; q/k/v and gate/up gain from GPTQ at either damping).
     damp: float = 0.1
+    # GPTQ: each group's range shrunk to the least diag(H)-weighted rounding error (grid.fit_mse);
+    # RTN: the least plain rounding error. AWQ has its own output-error clip search.
+    mse: bool = False
     seq_len: int = 512  # calibration sequence length
+    # tokens sampled from the model itself added to the calibration text (selfgen.py); None: 4,096
+    # for GPTQ (it overfits the ~1,500 shipped tokens), none for AWQ (its searches sample 256 rows)
+    calib_generate: int | None = None
     max_tokens: int | None = None  # use at most this many calibration tokens
     awq_grid: int = 20  # AWQ: alpha and clip-ratio grid points
     awq_tokens: int = 256  # AWQ: calibration rows its searches sample
@@ -36,6 +42,10 @@ class QuantizeSpec:
             raise ValueError(f"--bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.calib_generate is not None and self.calib_generate < 0:
+            raise ValueError(f"--calib-generate must be at least 0, got {self.calib_generate}")
+        if self.mse and self.method == "awq":
+            raise ValueError("--mse applies to --method gptq and rtn (AWQ searches its clip on the output error)")
         if self.group_size < 8:
             raise ValueError(f"--group-size must be at least 8, got {self.group_size}")
         if self.checkpoint_format not in FORMATS:
@@ -52,6 +62,12 @@ class QuantizeSpec:
         if self.format is not None:
             return self.format
         return "awq" if self.method == "awq" and self.bits == 4 else "gptq"
+
+    @property
+    def generated_tokens(self) -> int:
+        if self.calib_generate is not None:
+            return self.calib_generate
+        return 4096 if self.method == "gptq" else 0
 
     @property
     def grid(self) -> QuantGrid:
