@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from tokenmill.quantize.grid import QuantGrid
+if TYPE_CHECKING:  # grid imports torch: `tokenmill --help` and `tokenmill router` build this parser
+    from tokenmill.quantize.grid import QuantGrid
 
 METHODS = ("rtn", "gptq", "awq")
 FORMATS = ("gptq", "gptq_v2", "awq", "compressed-tensors")
@@ -71,5 +73,7 @@ class QuantizeSpec:
 
     @property
     def grid(self) -> QuantGrid:
+        from tokenmill.quantize.grid import QuantGrid
+
         # A GPTQ v1 file stores zero - 1, so its zero points start at 1 (model/packed/gptq.py).
         return QuantGrid(self.bits, self.sym, min_zero=1 if self.checkpoint_format == "gptq" else 0)
