@@ -10,6 +10,8 @@ Priority (vLLM's convention: a lower value is served first, default 0): requests
 lowest priority and, among equals, the one that loses least work (fewest computed tokens). A
 waiting request that finds no seat or no blocks displaces running requests of strictly lower
 priority, so batch work (a high value) only ever runs on what interactive work leaves.
+A request's prefill is the step its caller waits on for a first token, so a step that
+computes prompt tokens of some priority leaves lower-priority work out (see _step_floor).
 
 Speculative decoding: a decoding request may also reserve lookahead slots (budget and KV) for
 drafts; the engine's proposer fills them after scheduling and update() commits the accepted
@@ -159,10 +161,11 @@ class Scheduler:
         preempted: list[Request] = []
         admitted: set[Request] = set()
         speculate = self.num_speculative_tokens > 0 and len(self.running) <= self.speculative_disable_by_batch_size
+        floor = self._step_floor()
 
         for request in sorted(self.running, key=lambda r: r.priority):  # stable: admission order among equals
-            if budget == 0:
-                break
+            if budget == 0 or request.priority > floor:
+                break  # sorted: everything after is below the floor too (it keeps its blocks)
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens_to_compute, budget)
@@ -183,6 +186,8 @@ class Scheduler:
         displaced: list[Request] = []
         while self.waiting and budget > 0 and not thrashing:
             request = self.waiting[0]
+            if request.priority > floor:
+                break  # the queue is in rank order: the rest is below the floor too
             if displaced and request.priority >= min(r.priority for r in displaced):
                 break  # what was just displaced (or its equal) waits for a later step
             if len(self.running) < self.max_num_seqs:
@@ -215,6 +220,27 @@ class Scheduler:
 
         chunks = [ScheduledChunk(r, n, lookahead, new=r in admitted) for r, (n, lookahead) in scheduled.items()]
         return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _step_floor(self) -> float:
+        """The lowest priority (highest value) this step may run: the best priority among
+        requests with prompt tokens to compute (waiting, or running inside their prompt),
+        or every priority when none has.
+
+        Why: a step costs about what all its rows cost together, and an interactive request's
+        first token comes out of its prefill step. Run beside 31 decoding batch rows, that step
+        costs what a full batch step costs; run alone, what the prompt costs. So while higher-
+        priority work prefills, lower-priority running requests sit the step out (not
+        preempted: they keep their blocks and decode again the step after) and lower-priority
+        waiting ones are not admitted. They lose one step per interactive prefill chunk, never
+        more, so batch work is not starved by intermittent traffic. Among equal priorities
+        nothing changes: decode rows still ride along with a prefill, which is what keeps a
+        single-priority workload's throughput.
+        """
+        best = self.waiting[0].priority if self.waiting else None  # the queue is in rank order
+        for r in self.running:
+            if r.num_computed_tokens < r.num_prompt_tokens and (best is None or r.priority < best):
+                best = r.priority
+        return float("inf") if best is None else best
 
     def _lookahead(self, request: Request, num_new: int, budget: int) -> int:
         """Draft slots for a decoding request: its adaptive k, within the budget left, and never
