@@ -15,7 +15,9 @@ Three questions (issue 20's targets), each against a peer measured in the same r
    (no priority: interactive waits behind it). p50 and p99 (target: p50 beside the priority-100
    batch within 1.5x of alone), and the batch's output tok/s while it runs beside them.
    --lower-priority-step-tokens 4,8,none repeats the priority-100 part at each scheduler cap
-   (`none`: no cap), in the same run; --ttft-only skips questions 1 and 2.
+   (`none`: no cap), in the same run; --ttft-only skips questions 1 and 2. Each TTFT is also
+   split by the engine's step log: what was left of the step in progress at arrival, the wait
+   until its own first step, that step's time and tokens, and the time after it.
 Medians over --repeats runs; JSON on stdout, with the CPU model and the load average at the
 start and the end (a loaded machine makes every absolute figure meaningless; ratios less so).
 """
@@ -154,16 +156,47 @@ async def requests_http(url: str, batch: list[list[int]], output_len: int, concu
         return time.perf_counter() - t
 
 
-async def ttfts(engine: AsyncEngine, interactive: list[list[int]], interval: float) -> list[float]:
-    """Time to first token of requests arriving one every `interval` seconds (priority 0)."""
+class StepLog:
+    """Every engine step's start, end (time.monotonic, the engine's metrics clock) and tokens,
+    to split a TTFT into where its time went: the step in progress when it arrived, its own
+    first step (the one whose output processing stamped its first token), and after."""
+
+    def __init__(self, engine):
+        self.steps: list[tuple[float, float, int]] = []
+        step = engine.step
+
+        def timed():
+            t0 = time.monotonic()
+            out = step()
+            self.steps.append((t0, time.monotonic(), engine.stats.last_step_tokens))
+            return out
+
+        engine.step = timed  # the engine thread calls it; the list is only read afterwards
+
+    def split(self, sent: float, stamped: float, first: float) -> dict:
+        own = next(s for s in self.steps if s[0] <= stamped <= s[1])
+        busy = [s for s in self.steps if s[0] <= sent < s[1]]
+        return {
+            "in_progress_left_ms": 1000 * (busy[0][1] - sent) if busy else 0.0,
+            "in_progress_tokens": busy[0][2] if busy else 0,
+            "wait_ms": 1000 * (own[0] - sent),  # the step in progress, and any step it missed
+            "own_step_ms": 1000 * (own[1] - own[0]),
+            "own_step_tokens": own[2],
+            "after_ms": 1000 * (first - own[1]),  # output processing, delivery to the client
+        }
+
+
+async def ttfts(engine: AsyncEngine, interactive: list[list[int]], interval: float) -> list[tuple]:
+    """(sent, first token stamped by the engine, first token received) times (time.monotonic) of
+    requests arriving one every `interval` seconds (priority 0)."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
-    async def one(i, ids) -> float:
-        t, first = time.perf_counter(), None
+    async def one(i, ids) -> tuple[float, float, float]:
+        t, first, stamped = time.monotonic(), None, None
         async for o in engine.generate(ids, params, f"chat-{time.monotonic_ns()}-{i}"):
             if first is None and o.outputs[0].token_ids:
-                first = time.perf_counter() - t
-        return first
+                first, stamped = time.monotonic(), o.metrics.first_token_time
+        return t, stamped, first
 
     tasks = []
     for i, ids in enumerate(interactive):
@@ -172,7 +205,7 @@ async def ttfts(engine: AsyncEngine, interactive: list[list[int]], interval: flo
     return list(await asyncio.gather(*tasks))
 
 
-async def ttfts_beside_batch(engine, interactive, interval, batch, output_len, priority) -> list[float]:
+async def ttfts_beside_batch(engine, interactive, interval, batch, output_len, priority):
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
     async def bg(i, ids):
@@ -213,10 +246,18 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
     want_http = args.http_concurrency and args.throughput
     server = Server(engine, tempfile.mkdtemp(prefix="tokenmill-bench-")) if want_http else None
     runs: dict[str, list] = {}
+    splits: dict[str, list[dict]] = {}
+    steps = StepLog(engine.engine)
 
     def add(key, value):
         runs.setdefault(key, []).append(value)
         log(f"{key}: {value if isinstance(value, float) else [round(v, 3) for v in value]}")
+
+    def add_ttfts(key, times):
+        add(key, [first - sent for sent, _, first in times])
+        split = [steps.split(*t) for t in times]
+        splits.setdefault(key, []).extend(split)
+        log(f"{key} split (ms, tokens): " + "; ".join(" ".join(f"{v:.0f}" for v in d.values()) for d in split))
 
     scheduler = engine.engine.scheduler
     default_cap = scheduler.lower_priority_step_tokens
@@ -234,7 +275,7 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
             for c in args.http_concurrency:
                 add(f"requests_http_c{c}_s", await requests_http(server.url, batch, args.output_len, c))
         if args.ttft:
-            add("ttft_alone", await ttfts(engine, interactive, args.interval))
+            add_ttfts("ttft_alone", await ttfts(engine, interactive, args.interval))
             big = batch * args.background_factor
             for cap in [default_cap] + [c for c in args.lower_priority_step_tokens if c != default_cap]:
                 # Set between runs, on the engine thread's own object: nothing runs in between.
@@ -242,11 +283,11 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
                 key = "ttft_batch_prio100" + ("" if cap == default_cap else f"_cap{cap}")
                 result, batch_tok_s = await ttfts_beside_batch(
                     engine, interactive, args.interval, big, args.output_len, 100)
-                add(key, result)
+                add_ttfts(key, result)
                 add(key + "_batch_tok_s", batch_tok_s)
             scheduler.lower_priority_step_tokens = default_cap
             result, batch_tok_s = await ttfts_beside_batch(engine, interactive, args.interval, big, args.output_len, 0)
-            add("ttft_batch_prio0", result)
+            add_ttfts("ttft_batch_prio0", result)
             add("ttft_batch_prio0_batch_tok_s", batch_tok_s)
     if server is not None:
         server.stop()
@@ -271,7 +312,10 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
         beside = [key for key in runs if key.startswith("ttft_batch") and not key.endswith("_batch_tok_s")]
         for key in ["ttft_alone"] + beside:
             report[key] = {"p50_ms": 1000 * statistics.median(pct(x, 0.5) for x in runs[key]),
-                           "p99_ms": 1000 * statistics.median(pct(x, 0.99) for x in runs[key])}
+                           "p99_ms": 1000 * statistics.median(pct(x, 0.99) for x in runs[key]),
+                           # Where the time went: medians over every request of every repeat.
+                           "split_median": {part: statistics.median(d[part] for d in splits[key])
+                                            for part in splits[key][0]}}
         alone = report["ttft_alone"]["p50_ms"]
         for key in beside:
             report[key]["p50_vs_alone"] = report[key]["p50_ms"] / alone
