@@ -242,7 +242,12 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
     models.attach(MODEL, engine)
     calls = BatchCalls(models)
     batch = prompts(args.num_batch, args.input_len, 0)
-    interactive = prompts(args.interactive, args.input_len, 1)
+    # Fresh interactive prompts for every measurement: a prompt seen in an earlier phase would
+    # hit the prefix cache and prefill half its tokens, flattering whichever phase came later.
+    seeds = iter(range(1000, 10**6))
+
+    def interactive():
+        return prompts(args.interactive, args.input_len, next(seeds))
     want_http = args.http_concurrency and args.throughput
     server = Server(engine, tempfile.mkdtemp(prefix="tokenmill-bench-")) if want_http else None
     runs: dict[str, list] = {}
@@ -275,18 +280,19 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
             for c in args.http_concurrency:
                 add(f"requests_http_c{c}_s", await requests_http(server.url, batch, args.output_len, c))
         if args.ttft:
-            add_ttfts("ttft_alone", await ttfts(engine, interactive, args.interval))
+            add_ttfts("ttft_alone", await ttfts(engine, interactive(), args.interval))
             big = batch * args.background_factor
             for cap in [default_cap] + [c for c in args.lower_priority_step_tokens if c != default_cap]:
                 # Set between runs, on the engine thread's own object: nothing runs in between.
                 scheduler.lower_priority_step_tokens = cap
                 key = "ttft_batch_prio100" + ("" if cap == default_cap else f"_cap{cap}")
                 result, batch_tok_s = await ttfts_beside_batch(
-                    engine, interactive, args.interval, big, args.output_len, 100)
+                    engine, interactive(), args.interval, big, args.output_len, 100)
                 add_ttfts(key, result)
                 add(key + "_batch_tok_s", batch_tok_s)
             scheduler.lower_priority_step_tokens = default_cap
-            result, batch_tok_s = await ttfts_beside_batch(engine, interactive, args.interval, big, args.output_len, 0)
+            result, batch_tok_s = await ttfts_beside_batch(
+                engine, interactive(), args.interval, big, args.output_len, 0)
             add_ttfts("ttft_batch_prio0", result)
             add("ttft_batch_prio0_batch_tok_s", batch_tok_s)
     if server is not None:
