@@ -269,10 +269,12 @@ async def main_async(args, llm: LLM, engine: AsyncEngine) -> dict:
     for r in range(args.repeats):
         log(f"repeat {r + 1}/{args.repeats}, load {os.getloadavg()[0]:.1f}")
         if args.throughput:
-            # Offline first, while the async loop has nothing to do: both drive the one Engine. On
-            # a worker thread, as the engine's own loop runs: on a loaded machine the main thread
-            # ran the same steps several times slower (273 s against 48 s in one run here).
-            add("offline_s", await asyncio.to_thread(offline, llm, batch, args.output_len))
+            # Offline first, both drive the one Engine: on the engine's own thread, between two of
+            # its loop's steps, so the loop cannot step the engine at the same time (it did, from a
+            # worker thread, when the previous phase's aborts kept the loop busy: a race that hung
+            # a run here). Not on the main thread: on a loaded machine it ran the same steps
+            # several times slower (273 s against 48 s in one run here).
+            add("offline_s", await engine.call(lambda _: offline(llm, batch, args.output_len)))
             add("engine_alone_s", await engine_alone(engine, batch, args.output_len))
             add("batch_path_s", await batch_path(calls, batch, args.output_len, args.concurrency))
         if server is not None:
