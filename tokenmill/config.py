@@ -80,6 +80,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = setting(512, "token budget of one step (prefill chunks and decode tokens)")
     max_model_len: int | None = setting(None, "context length cap (default: the model's own)")
     max_waiting_requests: int = setting(1024, "beyond this, 429")
+    lower_priority_step_tokens: int = setting(
+        8, "while requests of several priorities run, the most tokens of a step those below the best "
+           "may take (batch work beside interactive traffic; see docs/batch.md)")
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -87,6 +90,7 @@ class SchedulerConfig:
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         _positive("max_waiting_requests", self.max_waiting_requests)
+        _positive("lower_priority_step_tokens", self.lower_priority_step_tokens)
 
 
 @dataclass

@@ -25,8 +25,14 @@ def test_waiting_requests_are_admitted_by_priority_then_arrival():
     for rid, prio in [("batch-a", 5), ("batch-b", 5), ("mid", 1), ("interactive", 0), ("batch-c", 5)]:
         sched.add_request(_prio(rid, [1, 2, 3], prio))
     assert [r.request_id for r in sched.waiting] == ["interactive", "mid", "batch-a", "batch-b", "batch-c"]
+    # One priority's prefill per step (lower ones sit it out, see Scheduler._step_floor): the
+    # interactive request first, alone; then mid beside it; the batch waits for a seat.
+    out = sched.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["interactive"]
+    _decode(sched, out)
     out = sched.schedule()
     assert [c.request.request_id for c in out.chunks] == ["interactive", "mid"]
+    assert [r.request_id for r in sched.waiting] == ["batch-a", "batch-b", "batch-c"]
 
 
 def test_memory_pressure_preempts_the_lowest_priority_even_with_more_work_done():
@@ -74,10 +80,13 @@ def test_interactive_request_displaces_running_batch_work_for_a_seat():
     out = sched.schedule()
     ran = {c.request.request_id for c in out.chunks}
     # One batch request makes room (the latest arrival among equal work), and goes back to
-    # the queue ahead of later batch requests; none of the waiting ones is admitted now.
+    # the queue ahead of later batch requests; none of the waiting ones is admitted now. The
+    # one that keeps its seat sits out the chat's prefill step and decodes again the next.
     assert "chat" in ran and [r.request_id for r in out.preempted] == ["b1"]
     assert [r.request_id for r in sched.waiting] == ["b1", "b2", "b3"]
-    assert ran == {"chat", "b0"}
+    assert ran == {"chat"}
+    _decode(sched, out)
+    assert {c.request.request_id for c in sched.schedule().chunks} == {"chat", "b0"}
 
 
 def test_equal_priority_never_displaces():

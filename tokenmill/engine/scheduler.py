@@ -10,6 +10,8 @@ Priority (vLLM's convention: a lower value is served first, default 0): requests
 lowest priority and, among equals, the one that loses least work (fewest computed tokens). A
 waiting request that finds no seat or no blocks displaces running requests of strictly lower
 priority, so batch work (a high value) only ever runs on what interactive work leaves.
+A request's prefill is the step its caller waits on for a first token, so a step that
+computes prompt tokens of some priority leaves lower-priority work out (see _step_floor).
 
 Speculative decoding: a decoding request may also reserve lookahead slots (budget and KV) for
 drafts; the engine's proposer fills them after scheduling and update() commits the accepted
@@ -64,6 +66,30 @@ class ScheduledChunk:
 
 
 @dataclass
+class _Budget:
+    """One step's token budget, with the share lower-priority work may take of it.
+
+    `top` is the best priority present (running or first in the queue); requests of a
+    lower priority (a higher value) draw on `lower` as well as on `left`.
+    """
+
+    left: int
+    lower: float
+    top: float
+
+    def room(self, request: Request) -> int:
+        return int(min(self.left, self.lower)) if request.priority > self.top else self.left
+
+    def take(self, request: Request, num_tokens: int) -> None:
+        self.left -= num_tokens
+        if request.priority > self.top:
+            self.lower -= num_tokens
+
+    def give_back(self, request: Request, num_tokens: int) -> None:
+        self.take(request, -num_tokens)
+
+
+@dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
@@ -86,8 +112,13 @@ class Scheduler:
         max_model_len: int,
         num_speculative_tokens: int = 0,
         speculative_disable_by_batch_size: int = 0,
+        lower_priority_step_tokens: int | None = None,
     ):
         self.kv = kv
+        # None: no cap (see _Budget and schedule()); the engine's setting is a number.
+        self.lower_priority_step_tokens = lower_priority_step_tokens
+        self._num_steps = 0
+        self._ran_at: dict[Request, int] = {}  # the step a request last ran in (lower-priority rotation)
         self.num_speculative_tokens = num_speculative_tokens  # 0: no lookahead slots, ever
         self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
         self.max_num_seqs = max_num_seqs
@@ -106,6 +137,7 @@ class Scheduler:
         return cls(
             kv, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens, max_model_len,
             config.speculative.num_lookahead_tokens, config.speculative.speculative_disable_by_batch_size,
+            config.scheduler.lower_priority_step_tokens,
         )
 
     # -- admission -----------------------------------------------------------------------
@@ -154,46 +186,58 @@ class Scheduler:
 
     # -- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
+        self._num_steps += 1
+        budget = self._budget()
         scheduled: dict[Request, tuple[int, int]] = {}  # request -> (tokens, lookahead slots)
         preempted: list[Request] = []
         admitted: set[Request] = set()
         speculate = self.num_speculative_tokens > 0 and len(self.running) <= self.speculative_disable_by_batch_size
+        floor = self._step_floor()
 
-        for request in sorted(self.running, key=lambda r: r.priority):  # stable: admission order among equals
-            if budget == 0:
-                break
+        def drop(victim: Request) -> None:
+            if victim in scheduled:
+                budget.give_back(victim, sum(scheduled.pop(victim)))
+
+        # By priority; among equals admission order, except that capped lower-priority requests
+        # take turns (the one that ran longest ago first), so a cap never starves one of them.
+        def order(r: Request) -> tuple[int, int]:
+            return r.priority, self._ran_at.get(r, 0) if r.priority > budget.top else 0
+
+        for request in sorted(self.running, key=order):
+            num_new = min(request.num_tokens_to_compute, budget.room(request))
+            if num_new == 0 or request.priority > floor:
+                break  # sorted: everything after is below the floor or out of budget too (it keeps its blocks)
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens_to_compute, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._pick_victim()
                 self._preempt(victim)
                 preempted.append(victim)
-                if victim in scheduled:
-                    budget += sum(scheduled.pop(victim))
+                drop(victim)
                 if victim is request:
                     break
             else:
                 scheduled[request] = (num_new, 0)
-                budget -= num_new
+                budget.take(request, num_new)
 
         # Admitting new work right after preempting for memory would only thrash.
         thrashing = bool(preempted)
         displaced: list[Request] = []
-        while self.waiting and budget > 0 and not thrashing:
+        while self.waiting and not thrashing:
             request = self.waiting[0]
+            if request.priority > floor or budget.room(request) == 0:
+                break  # the queue is in rank order: the rest is below the floor or out of budget too
             if displaced and request.priority >= min(r.priority for r in displaced):
                 break  # what was just displaced (or its equal) waits for a later step
             if len(self.running) < self.max_num_seqs:
                 computed_blocks, num_hit = self.kv.get_computed_blocks(request)
                 request.num_computed_tokens = num_hit
-                num_new = min(request.num_tokens_to_compute, budget)
+                num_new = min(request.num_tokens_to_compute, budget.room(request))
                 if self.kv.allocate_slots(request, num_new, computed_blocks):
                     self._admit(request, num_hit)
                     admitted.add(request)
                     scheduled[request] = (num_new, 0)
-                    budget -= num_new
+                    budget.take(request, num_new)
                     continue
                 request.num_computed_tokens = 0
             victim = self._pick_victim(below=request.priority)
@@ -202,19 +246,58 @@ class Scheduler:
             self._preempt(victim)
             preempted.append(victim)
             displaced.append(victim)
-            if victim in scheduled:
-                budget += sum(scheduled.pop(victim))
+            drop(victim)
 
         # Drafts last, from what is left: they never cost anyone a preemption or an admission.
         if speculate:
             for request, (num_new, _) in scheduled.items():
-                lookahead = self._lookahead(request, num_new, budget)
+                lookahead = self._lookahead(request, num_new, budget.room(request))
                 if lookahead and self.kv.allocate_slots(request, num_new + lookahead):
                     scheduled[request] = (num_new, lookahead)
-                    budget -= lookahead
+                    budget.take(request, lookahead)
 
+        for request in scheduled:
+            self._ran_at[request] = self._num_steps
         chunks = [ScheduledChunk(r, n, lookahead, new=r in admitted) for r, (n, lookahead) in scheduled.items()]
         return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _budget(self) -> _Budget:
+        """This step's budget. While requests of several priorities are present, those below
+        the best take at most lower_priority_step_tokens of it.
+
+        Why: a step cannot be interrupted, so an interactive request that arrives waits for
+        the step in progress before its own prefill runs (_step_floor). Beside interactive
+        traffic, a step full of batch rows is what it would wait for; a few batch tokens per
+        step keep that wait (and the interactive requests' own decode steps) short, while
+        the batch still advances every step. With one priority present, nothing is capped,
+        so a batch alone runs at full speed.
+        """
+        top = min((r.priority for r in self.running), default=float("inf"))
+        if self.waiting:
+            top = min(top, self.waiting[0].priority)
+        cap = self.lower_priority_step_tokens
+        return _Budget(self.max_num_batched_tokens, float("inf") if cap is None else cap, top)
+
+    def _step_floor(self) -> float:
+        """The lowest priority (highest value) this step may run: the best priority among
+        requests with prompt tokens to compute (waiting, or running inside their prompt),
+        or every priority when none has.
+
+        Why: a step costs about what all its rows cost together, and an interactive request's
+        first token comes out of its prefill step. Run beside 31 decoding batch rows, that step
+        costs what a full batch step costs; run alone, what the prompt costs. So while higher-
+        priority work prefills, lower-priority running requests sit the step out (not
+        preempted: they keep their blocks and decode again the step after) and lower-priority
+        waiting ones are not admitted. They lose one step per interactive prefill chunk, never
+        more, so batch work is not starved by intermittent traffic. Among equal priorities
+        nothing changes: decode rows still ride along with a prefill, which is what keeps a
+        single-priority workload's throughput.
+        """
+        best = self.waiting[0].priority if self.waiting else None  # the queue is in rank order
+        for r in self.running:
+            if r.num_computed_tokens < r.num_prompt_tokens and (best is None or r.priority < best):
+                best = r.priority
+        return float("inf") if best is None else best
 
     def _lookahead(self, request: Request, num_new: int, budget: int) -> int:
         """Draft slots for a decoding request: its adaptive k, within the budget left, and never
@@ -241,6 +324,7 @@ class Scheduler:
         return min(candidates, key=lambda r: (-r.priority, r.num_computed_tokens, -r.arrival_order))
 
     def _preempt(self, request: Request) -> None:
+        self._ran_at.pop(request, None)
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
@@ -296,6 +380,7 @@ class Scheduler:
         """Finish a request for any reason (stop, length, abort): free its blocks, forget it."""
         if request.is_finished:
             return
+        self._ran_at.pop(request, None)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request in self.waiting:

@@ -378,6 +378,8 @@ class Simulator:
         s = replica.scheduler
         if s.waiting or not s.running or s.num_speculative_tokens or len(s.running) > s.max_num_batched_tokens:
             return False
+        if len({r.priority for r in s.running}) > 1:
+            return False  # lower priorities are capped and take turns: not every request runs every step
         kv = s.kv
         bs = kv.block_size
         order = sorted(s.running, key=lambda r: r.priority)  # schedule()'s order
