@@ -10,8 +10,8 @@ A start with a build already made skips torch's load_inline altogether: importin
 torch.utils.cpp_extension (setuptools) and its ninja run cost about 0.4 s a kernel even when
 nothing is compiled. After a build has loaded once, its .so is copied to a cache of our own
 (`kernel_cache_dir()`), named by the source+flags digest, the torch version and the Python
-ABI; a later start imports that file directly. A copy that does not import (truncated,
-corrupt, built against another torch) is deleted and the start takes the load_inline path,
+ABI; a later start imports that file directly. A copy whose content is not what was stored
+(its sha256 is kept beside it), or that does not import, is deleted and the start takes the load_inline path,
 which rebuilds where needed: the cache can cost time, never a crash.
 
 `python -m tokenmill.model.cpp_build` builds every kernel now (scripts/install.sh runs it)
@@ -23,7 +23,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 import time
 
@@ -60,6 +59,12 @@ def digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def module_name(prefix: str, source: str, cflags: list[str]) -> tuple[str, list[str]]:
+    """The module's name, keyed by the source and every compiler flag, and those flags."""
+    flags = [*cflags, *isa_flags(cpu_flags())]
+    return f"{prefix}_{digest(source + ' '.join(flags))}", flags
+
+
 def kernel_cache_dir() -> str:
     """Where built kernels are kept for direct import: beside torch's own extension builds
     ($TORCH_EXTENSIONS_DIR, else the user cache), so whoever clears one clears both."""
@@ -79,8 +84,7 @@ def cached_path(name: str) -> str:
 def build(prefix: str, source: str, functions: list[str], cflags: list[str]):
     """The compiled module: imported from the kernel cache where this build is there, else
     built (g++ and ninja; raises where it cannot be built) and added to the cache."""
-    flags = [*cflags, *isa_flags(cpu_flags())]
-    name = f"{prefix}_{digest(source + ' '.join(flags))}"
+    name, flags = module_name(prefix, source, cflags)
     path = cached_path(name)
     if os.path.exists(path):
         with phase(f"kernel {prefix} loaded from cache"):
@@ -94,9 +98,15 @@ def build(prefix: str, source: str, functions: list[str], cflags: list[str]):
 
 
 def import_cached(name: str, path: str, functions: list[str]):
-    """The module in the cache file, or None (and the file deleted) where it does not import
-    or lacks a function."""
+    """The module in the cache file, or None (and the entry deleted) where the file is not the
+    one stored (its sha256 is kept beside it: dlopen of a truncated or garbled library can
+    kill the process with SIGBUS instead of raising), does not import, or lacks a function."""
     try:
+        with open(path, "rb") as f:
+            content = f.read()
+        with open(path + ".sha256") as f:
+            if hashlib.sha256(content).hexdigest() != f.read().strip():
+                raise ImportError("its content is not the build that was stored")
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -104,12 +114,13 @@ def import_cached(name: str, path: str, functions: list[str]):
         if missing:
             raise ImportError(f"no {', '.join(missing)} in it")
         return module
-    except Exception as e:  # ImportError, OSError (bad ELF), anything dlopen says
+    except Exception as e:  # ImportError, OSError (no sidecar, bad ELF), anything dlopen says
         log.warning("kernel cache %s is unusable (%s): rebuilding", path, str(e).splitlines()[0] if str(e) else e)
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+        for stale in (path, path + ".sha256"):
+            try:
+                os.remove(stale)
+            except OSError:
+                pass
         return None
 
 
@@ -124,13 +135,19 @@ def _load_inline(name: str, source: str, functions: list[str], flags: list[str])
 
 
 def _store(module, path: str) -> None:
-    """Copy the loaded build into the cache; atomically (a concurrent start never imports half
-    a file), and only at a cost of speed where the cache cannot be written."""
+    """Copy the loaded build into the cache with its sha256 beside it; each file atomically (a
+    concurrent start sees an old, a new or a mismatched pair, never half a file, and a
+    mismatch only sends it to rebuild), and only at a cost of speed where the cache cannot be
+    written."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        shutil.copyfile(module.__file__, tmp)
-        os.replace(tmp, path)
+        with open(module.__file__, "rb") as f:
+            content = f.read()
+        for target, data in ((path, content), (path + ".sha256", hashlib.sha256(content).hexdigest().encode())):
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
     except OSError as e:
         log.info("kernel cache not written (%s): the next start loads through torch", e)
         try:

@@ -247,12 +247,14 @@ std::string isa() {
 """
 
 
+PREFIX, FUNCTIONS, CFLAGS = "tokenmill_qlinear", ["int4_linear", "int8_linear", "isa"], ["-O3", "-fopenmp", "-ffp-contract=off"]
+
+
 @functools.cache
 def kernel():
     """The compiled module (int4_linear, int8_linear, isa), or None where it cannot be built."""
     try:
-        module = build("tokenmill_qlinear", _SOURCE, ["int4_linear", "int8_linear", "isa"],
-                       ["-O3", "-fopenmp", "-ffp-contract=off"])
+        module = build(PREFIX, _SOURCE, FUNCTIONS, CFLAGS)
     except Exception as e:  # no compiler, no ninja, no headers: quant.py dequantizes in torch
         log.warning("quantized linear kernel unavailable, dequantizing in torch: %s",
                     str(e).splitlines()[0] if str(e) else e)
