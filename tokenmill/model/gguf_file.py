@@ -82,6 +82,26 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise GGUFFormatError(f"a string at byte {start} is not UTF-8") from e
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary, its merges): one tight loop, bounds checked
+        once at the end (a slice past the end is only short, and leaves pos past it)."""
+        buf, pos, unpack = self.buf, self.pos, struct.Struct("<Q").unpack_from
+        out = []
+        append = out.append
+        try:
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                append(buf[pos + 8:pos + 8 + n].decode("utf-8"))
+                pos += 8 + n
+        except struct.error as e:
+            raise GGUFFormatError(f"ends inside a string array (at byte {pos})") from e
+        except UnicodeDecodeError as e:
+            raise GGUFFormatError(f"a string at byte {pos} is not UTF-8") from e
+        if pos > len(buf):
+            raise GGUFFormatError(f"ends inside a string array (needs byte {pos}, has {len(buf)})")
+        self.pos = pos
+        return out
+
     def value(self, kind: int):
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
@@ -93,6 +113,8 @@ class _Cursor:
                 dtype = np.dtype(_NUMPY[item])
                 start = self.take(count * dtype.itemsize)
                 return np.frombuffer(self.buf, dtype, count, start).tolist()
+            if item == _STRING:
+                return self.strings(count)
             return [self.value(item) for _ in range(count)]
         raise GGUFFormatError(f"unknown metadata value type {kind}")
 
