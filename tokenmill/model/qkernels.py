@@ -21,8 +21,9 @@ all run that sequence; nothing depends on which tile or thread holds a column or
 share the call. Built with -ffp-contract=off so the compiler does not fuse differently in
 different copies of the loop.
 
-Built at first use with torch.utils.cpp_extension (g++ and ninja), cached in torch's extension
-directory under a name keyed by the source and the CPU's flags. Instruction sets are named
+Built with torch.utils.cpp_extension (g++ and ninja) at install time or else at first use, and
+imported from cpp_build's kernel cache on later starts, under a name keyed by the source and
+the CPU's flags. Instruction sets are named
 explicitly from /proc/cpuinfo (AVX2+FMA+F16C, AVX-512 F/BW/VL/VNNI where listed), never
 -march=native and never AMX, whose flags a VM may show without the OS enabling it. Where the
 build fails `kernel()` returns None and the linears fall back to dequantizing in torch (quant.py).
