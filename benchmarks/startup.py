@@ -1,7 +1,7 @@
 """Start-up time of `tokenmill serve` (default model): process start to the first /health 200,
 per phase (the server's own "startup: ..." log lines), and resident memory once healthy.
 
-    PYTHONPATH=. python benchmarks/startup.py [--warm 3] [--cold] [--llama-server]
+    PYTHONPATH=. python benchmarks/startup.py [--warm 3] [--cold] [--llama-server] [--before DIR]
 
 - cold: the kernel caches empty (TORCH_EXTENSIONS_DIR pointed at a new temporary directory), so
   the C++ kernels are compiled on this start, as on a fresh install that skipped the prebuild
@@ -11,6 +11,8 @@ per phase (the server's own "startup: ..." log lines), and resident memory once 
   median beside it.
 - RSS: VmRSS of the server process right after /health turned 200 (the KV pool's pages are
   only resident once used: host.lazy_zeros), and its VmHWM.
+- --before DIR: the same warm starts of another checkout (e.g. the main branch's worktree, to
+  compare before and after in one run), its phases as that code logs them.
 - --llama-server: the peer, llama.cpp's llama-server on the same GGUF (benchmarks/peers/,
   built if missing), same measure: process start to /health 200, and its RSS.
 """
@@ -84,9 +86,9 @@ def phases(log_path: str) -> dict[str, float]:
     return out
 
 
-def tokenmill_start(extensions_dir: str | None, timeout: float) -> dict:
+def tokenmill_start(extensions_dir: str | None, timeout: float, root: str = ROOT) -> dict:
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=root)
     if extensions_dir:
         env["TORCH_EXTENSIONS_DIR"] = extensions_dir
     log_path = os.path.join(tempfile.gettempdir(), f"startup-bench-{port}.log")
@@ -111,6 +113,19 @@ def llama_server_start(timeout: float) -> dict:
     return time_to_healthy(cmd, port, dict(os.environ), log_path, timeout)
 
 
+def warm_starts(root: str, n: int, timeout: float) -> dict:
+    tokenmill_start(None, timeout, root)  # the kernels in the cache, the files in the page cache
+    runs = []
+    for _ in range(n):
+        runs.append(tokenmill_start(None, timeout, root))
+        print("warm", root, json.dumps(runs[-1]), flush=True)
+    return {
+        "seconds_median": statistics.median(r["seconds"] for r in runs), "seconds": [r["seconds"] for r in runs],
+        "rss_mib_median": statistics.median(r["rss_mib"] for r in runs),
+        "hwm_mib_median": statistics.median(r["hwm_mib"] for r in runs), "phases_median": median_phases(runs),
+    }
+
+
 def median_phases(runs: list[dict]) -> dict[str, float]:
     names = [n for n in runs[0]["phases"] if all(n in r["phases"] for r in runs)]
     return {n: statistics.median(r["phases"][n] for r in runs) for n in names}
@@ -121,6 +136,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3, help="warm starts (median reported)")
     ap.add_argument("--cold", action="store_true", help="also one start with empty kernel caches")
     ap.add_argument("--llama-server", action="store_true", help="also the peer, --warm starts")
+    ap.add_argument("--before", metavar="DIR", help="also --warm starts of the checkout in DIR")
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args()
     report: dict = {"cpu": cpu_model(), "load_before": os.getloadavg()}
@@ -128,16 +144,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="tm-cold-ext-") as empty:
             report["cold"] = tokenmill_start(empty, args.timeout)
         print("cold", json.dumps(report["cold"]), flush=True)
-    tokenmill_start(None, args.timeout)  # the kernels in the cache, the files in the page cache
-    warm = []
-    for _ in range(args.warm):
-        warm.append(tokenmill_start(None, args.timeout))
-        print("warm", json.dumps(warm[-1]), flush=True)
-    report["warm"] = {
-        "seconds_median": statistics.median(r["seconds"] for r in warm), "seconds": [r["seconds"] for r in warm],
-        "rss_mib_median": statistics.median(r["rss_mib"] for r in warm),
-        "hwm_mib_median": statistics.median(r["hwm_mib"] for r in warm), "phases_median": median_phases(warm),
-    }
+    report["warm"] = warm_starts(ROOT, args.warm, args.timeout)
+    if args.before:
+        report["before"] = warm_starts(os.path.abspath(args.before), args.warm, args.timeout)
     if args.llama_server:
         llama_server_start(args.timeout)  # the same page-cache warmth as tokenmill's
         peer = [llama_server_start(args.timeout) for _ in range(args.warm)]
