@@ -144,10 +144,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="tm-cold-ext-") as empty:
             report["cold"] = tokenmill_start(empty, args.timeout)
         print("cold", json.dumps(report["cold"]), flush=True)
-    report["warm"] = warm_starts(ROOT, args.warm, args.timeout)
-    if args.before:
+    if args.warm:
+        report["warm"] = warm_starts(ROOT, args.warm, args.timeout)
+    if args.before and args.warm:
         report["before"] = warm_starts(os.path.abspath(args.before), args.warm, args.timeout)
-    if args.llama_server:
+    if args.llama_server and args.warm:
         llama_server_start(args.timeout)  # the same page-cache warmth as tokenmill's
         peer = [llama_server_start(args.timeout) for _ in range(args.warm)]
         report["llama_server"] = {
