@@ -54,11 +54,12 @@ def healthy(port: int) -> bool:
         return False
 
 
-def time_to_healthy(cmd: list[str], port: int, env: dict, log_path: str, timeout: float) -> dict:
-    """Start `cmd`, poll /health every 20 ms; seconds to the first 200 and the memory then."""
+def time_to_healthy(cmd: list[str], port: int, env: dict, log_path: str, timeout: float, cwd: str = ROOT) -> dict:
+    """Start `cmd` in `cwd` (`python -m` imports from the working directory before PYTHONPATH),
+    poll /health every 20 ms; seconds to the first 200 and the memory then."""
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         try:
             while not healthy(port):
                 if proc.poll() is not None or time.perf_counter() - start > timeout:
@@ -93,7 +94,7 @@ def tokenmill_start(extensions_dir: str | None, timeout: float, root: str = ROOT
         env["TORCH_EXTENSIONS_DIR"] = extensions_dir
     log_path = os.path.join(tempfile.gettempdir(), f"startup-bench-{port}.log")
     result = time_to_healthy([sys.executable, "-m", "tokenmill", "serve", "--port", str(port)], port, env, log_path,
-                             timeout)
+                             timeout, cwd=root)
     result["phases"] = phases(log_path)
     return result
 
