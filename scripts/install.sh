@@ -27,3 +27,6 @@ if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
         || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
         || echo "install.sh: prometheus not installed (apt failed); its doctor test will skip"
 fi
+# tokenmill's C++ kernels (quantized linears, CPU attention), built for this CPU now rather than
+# on the first `tokenmill serve` (minutes on a small machine); a failure only means they build at first use.
+"$PY" -m tokenmill.model.cpp_build || echo "install.sh: kernels not prebuilt; they build at first use"

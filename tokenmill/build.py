@@ -16,8 +16,10 @@ from tokenmill.engine.engine import Engine
 from tokenmill.model.attention import choose_backend
 from tokenmill.model.attention.kv_dtype import TORCH_KV_DTYPES
 from tokenmill.model.llama import LlamaForCausalLM
-from tokenmill.model.quant import make_linear
+from tokenmill.model import qkernels
+from tokenmill.model.quant import WeightOnlyLinear, make_linear
 from tokenmill.model.runner import ModelRunner, kv_block_bytes
+from tokenmill.startup import phase
 from tokenmill.step import ScheduledSeq
 
 log = logging.getLogger("tokenmill")
@@ -44,7 +46,10 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
     max_model_len = min(config.scheduler.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     kv_dtype = resolve_kv_dtype(config.cache.kv_cache_dtype, device, dtype)
     attention = choose_backend(device, dtype, kv_dtype)
-    model = _build_model(config, loaded, dtype, device, max_model_len, attention)
+    with phase("model built (weights packed for the kernels)"):
+        model = _build_model(config, loaded, dtype, device, max_model_len, attention)
+    if device.type == "cpu" and any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
+        qkernels.kernel()  # imported (or built) now, so a healthy server never compiles on a request
     # A draft model's KV pool mirrors the target's blocks: both are paid from one budget.
     draft = _build_draft(config, loaded, draft_loaded, dtype, device, max_model_len, attention)
     block_bytes = kv_block_bytes(cfg, config.cache.block_size, kv_dtype)
@@ -61,7 +66,8 @@ def build_engine(config: EngineConfig, loaded=None, draft_loaded=None) -> Engine
         num_blocks, config.cache.block_size, num_blocks * config.cache.block_size, num_blocks * block_bytes / 2**20,
         ", the draft's included" if draft is not None else "",
     )
-    runner = ModelRunner(model, num_blocks, config.cache.block_size, config.runtime.seed, kv_dtype)
+    with phase("KV cache allocated"):
+        runner = ModelRunner(model, num_blocks, config.cache.block_size, config.runtime.seed, kv_dtype)
     if device.type == "cuda" and not config.runtime.enforce_eager:
         if attention.graph_capturable:
             from tokenmill.model.cuda_graphs import DecodeGraphs

@@ -314,7 +314,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.build import build_async_embedder, build_async_engine
     from tokenmill.model.loader import model_file_bytes
     from tokenmill.server.run import serve
+    from tokenmill.startup import log_since_process_start
 
+    log_since_process_start("interpreter and imports done")
     settings = engine_settings(args)
     loaders, sizes, kinds = {}, {}, {}
     entries = serve_entries(args)

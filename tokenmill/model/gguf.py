@@ -1,4 +1,5 @@
-"""GGUF checkpoints: config, weights and tokenizer from one llama.cpp file, read with `gguf`.
+"""GGUF checkpoints: config, weights and tokenizer from one llama.cpp file, read in place
+(gguf_file.py maps it; `gguf` supplies the type tables and the reference dequantizer).
 
 Weights come back under Hugging Face Llama names. Float tensors (F32/F16/BF16) become float32
 torch tensors; quantized ones stay `QuantizedWeight`s (raw blocks) so `make_linear` can keep
@@ -8,18 +9,18 @@ them quantized. llama.cpp's converter permutes the rows of Q and K of Llama-arch
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from tokenmill.config import ModelConfig
 from tokenmill.model.gguf_blocks import QuantizedWeight
+from tokenmill.model.gguf_file import GGUFFile, GGUFFormatError, read_gguf_file
 from tokenmill.model.tokenizer import Tokenizer
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -85,32 +86,32 @@ def read_gguf(path: str) -> GGUFCheckpoint:
     return GGUFCheckpoint(config, gguf_weights(reader, config, arch), tokenizer)
 
 
-def _open(path: str) -> GGUFReader:
+def _open(path: str) -> GGUFFile:
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
-        raise GGUFError(f"not a readable GGUF file ({type(e).__name__}: {e})") from e
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        # A truncated file can still parse (memmap), with short tensors: check every extent.
-        if t.data_offset + t.n_bytes > size:
-            raise GGUFError(
-                f"truncated: tensor {t.name!r} needs bytes {t.data_offset}..{t.data_offset + t.n_bytes} "
-                f"but the file has {size}"
-            )
-    return reader
+        return read_gguf_file(path)
+    except GGUFFormatError as e:
+        if str(e).startswith("truncated"):
+            raise GGUFError(str(e)) from e
+        raise GGUFError(f"not a readable GGUF file ({e})") from e
 
 
-def _field(reader: GGUFReader, key: str, default=None, required: bool = True):
-    f = reader.fields.get(key)
-    if f is None:
+def _field(reader, key: str, default=None, required: bool = True):
+    """A metadata value; `reader` is a GGUFFile or (for callers that still open files with the
+    `gguf` package, e.g. bench/tokenizer.py) a gguf.GGUFReader."""
+    metadata = getattr(reader, "metadata", None)
+    if metadata is not None:
+        value = metadata.get(key)
+    else:
+        f = reader.fields.get(key)
+        value = None if f is None else f.contents()
+    if value is None:
         if required and default is None:
             raise GGUFError(f"missing metadata key {key!r}")
         return default
-    return f.contents()
+    return value
 
 
-def gguf_config(reader: GGUFReader, arch: str, tokenizer: Tokenizer) -> ModelConfig:
+def gguf_config(reader: GGUFFile, arch: str, tokenizer: Tokenizer) -> ModelConfig:
     def get(key: str, default=None):
         return _field(reader, f"{arch}.{key}", default)
 
@@ -163,13 +164,13 @@ def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def gguf_weights(reader: GGUFReader, cfg: ModelConfig, arch: str) -> dict[str, "torch.Tensor | QuantizedWeight"]:
+def gguf_weights(reader: GGUFFile, cfg: ModelConfig, arch: str) -> dict[str, "torch.Tensor | QuantizedWeight"]:
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
             continue
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+        shape = tuple(int(n) for n in reversed(list(t.shape)))  # GGUF lists dims innermost first
         if t.tensor_type in FLOAT_TYPES:
             w: torch.Tensor | QuantizedWeight = torch.from_numpy(
                 np.array(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)  # copy: the file is mapped read-only
@@ -186,7 +187,7 @@ def gguf_weights(reader: GGUFReader, cfg: ModelConfig, arch: str) -> dict[str, "
     return weights
 
 
-def gguf_tokenizer(reader: GGUFReader) -> Tokenizer:
+def gguf_tokenizer(reader) -> Tokenizer:
     """Byte-level BPE from `tokenizer.ggml.*`: vocab and merges as the file spells them (already
     in the GPT-2 byte alphabet), control tokens (type 3) registered as special so they never split."""
     model = _field(reader, "tokenizer.ggml.model")

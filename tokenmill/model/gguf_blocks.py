@@ -57,7 +57,21 @@ class QuantizedWeight:
         return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, self.shape)
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 [out, in] matrix this weight encodes (gguf's reference dequantizer)."""
+        """The float32 [out, in] matrix this weight encodes: the kernel formats in torch (the
+        same float32 operations as gguf's reference dequantizer, so the same bits, but on
+        every core: the default model's 28M-value embedding table took over a second in
+        numpy), any other type with gguf's reference dequantizer."""
+        if self.qtype == Q.Q8_0:
+            q, d = self.int8_values()
+            return (q.reshape(d.shape[0], d.shape[1], 32).float() * d.float()[..., None]).reshape(self.shape)
+        if self.qtype in (Q.Q4_0, Q.Q4_1):
+            nibbles, d, m = self.int4_blocks()
+            blocks = nibbles.reshape(d.shape[0], d.shape[1], 16)
+            # Byte j of a block holds input j (low nibble) and input j + 16 (high nibble).
+            q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1)
+            d = d.float()[..., None]
+            w = (q.to(torch.int8) - 8).float() * d if m is None else d * q.float() + m.float()[..., None]
+            return w.reshape(self.shape)
         out = gguf_dequantize(self.data, self.qtype)
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(self.shape))
 
@@ -90,15 +104,16 @@ class QuantizedWeight:
     def int4_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Q4_0/Q4_1 as the int4 kernel keeps them, read from the blocks without decoding:
         (nibbles [out, in/2] uint8, each 32-block's 16 bytes as in the file, d [out, in/32],
-        m [out, in/32]) with w = d*q + m. A Q4_1 block is fp16 d, fp16 m, 16 bytes; a Q4_0 block
+        m [out, in/32], both float16 as in the file) with w = d*q + m. A Q4_1 block is fp16 d, fp16 m, 16 bytes; a Q4_0 block
         fp16 d, 16 bytes, and w = d*(q-8): m is None (the kernel's symmetric form, m = -8d)."""
         if self.qtype not in (Q.Q4_0, Q.Q4_1):
             raise ValueError(f"not a 4-bit type: {self.qtype.name}")
         blocks = self._blocks()
         out, inp = self.shape
-        d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+        # Scales stay float16, the file's (and the kernel's) dtype: no conversion round trip.
+        d = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16)
         if self.qtype == Q.Q4_1:
-            m, nibbles = blocks[:, 2:4].view(np.float16).astype(np.float32), blocks[:, 4:20]
+            m, nibbles = np.ascontiguousarray(blocks[:, 2:4]).view(np.float16), blocks[:, 4:20]
         else:
             m, nibbles = None, blocks[:, 2:18]
         groups = inp // 32
@@ -109,13 +124,13 @@ class QuantizedWeight:
         )
 
     def int8_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q8_0 -> (q [out, in] int8, d [out, in/32]) with w = d * q: each block is an fp16 scale
-        d, then 32 int8 values."""
+        """Q8_0 -> (q [out, in] int8, d [out, in/32] float16) with w = d * q: each block is an
+        fp16 scale d, then 32 int8 values."""
         if self.qtype != Q.Q8_0:
             raise ValueError(f"not Q8_0: {self.qtype.name}")
         blocks = self._blocks()
         out, inp = self.shape
-        d = torch.from_numpy(blocks[:, 0:2].view(np.float16).astype(np.float32).reshape(out, inp // 32))
+        d = torch.from_numpy(np.ascontiguousarray(blocks[:, 0:2]).view(np.float16).reshape(out, inp // 32))
         q = torch.from_numpy(blocks[:, 2:].view(np.int8).reshape(out, inp).copy())
         return q, d
 

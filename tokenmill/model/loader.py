@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.startup import phase
 
 if TYPE_CHECKING:  # imports `gguf`, which only GGUF files need
     from tokenmill.model.gguf_blocks import QuantizedWeight
@@ -53,7 +55,8 @@ def load_model(name_or_path: str, config: EngineConfig | None = None) -> LoadedM
     make_linear; loading itself always yields float32 tensors or raw GGUF blocks."""
     if name_or_path == DEFAULT_MODEL:
         path = default_model_path()
-        _check_sha256(path, _DEFAULT_SHA256)
+        with phase("sha256 of the default model"):
+            _check_sha256(path, _DEFAULT_SHA256)
     else:
         path = Path(name_or_path).expanduser()
     if not path.exists():
@@ -62,14 +65,16 @@ def load_model(name_or_path: str, config: EngineConfig | None = None) -> LoadedM
         from tokenmill.model.hf import HFError, read_hf_dir
 
         try:
-            ckpt = read_hf_dir(path)
+            with phase("checkpoint directory read"):
+                ckpt = read_hf_dir(path)
         except HFError as e:
             raise ModelLoadError(str(e)) from e
     else:
         from tokenmill.model.gguf import GGUFError, read_gguf
 
         try:
-            ckpt = read_gguf(str(path))
+            with phase("gguf read (metadata, tokenizer, tensors mapped)"):
+                ckpt = read_gguf(str(path))
         except GGUFError as e:
             raise ModelLoadError(f"{path}: {e}") from e
     check_weights(ckpt.config, ckpt.weights, str(path))
@@ -84,7 +89,8 @@ def _untie_quantized_embedding(cfg: ModelConfig, weights: dict, quantization: st
     embed = weights["model.embed_tokens.weight"]
     if isinstance(embed, torch.Tensor):
         return
-    weights["model.embed_tokens.weight"] = embed.dequantize()
+    with phase("embedding table dequantized"):
+        weights["model.embed_tokens.weight"] = embed.dequantize()
     if cfg.tie_word_embeddings and quantization != "none" and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = embed
 
@@ -148,14 +154,40 @@ def load_encoder(name_or_path: str):
 
 
 def _check_sha256(path: Path, expected: str) -> None:
+    """Hash the file, unless this very file (path, size, mtime, inode) was found good before:
+    hashing the default model's 98 MB took a tenth of a start-up's time budget on every start."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: model file missing from its package")
+    stamp = _verified_stamp(expected)
+    identity = _file_identity(path)
+    try:
+        if stamp.read_text() == identity:
+            return
+    except OSError:
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     if h.hexdigest() != expected:
         raise ModelLoadError(f"{path}: sha256 {h.hexdigest()} does not match the expected {expected} (corrupt file?)")
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(identity)
+        tmp.replace(stamp)
+    except OSError:
+        pass  # a read-only home only costs the hash again next time
+
+
+def _verified_stamp(expected: str) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tokenmill" / "verified" / f"{expected}.stamp"
+
+
+def _file_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()} {st.st_size} {st.st_mtime_ns} {st.st_ino}"
 
 
 def check_weights(cfg: ModelConfig, weights: dict, source: str) -> None:

@@ -21,8 +21,9 @@ all run that sequence; nothing depends on which tile or thread holds a column or
 share the call. Built with -ffp-contract=off so the compiler does not fuse differently in
 different copies of the loop.
 
-Built at first use with torch.utils.cpp_extension (g++ and ninja), cached in torch's extension
-directory under a name keyed by the source and the CPU's flags. Instruction sets are named
+Built with torch.utils.cpp_extension (g++ and ninja) at install time or else at first use, and
+imported from cpp_build's kernel cache on later starts, under a name keyed by the source and
+the CPU's flags. Instruction sets are named
 explicitly from /proc/cpuinfo (AVX2+FMA+F16C, AVX-512 F/BW/VL/VNNI where listed), never
 -march=native and never AMX, whose flags a VM may show without the OS enabling it. Where the
 build fails `kernel()` returns None and the linears fall back to dequantizing in torch (quant.py).
@@ -247,12 +248,14 @@ std::string isa() {
 """
 
 
+PREFIX, FUNCTIONS, CFLAGS = "tokenmill_qlinear", ["int4_linear", "int8_linear", "isa"], ["-O3", "-fopenmp", "-ffp-contract=off"]
+
+
 @functools.cache
 def kernel():
     """The compiled module (int4_linear, int8_linear, isa), or None where it cannot be built."""
     try:
-        module = build("tokenmill_qlinear", _SOURCE, ["int4_linear", "int8_linear", "isa"],
-                       ["-O3", "-fopenmp", "-ffp-contract=off"])
+        module = build(PREFIX, _SOURCE, FUNCTIONS, CFLAGS)
     except Exception as e:  # no compiler, no ninja, no headers: quant.py dequantizes in torch
         log.warning("quantized linear kernel unavailable, dequantizing in torch: %s",
                     str(e).splitlines()[0] if str(e) else e)

@@ -13,7 +13,7 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk
 from tokenmill.model.attention.kv_dtype import dtype_name, kv_token_bytes, row_width
-from tokenmill.model.host import to_device
+from tokenmill.model.host import lazy_zeros, to_device
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.profiling import STEP_RANGE, StepProfiler
 from tokenmill.model.sampler import Sampler
@@ -36,10 +36,10 @@ class ModelRunner:
         self.device = model.embed_tokens.device
         # One block past the scheduler's pool: the padding rows of a CUDA-graph batch write there.
         self.scratch_block = num_blocks
-        self.kv_caches = torch.zeros(
-            2, cfg.num_layers, num_blocks + 1, cfg.num_kv_heads, block_size, row_width(cfg.head_dim, kv_dtype),
-            dtype=kv_dtype, device=self.device,
-        )
+        shape = (2, cfg.num_layers, num_blocks + 1, cfg.num_kv_heads, block_size, row_width(cfg.head_dim, kv_dtype))
+        # On CPU, pages zeroed by the OS on first touch: nothing to write at start-up (host.py).
+        self.kv_caches = (lazy_zeros(shape, kv_dtype) if self.device.type == "cpu"
+                          else torch.zeros(shape, dtype=kv_dtype, device=self.device))
         self.sampler = Sampler(seed, self.device)
         self.decode_graphs = None  # tokenmill.model.cuda_graphs.DecodeGraphs, once captured
         self.profiler = StepProfiler()  # traces of the steps, on request (server --profile-dir)

@@ -20,6 +20,7 @@ import uvicorn
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.server.app import attach_engine, begin_drain, create_app
 from tokenmill.server.repository import Repository
+from tokenmill.startup import log_since_process_start
 
 log = logging.getLogger("tokenmill.server")
 
@@ -34,6 +35,10 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout = drain_timeout
         self.drain_started: float | None = None
         self.aborted_at: float | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        log_since_process_start("HTTP server listening")  # models load meanwhile, on their own thread
 
     @property
     def _state(self):
@@ -104,6 +109,7 @@ def serve(
                 engines.append(engine)
                 attach_engine(app, name, engine)
                 log.info("model %r loaded; serving on http://%s:%d", name, host, port)
+                log_since_process_start(f"model {name!r} ready")
             except BaseException as e:  # the server cannot serve without it: stop
                 failed.append(e)
                 log.error("could not load the model %r: %s", name, e)

@@ -20,8 +20,10 @@ each key and value row is converted to float32 as it is read (an int8 row times 
 a 16-bit or int8 pool halves or quarters the bytes attention reads at long context, with the
 arithmetic above unchanged.
 
-Built at first use by model/cpp_build.py (g++ and ninja; ~1 minute once, then cached in
-torch's extension directory; the instruction sets named from /proc/cpuinfo, never -march=native). Where it cannot be built, `kernel()` returns None and the
+Built by model/cpp_build.py (g++ and ninja; minutes on a small machine) at install time
+(scripts/install.sh runs `python -m tokenmill.model.cpp_build`) or else at first use, then
+imported from the kernel cache on every later start; the instruction sets named from
+/proc/cpuinfo, never -march=native. Where it cannot be built, `kernel()` returns None and the
 model gets the torch backend instead (attention/backend.py, which logs the choice).
 """
 
