@@ -100,11 +100,10 @@ def _from_gguf(path: Path, cache_dir: Path | None = None) -> BenchTokenizer:
     cached = cache_dir / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}.tokenizer.json"
     if cached.is_file():
         return BenchTokenizer.from_tokenizers(tokenizers.Tokenizer.from_file(str(cached)))
-    from gguf import GGUFReader
-
     from tokenmill.model.gguf import gguf_tokenizer
+    from tokenmill.model.gguf_file import read_gguf_file
 
-    backend = gguf_tokenizer(GGUFReader(str(path))).backend
+    backend = gguf_tokenizer(read_gguf_file(str(path))).backend
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")

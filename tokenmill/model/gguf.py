@@ -95,15 +95,8 @@ def _open(path: str) -> GGUFFile:
         raise GGUFError(f"not a readable GGUF file ({e})") from e
 
 
-def _field(reader, key: str, default=None, required: bool = True):
-    """A metadata value; `reader` is a GGUFFile or (for callers that still open files with the
-    `gguf` package, e.g. bench/tokenizer.py) a gguf.GGUFReader."""
-    metadata = getattr(reader, "metadata", None)
-    if metadata is not None:
-        value = metadata.get(key)
-    else:
-        f = reader.fields.get(key)
-        value = None if f is None else f.contents()
+def _field(reader: GGUFFile, key: str, default=None, required: bool = True):
+    value = reader.metadata.get(key)
     if value is None:
         if required and default is None:
             raise GGUFError(f"missing metadata key {key!r}")
@@ -187,7 +180,7 @@ def gguf_weights(reader: GGUFFile, cfg: ModelConfig, arch: str) -> dict[str, "to
     return weights
 
 
-def gguf_tokenizer(reader) -> Tokenizer:
+def gguf_tokenizer(reader: GGUFFile) -> Tokenizer:
     """Byte-level BPE from `tokenizer.ggml.*`: vocab and merges as the file spells them (already
     in the GPT-2 byte alphabet), control tokens (type 3) registered as special so they never split."""
     model = _field(reader, "tokenizer.ggml.model")
