@@ -186,6 +186,9 @@ static void attend_pool(const torch::Tensor& q, const torch::Tensor& k_cache, co
 
 void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
                      torch::Tensor row_seq, torch::Tensor row_ctx, double scale, torch::Tensor out) {
+  // No Python object is touched below: other Python threads (the server's HTTP loop) run
+  // while the kernel does, instead of waiting for the GIL until it returns.
+  pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "rows must be contiguous");
   TORCH_CHECK(k_cache.strides() == v_cache.strides() && k_cache.stride(3) == 1, "K and V pools share one layout");
   TORCH_CHECK(tables.scalar_type() == at::kLong && row_seq.scalar_type() == at::kLong && row_ctx.scalar_type() == at::kLong,
