@@ -9,6 +9,12 @@ Prints a markdown table of measured / predicted / error for output throughput, T
 (p50 and p99) and writes everything to --out.
 
     python3 benchmarks/plan_validate.py --profile tokenmill/plan/profiles/cpu-2core-q4_1.json
+
+With --calibrate, the same server is first driven through a calibration grid (closed loops of
+other concurrencies and lengths than any validation workload) with `--step-log` on, and
+`tokenmill plan calibrate --step-log` fits the profile on those steps and writes it to
+--profile; then the validation runs. The steps of the validation runs are logged too
+(steps.jsonl, after the calibration's), so a miss can be traced to the steps that made it.
 """
 
 from __future__ import annotations
@@ -43,9 +49,13 @@ WORKLOADS = {  # a quiet 2-core machine: a step takes ~0.05-3 s, each run ~15-60
 }
 
 
-def start_server(port: int, threads: int, log) -> subprocess.Popen:
+# Closed loops: concurrency x prompt length, 12 output tokens, 2 x concurrency prompts each.
+CALIBRATION = [(c, n) for c in (2, 6, 12) for n in (24, 160, 320)]
+
+
+def start_server(port: int, threads: int, log, step_log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(port), "--num-threads", str(threads),
-           "--log-level", "warning"]
+           "--log-level", "warning", "--step-log", str(step_log)]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", proc, 600)
@@ -59,6 +69,22 @@ def bench(port: int, flags: str, seed: int, result: Path) -> None:
     cmd = [sys.executable, "-m", "tokenmill", "bench", "--base-url", f"http://127.0.0.1:{port}", "--ignore-eos",
            "--no-progress", "--seed", str(seed), "--result-json", str(result), *flags.split()]
     subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, stdout=subprocess.DEVNULL)
+
+
+def calibrate(args, out: Path, step_log: Path) -> None:
+    for i, (conc, prompt_len) in enumerate(CALIBRATION):
+        httpx.post(f"http://127.0.0.1:{args.port}/reset_prefix_cache", timeout=30, trust_env=False).raise_for_status()
+        bench(args.port, f"--num-prompts {2 * conc} --max-concurrency {conc} --random-input-len {prompt_len} "
+                         f"--random-output-len 12", 1000 + i, out / f"calibration-c{conc}-in{prompt_len}.json")
+        print(f"calibration: concurrency {conc} x prompt {prompt_len} done", flush=True)
+    calib_log = out / "calibration-steps.jsonl"
+    calib_log.write_text(step_log.read_text())  # the steps so far: warm-up and the calibration grid
+    subprocess.run([sys.executable, "-m", "tokenmill", "plan", "calibrate", "--num-threads", str(args.threads),
+                    "--step-log", str(calib_log), "--output", args.profile], cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, stdout=subprocess.DEVNULL)
+    fit = json.loads(Path(args.profile).read_text())["fit"]
+    print(f"calibrated on {fit['samples']} logged steps: median |error| {fit['median_abs_rel_error']:.1%}, "
+          f"p90 {fit['p90_abs_rel_error']:.1%}", flush=True)
 
 
 def flag(flags: str, name: str, default=None):
@@ -86,21 +112,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="/tmp/plan_validate")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--calibrate", action="store_true",
+                    help="fit the profile first, on this server's logged steps over the calibration grid; write it to --profile")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    profile = Profile.load(args.profile)
-    spec = ReplicaSpec(model_shape("smollm2-135m"), hardware(profile.device), 1, profile,
-                       EngineConfig.from_flat(max_waiting_requests=10**9), 8192)
+    step_log = out / "steps.jsonl"
+    step_log.unlink(missing_ok=True)
     rows = []
     with open(out / "serve.log", "w") as log:
-        server = start_server(args.port, args.threads, log)
+        server = start_server(args.port, args.threads, log, step_log)
         try:
             # One throw-away run warms the server (first-request costs); the measured runs send
             # no warm-up of their own, which would put the shared prefix in the cache before the
             # first measured request of the prefix workload.
             bench(args.port, "--num-prompts 2 --max-concurrency 1 --random-input-len 16 --random-output-len 4", 99,
                   out / "warmup.json")
+            if args.calibrate:
+                calibrate(args, out, step_log)
+            profile = Profile.load(args.profile)
+            spec = ReplicaSpec(model_shape("smollm2-135m"), hardware(profile.device), 1, profile,
+                               EngineConfig.from_flat(max_waiting_requests=10**9), 8192)
             for seed, (name, flags) in enumerate(WORKLOADS.items()):
                 if args.only and name not in args.only:
                     continue

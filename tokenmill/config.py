@@ -139,6 +139,9 @@ class RuntimeConfig:
     num_threads: int | None = setting(None, "torch CPU threads")
     seed: int = setting(0, "seed of the engine's sampler")
     debug_checks: bool = setting(False, "assert KV pool invariants after every step (slow)")
+    step_log: str | None = setting(
+        None, "append one JSON line per engine step (its seconds and what it computed) to this file; "
+        "`tokenmill plan calibrate --step-log` fits the planner's cost model on it")
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)

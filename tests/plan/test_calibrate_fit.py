@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from tokenmill.plan.calibrate import Sample, fit
 from tokenmill.plan.catalog import hardware, model_shape
 from tokenmill.plan.cost import CostModel, Profile, SeqShape
@@ -59,3 +61,20 @@ def test_fit_is_robust_to_outlier_steps():
     assert robust.fit["outlier_steps"] == outliers > 15  # found, and only them
     assert held_out_error(robust) < 0.05
     assert held_out_error(plain) > 2 * held_out_error(robust)  # what least squares alone does with them
+
+
+def test_fit_recovers_attention_and_overlap():
+    # A CPU-like truth: attention at a third of the linears' rate, compute and memory mostly adding up.
+    shape, hw = model_shape("smollm2-135m"), hardware("cpu-2core")
+    truth = Profile("cpu-2core", "q4_1", eff_prefill=0.25, eff_decode=0.4, eff_memory=0.07, eff_attention=0.08,
+                    no_overlap=0.9, step_overhead_s=0.005, per_seq_s=0.002, kv_bytes=2)
+    model = CostModel(shape, hw, truth)
+    samples = [Sample(s, model.step_seconds(s)) for s in _steps(150, random.Random(4))]
+    fitted = fit(samples, shape, hw, Profile("cpu-2core", "q4_1", kv_bytes=2))
+    assert fitted.fit["median_abs_rel_error"] < 0.01
+    assert fitted.no_overlap > 0.5  # not the roofline (the efficiencies trade off, so not exactly 0.9)
+    # Held out: short prompts after a long cached prefix, where attention is most of the cost.
+    fitted_model = CostModel(shape, hw, fitted)
+    for start in (256, 1024, 2048):
+        s = [SeqShape(start, 32, True, True)]
+        assert fitted_model.step_seconds(s) == pytest.approx(model.step_seconds(s), rel=0.05)

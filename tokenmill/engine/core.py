@@ -73,6 +73,7 @@ class EngineCore:
         # slow compile never holds up the batch.
         self._compiling: dict[str, tuple[Request, Future]] = {}
         self._finished_ids: list[str] = []  # since the last record: the executor drops their state
+        self.last_record: StepRecord | None = None  # what the last step computed (the step log's line)
         self._grammars = None
         self._grammars_lock = threading.Lock()
 
@@ -124,8 +125,10 @@ class EngineCore:
         outputs = self._admit_compiled() if self._compiling else []
         sched = self.scheduler.schedule()
         sampled: dict[str, list[SampleResult]] = {}
+        self.last_record = None
         if not sched.is_empty:
             record = self._record(sched)
+            self.last_record = record  # what this step computed, for the step log
             sampled, executed = self._execute(record)
             # Only now: a step that failed hands the same ids to the next one.
             del self._finished_ids[: len(record.finished_request_ids)]

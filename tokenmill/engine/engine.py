@@ -16,6 +16,7 @@ from tokenmill.engine.core import EngineCore, Executor, Proposer
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import Request
 from tokenmill.engine.stats import EngineStats
+from tokenmill.engine.step_log import StepLog
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling import SamplingParams
 
@@ -43,6 +44,7 @@ class Engine:
         self.core = EngineCore(config, executor, num_blocks, max_model_len, vocab_size, tokenizer, proposer, self.stats)
         self.outputs = OutputProcessor(tokenizer, self.stats, clock)
         self._arrivals = 0
+        self.step_log = StepLog(config.runtime.step_log) if config.runtime.step_log else None
 
     # The core's parts, for the offline API, benchmarks and tests.
     @property
@@ -125,6 +127,7 @@ class Engine:
     # -- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = self.clock()
+        wall = time.time() if self.step_log is not None else 0.0
         num_steps = self.stats.num_steps
         outputs, stopped = self.outputs.process(self.core.step())
         for core_id in stopped:
@@ -132,6 +135,8 @@ class Engine:
         outputs = [self._end_failed(out) for out in outputs]
         if self.stats.num_steps != num_steps:
             self.stats.last_step_seconds = self.clock() - t0
+            if self.step_log is not None and self.core.last_record is not None:
+                self.step_log.write(wall, self.stats.last_step_seconds, self.core.last_record)
         if self.config.runtime.debug_checks:
             self.core.check_invariants()
         return outputs

@@ -71,6 +71,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--output-len", type=int, default=8)
     c.add_argument("--batches", nargs="+", type=int, default=None, help="requests per grid point (default 1 4 8)")
     c.add_argument("--prompt-lens", nargs="+", type=int, default=None, help="prompt lengths (default 32 192)")
+    c.add_argument("--step-log", nargs="+", default=None, metavar="FILE",
+                   help="fit the steps a running server logged (`tokenmill serve --step-log FILE`) instead of "
+                        "running the engine here: what serving costs, HTTP front and clients included")
     c.add_argument("--output", required=True, help="profile JSON to write")
 
     r = sub.add_parser("search", help="cheapest fleet meeting an SLO: device x TP x format x batch")
@@ -210,10 +213,17 @@ def calibrate(args) -> int:
     grid = cal.DEFAULT_GRID
     if args.batches or args.prompt_lens:
         grid = [(b, n) for b in args.batches or (1, 4, 8) for n in args.prompt_lens or (32, 192)]
-    samples = cal.measure(config, grid, output_len=args.output_len)
+    if args.step_log:
+        samples = cal.samples_from_step_log(args.step_log)
+        if len(samples) < 8:
+            raise ValueError(f"--step-log: {len(samples)} steps logged; the fit needs at least 8")
+    else:
+        samples = cal.measure(config, grid, output_len=args.output_len)
     profile = cal.fit(samples, model_shape(args.model), hardware(args.hardware), Profile(args.hardware, fmt, kv_bytes=kv_bytes))
     fit = {**profile.fit, **facts, "load_avg_1m_after": cal.machine_facts()["load_avg_1m"],
-           "num_threads": args.num_threads, "engine_model": args.engine_model, "measure_s": time.perf_counter() - t0}
+           "num_threads": args.num_threads, "engine_model": args.engine_model, "measure_s": time.perf_counter() - t0,
+           "measured": "steps logged by a running server: " + " ".join(args.step_log) if args.step_log
+           else "the engine run offline (engine.step() timed alone)"}
     profile = Profile(**{**profile.__dict__, "fit": fit})
     profile.save(args.output)
     print(json.dumps(profile.__dict__, indent=2))

@@ -2,15 +2,18 @@
 
 A roofline per step: matmul FLOPs against peak x efficiency, bytes (weights once per step,
 the context's KV read, the new KV written) against bandwidth x efficiency; the slower of the
-two, plus a fixed per-step overhead (scheduling, sampling, launch, output processing), a
+two (plus, where they do not overlap, a share of the faster: see Profile.no_overlap), plus a
+fixed per-step overhead (scheduling, sampling, launch, output processing), a
 per-sequence overhead (building its rows, detokenizing), and with tensor parallelism two
 all-reduces of the step's activations per layer over the link.
 
-Prefill rows and decode rows have separate compute efficiencies: on a CPU they even run
-different kernels (prompt rows use bfloat16 copies of int4 weights, decode rows the int4
-kernel); on a GPU a small batch of decode rows uses the tensor cores far less well than a
-long prompt. The efficiencies and overheads come from a Profile: fitted (calibrate.py) or
-stated defaults.
+Prefill rows and decode rows have separate compute efficiencies: on a CPU a few decode rows
+use the int4 kernel far less well than a long prompt's rows do; on a GPU a small batch of
+decode rows uses the tensor cores far less well than a long prompt. Attention (QK^T and PV
+over the context) can have its own: on a CPU it is a different kernel from the linears, and
+on the 2-core EPYC it reached a fifth of their FLOP rate, so a 32-token prompt after a
+192-token cached prefix cost 25-35% more than the linears' rate predicted. The efficiencies
+and overheads come from a Profile: fitted (calibrate.py) or stated defaults.
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ class Profile:
     eff_prefill: float = 0.6  # share of peak FLOP/s reached by prompt rows (and the LM head)
     eff_decode: float = 0.3  # by decode rows' matmuls
     eff_memory: float = 0.75  # share of peak bandwidth reached reading weights and KV
+    # Attention's share of peak FLOP/s; None: priced as the rows' matmuls (prefill or decode).
+    eff_attention: float | None = None
+    # The share of the shorter of compute and memory time that does not hide under the longer:
+    # 0 is the roofline (a GPU streams weights while it computes); on the 2-core CPU a 24-row
+    # prompt chunk cost 25-30% more than the roofline's max, as if reading the weights and
+    # computing on them added up (the fit found 0.4-1 there).
+    no_overlap: float = 0.0
     step_overhead_s: float = 0.003
     per_seq_s: float = 1e-5
     allreduce_latency_s: float = 1e-5
@@ -82,10 +92,12 @@ class StepCost:
     memory_s: float
     comm_s: float
     overhead_s: float
+    no_overlap: float = 0.0  # Profile.no_overlap
 
     @property
     def seconds(self) -> float:
-        return self.overhead_s + max(self.compute_s, self.memory_s) + self.comm_s
+        longer, shorter = max(self.compute_s, self.memory_s), min(self.compute_s, self.memory_s)
+        return self.overhead_s + longer + self.no_overlap * shorter + self.comm_s
 
     @property
     def bound(self) -> str:
@@ -101,6 +113,9 @@ class CostModel:
         peak = hw.peak_flops(profile.weight_format) * tp
         self._sec_per_flop_prefill = 1.0 / (peak * profile.eff_prefill)
         self._sec_per_flop_decode = 1.0 / (peak * profile.eff_decode)
+        ea = profile.eff_attention
+        self._sec_per_flop_attn_p = self._sec_per_flop_prefill if ea is None else 1.0 / (peak * ea)
+        self._sec_per_flop_attn_d = self._sec_per_flop_decode if ea is None else 1.0 / (peak * ea)
         self._sec_per_byte = 1.0 / (hw.bandwidth * tp * profile.eff_memory)
         wb = WEIGHT_BYTES[profile.weight_format]
         self._body_flops = 2.0 * shape.body_params_active
@@ -122,9 +137,11 @@ class CostModel:
         touched = e * (1.0 - (1.0 - k / e) ** num_tokens)
         return self._dense_bytes + self._expert_bytes * touched
 
-    def features(self, seqs: list[SeqShape]) -> tuple[float, float, float, int, int]:
-        """(prefill FLOPs, decode FLOPs, bytes moved, sequences, tokens): what the time depends
-        on, before any efficiency is applied (calibrate fits the efficiencies on these).
+    def features(self, seqs: list[SeqShape]) -> tuple[float, float, float, float, float, int, int]:
+        """(prefill FLOPs, decode FLOPs, prefill attention FLOPs, decode attention FLOPs, bytes
+        moved, sequences, tokens): what the time depends on, before any efficiency is applied
+        (calibrate fits the efficiencies on these). The first two are the linears' (the LM head
+        counts as prefill: it runs dense either way).
 
         The sums are of integers (rows, attention pairs), scaled once at the end: a float sum
         would depend on the order of the sequences, and decode_step_seconds must give the same
@@ -146,22 +163,24 @@ class CostModel:
         return self._features(body_p, attn_p, body_d, attn_d, head_rows, kv_read, tokens, len(seqs))
 
     def _features(self, body_p: int, attn_p: int, body_d: int, attn_d: int, head_rows: int, kv_read: int,
-                  tokens: int, num_seqs: int) -> tuple[float, float, float, int, int]:
-        # The LM head runs dense either way: its FLOPs count as prefill.
-        flops_prefill = self._body_flops * body_p + self._attn_flops * attn_p + self._head_flops * head_rows
-        flops_decode = self._body_flops * body_d + self._attn_flops * attn_d
+                  tokens: int, num_seqs: int) -> tuple[float, float, float, float, float, int, int]:
+        flops_prefill = self._body_flops * body_p + self._head_flops * head_rows
+        flops_decode = self._body_flops * body_d
         nbytes = self.weight_bytes_read(tokens) + (kv_read + tokens) * self._kv_token_bytes
-        return flops_prefill, flops_decode, nbytes, num_seqs, tokens
+        return (flops_prefill, flops_decode, self._attn_flops * attn_p, self._attn_flops * attn_d, nbytes,
+                num_seqs, tokens)
 
-    def _cost(self, flops_prefill: float, flops_decode: float, nbytes: float, num_seqs: int, tokens: int) -> StepCost:
-        compute = flops_prefill * self._sec_per_flop_prefill + flops_decode * self._sec_per_flop_decode
+    def _cost(self, flops_prefill: float, flops_decode: float, attn_prefill: float, attn_decode: float,
+              nbytes: float, num_seqs: int, tokens: int) -> StepCost:
+        compute = (flops_prefill * self._sec_per_flop_prefill + flops_decode * self._sec_per_flop_decode
+                   + attn_prefill * self._sec_per_flop_attn_p + attn_decode * self._sec_per_flop_attn_d)
         memory = nbytes * self._sec_per_byte
         comm = 0.0
         if self.tp > 1:
             ring = 2.0 * (self.tp - 1) / self.tp * tokens * self._act_bytes / self._link
             comm = 2 * self.shape.num_layers * (self.profile.allreduce_latency_s + ring)
         overhead = self.profile.step_overhead_s + self.profile.per_seq_s * num_seqs
-        return StepCost(compute, memory, comm, overhead)
+        return StepCost(compute, memory, comm, overhead, self.profile.no_overlap)
 
     def cost(self, seqs: list[SeqShape]) -> StepCost:
         return self._cost(*self.features(seqs))

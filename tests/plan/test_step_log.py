@@ -1,0 +1,75 @@
+"""`--step-log`: the engine logs each step's composition and seconds, and `tokenmill plan
+calibrate --step-log` fits a profile on those lines instead of running the engine."""
+
+import json
+
+import pytest
+
+from tokenmill.engine.step_log import StepLog, read_step_log
+from tokenmill.plan.calibrate import samples_from_step_log
+from tokenmill.plan.cost import shape_of_chunks
+from tokenmill.sampling import SamplingParams
+
+
+@pytest.mark.slow
+def test_logged_steps_are_the_steps_the_scheduler_made(small_engine, tmp_path, monkeypatch):
+    engine = small_engine
+    path = tmp_path / "steps.jsonl"
+    scheduled = []
+    schedule = engine.core.scheduler.schedule
+
+    def logged():
+        out = schedule()
+        if not out.is_empty:
+            scheduled.append(shape_of_chunks(out.chunks))
+        return out
+
+    monkeypatch.setattr(engine.core.scheduler, "schedule", logged)
+    monkeypatch.setattr(engine, "step_log", StepLog(str(path)))
+    for i, n in enumerate((70, 20, 33)):  # 70 > the 48-token budget: a chunked prompt
+        engine.add_request(f"log-{i}", [(7 * i + j) % 1000 + 1 for j in range(n)],
+                           SamplingParams(max_tokens=8, ignore_eos=True))
+    while engine.has_unfinished:
+        engine.step()
+    engine.step_log.close()
+
+    lines = read_step_log(str(path))
+    assert len(lines) == len(scheduled) >= 8
+    assert all(line["s"] > 0 and line["t"] > 1e9 for line in lines)  # seconds; unix time
+    assert [s.seqs for s in samples_from_step_log([str(path)])] == scheduled
+    assert any(len(s) > 1 and any(q.prompt for q in s) and any(not q.prompt for q in s) for s in scheduled)
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_a_torn_last_line_is_skipped(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    path.write_text('{"t":1.0,"s":0.5,"seqs":[[0,16,1,1]]}\n{"t":2.0,"s":0.1,"seqs":[[16,1')
+    assert read_step_log(str(path)) == [{"t": 1.0, "s": 0.5, "seqs": [[0, 16, 1, 1]]}]
+
+
+def test_calibrate_fits_a_step_log(tmp_path):
+    # Lines made from a known profile: the command must recover their step times.
+    from tokenmill.cli import main
+    from tokenmill.plan.catalog import hardware, model_shape
+    from tokenmill.plan.cost import CostModel, Profile, SeqShape
+
+    truth = Profile("cpu-2core", "q4_1", eff_prefill=0.2, eff_decode=0.4, eff_memory=0.08, eff_attention=0.06,
+                    no_overlap=0.8, step_overhead_s=0.004, per_seq_s=0.002, kv_bytes=2)
+    model = CostModel(model_shape("smollm2-135m"), hardware("cpu-2core"), truth)
+    steps = [[SeqShape(0, n, True, True)] for n in (16, 24, 64, 160, 320, 512)]
+    steps += [[SeqShape(c, 1, True, False)] * b for b in (1, 2, 4, 8, 12) for c in (32, 200, 600)]
+    steps += [[SeqShape(192, 32, True, True), SeqShape(100, 1, True, False)], [SeqShape(256, 256, False, True)]]
+    log = tmp_path / "steps.jsonl"
+    log.write_text("".join(json.dumps({"t": 1.7e9 + i, "s": model.step_seconds(s),
+                                       "seqs": [[q.start, q.num_tokens, int(q.samples), int(q.prompt)] for q in s]}) + "\n"
+                           for i, s in enumerate(steps)))
+    out = tmp_path / "profile.json"
+    assert main(["plan", "calibrate", "--step-log", str(log), "--output", str(out)]) == 0
+    fitted = Profile.load(out)
+    assert fitted.fit["samples"] == len(steps)
+    assert fitted.fit["measured"].startswith("steps logged by a running server")
+    assert fitted.fit["median_abs_rel_error"] < 0.02
+    fitted_model = CostModel(model_shape("smollm2-135m"), hardware("cpu-2core"), fitted)
+    held_out = [SeqShape(192, 48, True, True)], [SeqShape(300, 1, True, False)] * 6
+    for s in held_out:
+        assert fitted_model.step_seconds(s) == pytest.approx(model.step_seconds(s), rel=0.05)
