@@ -10,16 +10,19 @@ Prints a markdown table of measured / predicted / error for output throughput, T
 
     python3 benchmarks/plan_validate.py --profile tokenmill/plan/profiles/cpu-2core-q4_1.json
 
-With --calibrate, the same server is first driven through a calibration grid (closed loops of
-other concurrencies and lengths than any validation workload) with `--step-log` on, and
-`tokenmill plan calibrate --step-log` fits the profile on those steps and writes it to
---profile; then the validation runs. The steps of the validation runs are logged too
-(steps.jsonl, after the calibration's), so a miss can be traced to the steps that made it.
+With --calibrate, the same server also runs a calibration grid (closed loops of other
+concurrencies and lengths than any validation workload), its runs alternating with the
+validation runs so a drift of the machine hits both alike; `tokenmill plan calibrate
+--step-log` fits the profile on the steps the server logged during the calibration runs only
+and writes it to --profile; then each validation run is simulated with it. Every step is in
+steps.jsonl, so a miss can be traced to the steps that made it. Output throughput is taken
+over the simulator's window (first send to last end; see window_throughput).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -40,12 +43,12 @@ from tokenmill.plan.workload import TraceRequest, from_bench_result  # noqa: E40
 
 # name: bench flags 
 WORKLOADS = {  # a quiet 2-core machine: a step takes ~0.05-3 s, each run ~15-60 s
-    "rate0.5-in128-out16": "--num-prompts 16 --request-rate 0.5 --random-input-len 128 --random-output-len 16",
-    "rate1-in64-out32": "--num-prompts 16 --request-rate 1 --random-input-len 64 --random-output-len 32",
+    "rate0.5-in128-out16": "--num-prompts 20 --request-rate 0.5 --random-input-len 128 --random-output-len 16",
+    "rate1-in64-out32": "--num-prompts 24 --request-rate 1 --random-input-len 64 --random-output-len 32",
     "conc1-in128-out32": "--num-prompts 8 --max-concurrency 1 --random-input-len 128 --random-output-len 32",
     "conc4-in192-out16": "--num-prompts 12 --max-concurrency 4 --random-input-len 192 --random-output-len 16",
     "conc8-in32-out24": "--num-prompts 24 --max-concurrency 8 --random-input-len 32 --random-output-len 24",
-    "prefix192-rate1-in32-out16": "--num-prompts 16 --request-rate 1 --random-prefix-len 192 --random-input-len 32 --random-output-len 16",
+    "prefix192-rate1-in32-out16": "--num-prompts 24 --request-rate 1 --random-prefix-len 192 --random-input-len 32 --random-output-len 16",
 }
 
 
@@ -71,20 +74,24 @@ def bench(port: int, flags: str, seed: int, result: Path) -> None:
     subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, stdout=subprocess.DEVNULL)
 
 
-def calibrate(args, out: Path, step_log: Path) -> None:
-    for i, (conc, prompt_len) in enumerate(CALIBRATION):
-        httpx.post(f"http://127.0.0.1:{args.port}/reset_prefix_cache", timeout=30, trust_env=False).raise_for_status()
-        bench(args.port, f"--num-prompts {2 * conc} --max-concurrency {conc} --random-input-len {prompt_len} "
-                         f"--random-output-len 12", 1000 + i, out / f"calibration-c{conc}-in{prompt_len}.json")
-        print(f"calibration: concurrency {conc} x prompt {prompt_len} done", flush=True)
+def fit_profile(args, out: Path, calib_lines: list[str]) -> None:
     calib_log = out / "calibration-steps.jsonl"
-    calib_log.write_text(step_log.read_text())  # the steps so far: warm-up and the calibration grid
+    calib_log.write_text("".join(calib_lines))
     subprocess.run([sys.executable, "-m", "tokenmill", "plan", "calibrate", "--num-threads", str(args.threads),
                     "--step-log", str(calib_log), "--output", args.profile], cwd=REPO,
                    env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, stdout=subprocess.DEVNULL)
     fit = json.loads(Path(args.profile).read_text())["fit"]
     print(f"calibrated on {fit['samples']} logged steps: median |error| {fit['median_abs_rel_error']:.1%}, "
           f"p90 {fit['p90_abs_rel_error']:.1%}", flush=True)
+
+
+def window_throughput(result: dict) -> float:
+    """Output tokens per second from the first request's send to the last one's end: the
+    simulator's window. The bench's own figure divides by its whole run, which also counts the
+    wait before the first Poisson arrival (up to seconds at 0.5 request/s), a wait the result
+    file does not keep, so no replay could predict it."""
+    end = max(s + e for s, e, n in zip(result["start_times"], result["e2els"], result["output_lens"]) if n > 0)
+    return result["total_output_tokens"] / (end - min(result["start_times"]))
 
 
 def flag(flags: str, name: str, default=None):
@@ -128,34 +135,49 @@ def main() -> None:
             # first measured request of the prefix workload.
             bench(args.port, "--num-prompts 2 --max-concurrency 1 --random-input-len 16 --random-output-len 4", 99,
                   out / "warmup.json")
+            # The runs: the validation workloads and (with --calibrate) the calibration grid,
+            # alternating, so a drift of the machine over the ~10 minutes hits both alike.
+            runs = [(name, flags, False) for name, flags in WORKLOADS.items() if not args.only or name in args.only]
             if args.calibrate:
-                calibrate(args, out, step_log)
-            profile = Profile.load(args.profile)
-            spec = ReplicaSpec(model_shape("smollm2-135m"), hardware(profile.device), 1, profile,
-                               EngineConfig.from_flat(max_waiting_requests=10**9), 8192)
-            for seed, (name, flags) in enumerate(WORKLOADS.items()):
-                if args.only and name not in args.only:
-                    continue
-                # Each workload starts from an empty prefix cache and draws its own prompts: with
-                # one seed, two workloads of equal input length would send the same prompts, and
-                # the second would be served from the first one's cache (the simulation, which
-                # starts empty, would not know).
+                grid = [(f"calibration-c{c}-in{n}", f"--num-prompts {2 * c} --max-concurrency {c} --random-input-len {n} "
+                                                    "--random-output-len 12", True) for c, n in CALIBRATION]
+                runs = [run for pair in itertools.zip_longest(grid, runs) for run in pair if run is not None]
+            calib_lines: list[str] = []
+            loads = {}
+            for seed, (name, flags, calibration) in enumerate(runs):
+                # Each run starts from an empty prefix cache and draws its own prompts: with one
+                # seed, two workloads of equal input length would send the same prompts, and the
+                # second would be served from the first one's cache (the simulation, which starts
+                # empty, would not know).
                 httpx.post(f"http://127.0.0.1:{args.port}/reset_prefix_cache", timeout=30, trust_env=False).raise_for_status()
-                path = out / f"{name}.json"
-                load = os.getloadavg()[0]
-                bench(args.port, flags, seed, path)
-                meas = json.loads(path.read_text())
-                pred = simulate(spec, flags, path)
-                row = {"workload": name, "load_1m": load, "load_1m_after": os.getloadavg()[0]}
-                for key, p in (("output_throughput", pred.output_throughput),
-                               ("median_ttft_ms", pred.ttft.median), ("p99_ttft_ms", pred.ttft.percentiles[99.0]),
-                               ("median_tpot_ms", pred.tpot.median), ("p99_tpot_ms", pred.tpot.percentiles[99.0])):
-                    row[key] = {"measured": meas[key], "predicted": p, "error_pct": err(p, meas[key])}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                before, load = len(step_log.read_text().splitlines(keepends=True)), os.getloadavg()[0]
+                bench(args.port, flags, seed, out / f"{name}.json")
+                loads[name] = (load, os.getloadavg()[0])
+                if calibration:
+                    calib_lines += step_log.read_text().splitlines(keepends=True)[before:]
+                print(f"{name}: done (load {load:.1f})", flush=True)
         finally:
             server.terminate()
             server.wait(30)
+    if args.calibrate:
+        fit_profile(args, out, calib_lines)
+    profile = Profile.load(args.profile)
+    spec = ReplicaSpec(model_shape("smollm2-135m"), hardware(profile.device), 1, profile,
+                       EngineConfig.from_flat(max_waiting_requests=10**9), 8192)
+    for name, flags, calibration in runs:
+        if calibration:
+            continue
+        path = out / f"{name}.json"
+        meas = json.loads(path.read_text())
+        meas["output_throughput"] = window_throughput(meas)
+        pred = simulate(spec, flags, path)
+        row = {"workload": name, "load_1m": loads[name][0], "load_1m_after": loads[name][1]}
+        for key, p in (("output_throughput", pred.output_throughput),
+                       ("median_ttft_ms", pred.ttft.median), ("p99_ttft_ms", pred.ttft.percentiles[99.0]),
+                       ("median_tpot_ms", pred.tpot.median), ("p99_tpot_ms", pred.tpot.percentiles[99.0])):
+            row[key] = {"measured": meas[key], "predicted": p, "error_pct": err(p, meas[key])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     (out / "validation.json").write_text(json.dumps(rows, indent=1))
     print("| workload | load | out tok/s meas / pred (err) | TTFT p50 ms | TPOT p50 ms | TTFT p99 ms | TPOT p99 ms |")
     print("|---|---|---|---|---|---|---|")
