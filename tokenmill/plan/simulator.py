@@ -187,6 +187,8 @@ class Simulator:
         self.config = config
         self.vocab_size = vocab_size
         self.replicas = [Replica(f"r{i}", config, num_blocks, max_model_len, cost_model) for i in range(num_replicas)]
+        # Each scheduler's dict of its requests (the same object for its life): read per arrival.
+        self._request_dicts = [r.scheduler.requests for r in self.replicas]
         self.policy = Policy(PolicyConfig(policy=policy))
         self.rng = random.Random(seed)
         self.max_concurrency = max_concurrency
@@ -294,13 +296,17 @@ class Simulator:
         is broken by rng.choice over them in replica order."""
         replicas = self.replicas
         # A replica's requests are its running and waiting ones: len(requests) is the view's load.
-        loads = [len(r.scheduler.requests) for r in replicas]
-        levels = sorted(set(loads))
-        for level in levels:  # the least loaded level with a replica not saturated
+        loads = [len(d) for d in self._request_dicts]
+        low = min(loads)
+        # The least loaded level with a replica not saturated (almost always the lowest).
+        ties = [r for r, load in zip(replicas, loads) if load == low and not self._saturated(r, now)]
+        if ties:
+            return self.rng.choice(ties)
+        for level in sorted(set(loads))[1:]:
             ties = [r for r, load in zip(replicas, loads) if load == level and not self._saturated(r, now)]
             if ties:
                 return self.rng.choice(ties)
-        ties = [r for r, load in zip(replicas, loads) if load == levels[0]]  # all saturated: fail open
+        ties = [r for r, load in zip(replicas, loads) if load == low]  # all saturated: fail open
         return self.rng.choice(ties)
 
     def _saturated(self, replica: Replica, now: float) -> bool:
@@ -448,8 +454,8 @@ class Simulator:
         # Tokens first (a request's later tokens only let it hash its own blocks early; which
         # blocks get keyed is still bounded by each schedule's own token count).
         for r, o in zip(run.requests, run.outputs0):
-            a = r.arrival_order
-            r.output_token_ids.extend([_fake_token_at(a, i, vocab) for i in range(o + first, o + upto)])
+            base = _fake_token_base(r.arrival_order)
+            r.output_token_ids.extend([(base + i * _FAKE_STEP) % vocab for i in range(o + first, o + upto)])
         keyed = kv.enable_caching and bs > 1
         tokens0 = run.tokens0
         for j in range(first, upto):
@@ -478,20 +484,25 @@ class Simulator:
         ends = run.ends
         scheduler = replica.scheduler
         ended = []
+        gaps = [b - a for a, b in zip(ends, ends[1:])]  # every request's ITL after the run's first token
+        first_end = ends[0]
+        tracked_of = self._tracked
         for r, t0 in zip(run.requests, run.tokens0):  # as update() walks the last step's chunks
             r.num_computed_tokens = t0 - 1 + k
-            tracked = self._tracked[r.request_id][0]
+            tracked = tracked_of[r.request_id][0]
             if self.record_itl:
-                last = tracked.last
-                for e in ends:
-                    tracked.token_times.append(e - last)
-                    last = e
+                times = tracked.token_times
+                times.append(first_end - tracked.last)
+                times.extend(gaps)
             tracked.last = now
             tracked.num_tokens += k
-            status = r.check_stop_token()  # only the last step can finish a request (its length)
-            if status is not None:
-                scheduler.finish(r, status)
-                ended.append(self._tracked.pop(r.request_id)[0])
+            # Only the last step can finish a request, by its length (a run has no stop or EOS
+            # tokens to check): check_stop_token() only where the length is reached.
+            if len(r.output_token_ids) >= r.max_tokens:
+                status = r.check_stop_token()
+                if status is not None:
+                    scheduler.finish(r, status)
+                    ended.append(tracked_of.pop(r.request_id)[0])
         for seconds in run.seconds:
             replica.busy_seconds += seconds
         replica.num_steps += k
@@ -537,7 +548,15 @@ def _fake_token(request: Request, vocab_size: int) -> int:
     return _fake_token_at(request.arrival_order, request.num_output_tokens, vocab_size)
 
 
+_FAKE_STEP = 40503
+
+
+def _fake_token_base(arrival_order: int) -> int:
+    return arrival_order * 2654435761 + 7
+
+
 def _fake_token_at(arrival_order: int, index: int, vocab_size: int) -> int:
     # Deterministic in the request and position: a recompute after preemption re-keys the same
-    # blocks, as the engine's greedy tokens would.
-    return (arrival_order * 2654435761 + index * 40503 + 7) % vocab_size
+    # blocks, as the engine's greedy tokens would. (Integers: _apply_run's inlined form,
+    # (base + index * step) % vocab, is the same number.)
+    return (_fake_token_base(arrival_order) + index * _FAKE_STEP) % vocab_size
