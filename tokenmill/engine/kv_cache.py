@@ -258,13 +258,23 @@ class KVCacheManager:
         # holds it (held blocks are never evicted; the cache is never reset with blocks in use),
         # so the walk starts after that leading run instead of at block 0 every step.
         self._update_hashes(request)
-        hashes, ids, blocks = request.block_hashes, request.block_ids, self.pool.blocks
+        hashes, ids, pool = request.block_hashes, request.block_ids, self.pool
         end = min(num_tokens // self.block_size, len(hashes))
         start = request.num_keyed_blocks
-        for i in range(start, end):
-            self.pool.cache_block(ids[i], hashes[i])
-        while start < end and blocks[ids[start]].block_hash == hashes[start]:
-            start += 1  # a block whose hash another block holds stays unkeyed: retried next time
+        if start >= end:
+            return
+        blocks, cached = pool.blocks, pool.cached
+        leading = True  # still inside the leading run of blocks keyed with their own hashes
+        for i in range(start, end):  # pool.cache_block, inline (it runs for every block filled)
+            block_hash, block = hashes[i], blocks[ids[i]]
+            if pool.enable_caching and block_hash not in cached and block.block_hash is None:
+                block.block_hash = block_hash
+                cached[block_hash] = block.block_id
+            if leading:
+                if block.block_hash == block_hash:
+                    start = i + 1
+                else:
+                    leading = False  # its hash is another block's: this one is retried next time
         request.num_keyed_blocks = start
 
     def free(self, request: Request) -> None:
@@ -276,8 +286,9 @@ class KVCacheManager:
             if block.ref_cnt == 1 and block.block_hash is not None:
                 del self.pool.cached[block.block_hash]
                 block.block_hash = None
+        release = self.pool.release
         for block_id in reversed(request.block_ids):
-            self.pool.release(block_id)
+            release(block_id)
         request.block_ids = []
         request.num_keyed_blocks = 0
 
