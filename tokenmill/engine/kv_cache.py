@@ -286,9 +286,17 @@ class KVCacheManager:
             if block.ref_cnt == 1 and block.block_hash is not None:
                 del self.pool.cached[block.block_hash]
                 block.block_hash = None
-        release = self.pool.release
-        for block_id in reversed(request.block_ids):
-            release(block_id)
+        pool = self.pool
+        blocks, free_queue = pool.blocks, pool.free_queue
+        for block_id in reversed(request.block_ids):  # pool.release, inline (every block, every request)
+            block = blocks[block_id]
+            if block.ref_cnt <= 0:
+                raise RuntimeError(f"double free of KV block {block_id}")
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                free_queue[block_id] = None
+                if block.block_hash is None:
+                    free_queue.move_to_end(block_id, last=False)  # nothing to reuse: handed out first
         request.block_ids = []
         request.num_keyed_blocks = 0
 
