@@ -169,12 +169,21 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def _update_hashes(self, request: Request) -> None:
-        full = request.num_tokens // self.block_size
         hashes = request.block_hashes
         bs = self.block_size
-        while len(hashes) < full:
-            i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, request.tokens_slice(i * bs, (i + 1) * bs)))
+        start = len(hashes)
+        full = (len(request.prompt_token_ids) + len(request.output_token_ids)) // bs
+        if start >= full:
+            return  # the common case while decoding: no block filled since the last call
+        # hash_block's chain, with the new blocks' tokens packed once rather than per block
+        # (sha256(a) then update(b) is sha256(a + b)).
+        data = array("q", request.tokens_slice(start * bs, full * bs)).tobytes()
+        width = 8 * bs
+        parent = hashes[-1] if hashes else _ROOT
+        sha256 = hashlib.sha256
+        for k in range(full - start):
+            parent = sha256(parent + data[k * width:(k + 1) * width]).digest()[:_DIGEST_BYTES]
+            hashes.append(parent)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Longest run of cached full blocks at the start of the request's tokens.
@@ -222,14 +231,22 @@ class KVCacheManager:
         computed_blocks (prefix-cache hits) are attached first; request.num_computed_tokens must
         already count them.
         """
-        if not self.can_allocate(request, num_new_tokens, computed_blocks):
-            return False
-        for block_id in computed_blocks:
-            self.pool.touch(block_id)
-        request.block_ids.extend(computed_blocks)
         total = request.num_computed_tokens + num_new_tokens
-        while len(request.block_ids) < self.blocks_for(total):
-            request.block_ids.append(self.pool.allocate())
+        ids, pool = request.block_ids, self.pool
+        if computed_blocks:
+            if not self.can_allocate(request, num_new_tokens, computed_blocks):
+                return False
+            for block_id in computed_blocks:
+                pool.touch(block_id)
+            ids.extend(computed_blocks)
+        # can_allocate without hits, inline: this runs for every request every step.
+        need = -(-total // self.block_size) - len(ids)
+        if need > 0:
+            if need > len(pool.free_queue):
+                return False  # (with hits, can_allocate above already ruled this out)
+            allocate = pool.allocate
+            for _ in range(need):
+                ids.append(allocate())
         if self.enable_caching:
             self._cache_full_blocks(request, total)
         return True
@@ -241,13 +258,23 @@ class KVCacheManager:
         # holds it (held blocks are never evicted; the cache is never reset with blocks in use),
         # so the walk starts after that leading run instead of at block 0 every step.
         self._update_hashes(request)
-        hashes, ids, blocks = request.block_hashes, request.block_ids, self.pool.blocks
+        hashes, ids, pool = request.block_hashes, request.block_ids, self.pool
         end = min(num_tokens // self.block_size, len(hashes))
         start = request.num_keyed_blocks
-        for i in range(start, end):
-            self.pool.cache_block(ids[i], hashes[i])
-        while start < end and blocks[ids[start]].block_hash == hashes[start]:
-            start += 1  # a block whose hash another block holds stays unkeyed: retried next time
+        if start >= end:
+            return
+        blocks, cached = pool.blocks, pool.cached
+        leading = True  # still inside the leading run of blocks keyed with their own hashes
+        for i in range(start, end):  # pool.cache_block, inline (it runs for every block filled)
+            block_hash, block = hashes[i], blocks[ids[i]]
+            if pool.enable_caching and block_hash not in cached and block.block_hash is None:
+                block.block_hash = block_hash
+                cached[block_hash] = block.block_id
+            if leading:
+                if block.block_hash == block_hash:
+                    start = i + 1
+                else:
+                    leading = False  # its hash is another block's: this one is retried next time
         request.num_keyed_blocks = start
 
     def free(self, request: Request) -> None:
@@ -259,8 +286,17 @@ class KVCacheManager:
             if block.ref_cnt == 1 and block.block_hash is not None:
                 del self.pool.cached[block.block_hash]
                 block.block_hash = None
-        for block_id in reversed(request.block_ids):
-            self.pool.release(block_id)
+        pool = self.pool
+        blocks, free_queue = pool.blocks, pool.free_queue
+        for block_id in reversed(request.block_ids):  # pool.release, inline (every block, every request)
+            block = blocks[block_id]
+            if block.ref_cnt <= 0:
+                raise RuntimeError(f"double free of KV block {block_id}")
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                free_queue[block_id] = None
+                if block.block_hash is None:
+                    free_queue.move_to_end(block_id, last=False)  # nothing to reuse: handed out first
         request.block_ids = []
         request.num_keyed_blocks = 0
 

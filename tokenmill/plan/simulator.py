@@ -112,17 +112,20 @@ class _Run:
     full block for each whose num_tokens0 % block_size == -j % block_size.
     """
 
-    def __init__(self, requests: list[Request], start: float, cum_allocs: list[int], used0: int,
-                 block_size: int):
+    def __init__(self, requests: list[Request], start: float, length: int, period: list[int], used0: int,
+                 block_size: int, keyed: bool):
         self.requests = requests
         self.tokens0 = [r.num_tokens for r in requests]
         self.outputs0 = [r.num_output_tokens for r in requests]
         self.sum_start0 = sum(self.tokens0) - len(requests)
         self.start = start
-        self.length = len(cum_allocs)  # steps planned (an arrival may cut it short)
+        self.length = length  # steps planned (an arrival may cut it short)
         self.ends: list[float] = []  # of the steps priced so far
         self.seconds: list[float] = []
-        self.cum_allocs = cum_allocs  # blocks allocated by schedules 0..j
+        # Blocks allocated by schedules 0..i of every block_size steps (the allocations repeat
+        # with that period: period[-1] is one block per request).
+        self.period = period
+        self.peak = self.allocs(length)  # blocks allocated by the whole planned run
         bs = block_size
         self.used0 = used0
         self.applied = 0  # steps whose schedule and token have been applied to the requests and pool
@@ -131,14 +134,34 @@ class _Run:
             by_residue[(t - 1) % bs].append((pos, r))
         self.by_residue = by_residue
         self.retry: dict[int, Request] = {}  # position -> request with a full block not yet keyed
+        self.keyed = keyed  # prefix caching keys blocks as they fill (block_size > 1)
+        self.plans: dict[int, list[tuple[int, Request, bool, bool]]] = {}  # by residue j % block_size
+
+    def plan(self, j: int) -> list[tuple[int, Request, bool, bool]]:
+        """Schedule j's KV work, in the scheduler's order: (position, request, starts a block,
+        fills one). The same for every step of a residue, so built once per residue."""
+        bs = len(self.by_residue)
+        residue = j % bs
+        plan = self.plans.get(residue)
+        if plan is None:
+            starts = dict(self.by_residue[-j % bs])
+            fills = dict(self.by_residue[(-j - 1) % bs]) if self.keyed else {}
+            plan = [(pos, r, pos in starts, pos in fills) for pos, r in sorted({**starts, **fills}.items(), key=_first)]
+            self.plans[residue] = plan
+        return plan
 
     def steps_started(self, now: float, settled: bool) -> int:
         """Steps whose schedule has run at `now` (step j > 0 starts when step j - 1 ends)."""
         before = bisect.bisect_right(self.ends, now) if settled else bisect.bisect_left(self.ends, now)
         return min(self.length, 1 + before)
 
+    def allocs(self, steps: int) -> int:
+        """Blocks allocated by schedules 0..steps - 1."""
+        full, part = divmod(steps, len(self.period))
+        return full * self.period[-1] + (self.period[part - 1] if part else 0)
+
     def allocated_by(self, now: float, settled: bool) -> int:
-        return self.cum_allocs[self.steps_started(now, settled) - 1]
+        return self.allocs(self.steps_started(now, settled))
 
 
 @dataclass
@@ -187,6 +210,8 @@ class Simulator:
         self.config = config
         self.vocab_size = vocab_size
         self.replicas = [Replica(f"r{i}", config, num_blocks, max_model_len, cost_model) for i in range(num_replicas)]
+        # Each scheduler's dict of its requests (the same object for its life): read per arrival.
+        self._request_dicts = [r.scheduler.requests for r in self.replicas]
         self.policy = Policy(PolicyConfig(policy=policy))
         self.rng = random.Random(seed)
         self.max_concurrency = max_concurrency
@@ -294,13 +319,17 @@ class Simulator:
         is broken by rng.choice over them in replica order."""
         replicas = self.replicas
         # A replica's requests are its running and waiting ones: len(requests) is the view's load.
-        loads = [len(r.scheduler.requests) for r in replicas]
-        levels = sorted(set(loads))
-        for level in levels:  # the least loaded level with a replica not saturated
+        loads = [len(d) for d in self._request_dicts]
+        low = min(loads)
+        # The least loaded level with a replica not saturated (almost always the lowest).
+        ties = [r for r, load in zip(replicas, loads) if load == low and not self._saturated(r, now)]
+        if ties:
+            return self.rng.choice(ties)
+        for level in sorted(set(loads))[1:]:
             ties = [r for r, load in zip(replicas, loads) if load == level and not self._saturated(r, now)]
             if ties:
                 return self.rng.choice(ties)
-        ties = [r for r, load in zip(replicas, loads) if load == levels[0]]  # all saturated: fail open
+        ties = [r for r, load in zip(replicas, loads) if load == low]  # all saturated: fail open
         return self.rng.choice(ties)
 
     def _saturated(self, replica: Replica, now: float) -> bool:
@@ -310,7 +339,7 @@ class Simulator:
         if len(s.waiting) > c.max_waiting:
             return True
         run = replica.run
-        if run is not None and (run.used0 + run.cum_allocs[-1]) / s.kv.pool.num_blocks <= c.max_kv_usage:
+        if run is not None and (run.used0 + run.peak) / s.kv.pool.num_blocks <= c.max_kv_usage:
             return False  # not even at the run's peak
         return replica.kv_usage(now) > c.max_kv_usage
 
@@ -382,29 +411,33 @@ class Simulator:
             return False  # lower priorities are capped and take turns: not every request runs every step
         kv = s.kv
         bs = kv.block_size
-        order = sorted(s.running, key=lambda r: r.priority)  # schedule()'s order
+        order = list(s.running)  # schedule()'s order: by priority (one here), stable
         length = _MAX_RUN
         counts = [0] * bs
         for r in order:
-            t = r.num_tokens
-            if (r.num_computed_tokens != t - 1 or r.num_computed_tokens < r.num_prompt_tokens
+            prompt, output = len(r.prompt_token_ids), len(r.output_token_ids)
+            t = prompt + output
+            if (r.num_computed_tokens != t - 1 or r.num_computed_tokens < prompt
                     or len(r.block_ids) != -(-(t - 1) // bs)
                     # a block left unkeyed (another held its hash) is retried every step: no run
                     or (kv.enable_caching and r.num_keyed_blocks != (t - 1) // bs)
                     or r.params.stop_token_ids or (r.eos_token_ids and not r.params.ignore_eos)):
                 return False
-            length = min(length, r.max_tokens - r.num_output_tokens)  # a run ends at the first request's last token
+            length = min(length, r.max_tokens - output)  # a run ends at the first request's last token
             counts[(t - 1) % bs] += 1
-        # No step of the run may fail to allocate (that would preempt): stop before the pool runs dry.
-        free, total, cum_allocs = kv.num_free_blocks, 0, []
-        for j in range(max(0, length)):
-            total += counts[-j % bs]
-            if total > free:
-                break
-            cum_allocs.append(total)
-        if len(cum_allocs) < _MIN_RUN:
+        # No step of the run may fail to allocate (that would preempt): stop before the pool runs
+        # dry. Schedule j allocates counts[-j % bs] blocks, so the first j + 1 schedules allocate
+        # (j // bs) * n + period[j % bs] (n = len(order)): whole periods while they fit, then the
+        # steps of one more period that still fit.
+        free, total, period = kv.num_free_blocks, 0, []
+        for i in range(bs):
+            total += counts[-i % bs]
+            period.append(total)
+        full = free // total
+        length = min(max(0, length), full * bs + bisect.bisect_right(period, free - full * total))
+        if length < _MIN_RUN:
             return False
-        replica.run = _Run(order, now, cum_allocs, kv.pool.num_used_blocks, bs)
+        replica.run = _Run(order, now, length, period, kv.pool.num_used_blocks, bs, kv.enable_caching and bs > 1)
         replica.busy = True
         self._price_run(replica)
         return True
@@ -448,11 +481,24 @@ class Simulator:
         # Tokens first (a request's later tokens only let it hash its own blocks early; which
         # blocks get keyed is still bounded by each schedule's own token count).
         for r, o in zip(run.requests, run.outputs0):
-            a = r.arrival_order
-            r.output_token_ids.extend([_fake_token_at(a, i, vocab) for i in range(o + first, o + upto)])
+            base = _fake_token_base(r.arrival_order)
+            r.output_token_ids.extend([(base + i * _FAKE_STEP) % vocab for i in range(o + first, o + upto)])
         keyed = kv.enable_caching and bs > 1
         tokens0 = run.tokens0
+        allocate, key, plans = kv.pool.allocate, kv._cache_full_blocks, run.plans
         for j in range(first, upto):
+            if not run.retry and (keyed or not kv.enable_caching):
+                # What allocate_slots(r, 1) does at step j, without its checks: one block for
+                # each request that starts one, and the keys of each that fills one.
+                plan = plans.get(j % bs)
+                for pos, r, starts, fills in run.plan(j) if plan is None else plan:
+                    if starts:
+                        r.block_ids.append(allocate())
+                    if fills:
+                        key(r, tokens0[pos] + j)
+                        if r.num_keyed_blocks < (tokens0[pos] + j) // bs:
+                            run.retry[pos] = r  # its hash is held by another block: retried each step
+                continue
             work = run.by_residue[-j % bs]  # requests that need a new block at step j
             if keyed or run.retry:  # and those that fill one (or wait to key one)
                 fill = run.by_residue[(-j - 1) % bs] if keyed else []
@@ -478,20 +524,25 @@ class Simulator:
         ends = run.ends
         scheduler = replica.scheduler
         ended = []
+        gaps = [b - a for a, b in zip(ends, ends[1:])]  # every request's ITL after the run's first token
+        first_end = ends[0]
+        tracked_of = self._tracked
         for r, t0 in zip(run.requests, run.tokens0):  # as update() walks the last step's chunks
             r.num_computed_tokens = t0 - 1 + k
-            tracked = self._tracked[r.request_id][0]
+            tracked = tracked_of[r.request_id][0]
             if self.record_itl:
-                last = tracked.last
-                for e in ends:
-                    tracked.token_times.append(e - last)
-                    last = e
+                times = tracked.token_times
+                times.append(first_end - tracked.last)
+                times.extend(gaps)
             tracked.last = now
             tracked.num_tokens += k
-            status = r.check_stop_token()  # only the last step can finish a request (its length)
-            if status is not None:
-                scheduler.finish(r, status)
-                ended.append(self._tracked.pop(r.request_id)[0])
+            # Only the last step can finish a request, by its length (a run has no stop or EOS
+            # tokens to check): check_stop_token() only where the length is reached.
+            if len(r.output_token_ids) >= r.max_tokens:
+                status = r.check_stop_token()
+                if status is not None:
+                    scheduler.finish(r, status)
+                    ended.append(tracked_of.pop(r.request_id)[0])
         for seconds in run.seconds:
             replica.busy_seconds += seconds
         replica.num_steps += k
@@ -537,7 +588,15 @@ def _fake_token(request: Request, vocab_size: int) -> int:
     return _fake_token_at(request.arrival_order, request.num_output_tokens, vocab_size)
 
 
+_FAKE_STEP = 40503
+
+
+def _fake_token_base(arrival_order: int) -> int:
+    return arrival_order * 2654435761 + 7
+
+
 def _fake_token_at(arrival_order: int, index: int, vocab_size: int) -> int:
     # Deterministic in the request and position: a recompute after preemption re-keys the same
-    # blocks, as the engine's greedy tokens would.
-    return (arrival_order * 2654435761 + index * 40503 + 7) % vocab_size
+    # blocks, as the engine's greedy tokens would. (Integers: _apply_run's inlined form,
+    # (base + index * step) % vocab, is the same number.)
+    return (_fake_token_base(arrival_order) + index * _FAKE_STEP) % vocab_size
