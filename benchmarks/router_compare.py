@@ -115,7 +115,9 @@ def main() -> int:
             r = json.loads(result.read_text())
             rows.append({"front": front, "hit_rate": (h1 - h0) / max(1.0, q1 - q0),
                          "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"],
-                         "output_tok_s": r["output_throughput"], "failed": r["failed"]})
+                         "output_tok_s": r["output_throughput"], "failed": r["failed"],
+                         # a front that ran while something else loaded the box shows here
+                         "duration_s": round(r["duration"], 1), "load_1min_after": os.getloadavg()[0]})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         for proc in procs:

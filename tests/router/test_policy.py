@@ -68,7 +68,7 @@ def test_imbalance_guard_sends_to_the_idlest_even_against_a_full_hit(hot, cold, 
 def test_prefix_hit_wins_when_load_is_even():
     views = [_fresh("a", in_flight=2), _fresh("b", in_flight=2, hit_blocks=8), _fresh("c", in_flight=2)]
     d = Policy().choose(views, NOW, random.Random(0), prompt_blocks=10)
-    assert (d.replica, d.reason, d.hit_blocks) == ("b", "prefix", 8)
+    assert (d.replica, d.reason, d.hit_blocks) == ("b", "affinity", 8)
 
 
 def test_queue_outweighs_a_small_hit():
@@ -84,15 +84,39 @@ def test_a_long_hit_outweighs_one_request_more_in_the_queue():
 
 
 @given(hit=st.integers(1, 30), pending=st.integers(0, 60), load=st.integers(0, 3))
-def test_a_hit_wins_exactly_when_it_saves_more_than_the_prefill_waiting_there(hit, pending, load):
+def test_below_the_affinity_share_a_hit_wins_exactly_when_it_saves_more_than_the_prefill_waiting_there(
+        hit, pending, load):
     views = [_fresh("home", in_flight=load, hit_blocks=hit, pending_blocks=pending), _fresh("idle", in_flight=load)]
     p = Policy()
-    d = p.choose(views, NOW, random.Random(0))
+    d = p.choose(views, NOW, random.Random(0), prompt_blocks=4 * hit)  # a quarter cached: scored
+    assert d.reason == "prefix"
     saved = p.config.w_hit * hit  # blocks of prefill the hit saves, against those queued there
     if saved > pending:
         assert d.replica == "home"
     elif saved < pending:
         assert d.replica == "idle"
+
+
+@given(share=st.floats(0.0, 1.0), pending=st.integers(0, 200), load=st.integers(0, 6), seed=st.integers(0, 99))
+def test_a_replica_holding_the_affinity_share_gets_it_whatever_is_queued_there(share, pending, load, seed):
+    prompt = 40
+    hit = round(share * prompt)
+    views = [_fresh("home", in_flight=load, hit_blocks=hit, pending_blocks=pending),
+             _fresh("other", hit_blocks=min(hit, 3)), _fresh("idle")]
+    p = Policy()
+    d = p.choose(views, NOW, random.Random(seed), prompt_blocks=prompt)
+    if hit > 3 and hit >= p.config.affinity_share * prompt:
+        assert (d.replica, d.reason) == ("home", "affinity")
+    else:
+        assert d.reason == "prefix"
+
+
+def test_the_imbalance_guard_overrides_affinity_and_a_share_above_one_turns_it_off():
+    views = [_fresh("home", in_flight=20, hit_blocks=40), _fresh("idle")]
+    assert Policy().choose(views, NOW, random.Random(0), prompt_blocks=40).reason == "imbalance"
+    views = [_fresh("home", in_flight=2, hit_blocks=40, pending_blocks=100), _fresh("idle")]
+    off = Policy(PolicyConfig(affinity_share=1.01)).choose(views, NOW, random.Random(0), prompt_blocks=40)
+    assert (off.replica, off.reason) == ("idle", "prefix")
 
 
 def test_the_router_counts_its_own_requests_now_and_only_others_from_the_scrape():

@@ -7,8 +7,9 @@ One decision, in order:
 2. imbalance guard (prefix policy): when the busiest and idlest candidates differ by more than
    `imbalance_abs` requests and a factor `imbalance_rel`, the idlest wins outright, so cache
    affinity can never pile a hot conversation set onto one replica;
-3. the policy: `prefix` scores, in blocks of prefill work, w_hit*hit - pending - w_queue*load
-   - w_kv*kv_usage (docs/router.md);
+3. the policy: `prefix` sends a request home when a replica holds at least `affinity_share`
+   of its prompt (reason `affinity`), else scores, in blocks of prefill work,
+   w_hit*hit - pending - w_queue*load - w_kv*kv_usage (docs/router.md);
    `least-load`, `power-of-two`, `round-robin`, `session` (rendezvous hash of a session key).
 Ties are broken at random, so equal replicas share load instead of the first taking it all.
 """
@@ -56,6 +57,10 @@ class PolicyConfig:
     max_kv_usage: float = 0.98
     imbalance_abs: int = 6
     imbalance_rel: float = 1.5
+    # A replica holding this share of the prompt's blocks gets it outright (above 1: never).
+    # A conversation's later turns then always go home, as long as the guard allows, so its
+    # hits do not depend on how much prefill happens to be queued there at that moment.
+    affinity_share: float = 0.5
     w_hit: float = 1.5  # per predicted cached block: its prefill saved here, and fleet time (docs/router.md)
     w_queue: float = 1.0  # blocks of prefill one request already there is worth in delay
     w_kv: float = 1.0  # blocks a full KV pool is worth (evictions ahead): a tie-breaker
@@ -70,7 +75,7 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class Decision:
     replica: str
-    reason: str  # one of POLICIES, or "imbalance", "fail-open"
+    reason: str  # one of POLICIES, or "affinity", "imbalance", "fail-open"
     hit_blocks: int = 0
 
 
@@ -102,8 +107,7 @@ class Policy:
                prompt_blocks: int = 0, session: str | None = None) -> Decision | None:
         """The replica for one request, or None when there is none at all. `session`: the
         key for the session policy (a request without one is routed by prefix).
-        `prompt_blocks` is accepted for callers written against the earlier score (the
-        planner's simulator); the score in blocks no longer needs it."""
+        `prompt_blocks`: the request's usable full blocks (the affinity rule's denominator)."""
         candidates, failed_open = self.eligible(views, now)
         if not candidates:
             return None
@@ -112,6 +116,8 @@ class Policy:
             policy = "prefix"
         if policy == "prefix" and self._imbalanced(candidates):
             pick, reason = _random_min(candidates, lambda v: v.load, rng), "imbalance"
+        elif policy == "prefix" and (home := self._home(candidates, prompt_blocks, rng)) is not None:
+            pick, reason = home, "affinity"
         elif policy == "prefix":
             pick, reason = _random_max(candidates, self.score, rng), policy
         elif policy == "least-load":
@@ -131,6 +137,13 @@ class Policy:
         loads = [v.load for v in candidates]
         hi, lo = max(loads), min(loads)
         return hi - lo > self.config.imbalance_abs and hi > self.config.imbalance_rel * lo
+
+    def _home(self, candidates: list[ReplicaView], prompt_blocks: int, rng: random.Random) -> ReplicaView | None:
+        """The replica holding the most of this prompt, if that is at least affinity_share of it."""
+        best = max(v.hit_blocks for v in candidates)
+        if not prompt_blocks or not best or best < self.config.affinity_share * prompt_blocks:
+            return None
+        return _random_max([v for v in candidates if v.hit_blocks == best], self.score, rng)
 
     def score(self, v: ReplicaView) -> float:
         """Minus the prefill work (in blocks) this request would wait for there, with its own

@@ -97,7 +97,7 @@ class Fleet:
         fp = self._fp(pool)
         hashes = self._hashes(path, body, pool, fp)
         views = [r.view(r.index.match(hashes) if hashes and r.fingerprint == fp else 0) for r in pool]
-        decision = self.policy.choose(views, time.monotonic(), self.rng, session=session)
+        decision = self.policy.choose(views, time.monotonic(), self.rng, len(hashes), session)
         if decision is None:
             return None, None, []
         self.metrics.decisions.labels(decision.reason).inc()
