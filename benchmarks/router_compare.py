@@ -67,6 +67,8 @@ def main() -> int:
     p.add_argument("--sglang-python", default=None, help="a python with sglang_router installed")
     p.add_argument("--fronts", default="prefix,round-robin,sglang-cache-aware")
     p.add_argument("--out", type=Path, default=Path("/tmp/router-compare"))
+    p.add_argument("--router-arg", action="append", default=[],
+                   help="extra argument for the tokenmill router fronts (repeatable, e.g. --router-arg=--log-level=debug)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base_port = 18200
@@ -88,7 +90,7 @@ def main() -> int:
                 health = f"http://127.0.0.1:{port}/health"
             else:
                 cmd = [sys.executable, "-m", "tokenmill", "router", "--port", str(port), "--policy", front,
-                       "--log-level", "warning", *[a for u in replicas for a in ("--replica", u)]]
+                       "--log-level", "warning", *[a for u in replicas for a in ("--replica", u)], *args.router_arg]
                 health = f"http://127.0.0.1:{port}/health"
             for url in replicas:
                 httpx.post(url + "/reset_prefix_cache", timeout=30)
@@ -105,13 +107,17 @@ def main() -> int:
                                 "--percentiles", "50,99", "--num-warmups", "3", "--no-progress", "--result-json", str(result)],
                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
                 h1, q1 = _hits(replicas)
+                if not front.startswith("sglang"):  # its decisions and predicted-vs-actual cached tokens
+                    (args.out / f"front-{front}.metrics").write_text(httpx.get(health.replace("/health", "/metrics")).text)
             finally:
                 router.terminate()
                 router.wait(30)
             r = json.loads(result.read_text())
             rows.append({"front": front, "hit_rate": (h1 - h0) / max(1.0, q1 - q0),
                          "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"],
-                         "output_tok_s": r["output_throughput"], "failed": r["failed"]})
+                         "output_tok_s": r["output_throughput"], "failed": r["failed"],
+                         # a front that ran while something else loaded the box shows here
+                         "duration_s": round(r["duration"], 1), "load_1min_after": os.getloadavg()[0]})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         for proc in procs:

@@ -100,6 +100,8 @@ def test_predicted_cached_tokens_match_the_replicas(fleet):
     # The system prompt's blocks: the 2nd and 3rd requests follow them to the replica holding them.
     assert actual - before >= 2 * 48
     assert predicted == actual  # the engine's own hashes: exact while nothing is evicted
+    # Prefill work queued is counted while requests are open, and all of it settled after.
+    assert all(r["pending_blocks"] == 0 and r["in_flight"] == 0 for r in _replicas(router))
 
 
 def test_draining_replica_gets_nothing_new(fleet):

@@ -206,11 +206,15 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
         stats = replica.routing_stats or {}
         # Serve refreshes routing stats every STATS_PERIOD_S; no stats yet counts as stale,
         # which the policy's soft filter (and its fail-open) already handles.
+        waiting, running = int(stats.get("waiting", 0)), int(stats.get("running", 0))
+        in_flight = self.in_flight.get(replica.replica_id, 0)
         return ReplicaView(
             name=replica.replica_id.unique_id, healthy=True, draining=False,
-            scraped_at=now if stats else None, waiting=int(stats.get("waiting", 0)),
-            running=int(stats.get("running", 0)), kv_usage=float(stats.get("kv_usage", 0.0)),
-            in_flight=self.in_flight.get(replica.replica_id, 0),
+            scraped_at=now if stats else None, waiting=waiting, running=running,
+            kv_usage=float(stats.get("kv_usage", 0.0)), in_flight=in_flight,
+            # Serve's stats carry no in-flight count at their sampling: the whole excess over
+            # this router's own count is taken as other handles' requests (load = the larger).
+            external=max(0, waiting + running - in_flight),
         )
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:

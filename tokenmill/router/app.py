@@ -110,7 +110,8 @@ def create_app(fleet: Fleet, api_keys: list[str] = (), on_shutdown: Callable[[],
     async def replicas(_: web.Request) -> web.Response:
         return web.json_response([
             {"url": r.url, "version": r.version, "healthy": r.healthy, "draining": r.draining,
-             "server_draining": r.server_draining, "in_flight": r.in_flight, "waiting": r.waiting,
+             "server_draining": r.server_draining, "in_flight": r.in_flight, "pending_blocks": r.pending_blocks,
+             "waiting": r.waiting,
              "running": r.running, "kv_usage": r.kv_usage, "index_blocks": len(r.index),
              "tokenizer": fleet.tokenizers.get(r.fingerprint) is not None}
             for r in fleet.replicas])

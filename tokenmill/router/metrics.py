@@ -25,6 +25,7 @@ class _StateCollector(Collector):
                 for name, doc in (("healthy", "1 when the last health check passed."),
                                   ("draining", "1 when it takes no new requests."),
                                   ("in_flight", "Requests this router has open on it."),
+                                  ("pending_blocks", "Predicted uncached blocks of its requests still in prefill."),
                                   ("waiting", "Its engine's waiting queue (last scrape)."),
                                   ("kv_usage", "Its KV cache usage (last scrape)."),
                                   ("index_blocks", "Block hashes in its predicted-cache index."))}
@@ -33,6 +34,7 @@ class _StateCollector(Collector):
             fams["healthy"].add_metric(labels, float(r.healthy))
             fams["draining"].add_metric(labels, float(r.draining or r.server_draining))
             fams["in_flight"].add_metric(labels, r.in_flight)
+            fams["pending_blocks"].add_metric(labels, r.pending_blocks)
             fams["waiting"].add_metric(labels, r.waiting)
             fams["kv_usage"].add_metric(labels, r.kv_usage)
             fams["index_blocks"].add_metric(labels, len(r.index))

@@ -7,7 +7,9 @@ One decision, in order:
 2. imbalance guard (prefix policy): when the busiest and idlest candidates differ by more than
    `imbalance_abs` requests and a factor `imbalance_rel`, the idlest wins outright, so cache
    affinity can never pile a hot conversation set onto one replica;
-3. the policy: `prefix` scores w_hit*hit - w_queue*queue + w_kv*headroom (docs/router.md);
+3. the policy: `prefix` sends a request home when a replica holds at least `affinity_share`
+   of its prompt (reason `affinity`), else scores, in blocks of prefill work,
+   w_hit*hit - pending - w_queue*load - w_kv*kv_usage (docs/router.md);
    `least-load`, `power-of-two`, `round-robin`, `session` (rendezvous hash of a session key).
 Ties are broken at random, so equal replicas share load instead of the first taking it all.
 """
@@ -34,12 +36,17 @@ class ReplicaView:
     kv_usage: float = 0.0  # 0..1, from its /metrics
     in_flight: int = 0  # requests this router has open on it now (exact, never stale)
     hit_blocks: int = 0  # predicted prefix-cache hit for this request, in blocks
+    # Requests there that are not this router's (other routers', direct clients'), as of the
+    # last scrape: what the replica counted minus what this router had open then (replicas.py).
+    external: int = 0
+    pending_blocks: int = 0  # predicted uncached blocks of this router's requests there not yet past prefill
 
     @property
     def load(self) -> int:
-        # The router's own count is exact for its traffic; the scraped one also sees other
-        # routers' (and lags by a scrape): the larger is the better guess.
-        return max(self.in_flight, self.running + self.waiting)
+        # The router's own count is exact and current; the scrape lags up to a health interval
+        # and, taken whole, counts this router's finished requests as still there (with 6
+        # clients on 3 replicas the scraped sum ran to 9). So: its own now, others' as scraped.
+        return self.in_flight + self.external
 
 
 @dataclass(frozen=True)
@@ -50,9 +57,13 @@ class PolicyConfig:
     max_kv_usage: float = 0.98
     imbalance_abs: int = 6
     imbalance_rel: float = 1.5
-    w_hit: float = 1.0
-    w_queue: float = 0.6
-    w_kv: float = 0.2
+    # A replica holding this share of the prompt's blocks gets it outright (above 1: never).
+    # A conversation's later turns then always go home, as long as the guard allows, so its
+    # hits do not depend on how much prefill happens to be queued there at that moment.
+    affinity_share: float = 0.5
+    w_hit: float = 1.5  # per predicted cached block: its prefill saved here, and fleet time (docs/router.md)
+    w_queue: float = 1.0  # blocks of prefill one request already there is worth in delay
+    w_kv: float = 1.0  # blocks a full KV pool is worth (evictions ahead): a tie-breaker
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -64,7 +75,7 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class Decision:
     replica: str
-    reason: str  # one of POLICIES, or "imbalance", "fail-open"
+    reason: str  # one of POLICIES, or "affinity", "imbalance", "fail-open"
     hit_blocks: int = 0
 
 
@@ -94,9 +105,9 @@ class Policy:
 
     def choose(self, views: list[ReplicaView], now: float, rng: random.Random,
                prompt_blocks: int = 0, session: str | None = None) -> Decision | None:
-        """The replica for one request, or None when there is none at all. `prompt_blocks`:
-        the request's usable full blocks (the hit term's denominator); `session`: the key
-        for the session policy (a request without one is routed by prefix)."""
+        """The replica for one request, or None when there is none at all. `session`: the
+        key for the session policy (a request without one is routed by prefix).
+        `prompt_blocks`: the request's usable full blocks (the affinity rule's denominator)."""
         candidates, failed_open = self.eligible(views, now)
         if not candidates:
             return None
@@ -105,9 +116,10 @@ class Policy:
             policy = "prefix"
         if policy == "prefix" and self._imbalanced(candidates):
             pick, reason = _random_min(candidates, lambda v: v.load, rng), "imbalance"
+        elif policy == "prefix" and (home := self._home(candidates, prompt_blocks, rng)) is not None:
+            pick, reason = home, "affinity"
         elif policy == "prefix":
-            busiest = max(v.load for v in candidates)
-            pick, reason = _random_max(candidates, lambda v: self.score(v, busiest, prompt_blocks), rng), policy
+            pick, reason = _random_max(candidates, self.score, rng), policy
         elif policy == "least-load":
             pick, reason = _random_min(candidates, lambda v: v.load, rng), policy
         elif policy == "power-of-two":
@@ -126,13 +138,22 @@ class Policy:
         hi, lo = max(loads), min(loads)
         return hi - lo > self.config.imbalance_abs and hi > self.config.imbalance_rel * lo
 
-    def score(self, v: ReplicaView, busiest: int, prompt_blocks: int) -> float:
-        """hit: share of the prompt's blocks predicted cached there (0..1); queue: its load
-        relative to the busiest candidate's (0..1); headroom: free share of its KV pool (0..1)."""
+    def _home(self, candidates: list[ReplicaView], prompt_blocks: int, rng: random.Random) -> ReplicaView | None:
+        """The replica holding the most of this prompt, if that is at least affinity_share of it."""
+        best = max(v.hit_blocks for v in candidates)
+        if not prompt_blocks or not best or best < self.config.affinity_share * prompt_blocks:
+            return None
+        return _random_max([v for v in candidates if v.hit_blocks == best], self.score, rng)
+
+    def score(self, v: ReplicaView) -> float:
+        """Minus the prefill work (in blocks) this request would wait for there, with its own
+        prompt's share (a constant over replicas: dropped) less what the replica has cached.
+        Every term is in the same unit, so a 20-block hit is never outweighed by one request
+        more in a queue, and a one-block hit never draws a request behind a 60-block prefill
+        (the earlier score normalized hit and queue to 0..1 each: on 3 replicas with 0-3
+        requests each, one request of difference cost as much as half the prompt cached)."""
         c = self.config
-        hit = v.hit_blocks / prompt_blocks if prompt_blocks else 0.0
-        queue = v.load / busiest if busiest else 0.0
-        return c.w_hit * hit - c.w_queue * queue + c.w_kv * (1.0 - v.kv_usage)
+        return c.w_hit * v.hit_blocks - v.pending_blocks - c.w_queue * v.load - c.w_kv * v.kv_usage
 
 
 def rendezvous(key: str, name: str) -> int:

@@ -95,30 +95,34 @@ class Fleet:
                 pool = members
                 break
         fp = self._fp(pool)
-        hashes, prompt_blocks = self._hashes(path, body, pool, fp)
+        hashes = self._hashes(path, body, pool, fp)
         views = [r.view(r.index.match(hashes) if hashes and r.fingerprint == fp else 0) for r in pool]
-        decision = self.policy.choose(views, time.monotonic(), self.rng, prompt_blocks, session)
+        decision = self.policy.choose(views, time.monotonic(), self.rng, len(hashes), session)
         if decision is None:
             return None, None, []
         self.metrics.decisions.labels(decision.reason).inc()
+        if log.isEnabledFor(logging.DEBUG):  # the evidence for tuning the policy, off by default
+            log.debug("route %s (%s) blocks=%d %s", decision.replica, decision.reason, len(hashes),
+                      " ".join(f"{v.name}:hit={v.hit_blocks},pending={v.pending_blocks},load={v.load},"
+                               f"kv={v.kv_usage:.2f}" for v in views))
         return self.replicas.get(decision.replica), decision, hashes
 
     def _fp(self, pool: list[Replica]) -> str | None:
         return next((r.fingerprint for r in pool if self.tokenizers.get(r.fingerprint) is not None), None)
 
-    def _hashes(self, path: str, body: dict, pool: list[Replica], fp: str | None) -> tuple[list[bytes], int]:
+    def _hashes(self, path: str, body: dict, pool: list[Replica], fp: str | None) -> list[bytes]:
         """The prompt's usable block hashes under the pool's tokenizer (`fp`), for the policies
         that read them (session falls back to prefix without a key)."""
         if self.policy.config.policy not in ("prefix", "session"):
-            return [], 0
+            return []
         r = next((r for r in pool if r.fingerprint == fp), None)
         if fp is None or r is None or not r.block_size:
-            return [], 0
+            return []
         ids = prompt_ids(self.tokenizers.get(fp), path, body, self.tokenizers.encoders.get(fp))
         if ids is None:
-            return [], 0
+            return []
         n = usable_blocks(len(ids), r.block_size)
-        return block_hashes(ids[:n * r.block_size], r.block_size), n
+        return block_hashes(ids[:n * r.block_size], r.block_size)
 
     def headers(self, request: web.Request) -> dict[str, str]:
         h = request.headers
@@ -155,7 +159,8 @@ class Fleet:
             tried.add(replica.url)
             replica.index.insert(hashes)
             replica.in_flight += 1
-            done = _Done(self, replica, decision, started)
+            done = _Done(self, replica, decision, started, pending=len(hashes) - decision.hit_blocks)
+            replica.pending_blocks += done.pending
             try:
                 answer = await self._attempt(request, path, raw, headers, stream, attempt, replica, done)
             except asyncio.CancelledError:  # the client left while we waited on the replica
@@ -222,6 +227,8 @@ class Fleet:
                 except CLIENT_ERRORS as e:
                     broke = type(e).__name__
                     break
+                if done.pending:  # a second read: past the role-only chunk, so past prefill
+                    done.prefilled()
                 tail.append(chunk)
             if broke is not None:
                 done.replica.mark_failed(f"{broke} mid-stream")
@@ -273,8 +280,16 @@ class _Done:
     replica: Replica
     decision: Decision
     started: float
+    pending: int = 0  # its predicted uncached blocks, counted in replica.pending_blocks until prefilled
     first_at: float | None = None
     settled: bool = False
+
+    def prefilled(self) -> None:
+        """Its prefill is done (or it ended): its blocks stop counting as work ahead of others.
+        A chat stream's first event is the role alone, sent before prefill; the read after it
+        carries the first token (a completion's first read already does: one token late)."""
+        self.replica.pending_blocks -= self.pending
+        self.pending = 0
 
     def first_byte(self) -> None:
         self.first_at = time.monotonic()
@@ -288,6 +303,7 @@ class _Done:
         now = time.monotonic()
         r, m = self.replica, self.fleet.metrics
         r.in_flight -= 1
+        self.prefilled()
         m.requests.labels(r.url, r.version, {True: "ok", False: "error", None: "cancelled"}[ok]).inc()
         if ok is None:
             return

@@ -70,6 +70,8 @@ class Replica:
     running: int = 0
     kv_usage: float = 0.0
     in_flight: int = 0
+    in_flight_at_scrape: int = 0  # in_flight when waiting/running were read: their excess is others' load
+    pending_blocks: int = 0  # predicted uncached blocks of in-flight requests still in prefill
     consecutive_failures: int = 0
     model: str | None = None  # the model it serves (its first, if several)
     block_size: int | None = None
@@ -78,7 +80,8 @@ class Replica:
 
     def view(self, hit_blocks: int = 0) -> ReplicaView:
         return ReplicaView(self.url, self.healthy, self.draining or self.server_draining, self.scraped_at,
-                           self.waiting, self.running, self.kv_usage, self.in_flight, hit_blocks)
+                           self.waiting, self.running, self.kv_usage, self.in_flight, hit_blocks,
+                           max(0, self.running + self.waiting - self.in_flight_at_scrape), self.pending_blocks)
 
     def mark_failed(self, why: str) -> None:
         """Passive: a proxied attempt failed to connect or broke. Down at once; the health loop
@@ -171,7 +174,10 @@ async def probe(client: aiohttp.ClientSession, r: Replica, now: float, timeout: 
                 return
         async with client.get(r.url + "/metrics", timeout=limit) as metrics:
             metrics.raise_for_status()
-            r.waiting, r.running, r.kv_usage = parse_load(await metrics.text())
+            text = await metrics.text()
+            # Read right after the replica answered: what this router had open when it counted.
+            r.in_flight_at_scrape = r.in_flight
+            r.waiting, r.running, r.kv_usage = parse_load(text)
         r.scraped_at = now
         if r.fingerprint is None:
             await _read_info(client, r, limit)

@@ -37,7 +37,7 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollout-min-samples", type=int, default=RolloutConfig.min_samples)
     p.add_argument("--rollout-min-step-s", type=float, default=RolloutConfig.min_step_s)
     for f in ("stale_after_s", "max_waiting", "max_kv_usage", "imbalance_abs", "imbalance_rel",
-              "w_hit", "w_queue", "w_kv"):
+              "affinity_share", "w_hit", "w_queue", "w_kv"):
         default = getattr(PolicyConfig, f)
         p.add_argument("--" + f.replace("_", "-"), dest=f, type=type(default), default=default)
     p.add_argument("--health-interval", type=float, default=RouterSettings.health_interval_s)
@@ -52,7 +52,8 @@ def build_fleet(args: argparse.Namespace, local_urls: list[str] = ()):
     from tokenmill.router.replicas import ReplicaFile, ReplicaSet, parse_replica_flag
 
     config = PolicyConfig(args.policy, args.stale_after_s, args.max_waiting, args.max_kv_usage,
-                          args.imbalance_abs, args.imbalance_rel, args.w_hit, args.w_queue, args.w_kv)
+                          args.imbalance_abs, args.imbalance_rel, args.affinity_share, args.w_hit, args.w_queue,
+                          args.w_kv)
     replicas = ReplicaSet()
     specs = [parse_replica_flag(u) for u in [*args.replica, *local_urls]]
     replicas.sync(specs)
