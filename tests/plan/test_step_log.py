@@ -73,3 +73,14 @@ def test_calibrate_fits_a_step_log(tmp_path):
     held_out = [SeqShape(192, 48, True, True)], [SeqShape(300, 1, True, False)] * 6
     for s in held_out:
         assert fitted_model.step_seconds(s) == pytest.approx(model.step_seconds(s), rel=0.05)
+
+
+def test_calibrate_refuses_a_missing_or_foreign_file(tmp_path, capsys):
+    from tokenmill.cli import main
+
+    foreign = tmp_path / "other.jsonl"
+    foreign.write_text('{"event": "not a step"}\n')
+    for path in (tmp_path / "missing.jsonl", foreign):
+        assert main(["plan", "calibrate", "--step-log", str(path), "--output", str(tmp_path / "p.json")]) == 2
+        assert f"--step-log {path}" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

@@ -72,8 +72,17 @@ def samples_from_step_log(paths: list[str]) -> list[Sample]:
     HTTP front and the clients share the machine, which an offline run of the engine misses."""
     from tokenmill.engine.step_log import read_step_log
 
-    return [Sample([SeqShape(start, n, bool(samples), bool(prompt)) for start, n, samples, prompt in line["seqs"]],
-                   line["s"]) for path in paths for line in read_step_log(path) if line["seqs"]]
+    out = []
+    for path in paths:
+        try:
+            lines = read_step_log(path)
+            out += [Sample([SeqShape(start, n, bool(samples), bool(prompt)) for start, n, samples, prompt in line["seqs"]],
+                           line["s"]) for line in lines if line["seqs"]]
+        except OSError as e:
+            raise ValueError(f"--step-log {path}: {e.strerror or e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--step-log {path}: not a tokenmill step log ({e!r})") from None
+    return out
 
 
 def fit(samples: list[Sample], shape: ModelShape, hw: Hardware, base: Profile, rounds: int = 4) -> Profile:
