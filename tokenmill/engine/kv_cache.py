@@ -263,13 +263,11 @@ class KVCacheManager:
         start = request.num_keyed_blocks
         if start >= end:
             return
-        blocks, cached = pool.blocks, pool.cached
+        blocks = pool.blocks
         leading = True  # still inside the leading run of blocks keyed with their own hashes
-        for i in range(start, end):  # pool.cache_block, inline (it runs for every block filled)
+        for i in range(start, end):
             block_hash, block = hashes[i], blocks[ids[i]]
-            if pool.enable_caching and block_hash not in cached and block.block_hash is None:
-                block.block_hash = block_hash
-                cached[block_hash] = block.block_id
+            pool.cache_block(block.block_id, block_hash)
             if leading:
                 if block.block_hash == block_hash:
                     start = i + 1
@@ -286,17 +284,8 @@ class KVCacheManager:
             if block.ref_cnt == 1 and block.block_hash is not None:
                 del self.pool.cached[block.block_hash]
                 block.block_hash = None
-        pool = self.pool
-        blocks, free_queue = pool.blocks, pool.free_queue
-        for block_id in reversed(request.block_ids):  # pool.release, inline (every block, every request)
-            block = blocks[block_id]
-            if block.ref_cnt <= 0:
-                raise RuntimeError(f"double free of KV block {block_id}")
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                free_queue[block_id] = None
-                if block.block_hash is None:
-                    free_queue.move_to_end(block_id, last=False)  # nothing to reuse: handed out first
+        for block_id in reversed(request.block_ids):
+            self.pool.release(block_id)
         request.block_ids = []
         request.num_keyed_blocks = 0
 
