@@ -24,6 +24,28 @@ def test_block_hashes_are_the_engines(ids, bs):
     assert block_hashes(ids, bs) == req.block_hashes
 
 
+# Shared by every example (one per memo size): later prompts meet blocks memoized by earlier ones.
+_MEMOS: dict[bool, dict] = {True: {}, False: {}}
+
+
+@given(ids=tokens, bs=st.sampled_from([1, 2, 4]), small=st.booleans())
+def test_memoized_block_hashes_are_the_engines(ids, bs, small):
+    import tokenmill.router.prefix_index as pi
+
+    kv = KVCacheManager(num_blocks=256, block_size=bs)
+    req = _request("r", ids)
+    kv.get_computed_blocks(req)
+    old = pi.MEMO_ENTRIES
+    pi.MEMO_ENTRIES = 8 if small else old  # a memo that fills and starts over mid-prompt
+    try:
+        memo = _MEMOS[small]
+        assert block_hashes(ids, bs, memo) == req.block_hashes
+        assert block_hashes(ids, bs, memo) == req.block_hashes  # now from the memo
+        assert len(memo) <= pi.MEMO_ENTRIES
+    finally:
+        pi.MEMO_ENTRIES = old
+
+
 @settings(max_examples=60)
 @given(first=tokens, second=tokens, shared=st.integers(0, 60), bs=st.sampled_from([2, 4, 8]))
 def test_predicted_hit_is_the_engines_hit(first, second, shared, bs):

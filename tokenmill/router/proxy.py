@@ -51,6 +51,7 @@ class Fleet:
     rng: random.Random = field(default_factory=random.Random)
     tokenizers: Tokenizers = field(default_factory=Tokenizers)
     client: aiohttp.ClientSession | None = None
+    hash_memo: dict[tuple, bytes] = field(default_factory=dict)  # block_hashes' memo
 
     def __post_init__(self):
         self.metrics = RouterMetrics(lambda: (list(self.replicas), self.rollout.snapshot()))
@@ -122,7 +123,7 @@ class Fleet:
         if ids is None:
             return []
         n = usable_blocks(len(ids), r.block_size)
-        return block_hashes(ids[:n * r.block_size], r.block_size)
+        return block_hashes(ids[:n * r.block_size], r.block_size, self.hash_memo)
 
     def headers(self, request: web.Request) -> dict[str, str]:
         h = request.headers
