@@ -15,21 +15,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from tokenmill.error_types import ERROR_TYPES
 from tokenmill.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("tokenmill.server")
-
-_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "internal_server_error",
-    503: "service_unavailable",
-}
 
 
 class APIError(Exception):
@@ -49,7 +38,7 @@ class APIError(Exception):
 def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None,
                type: str | None = None) -> dict:
     """The JSON an error answers with (also a failed batch line's response body)."""
-    error = ErrorInfo(message=message, type=type or _TYPES.get(status, "error"), param=param, code=code)
+    error = ErrorInfo(message=message, type=type or ERROR_TYPES.get(status, "error"), param=param, code=code)
     return ErrorResponse(error=error).model_dump()
 
 
