@@ -100,6 +100,21 @@ def test_block_size_one_and_constant_cost():
     _assert_same(_run(trace, True, **kw), _run(trace, False, **kw))
 
 
+@pytest.mark.parametrize("seed,block_size,num_blocks", [(11, 4, 300), (12, 8, 500), (13, 16, 120)])
+def test_runs_start_and_fill_blocks_at_every_residue(seed, block_size, num_blocks):
+    # Mixed prompt and output lengths and staggered arrivals put a run's requests at every
+    # residue of the block size, so its per-residue plans allocate and key blocks at every step
+    # offset; shared prefixes and pools sized to evict (and, at 4 and 16, to preempt) make the order
+    # of those allocations and keys matter.
+    trace = synthetic(90, rate=40, input_len=120, output_len=70, range_ratio=0.9, prefix_len=2 * block_size,
+                      seed=seed, num_prefixes=2)
+    kw = dict(num_blocks=num_blocks, replicas=2, cache={"block_size": block_size})
+    fast, slow = _run(trace, True, **kw), _run(trace, False, **kw)
+    _assert_same(fast, slow)
+    res = slow[1]
+    assert res.prefix_hit_rate > 0 and sum(r.scheduler.kv.num_evictions for r in res.replicas) > 0
+
+
 def test_decode_step_seconds_equals_the_per_row_price():
     model = _cost()
     starts = [300, 1024, 77, 5000, 1]

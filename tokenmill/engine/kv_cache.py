@@ -29,7 +29,7 @@ def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
     return h.digest()[:_DIGEST_BYTES]
 
 
-@dataclass
+@dataclass(slots=True)  # millions of them in a planner fleet: no per-block __dict__
 class Block:
     block_id: int
     ref_cnt: int = 0
@@ -257,6 +257,8 @@ class KVCacheManager:
         # Incremental: a block keyed with the request's own hash stays keyed while the request
         # holds it (held blocks are never evicted; the cache is never reset with blocks in use),
         # so the walk starts after that leading run instead of at block 0 every step.
+        if num_tokens // self.block_size <= request.num_keyed_blocks:
+            return  # no block newly full (every decode step but one in block_size): nothing to hash or key
         self._update_hashes(request)
         hashes, ids, pool = request.block_hashes, request.block_ids, self.pool
         end = min(num_tokens // self.block_size, len(hashes))

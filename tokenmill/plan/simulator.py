@@ -42,6 +42,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tokenmill.bench.metrics import BenchmarkMetrics, compute_metrics
 from tokenmill.bench.records import RequestRecord
@@ -112,12 +113,12 @@ class _Run:
     full block for each whose num_tokens0 % block_size == -j % block_size.
     """
 
-    def __init__(self, requests: list[Request], start: float, length: int, period: list[int], used0: int,
-                 block_size: int, keyed: bool):
+    def __init__(self, requests: list[Request], tokens0: list[int], outputs0: list[int], start: float, length: int,
+                 period: list[int], used0: int, block_size: int, keyed: bool):
         self.requests = requests
-        self.tokens0 = [r.num_tokens for r in requests]
-        self.outputs0 = [r.num_output_tokens for r in requests]
-        self.sum_start0 = sum(self.tokens0) - len(requests)
+        self.tokens0 = tokens0  # each request's tokens and output tokens at the run's start
+        self.outputs0 = outputs0
+        self.sum_start0 = sum(tokens0) - len(requests)
         self.start = start
         self.length = length  # steps planned (an arrival may cut it short)
         self.ends: list[float] = []  # of the steps priced so far
@@ -129,26 +130,27 @@ class _Run:
         bs = block_size
         self.used0 = used0
         self.applied = 0  # steps whose schedule and token have been applied to the requests and pool
-        by_residue: list[list[tuple[int, Request]]] = [[] for _ in range(bs)]
-        for pos, (r, t) in enumerate(zip(requests, self.tokens0)):
-            by_residue[(t - 1) % bs].append((pos, r))
-        self.by_residue = by_residue
         self.retry: dict[int, Request] = {}  # position -> request with a full block not yet keyed
         self.keyed = keyed  # prefix caching keys blocks as they fill (block_size > 1)
-        self.plans: dict[int, list[tuple[int, Request, bool, bool]]] = {}  # by residue j % block_size
+        # Schedule j's KV work, by residue j % block_size, in the scheduler's order: (position,
+        # request, starts a block, fills one). A request starts a block at the residue where
+        # (t0 - 1 + j) % bs == 0 and fills one where (t0 + j) % bs == 0: never the same residue
+        # when keyed (bs > 1), so each entry is one or the other, and walking the positions in
+        # order leaves every list in the scheduler's order.
+        self.plans: list[list[tuple[int, Request, bool, bool]]] = [[] for _ in range(bs)]
+        for pos, (r, t) in enumerate(zip(requests, self.tokens0)):
+            self.plans[(1 - t) % bs].append((pos, r, True, False))
+            if keyed:
+                self.plans[-t % bs].append((pos, r, False, True))
 
-    def plan(self, j: int) -> list[tuple[int, Request, bool, bool]]:
-        """Schedule j's KV work, in the scheduler's order: (position, request, starts a block,
-        fills one). The same for every step of a residue, so built once per residue."""
-        bs = len(self.by_residue)
-        residue = j % bs
-        plan = self.plans.get(residue)
-        if plan is None:
-            starts = dict(self.by_residue[-j % bs])
-            fills = dict(self.by_residue[(-j - 1) % bs]) if self.keyed else {}
-            plan = [(pos, r, pos in starts, pos in fills) for pos, r in sorted({**starts, **fills}.items(), key=_first)]
-            self.plans[residue] = plan
-        return plan
+    @cached_property
+    def by_residue(self) -> list[list[tuple[int, Request]]]:
+        """(position, request) by (tokens0 - 1) % block_size: for the step-by-step fallback."""
+        bs = len(self.plans)
+        by_residue: list[list[tuple[int, Request]]] = [[] for _ in range(bs)]
+        for pos, (r, t) in enumerate(zip(self.requests, self.tokens0)):
+            by_residue[(t - 1) % bs].append((pos, r))
+        return by_residue
 
     def steps_started(self, now: float, settled: bool) -> int:
         """Steps whose schedule has run at `now` (step j > 0 starts when step j - 1 ends)."""
@@ -319,7 +321,7 @@ class Simulator:
         is broken by rng.choice over them in replica order."""
         replicas = self.replicas
         # A replica's requests are its running and waiting ones: len(requests) is the view's load.
-        loads = [len(d) for d in self._request_dicts]
+        loads = list(map(len, self._request_dicts))
         low = min(loads)
         # The least loaded level with a replica not saturated (almost always the lowest).
         ties = [r for r, load in zip(replicas, loads) if load == low and not self._saturated(r, now)]
@@ -414,9 +416,12 @@ class Simulator:
         order = list(s.running)  # schedule()'s order: by priority (one here), stable
         length = _MAX_RUN
         counts = [0] * bs
+        tokens0, outputs0 = [], []
         for r in order:
             prompt, output = len(r.prompt_token_ids), len(r.output_token_ids)
             t = prompt + output
+            tokens0.append(t)
+            outputs0.append(output)
             if (r.num_computed_tokens != t - 1 or r.num_computed_tokens < prompt
                     or len(r.block_ids) != -(-(t - 1) // bs)
                     # a block left unkeyed (another held its hash) is retried every step: no run
@@ -437,7 +442,8 @@ class Simulator:
         length = min(max(0, length), full * bs + bisect.bisect_right(period, free - full * total))
         if length < _MIN_RUN:
             return False
-        replica.run = _Run(order, now, length, period, kv.pool.num_used_blocks, bs, kv.enable_caching and bs > 1)
+        replica.run = _Run(order, tokens0, outputs0, now, length, period, kv.pool.num_used_blocks, bs,
+                           kv.enable_caching and bs > 1)
         replica.busy = True
         self._price_run(replica)
         return True
@@ -480,9 +486,10 @@ class Simulator:
         bs, vocab = kv.block_size, self.vocab_size
         # Tokens first (a request's later tokens only let it hash its own blocks early; which
         # blocks get keyed is still bounded by each schedule's own token count).
-        for r, o in zip(run.requests, run.outputs0):
+        for r, o in zip(run.requests, run.outputs0):  # _fake_token_at(r.arrival_order, i, vocab), i = o + first ...
             base = _fake_token_base(r.arrival_order)
-            r.output_token_ids.extend([(base + i * _FAKE_STEP) % vocab for i in range(o + first, o + upto)])
+            r.output_token_ids.extend([x % vocab for x in range(base + (o + first) * _FAKE_STEP,
+                                                                base + (o + upto) * _FAKE_STEP, _FAKE_STEP)])
         keyed = kv.enable_caching and bs > 1
         tokens0 = run.tokens0
         allocate, key, plans = kv.pool.allocate, kv._cache_full_blocks, run.plans
@@ -490,8 +497,7 @@ class Simulator:
             if not run.retry and (keyed or not kv.enable_caching):
                 # What allocate_slots(r, 1) does at step j, without its checks: one block for
                 # each request that starts one, and the keys of each that fills one.
-                plan = plans.get(j % bs)
-                for pos, r, starts, fills in run.plan(j) if plan is None else plan:
+                for pos, r, starts, fills in plans[j % bs]:
                     if starts:
                         r.block_ids.append(allocate())
                     if fills:
@@ -597,6 +603,6 @@ def _fake_token_base(arrival_order: int) -> int:
 
 def _fake_token_at(arrival_order: int, index: int, vocab_size: int) -> int:
     # Deterministic in the request and position: a recompute after preemption re-keys the same
-    # blocks, as the engine's greedy tokens would. (Integers: _apply_run's inlined form,
-    # (base + index * step) % vocab, is the same number.)
+    # blocks, as the engine's greedy tokens would. (Integers: _apply_run's form, x % vocab for x
+    # stepping by _FAKE_STEP from base + index * step, is the same number.)
     return (_fake_token_base(arrival_order) + index * _FAKE_STEP) % vocab_size
