@@ -318,6 +318,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     log_since_process_start("interpreter and imports done")
     settings = engine_settings(args)
+    if settings["step_log"]:
+        _check_appendable(settings["step_log"])
     loaders, sizes, kinds = {}, {}, {}
     entries = serve_entries(args)
     for e in entries:  # every config validated now, before the port opens
@@ -350,6 +352,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         profile_dir=args.profile_dir,
         data_dir=args.data_dir or default_data_dir(),
     )
+
+
+def _check_appendable(path: str) -> None:
+    """Before the port opens: the engine opens its step log only when a model loads, and a
+    failure there would read as the model's ("could not load the model ...")."""
+    try:
+        open(path, "a").close()
+    except OSError as e:
+        raise ValueError(f"--step-log {path}: cannot append to it ({e.strerror})") from None
 
 
 def default_data_dir() -> Path:

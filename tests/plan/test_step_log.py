@@ -84,3 +84,13 @@ def test_calibrate_refuses_a_missing_or_foreign_file(tmp_path, capsys):
         assert main(["plan", "calibrate", "--step-log", str(path), "--output", str(tmp_path / "p.json")]) == 2
         assert f"--step-log {path}" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_serve_refuses_a_step_log_it_cannot_write_before_loading(tmp_path, capsys):
+    from tokenmill.cli import main
+
+    path = tmp_path / "no-such-dir" / "steps.jsonl"
+    assert main(["serve", "--step-log", str(path), "--port", "1"]) == 2  # returns before any port or model
+    err = capsys.readouterr().err
+    assert f"--step-log {path}: cannot append to it (No such file or directory)" in err
+    assert "could not load the model" not in err
