@@ -104,6 +104,8 @@ def simulate(spec: ReplicaSpec, flags: str, result_path: Path):
     conc = flag(flags, "--max-concurrency")
     trace = from_bench_result(result_path, prefix)
     if conc:  # a closed loop: every request is ready at 0 and waits for one of `conc` slots
+        # (replaying the first burst's measured send times instead was tried on runs A, B and C
+        # of docs/benchmarks.md: it fixed C's conc4 and made A's and B's worse)
         trace = [TraceRequest(0.0, t.input_len, t.output_len, t.prefix_len) for t in trace]
     return spec.simulator(max_concurrency=int(conc) if conc else None).run(trace).metrics
 
@@ -119,14 +121,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="/tmp/plan_validate")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--resimulate", action="store_true",
+                    help="run nothing: simulate the runs already in --out again with --profile")
     ap.add_argument("--calibrate", action="store_true",
                     help="fit the profile first, on this server's logged steps over the calibration grid; write it to --profile")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.resimulate:
+        report(args, out, [(name, flags, False) for name, flags in WORKLOADS.items() if not args.only or name in args.only],
+               {r["workload"]: (r["load_1m"], r["load_1m_after"])
+                for r in json.loads((out / "validation.json").read_text())})
+        return
     step_log = out / "steps.jsonl"
     step_log.unlink(missing_ok=True)
-    rows = []
     with open(out / "serve.log", "w") as log:
         server = start_server(args.port, args.threads, log, step_log)
         try:
@@ -161,6 +169,12 @@ def main() -> None:
             server.wait(30)
     if args.calibrate:
         fit_profile(args, out, calib_lines)
+    report(args, out, runs, loads)
+
+
+def report(args, out: Path, runs: list, loads: dict) -> None:
+    """Simulate each validation run with --profile and print predicted against measured."""
+    rows = []
     profile = Profile.load(args.profile)
     spec = ReplicaSpec(model_shape("smollm2-135m"), hardware(profile.device), 1, profile,
                        EngineConfig.from_flat(max_waiting_requests=10**9), 8192)
