@@ -16,7 +16,8 @@ its runs alternating with the validation runs so a drift of the machine hits bot
 `tokenmill plan calibrate --step-log` fits the profile on the steps the server logged during
 the calibration runs only and writes it to --profile; then each validation run is simulated
 with it. Every step is in steps.jsonl, so a miss can be traced to the steps that made it.
-Output throughput is taken over the simulator's window (first send to last end; see window_throughput).
+Output throughput is taken over the simulator's window (first send to last end; see
+window_throughput).
 """
 
 from __future__ import annotations
@@ -131,10 +132,10 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    runs = [(name, flags, False) for name, flags in WORKLOADS.items() if not args.only or name in args.only]
     if args.resimulate:
-        report(args, out, [(name, flags, False) for name, flags in WORKLOADS.items() if not args.only or name in args.only],
-               {r["workload"]: (r["load_1m"], r["load_1m_after"])
-                for r in json.loads((out / "validation.json").read_text())})
+        report(args, out, runs, {r["workload"]: (r["load_1m"], r["load_1m_after"])
+                                 for r in json.loads((out / "validation.json").read_text())})
         return
     step_log = out / "steps.jsonl"
     step_log.unlink(missing_ok=True)
@@ -148,7 +149,6 @@ def main() -> None:
                   out / "warmup.json")
             # The runs: the validation workloads and (with --calibrate) the calibration grid,
             # alternating, so a drift of the machine over the ~10 minutes hits both alike.
-            runs = [(name, flags, False) for name, flags in WORKLOADS.items() if not args.only or name in args.only]
             if args.calibrate:
                 grid = [(f"calibration-c{c}-in{n}" + (f"-prefix{p}" if p else ""),
                          f"--num-prompts {2 * c} --max-concurrency {c} --random-input-len {n} --random-output-len 12"
