@@ -23,9 +23,9 @@ window_throughput).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +57,22 @@ WORKLOADS = {  # a quiet 2-core machine: a step takes ~0.05-3 s, each run ~15-60
 # then two loops whose prompts share a prefix (other lengths than the prefix workload's): a
 # prompt chunk that attends to a cached context is a step shape the loops above never make,
 # and the prefix workload's TTFT was under-predicted by 17-33% in all three runs without it.
-CALIBRATION = [(c, n, 0) for c in (2, 6, 12) for n in (24, 160, 320)] + [(2, 32, 160), (6, 48, 288)]
+CALIBRATION = {f"calibration-c{c}-in{n}": f"--num-prompts {2 * c} --max-concurrency {c} --random-input-len {n} --random-output-len 12"
+               for c in (2, 6, 12) for n in (24, 160, 320)}
+CALIBRATION |= {f"calibration-c{c}-in{n}-prefix{p}": f"--num-prompts {2 * c} --max-concurrency {c} --random-input-len {n} "
+                f"--random-output-len 12 --random-prefix-len {p}" for c, n, p in ((2, 32, 160), (6, 48, 288))}
+# Then the shapes only a lone client or Poisson arrivals make (other lengths and rates than the
+# validation's). A decode step of one row: the loops above make it only in a loop's tail, with
+# the next request being admitted beside it, and there it took 63 ms against 45 ms in the
+# conc1 workload (run E of docs/benchmarks.md, whose fit put a lone row at 61 ms: conc1 TPOT
+# +25%). A prompt chunk joining running decodes: the closed loops start their requests in
+# waves, so such mixed steps were rare in their log and came out 15-26% short in run E.
+CALIBRATION |= {
+    "calibration-c1-in48": "--num-prompts 3 --max-concurrency 1 --random-input-len 48 --random-output-len 24",
+    "calibration-c1-in256": "--num-prompts 2 --max-concurrency 1 --random-input-len 256 --random-output-len 24",
+    "calibration-rate0.7-in96": "--num-prompts 12 --request-rate 0.7 --random-input-len 96 --random-output-len 24",
+    "calibration-rate2-in24": "--num-prompts 16 --request-rate 2 --random-input-len 24 --random-output-len 12",
+}
 
 
 def start_server(port: int, threads: int, log, step_log: Path) -> subprocess.Popen:
@@ -118,6 +133,33 @@ def err(pred: float, meas: float) -> float:
     return (pred - meas) / meas * 100 if meas else float("nan")
 
 
+def spread(first: list, second: list) -> list:
+    """first with second's items spread evenly through it (second[j] after about (j + 1/2) / len(second)
+    of first), so a drift of the machine meets both lists alike."""
+    at = [int((j + 0.5) * len(first) / len(second)) for j in range(len(second))]
+    out = []
+    for i, item in enumerate(first):
+        out += [second[j] for j, k in enumerate(at) if k == i] + [item]
+    return out + [second[j] for j, k in enumerate(at) if k >= len(first)]
+
+
+def run_list(args) -> list[tuple[str, str, str, bool]]:
+    """(result name, workload, bench flags, calibration?) of every run, in the order they run:
+    per repeat the validation workloads (rotated by one per repeat) and, with --calibrate, the
+    calibration grid, spread through each other."""
+    val = [(name, flags) for name, flags in WORKLOADS.items() if not args.only or name in args.only]
+    runs = []
+    for r in range(args.repeats):
+        tag = f"-r{r}" if r else ""  # repeat 0 keeps the plain names of single-repeat runs
+        rot = val[r % len(val):] + val[:r % len(val)]
+        mine = [(name + tag, name, flags, False) for name, flags in rot]
+        if args.calibrate:
+            grid = [(name + tag, name, flags, True) for name, flags in CALIBRATION.items()]
+            mine = spread(grid, mine)
+        runs += mine
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", required=True)
@@ -125,6 +167,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="/tmp/plan_validate")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every workload (and the calibration grid) this many times; the table compares medians")
     ap.add_argument("--resimulate", action="store_true",
                     help="run nothing: simulate the runs already in --out again with --profile")
     ap.add_argument("--calibrate", action="store_true",
@@ -132,10 +176,11 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [(name, flags, False) for name, flags in WORKLOADS.items() if not args.only or name in args.only]
+    runs = run_list(args)
     if args.resimulate:
-        report(args, out, runs, {r["workload"]: (r["load_1m"], r["load_1m_after"])
-                                 for r in json.loads((out / "validation.json").read_text())})
+        loads = out / "loads.json"
+        report(args, out, runs, json.loads(loads.read_text()) if loads.exists() else  # else a run from before --repeats
+               {r["workload"]: (r["load_1m"], r["load_1m_after"]) for r in json.loads((out / "validation.json").read_text())})
         return
     step_log = out / "steps.jsonl"
     step_log.unlink(missing_ok=True)
@@ -147,16 +192,9 @@ def main() -> None:
             # first measured request of the prefix workload.
             bench(args.port, "--num-prompts 2 --max-concurrency 1 --random-input-len 16 --random-output-len 4", 99,
                   out / "warmup.json")
-            # The runs: the validation workloads and (with --calibrate) the calibration grid,
-            # alternating, so a drift of the machine over the ~10 minutes hits both alike.
-            if args.calibrate:
-                grid = [(f"calibration-c{c}-in{n}" + (f"-prefix{p}" if p else ""),
-                         f"--num-prompts {2 * c} --max-concurrency {c} --random-input-len {n} --random-output-len 12"
-                         + (f" --random-prefix-len {p}" if p else ""), True) for c, n, p in CALIBRATION]
-                runs = [run for pair in itertools.zip_longest(grid, runs) for run in pair if run is not None]
             calib_lines: list[str] = []
             loads = {}
-            for seed, (name, flags, calibration) in enumerate(runs):
+            for seed, (name, _, flags, calibration) in enumerate(runs):
                 # Each run starts from an empty prefix cache and draws its own prompts: with one
                 # seed, two workloads of equal input length would send the same prompts, and the
                 # second would be served from the first one's cache (the simulation, which starts
@@ -173,38 +211,58 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+    (out / "loads.json").write_text(json.dumps(loads))
     if args.calibrate:
         fit_profile(args, out, calib_lines)
     report(args, out, runs, loads)
 
 
+FIGURES = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_ttft_ms", "p99_tpot_ms")
+
+
 def report(args, out: Path, runs: list, loads: dict) -> None:
-    """Simulate each validation run with --profile and print predicted against measured."""
-    rows = []
+    """Simulate each validation run with --profile; per workload, the median over its repeats of
+    each measured figure against the median of the predicted ones, and the measured figures'
+    range over the repeats (how far the machine itself moved between repeats)."""
     profile = Profile.load(args.profile)
     spec = ReplicaSpec(model_shape("smollm2-135m"), hardware(profile.device), 1, profile,
                        EngineConfig.from_flat(max_waiting_requests=10**9), 8192)
-    for name, flags, calibration in runs:
+    per: dict[str, list[dict]] = {}
+    for name, workload, flags, calibration in runs:
         if calibration:
             continue
         path = out / f"{name}.json"
         meas = json.loads(path.read_text())
         meas["output_throughput"] = window_throughput(meas)
         pred = simulate(spec, flags, path)
-        row = {"workload": name, "load_1m": loads[name][0], "load_1m_after": loads[name][1]}
-        for key, p in (("output_throughput", pred.output_throughput),
-                       ("median_ttft_ms", pred.ttft.median), ("p99_ttft_ms", pred.ttft.percentiles[99.0]),
-                       ("median_tpot_ms", pred.tpot.median), ("p99_tpot_ms", pred.tpot.percentiles[99.0])):
-            row[key] = {"measured": meas[key], "predicted": p, "error_pct": err(p, meas[key])}
+        pred_figs = (pred.output_throughput, pred.ttft.median, pred.tpot.median, pred.ttft.percentiles[99.0],
+                     pred.tpot.percentiles[99.0])
+        run = {"run": name, "load_1m": loads[name][0], "load_1m_after": loads[name][1]}
+        run |= {key: {"measured": meas[key], "predicted": p} for key, p in zip(FIGURES, pred_figs)}
+        per.setdefault(workload, []).append(run)
+        print(json.dumps(run), flush=True)
+    rows = []
+    for workload, reps in per.items():
+        row = {"workload": workload, "repeats": reps}
+        for key in FIGURES:
+            m = statistics.median(r[key]["measured"] for r in reps)
+            p = statistics.median(r[key]["predicted"] for r in reps)
+            lo, hi = min(r[key]["measured"] for r in reps), max(r[key]["measured"] for r in reps)
+            row[key] = {"measured": m, "predicted": p, "error_pct": err(p, m), "measured_range": [lo, hi]}
         rows.append(row)
-        print(json.dumps(row), flush=True)
     (out / "validation.json").write_text(json.dumps(rows, indent=1))
-    print("| workload | load | out tok/s meas / pred (err) | TTFT p50 ms | TPOT p50 ms | TTFT p99 ms | TPOT p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    n = max(len(r["repeats"]) for r in rows)
+    print(f"medians over {n} repeat(s); [measured min-max over the repeats]" if n > 1 else "")
+    print("| workload | out tok/s meas / pred (err) | TTFT p50 ms | TPOT p50 ms | TTFT p99 ms | TPOT p99 ms |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{r[k]['measured']:.1f} / {r[k]['predicted']:.1f} ({r[k]['error_pct']:+.0f}%)"
-                 for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_ttft_ms", "p99_tpot_ms")]
-        print(f"| {r['workload']} | {r['load_1m']:.1f}-{r['load_1m_after']:.1f} | " + " | ".join(cells) + " |")
+        cells = []
+        for k in FIGURES:
+            c = f"{r[k]['measured']:.1f} / {r[k]['predicted']:.1f} ({r[k]['error_pct']:+.0f}%)"
+            if n > 1:
+                c += " [{:.0f}-{:.0f}]".format(*r[k]["measured_range"])
+            cells.append(c)
+        print(f"| {r['workload']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from datetime import datetime
 
 from rich.console import Console
@@ -28,7 +29,8 @@ def result_dict(run: RunResult, metrics: BenchmarkMetrics, meta: dict) -> dict:
     """One run as `vllm bench serve --save-result` writes it: configuration, totals, per-request
     arrays (input_lens, output_lens, ttfts, itls, generated_texts, errors) and, per latency
     metric, mean_/median_/std_/pNN_<metric>_ms. `start_times` and `e2els` are our additions
-    (seconds, per request) so a plot can be redrawn from the file alone."""
+    (seconds, per request) so a plot can be redrawn from the file alone; so is `start_unix`, the
+    first send's wall-clock time, which lines the requests up with a server's `--step-log`."""
     recs = run.records
     first_start = min((x.start_time for x in recs), default=0.0)  # once: per record it was O(n^2)
     out = {
@@ -55,6 +57,7 @@ def result_dict(run: RunResult, metrics: BenchmarkMetrics, meta: dict) -> dict:
         "itls": [r.itl for r in recs],
         "e2els": [r.latency for r in recs],
         "start_times": [r.start_time - first_start for r in recs],
+        "start_unix": time.time() - (time.perf_counter() - first_start),
         "generated_texts": [r.generated_text for r in recs],
         "errors": [r.error for r in recs],
     }
