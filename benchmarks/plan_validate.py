@@ -179,8 +179,10 @@ def main() -> None:
     runs = run_list(args)
     if args.resimulate:
         loads = out / "loads.json"
-        report(args, out, runs, json.loads(loads.read_text()) if loads.exists() else  # else a run from before --repeats
-               {r["workload"]: (r["load_1m"], r["load_1m_after"]) for r in json.loads((out / "validation.json").read_text())})
+        if not loads.exists():  # a run from before --repeats: its table has the loads
+            loads.write_text(json.dumps({r["workload"]: (r["load_1m"], r["load_1m_after"])
+                                         for r in json.loads((out / "validation.json").read_text())}))
+        report(args, out, runs, json.loads(loads.read_text()))
         return
     step_log = out / "steps.jsonl"
     step_log.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 
 import pytest
 
@@ -123,7 +124,9 @@ def test_cli_writes_vllm_result_json_and_plots(tmp_path, toy_tokenizer_json):
                       "--random-input-len", "12", "--random-output-len", "5", "--max-concurrency", "3",
                       "--num-warmups", "2", "--goodput", "ttft:1000", "--percentiles", "50,99.9",
                       "--result-json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "plots"), "--no-progress"])
+        before = time.time()
         assert run_bench(args) == 0
+        after = time.time()
         assert server.script.seen == 8  # 2 warm-ups + 6 measured
         assert server.script.bodies[0]["model"] == "fake-model"  # discovered from /v1/models
     res = json.loads((tmp_path / "r.json").read_text())
@@ -138,6 +141,8 @@ def test_cli_writes_vllm_result_json_and_plots(tmp_path, toy_tokenizer_json):
                 "mean_tpot_ms", "p99.9_tpot_ms", "mean_itl_ms", "p50_itl_ms", "mean_e2el_ms", "p99.9_e2el_ms"):
         assert key in res, key
     assert res["request_rate"] == "inf" and res["max_concurrency"] == 3
+    # The first measured send's wall-clock time (after the warm-ups), to line up with a step log.
+    assert before < res["start_unix"] < after - max(res["e2els"])
     assert len(res["itls"]) == 6 and res["output_lens"].count(5) == 5
     assert all(n == 12 for n in res["input_lens"])
     assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 10_000

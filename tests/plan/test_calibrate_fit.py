@@ -1,5 +1,6 @@
 """The calibration fit recovers a cost model from step timings it generated itself."""
 
+import math
 import random
 
 import pytest
@@ -78,3 +79,26 @@ def test_fit_recovers_attention_and_overlap():
     for start in (256, 1024, 2048):
         s = [SeqShape(start, 32, True, True)]
         assert fitted_model.step_seconds(s) == pytest.approx(model.step_seconds(s), rel=0.05)
+
+
+def test_fit_predicts_the_mean_step_time_under_skewed_noise():
+    # A request's latency is a sum of steps, so the fit should price a step shape at its mean
+    # time. With multiplicative noise (log-normal, sigma 0.2: mean 1.02x the noiseless time), a
+    # fit on error relative to the measured time settles near E[1/e] / E[1/e^2] = 0.94x, below
+    # even the median; relative to the prediction, it settles near the mean.
+    shape, hw = model_shape("smollm2-135m"), hardware("cpu-2core")
+    truth = Profile("cpu-2core", "q4_1", eff_prefill=0.08, eff_decode=0.02, eff_memory=0.3,
+                    step_overhead_s=0.012, per_seq_s=0.0015, kv_bytes=4)
+    model = CostModel(shape, hw, truth)
+    rng = random.Random(5)
+    samples = [Sample(s, model.step_seconds(s) * rng.lognormvariate(0.0, 0.2)) for s in _steps(400, rng)]
+    held_out = _steps(100, random.Random(6))
+    mean_total = sum(model.step_seconds(s) for s in held_out) * math.exp(0.2**2 / 2)
+
+    def total(profile):
+        return sum(CostModel(shape, hw, profile).step_seconds(s) for s in held_out)
+
+    fitted = total(fit(samples, shape, hw, Profile("cpu-2core", "q4_1", kv_bytes=4)))
+    on_measured = total(fit(samples, shape, hw, Profile("cpu-2core", "q4_1", kv_bytes=4), rounds=1))
+    assert fitted == pytest.approx(mean_total, rel=0.03)
+    assert on_measured < 0.95 * mean_total
