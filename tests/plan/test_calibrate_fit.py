@@ -22,11 +22,16 @@ def _steps(n: int, rng: random.Random) -> list[list[SeqShape]]:
     return steps
 
 
-def test_fit_recovers_step_times_of_a_known_profile():
+def _truth():
+    """The model shape, the device, and a cost model of known efficiencies to fit back."""
     shape, hw = model_shape("smollm2-135m"), hardware("cpu-2core")
     truth = Profile("cpu-2core", "q4_1", eff_prefill=0.08, eff_decode=0.02, eff_memory=0.3,
                     step_overhead_s=0.012, per_seq_s=0.0015, kv_bytes=4)
-    model = CostModel(shape, hw, truth)
+    return shape, hw, CostModel(shape, hw, truth)
+
+
+def test_fit_recovers_step_times_of_a_known_profile():
+    shape, hw, model = _truth()
     steps = _steps(150, random.Random(0))
     samples = [Sample(s, model.step_seconds(s)) for s in steps]
     fitted = fit(samples, shape, hw, Profile("cpu-2core", "q4_1", kv_bytes=4))
@@ -41,10 +46,7 @@ def test_fit_recovers_step_times_of_a_known_profile():
 
 def test_fit_is_robust_to_outlier_steps():
     # A shared machine: one step in eight took 2-6x its time (another process had the core).
-    shape, hw = model_shape("smollm2-135m"), hardware("cpu-2core")
-    truth = Profile("cpu-2core", "q4_1", eff_prefill=0.08, eff_decode=0.02, eff_memory=0.3,
-                    step_overhead_s=0.012, per_seq_s=0.0015, kv_bytes=4)
-    model = CostModel(shape, hw, truth)
+    shape, hw, model = _truth()
     rng = random.Random(2)
     steps = _steps(200, rng)
     samples = [Sample(s, model.step_seconds(s) * (rng.uniform(2, 6) if rng.random() < 0.125 else 1.0))
@@ -86,10 +88,7 @@ def test_fit_predicts_the_mean_step_time_under_skewed_noise():
     # time. With multiplicative noise (log-normal, sigma 0.2: mean 1.02x the noiseless time), a
     # fit on error relative to the measured time settles near E[1/e] / E[1/e^2] = 0.94x, below
     # even the median; relative to the prediction, it settles near the mean.
-    shape, hw = model_shape("smollm2-135m"), hardware("cpu-2core")
-    truth = Profile("cpu-2core", "q4_1", eff_prefill=0.08, eff_decode=0.02, eff_memory=0.3,
-                    step_overhead_s=0.012, per_seq_s=0.0015, kv_bytes=4)
-    model = CostModel(shape, hw, truth)
+    shape, hw, model = _truth()
     rng = random.Random(5)
     samples = [Sample(s, model.step_seconds(s) * rng.lognormvariate(0.0, 0.2)) for s in _steps(400, rng)]
     held_out = _steps(100, random.Random(6))
