@@ -11,13 +11,18 @@ Prints a markdown table of measured / predicted / error for output throughput, T
     python3 benchmarks/plan_validate.py --profile tokenmill/plan/profiles/cpu-2core-q4_1.json
 
 With --calibrate, the same server also runs a calibration grid (closed loops of other
-concurrencies and lengths than any validation workload, two of them with a shared prefix),
-its runs alternating with the validation runs so a drift of the machine hits both alike;
+concurrencies and lengths than any validation workload, two of them with a shared prefix,
+lone-client loops and Poisson runs of other lengths and rates), its runs spread evenly through
+the validation runs so a drift of the machine hits both alike;
 `tokenmill plan calibrate --step-log` fits the profile on the steps the server logged during
 the calibration runs only and writes it to --profile; then each validation run is simulated
 with it. Every step is in steps.jsonl, so a miss can be traced to the steps that made it.
 Output throughput is taken over the simulator's window (first send to last end; see
-window_throughput).
+window_throughput). With --repeats N every workload (and the grid) runs N times, in rotated
+orders, and the table compares medians: this VM's speed moves by about 20% within seconds
+(docs/benchmarks.md, runs E-H), more than one run can average out.
+
+    python3 benchmarks/plan_validate.py --calibrate --repeats 3 --profile /tmp/profile.json --out /tmp/val
 """
 
 from __future__ import annotations
