@@ -14,7 +14,7 @@ import httpx
 import pytest
 import schemathesis
 from schemathesis.checks import positive_data_acceptance
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from tests.server.conftest import KEY, MODEL, LiveServer, wait_pool_whole
@@ -66,6 +66,12 @@ def test_schemathesis(case, engine):
     """Every operation of the served schema: answers conform to it (status, content type,
     body), valid bodies are not refused by the schema's own rules, none is a 5xx."""
     case.body = cheap(case.body)
+    if case.meta is not None and case.meta.generation.mode.is_negative and [] in (case.query or {}).values():
+        # A query value of [] never reaches the wire (requests drops it), so the request sent
+        # is a valid one, and the server's 200 read as "schema-violating request accepted" (CI,
+        # GET /v1/batches?limit=12 generated with after=[]). Schemathesis's own false-positive
+        # filters miss this shape in 4.32.
+        reject()
     # Not positive_data_acceptance: a body can satisfy the schema and still break a rule no
     # schema states (the context length, one constraint at a time, the vocabulary size), and
     # those answers are 400s that test_validation.py checks one by one.
