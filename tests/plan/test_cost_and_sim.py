@@ -109,3 +109,21 @@ def test_replay_of_a_bench_result(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bench result"):
         from_bench_result(tmp_path / "bad.json")
+
+
+def test_an_arrival_lengthens_the_step_it_lands_in():
+    # Steps of 10 ms; B lands in A's second step (10-20 ms), which then ends at 23 ms, and B's
+    # prefill step runs 23-33 ms. An arrival on an idle replica lengthens nothing (A's first step).
+    from tokenmill.plan.cost import ConstantCost
+    from tokenmill.plan.simulator import Simulator
+    from tokenmill.plan.workload import TraceRequest
+
+    cost = ConstantCost(0.01)
+    cost.arrival_s = 0.003
+    config = EngineConfig.from_flat(num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=256)
+    res = Simulator(config, 64, 2048, cost, 1000).run([TraceRequest(0.0, 16, 8), TraceRequest(0.015, 16, 2)])
+    a, b = res.records
+    assert a.ttft == pytest.approx(0.01)
+    assert a.itl[0] == pytest.approx(0.013)  # its second token's step was lengthened
+    assert b.ttft == pytest.approx(0.033 - 0.015)
+    assert res.replicas[0].busy_seconds == pytest.approx(a.latency)  # busy throughout: 8 steps + 3 ms

@@ -37,6 +37,7 @@ def test_logged_steps_are_the_steps_the_scheduler_made(small_engine, tmp_path, m
     assert len(lines) == len(scheduled) >= 8
     assert all(line["s"] > 0 and line["t"] > 1e9 for line in lines)  # seconds; unix time
     assert [s.seqs for s in samples_from_step_log([str(path)])] == scheduled
+    assert [line["new"] for line in lines][:2] == [3, 0] and sum(line["new"] for line in lines) == 3
     assert any(len(s) > 1 and any(q.prompt for q in s) and any(not q.prompt for q in s) for s in scheduled)
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
@@ -94,3 +95,49 @@ def test_serve_refuses_a_step_log_it_cannot_write_before_loading(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"--step-log {path}: cannot append to it (No such file or directory)" in err
     assert "could not load the model" not in err
+
+
+def _line(t, s, seqs, new=0):
+    return json.dumps({"t": t, "s": s, "seqs": [[q.start, q.num_tokens, int(q.samples), int(q.prompt)] for q in seqs],
+                       "new": new}) + "\n"
+
+
+def test_arrivals_are_charged_to_the_step_the_engine_went_on_from(tmp_path):
+    # "new" counts requests taken in before a line's step; their front work ran during the step
+    # before, if the engine went straight on. After an idle gap, no step paid for them.
+    from tokenmill.plan.cost import SeqShape
+
+    row = [SeqShape(10, 1, True, False)]
+    log = tmp_path / "steps.jsonl"
+    log.write_text(_line(100.0, 0.05, row) + _line(100.0502, 0.05, row, new=2)  # went on: step 0 pays for 2
+                   + _line(100.5, 0.05, row, new=1)  # 0.4 s idle before it: nobody pays
+                   + _line(100.5503, 0.05, row))
+    assert [s.arrivals for s in samples_from_step_log([str(log)])] == [2, 0, 0, 0]
+
+
+def test_calibrate_fits_the_cost_of_an_arrival(tmp_path):
+    from tokenmill.cli import main
+    from tokenmill.plan.catalog import hardware, model_shape
+    from tokenmill.plan.cost import CostModel, Profile, SeqShape
+
+    truth = Profile("cpu-2core", "q4_1", eff_prefill=0.2, eff_decode=0.4, eff_memory=0.08, eff_attention=0.06,
+                    no_overlap=0.8, step_overhead_s=0.004, per_seq_s=0.002, kv_bytes=2, arrival_s=0.003)
+    model = CostModel(model_shape("smollm2-135m"), hardware("cpu-2core"), truth)
+    steps = [[SeqShape(0, n, True, True)] for n in (16, 24, 64, 160, 320, 512)]
+    steps += [[SeqShape(c, 1, True, False)] * b for b in (1, 2, 4, 8, 12) for c in (32, 200, 600)]
+    steps += [[SeqShape(192, 32, True, True), SeqShape(100, 1, True, False)], [SeqShape(256, 256, False, True)]]
+    lines, t = [], 1.7e9
+    for i, seqs in enumerate(steps * 2):
+        arrivals = (i % 3 == 1) + (i % 7 == 2)  # requests taken in after this step, whose front work it ran beside
+        seconds = model.step_seconds(seqs) + truth.arrival_s * arrivals
+        lines.append((t, seconds, seqs))
+        lines.append(arrivals)
+        t += seconds + 0.0002
+    log = tmp_path / "steps.jsonl"
+    log.write_text("".join(_line(t, s, seqs, new=lines[2 * i - 1] if i else 0)
+                           for i, (t, s, seqs) in enumerate(lines[::2])))
+    out = tmp_path / "profile.json"
+    assert main(["plan", "calibrate", "--step-log", str(log), "--output", str(out)]) == 0
+    fitted = Profile.load(out)
+    assert fitted.arrival_s == pytest.approx(truth.arrival_s, rel=0.1)
+    assert fitted.fit["median_abs_rel_error"] < 0.02

@@ -44,6 +44,8 @@ class Engine:
         self.core = EngineCore(config, executor, num_blocks, max_model_len, vocab_size, tokenizer, proposer, self.stats)
         self.outputs = OutputProcessor(tokenizer, self.stats, clock)
         self._arrivals = 0
+        self._added = 0  # requests taken in (the step log counts those since the last step)
+        self._added_by_last_step = 0
         self.step_log = StepLog(config.runtime.step_log) if config.runtime.step_log else None
 
     # The core's parts, for the offline API, benchmarks and tests.
@@ -98,6 +100,7 @@ class Engine:
         )
         for child in children:
             self.core.add_request(child, grammar)
+        self._added += 1
 
     def _child(
         self, request_id: str, ids: list[int], params: SamplingParams, max_tokens: int, j: int, priority: int = 0
@@ -136,7 +139,9 @@ class Engine:
         if self.stats.num_steps != num_steps:
             self.stats.last_step_seconds = self.clock() - t0
             if self.step_log is not None and self.core.last_record is not None:
-                self.step_log.write(wall, self.stats.last_step_seconds, self.core.last_record)
+                self.step_log.write(wall, self.stats.last_step_seconds, self.core.last_record,
+                                    self._added - self._added_by_last_step)
+            self._added_by_last_step = self._added
         if self.config.runtime.debug_checks:
             self.core.check_invariants()
         return outputs

@@ -9,7 +9,10 @@ log calibrates the planner on its real traffic.
 A line: {"t": unix seconds at the step's start, "s": the step's seconds (scheduling, the
 forward pass, sampling, output processing), "seqs": [[start, tokens, samples, prompt], ...]}:
 per sequence, its first position, the tokens it computed (drafts included), whether its
-logits gave a token (0/1), whether the chunk started inside the prompt (0/1).
+logits gave a token (0/1), whether the chunk started inside the prompt (0/1); "new": the
+requests taken in since the previous line (between the two steps: the engine thread adds them
+there). The front's work for those requests (HTTP, tokenizing) ran during the previous step,
+on the same cores, and made it longer: calibrate fits that cost per arrival from this count.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ class StepLog:
         # Line-buffered: a reader tailing the file, or a crash, sees whole lines only.
         self._file = open(path, "a", buffering=1)
 
-    def write(self, started: float, seconds: float, record: StepRecord) -> None:
+    def write(self, started: float, seconds: float, record: StepRecord, new: int = 0) -> None:
         seqs = [[s.start, len(s.token_ids), int(s.sample is not None), int(s.prompt)] for s in record.seqs]
-        self._file.write(json.dumps({"t": round(started, 6), "s": round(seconds, 6), "seqs": seqs},
+        self._file.write(json.dumps({"t": round(started, 6), "s": round(seconds, 6), "seqs": seqs, "new": new},
                                     separators=(",", ":")) + "\n")
 
     def close(self) -> None:

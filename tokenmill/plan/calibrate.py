@@ -7,8 +7,8 @@ batches of B requests with prompts of L tokens, so the steps cover prefill chunk
 sizes and decode batches at many contexts. Each engine.step() is timed whole (scheduling,
 the forward pass, sampling, output processing: what a simulated step stands for) together
 with its composition. The fit: for each (prefill, decode, memory) efficiency on a log grid,
-the per-step and per-sequence overheads by weighted least squares on relative error; the
-grid point with the smallest error wins. The one module of tokenmill.plan that imports torch.
+the per-step, per-sequence and (from a server's log) per-arrival overheads by weighted least
+squares on relative error; the grid point with the smallest error wins. The one module of tokenmill.plan that imports torch.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ DEFAULT_GRID = [(b, n) for b in (1, 4, 8) for n in (32, 192)]  # (batch, prompt 
 class Sample:
     seqs: list[SeqShape]
     seconds: float
+    arrivals: int = 0  # requests whose front work ran during this step (a server's log only)
+
+
+# A step log's "new" requests were taken in between two steps; their front work ran during the
+# step before, if the engine went straight on (a busy engine starts its next step within ~0.2
+# ms). After a longer gap the engine was idle when they came, and no step paid for them.
+ARRIVAL_GAP_S = 0.005
 
 
 def measure(config: EngineConfig, grid=DEFAULT_GRID, output_len: int = 16, log=print) -> list[Sample]:
@@ -76,8 +83,13 @@ def samples_from_step_log(paths: list[str]) -> list[Sample]:
     for path in paths:
         try:
             lines = read_step_log(path)
-            out += [Sample([SeqShape(start, n, bool(samples), bool(prompt)) for start, n, samples, prompt in line["seqs"]],
-                           line["s"]) for line in lines if line["seqs"]]
+            for line, after in zip(lines, lines[1:] + [None]):
+                if not line["seqs"]:
+                    continue
+                went_on = after is not None and after["t"] - (line["t"] + line["s"]) < ARRIVAL_GAP_S
+                out.append(Sample([SeqShape(start, n, bool(samples), bool(prompt))
+                                   for start, n, samples, prompt in line["seqs"]],
+                                  line["s"], after.get("new", 0) if went_on else 0))
         except OSError as e:
             raise ValueError(f"--step-log {path}: {e.strerror or e}") from None
         except (KeyError, TypeError, ValueError) as e:
@@ -95,17 +107,19 @@ def fit(samples: list[Sample], shape: ModelShape, hw: Hardware, base: Profile, r
     relative to the measured times."""
     model = CostModel(shape, hw, base)
     rows = [model.features(s.seqs) for s in samples]
-    # prefill FLOPs, decode FLOPs, attention FLOPs (prefill + decode), bytes, sequences
-    feats = np.array([(f[0], f[1], f[2] + f[3], f[4], f[5]) for f in rows], dtype=float)
+    # prefill FLOPs, decode FLOPs, attention FLOPs (prefill + decode), bytes, sequences, arrivals
+    feats = np.array([(f[0], f[1], f[2] + f[3], f[4], f[5], s.arrivals) for f, s in zip(rows, samples)], dtype=float)
     y = np.array([s.seconds for s in samples])
+    arrivals = feats[:, 5]
     robust = np.ones_like(y)
     scale = y
     for _ in range(rounds):
-        ep, ed, ea, em, lam, a, b = _fit_round(feats, y, hw.peak_flops(base.weight_format), hw.bandwidth,
-                                               robust / scale**2)
+        ep, ed, ea, em, lam, a, b, c = _fit_round(feats, y, hw.peak_flops(base.weight_format), hw.bandwidth,
+                                                  robust / scale**2)
         profile = Profile(base.device, base.weight_format, float(ep), float(ed), float(em), float(ea), float(lam),
-                          float(a), float(b), base.allreduce_latency_s, base.kv_bytes, source="calibrated")
-        pred = np.array([CostModel(shape, hw, profile).step_seconds(s.seqs) for s in samples])
+                          float(a), float(b), base.allreduce_latency_s, base.kv_bytes, float(c), source="calibrated")
+        fitted = CostModel(shape, hw, profile)
+        pred = np.array([fitted.step_seconds(s.seqs) for s in samples]) + profile.arrival_s * arrivals
         # Errors relative to the prediction from the second round on. Relative to the measured
         # time, the best fit of steps that share a shape is below their mean (a slow step weighs
         # less than a fast one), and a request's latency is a sum of steps: step times here are
@@ -121,6 +135,7 @@ def fit(samples: list[Sample], shape: ModelShape, hw: Hardware, base: Profile, r
     return Profile(**{**profile.__dict__, "fit": {
         "samples": len(samples), "median_abs_rel_error": float(np.median(rel)), "p90_abs_rel_error": float(np.percentile(rel, 90)),
         "step_seconds_range": [float(y.min()), float(y.max())], "robust_rounds": rounds,
+        "steps_with_arrivals": int((arrivals > 0).sum()),
         "outlier_steps": int((np.abs(rel) > 3 * spread).sum()),  # off by more than 3 robust SDs
     }})
 
@@ -130,28 +145,46 @@ _LOG_EFF_RANGE = (-3.5, 0.0)  # efficiencies from 0.03% to 100% of the nominal p
 
 def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.ndarray) -> tuple:
     """One weighted fit of (prefill, decode, attention, memory) efficiencies, the share of
-    compute and memory time that does not overlap, and the per-step and per-sequence
-    overheads, on squared error times w2 (1 / a step's scale squared, times its robust weight:
-    relative error). For any efficiencies the overheads are a linear
+    compute and memory time that does not overlap, and the per-step, per-sequence and
+    per-arrival overheads, on squared error times w2 (1 / a step's scale squared, times its
+    robust weight: relative error). For any efficiencies the overheads are a linear
     least-squares problem (solved exactly, never negative); the efficiencies enter through
     max(compute, memory), so they are searched: a coarse log grid over all four (at no
     overlap and at none), then a coordinate search around the best point down to 0.5% steps
     (the grid's 60% steps alone left the fit's error dominated by where the points fell)."""
-    fp, fd, fa, nbytes, nseq = feats.T
-    # Normal equations of r ~ a + b * nseq, weighted: the matrix is the same for every point.
-    S = np.array([[w2.sum(), (w2 * nseq).sum()], [(w2 * nseq).sum(), (w2 * nseq**2).sum()]])
-    S_inv = np.linalg.inv(S)
+    fp, fd, fa, nbytes, nseq, arrivals = feats.T
+    # The overheads' columns: per step, per sequence, per arrival (only where some step had
+    # one: an offline calibration has none, and a zero column has no coefficient to fit).
+    cols = np.stack([np.ones_like(nseq), nseq, arrivals] if (w2 * arrivals**2).sum() > 0 else [np.ones_like(nseq), nseq])
+    k = len(cols)
+    gram = (w2 * cols[:, None, :] * cols[None, :, :]).sum(-1)  # the same for every grid point
+    # Non-negative least squares by its active sets: every subset of the columns, solved
+    # exactly; the best solution with no negative coefficient wins (the empty set, all zero,
+    # is always allowed). Errors from the normal equations' quadratic form, so no candidate's
+    # residuals are built sample by sample.
+    subsets = []
+    for mask in range(1, 2**k):
+        idx = [j for j in range(k) if mask >> j & 1]
+        sub = gram[np.ix_(idx, idx)]
+        if np.linalg.cond(sub) < 1e12:  # collinear columns (say one sequence per step): skip
+            subsets.append((idx, np.linalg.inv(sub)))
 
-    def overheads(r: np.ndarray) -> np.ndarray:
-        """(a, b) >= 0 minimising sum w2 (r - a - b nseq)^2, r of shape [..., sample]."""
-        ra, rb = (w2 * r).sum(-1), (w2 * nseq * r).sum(-1)
-        ab = np.stack([ra, rb], -1) @ S_inv.T
-        a_only = np.stack([np.maximum(ra / S[0, 0], 0), np.zeros_like(ra)], -1)
-        b_only = np.stack([np.zeros_like(rb), np.maximum(rb / S[1, 1], 0)], -1)
-        cands = np.stack([ab, a_only, b_only])  # [3, ..., 2]
-        errs = (w2 * (r[None] - cands[..., :1] - cands[..., 1:2] * nseq) ** 2).sum(-1)
-        errs[0] = np.where((ab >= 0).all(-1), errs[0], np.inf)  # the free solution only where it is >= 0
-        return np.take_along_axis(cands, errs.argmin(0)[None, ..., None], 0)[0]
+    wcols = w2 * cols
+
+    def overheads(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The coefficients >= 0 minimising sum w2 (r - coef . cols)^2, r of shape [...,
+        sample], and that minimum less sum w2 r^2."""
+        rhs = np.einsum("...n,kn->...k", r, wcols)
+        best_coef = np.zeros(rhs.shape)
+        best_err = np.zeros(rhs.shape[:-1])  # the all-zero solution's
+        for idx, inv in subsets:
+            coef = np.zeros(rhs.shape)
+            coef[..., idx] = rhs[..., idx] @ inv.T
+            err = -2 * (coef * rhs).sum(-1) + np.einsum("...i,ij,...j->...", coef, gram, coef)
+            better = (coef >= 0).all(-1) & (err < best_err)
+            best_coef = np.where(better[..., None], coef, best_coef)
+            best_err = np.where(better, err, best_err)
+        return best_coef, best_err
 
     def combine(compute: np.ndarray, memory: np.ndarray, lam: float) -> np.ndarray:
         return np.maximum(compute, memory) + lam * np.minimum(compute, memory)
@@ -159,8 +192,8 @@ def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.
     def error(x: np.ndarray) -> tuple[float, np.ndarray]:
         ep, ed, ea, em = 10.0 ** x[:4]
         base = combine(fp / (peak * ep) + fd / (peak * ed) + fa / (peak * ea), nbytes / (bw * em), x[4])
-        ab = overheads(y - base)
-        return float((w2 * (base + ab[0] + ab[1] * nseq - y) ** 2).sum()), ab
+        coef, _ = overheads(y - base)
+        return float((w2 * (base + coef @ cols - y) ** 2).sum()), coef
 
     grid = np.linspace(*_LOG_EFF_RANGE, 18)
     effs = 10.0 ** grid
@@ -173,8 +206,8 @@ def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.
             compute = comp_p[:, None, :] + comp_d[None, :, :] + comp_a  # [ep, ed, sample]
             for im, em in enumerate(effs):
                 base = combine(compute, nbytes / (bw * em), lam)
-                ab = overheads(y - base)
-                err = (w2 * (base + ab[..., :1] + ab[..., 1:2] * nseq - y) ** 2).sum(-1)
+                r = y - base
+                err = (w2 * r**2).sum(-1) + overheads(r)[1]
                 i, j = np.unravel_index(np.argmin(err), err.shape)
                 if err[i, j] < best[0]:
                     best = (err[i, j], np.array([grid[i], grid[j], grid[ia], grid[im], lam]))
@@ -184,18 +217,19 @@ def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.
     err, _ = error(x)
     while step > 0.002:  # log10 steps: 0.002 is 0.5%
         moved = False
-        for k in range(5):
+        for p in range(5):
             for sign in (1.0, -1.0):
                 trial = x.copy()
-                trial[k] = np.clip(trial[k] + sign * step, *bounds[k])
+                trial[p] = np.clip(trial[p] + sign * step, *bounds[p])
                 e, _ = error(trial)
                 if e < err:
                     x, err, moved = trial, e, True
         if not moved:
             step /= 2
-    _, (a, b) = error(x)
+    _, coef = error(x)
+    a, b, c = (*coef, 0.0)[:3]
     ep, ed, ea, em = 10.0 ** x[:4]
-    return ep, ed, ea, em, x[4], a, b
+    return ep, ed, ea, em, x[4], a, b, c
 
 
 def machine_facts() -> dict:

@@ -67,6 +67,11 @@ class Profile:
     per_seq_s: float = 1e-5
     allreduce_latency_s: float = 1e-5
     kv_bytes: float = 2  # bytes per KV element (the engine keeps KV in the model's dtype)
+    # Added to the step in progress for each request that arrives during it: the server's front
+    # (HTTP, tokenizing, the stream) works on the new request on the same cores and the same
+    # GIL as the step. On the 2-core CPU a decode step with an arrival ran 2-4 ms (5-13%) over
+    # its price. Fitted from a server's step log; 0 for an offline calibration (no front).
+    arrival_s: float = 0.0
     source: str = "stated defaults, not measured"
     fit: dict = field(default_factory=dict)  # how calibrate fitted it: samples, errors, machine, date
 
@@ -129,6 +134,7 @@ class CostModel:
         self._moe = shape.num_experts > 1
         self._link = hw.link_gbs * 1e9
         self._act_bytes = shape.hidden_size * 2  # bf16 activations per token
+        self.arrival_s = profile.arrival_s  # the simulator adds it to the step a request arrives in
 
     def weight_bytes_read(self, num_tokens: int) -> float:
         """Weights streamed once per step; an MoE layer reads only the experts its tokens chose
@@ -201,6 +207,8 @@ class CostModel:
 class ConstantCost:
     """Every step costs the same: makes the simulator's step i start at i x seconds, so a test
     can line its steps up one for one with a real engine's."""
+
+    arrival_s = 0.0
 
     def __init__(self, seconds: float):
         self.seconds = seconds

@@ -9,7 +9,8 @@ own decisions, not a re-implementation of them.
 Events: an arrival routes a request to a replica (tokenmill.router.policy, the router's own
 scoring); a replica that is idle starts a step at once; a step's end commits its tokens
 (Scheduler.update, as the core does), stamps their times, and starts the next step if there
-is work. Requests that arrive during a step wait for the next schedule(), as in the engine.
+is work. Requests that arrive during a step wait for the next schedule(), as in the engine,
+and each lengthens that step by the cost model's arrival_s (the front's work on it).
 
 Clients: open loop (each request at its arrival time), optionally limited to max_concurrency
 in flight (a request waits for a free slot, as `tokenmill bench --max-concurrency` does), and
@@ -90,7 +91,9 @@ class Replica:
         self.scheduler = simulated_scheduler(config, num_blocks, max_model_len)
         self.cost = cost_model
         self.busy = False
-        self.current: SchedulerOutput | None = None
+        self.current: SchedulerOutput | None = None  # the step in progress (not a run's)
+        self.step_end = 0.0  # ... its end
+        self.step_seconds = 0.0  # ... and its length (arrivals during it lengthen both)
         self.num_steps = 0
         self.busy_seconds = 0.0
         self.run: _Run | None = None  # a fast-forward run in progress
@@ -224,6 +227,7 @@ class Simulator:
         self.goodput_slos = goodput_slos
         # Only with a cost model that can price a decode batch from its totals.
         self.fast_forward = fast_forward and hasattr(cost_model, "decode_step_seconds")
+        self._arrival_s = getattr(cost_model, "arrival_s", 0.0)
         self._events: list = []
         self._seq = 0
         self._tracked: dict[str, tuple[_Tracked, Replica]] = {}
@@ -300,6 +304,8 @@ class Simulator:
         self._tracked[request.request_id] = (tracked, replica)
         if replica.run is not None:
             self._cut_run(replica, now)
+        if self._arrival_s and (replica.run is not None or replica.current is not None):
+            self._lengthen_step(replica, self._arrival_s)
         if not replica.busy:
             replica.busy = True
             self._push(now, _WAKE, replica)
@@ -377,11 +383,29 @@ class Simulator:
         replica.busy = True
         replica.current = out
         replica.num_steps += 1
-        replica.busy_seconds += seconds
-        self._push(now + seconds, _STEP_END, (replica, replica.generation))
+        replica.step_end, replica.step_seconds = now + seconds, seconds
+        self._push(replica.step_end, _STEP_END, (replica, replica.generation))
+
+    def _lengthen_step(self, replica: Replica, extra: float) -> None:
+        """The step in progress ends `extra` later: a request arrived during it, and the front's
+        work on it shares the cores with the step (Profile.arrival_s). A run was cut at the step
+        in progress first, so that step is the run's last."""
+        run = replica.run
+        if run is not None:
+            run.ends[-1] += extra
+            run.seconds[-1] += extra
+            end = run.ends[-1]
+        else:
+            replica.step_end += extra
+            replica.step_seconds += extra
+            end = replica.step_end
+        replica.generation += 1
+        self._stale += 1
+        self._push(end, _STEP_END, (replica, replica.generation))
 
     def _end_step(self, replica: Replica, now: float) -> list[_Tracked]:
         out = replica.current
+        replica.busy_seconds += replica.step_seconds  # at the end, as a run adds its steps: the same sums
         sampled = {}
         for c in out.chunks:
             if c.samples:
