@@ -127,3 +127,15 @@ def test_an_arrival_lengthens_the_step_it_lands_in():
     assert a.itl[0] == pytest.approx(0.013)  # its second token's step was lengthened
     assert b.ttft == pytest.approx(0.033 - 0.015)
     assert res.replicas[0].busy_seconds == pytest.approx(a.latency)  # busy throughout: 8 steps + 3 ms
+
+
+def test_rows_left_over_from_the_kernels_blocks_cost_extra():
+    # Rows computed 4 at a time: 8 decode rows leave none over, 7 leave 3, 9 leave 1.
+    plain = CostModel(LLAMA8B, H100, Profile("H100", "bf16"))
+    blocked = CostModel(LLAMA8B, H100, Profile("H100", "bf16", row_block=4, per_leftover_row_s=0.002))
+    for n, left in ((8, 0), (7, 3), (9, 1)):
+        rows = [SeqShape(500, 1, True, False)] * n
+        assert blocked.step_seconds(rows) - plain.step_seconds(rows) == pytest.approx(0.002 * left, abs=1e-12)
+    # All the step's rows count, prompt rows too: one matmul runs them together.
+    mixed = [SeqShape(0, 30, True, True), SeqShape(500, 1, True, False)]
+    assert blocked.step_seconds(mixed) - plain.step_seconds(mixed) == pytest.approx(0.002 * 3, abs=1e-12)

@@ -126,8 +126,9 @@ def test_arrivals_lengthen_the_step_in_progress_alike():
     assert [r.ttft for r in slow[1].records] != [r.ttft for r in plain.records]
 
 
-def test_decode_step_seconds_equals_the_per_row_price():
-    model = _cost()
+@pytest.mark.parametrize("leftover_s", [0.0, 0.002])
+def test_decode_step_seconds_equals_the_per_row_price(leftover_s):
+    model = CostModel(LLAMA8B, H100, Profile("H100", "bf16", row_block=4, per_leftover_row_s=leftover_s))
     starts = [300, 1024, 77, 5000, 1]
     rows = [SeqShape(s, 1, True, False) for s in starts]
     assert model.decode_step_seconds(len(starts), sum(starts)) == model.step_seconds(rows)

@@ -115,16 +115,17 @@ def test_arrivals_are_charged_to_the_step_the_engine_went_on_from(tmp_path):
     assert [s.arrivals for s in samples_from_step_log([str(log)])] == [2, 0, 0, 0]
 
 
-def test_calibrate_fits_the_cost_of_an_arrival(tmp_path):
+def test_calibrate_fits_the_cost_of_an_arrival_and_of_a_leftover_row(tmp_path):
     from tokenmill.cli import main
     from tokenmill.plan.catalog import hardware, model_shape
     from tokenmill.plan.cost import CostModel, Profile, SeqShape
 
     truth = Profile("cpu-2core", "q4_1", eff_prefill=0.2, eff_decode=0.4, eff_memory=0.08, eff_attention=0.06,
-                    no_overlap=0.8, step_overhead_s=0.004, per_seq_s=0.002, kv_bytes=2, arrival_s=0.003)
+                    no_overlap=0.8, step_overhead_s=0.004, per_seq_s=0.002, kv_bytes=2, arrival_s=0.003,
+                    row_block=4, per_leftover_row_s=0.002)
     model = CostModel(model_shape("smollm2-135m"), hardware("cpu-2core"), truth)
-    steps = [[SeqShape(0, n, True, True)] for n in (16, 24, 64, 160, 320, 512)]
-    steps += [[SeqShape(c, 1, True, False)] * b for b in (1, 2, 4, 8, 12) for c in (32, 200, 600)]
+    steps = [[SeqShape(0, n, True, True)] for n in (16, 24, 64, 161, 322, 512)]
+    steps += [[SeqShape(c, 1, True, False)] * b for b in (1, 2, 3, 4, 5, 7, 8, 12) for c in (32, 200, 600)]
     steps += [[SeqShape(192, 32, True, True), SeqShape(100, 1, True, False)], [SeqShape(256, 256, False, True)]]
     lines, t = [], 1.7e9
     for i, seqs in enumerate(steps * 2):
@@ -140,4 +141,5 @@ def test_calibrate_fits_the_cost_of_an_arrival(tmp_path):
     assert main(["plan", "calibrate", "--step-log", str(log), "--output", str(out)]) == 0
     fitted = Profile.load(out)
     assert fitted.arrival_s == pytest.approx(truth.arrival_s, rel=0.1)
+    assert fitted.row_block == 4 and fitted.per_leftover_row_s == pytest.approx(truth.per_leftover_row_s, rel=0.1)
     assert fitted.fit["median_abs_rel_error"] < 0.02

@@ -9,12 +9,13 @@ truth about a batch's status; its result files are the truth about which lines a
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
+
+from tokenmill.files import write_atomic
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -53,14 +54,7 @@ class Store:
 
     def add_file(self, filename: str, purpose: str, content: bytes) -> dict:
         file_id = new_id("file")
-        tmp = self.path(file_id).with_suffix(".part")
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-
-
-            os.fsync(f.fileno())
-        tmp.rename(self.path(file_id))
+        write_atomic(self.path(file_id), content, durable=True)
         return self.register_file(file_id, filename, purpose)
 
     def register_file(self, file_id: str, filename: str, purpose: str) -> dict:

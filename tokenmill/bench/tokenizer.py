@@ -8,13 +8,13 @@ model's GGUF. Everything is imported lazily: the bench module itself stays torch
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
 from tokenmill.config import DEFAULT_MODEL
+from tokenmill.files import write_atomic
 
 DEFAULT_TOKENIZER = DEFAULT_MODEL  # the default model's own tokenizer
 
@@ -106,9 +106,7 @@ def _from_gguf(path: Path, cache_dir: Path | None = None) -> BenchTokenizer:
     backend = gguf_tokenizer(read_gguf_file(str(path))).backend
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        backend.save(str(tmp))
-        tmp.replace(cached)  # atomic: a concurrent run never reads half a file
+        write_atomic(cached, backend.to_str())  # a concurrent run never reads half a file
     except OSError:
         pass  # a read-only home only costs speed
     return BenchTokenizer.from_tokenizers(backend)

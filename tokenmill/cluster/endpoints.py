@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tokenmill.files import write_atomic
 
 log = logging.getLogger("tokenmill.cluster.endpoints")
 
@@ -95,9 +96,7 @@ def write_if_changed(path: Path, lines: list[str]) -> bool:
             return False
     except FileNotFoundError:
         pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # the router never reads half a file
+    write_atomic(path, text)  # the router never reads half a file
     return True
 
 

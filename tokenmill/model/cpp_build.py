@@ -26,6 +26,7 @@ import os
 import sys
 import time
 
+from tokenmill.files import write_atomic
 from tokenmill.startup import phase
 
 log = logging.getLogger("tokenmill")
@@ -139,21 +140,14 @@ def _store(module, path: str) -> None:
     concurrent start sees an old, a new or a mismatched pair, never half a file, and a
     mismatch only sends it to rebuild), and only at a cost of speed where the cache cannot be
     written."""
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(module.__file__, "rb") as f:
             content = f.read()
-        for target, data in ((path, content), (path + ".sha256", hashlib.sha256(content).hexdigest().encode())):
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
+        write_atomic(path, content)
+        write_atomic(path + ".sha256", hashlib.sha256(content).hexdigest())
     except OSError as e:
         log.info("kernel cache not written (%s): the next start loads through torch", e)
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.files import write_atomic
 from tokenmill.model.tokenizer import Tokenizer
 from tokenmill.startup import phase
 
@@ -173,9 +174,7 @@ def _check_sha256(path: Path, expected: str) -> None:
         raise ModelLoadError(f"{path}: sha256 {h.hexdigest()} does not match the expected {expected} (corrupt file?)")
     try:
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(identity)
-        tmp.replace(stamp)
+        write_atomic(stamp, identity)
     except OSError:
         pass  # a read-only home only costs the hash again next time
 

@@ -41,6 +41,11 @@ class Sample:
 # ms). After a longer gap the engine was idle when they came, and no step paid for them.
 ARRIVAL_GAP_S = 0.005
 
+# The rows tokenmill's CPU matmul kernel computes together (model/qkernels.py: a 4-row x
+# 3-column microkernel; the rows left over run one at a time). Stated, not imported: that
+# module builds C++.
+CPU_ROW_BLOCK = 4
+
 
 def measure(config: EngineConfig, grid=DEFAULT_GRID, output_len: int = 16, log=print) -> list[Sample]:
     from tokenmill.build import build_engine
@@ -107,17 +112,20 @@ def fit(samples: list[Sample], shape: ModelShape, hw: Hardware, base: Profile, r
     relative to the measured times."""
     model = CostModel(shape, hw, base)
     rows = [model.features(s.seqs) for s in samples]
-    # prefill FLOPs, decode FLOPs, attention FLOPs (prefill + decode), bytes, sequences, arrivals
-    feats = np.array([(f[0], f[1], f[2] + f[3], f[4], f[5], s.arrivals) for f, s in zip(rows, samples)], dtype=float)
+    # prefill FLOPs, decode FLOPs, attention FLOPs (prefill + decode), bytes, sequences, arrivals,
+    # rows left over from the kernel's blocks
+    feats = np.array([(f[0], f[1], f[2] + f[3], f[4], f[5], s.arrivals, f[6] % base.row_block)
+                      for f, s in zip(rows, samples)], dtype=float)
     y = np.array([s.seconds for s in samples])
     arrivals = feats[:, 5]
     robust = np.ones_like(y)
     scale = y
     for _ in range(rounds):
-        ep, ed, ea, em, lam, a, b, c = _fit_round(feats, y, hw.peak_flops(base.weight_format), hw.bandwidth,
-                                                  robust / scale**2)
+        ep, ed, ea, em, lam, (a, b, c, d) = _fit_round(feats, y, hw.peak_flops(base.weight_format), hw.bandwidth,
+                                                       robust / scale**2)
         profile = Profile(base.device, base.weight_format, float(ep), float(ed), float(em), float(ea), float(lam),
-                          float(a), float(b), base.allreduce_latency_s, base.kv_bytes, float(c), source="calibrated")
+                          float(a), float(b), base.allreduce_latency_s, base.kv_bytes, float(c), base.row_block,
+                          float(d), source="calibrated")
         fitted = CostModel(shape, hw, profile)
         pred = np.array([fitted.step_seconds(s.seqs) for s in samples]) + profile.arrival_s * arrivals
         # Errors relative to the prediction from the second round on. Relative to the measured
@@ -146,16 +154,19 @@ _LOG_EFF_RANGE = (-3.5, 0.0)  # efficiencies from 0.03% to 100% of the nominal p
 def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.ndarray) -> tuple:
     """One weighted fit of (prefill, decode, attention, memory) efficiencies, the share of
     compute and memory time that does not overlap, and the per-step, per-sequence and
-    per-arrival overheads, on squared error times w2 (1 / a step's scale squared, times its
+    per-arrival overheads and the cost of a leftover row, on squared error times w2 (1 / a step's scale squared, times its
     robust weight: relative error). For any efficiencies the overheads are a linear
     least-squares problem (solved exactly, never negative); the efficiencies enter through
     max(compute, memory), so they are searched: a coarse log grid over all four (at no
     overlap and at none), then a coordinate search around the best point down to 0.5% steps
     (the grid's 60% steps alone left the fit's error dominated by where the points fell)."""
-    fp, fd, fa, nbytes, nseq, arrivals = feats.T
-    # The overheads' columns: per step, per sequence, per arrival (only where some step had
-    # one: an offline calibration has none, and a zero column has no coefficient to fit).
-    cols = np.stack([np.ones_like(nseq), nseq, arrivals] if (w2 * arrivals**2).sum() > 0 else [np.ones_like(nseq), nseq])
+    fp, fd, fa, nbytes, nseq, arrivals, leftover = feats.T
+    # The overheads' columns: per step, per sequence, per arrival, per leftover row; a column
+    # that is zero throughout (an offline calibration has no arrivals; a kernel without row
+    # blocks leaves no rows over) has no coefficient to fit, and gets 0.
+    every = [np.ones_like(nseq), nseq, arrivals, leftover]
+    fitted = [j for j, col in enumerate(every) if j < 2 or (w2 * col**2).sum() > 0]
+    cols = np.stack([every[j] for j in fitted])
     k = len(cols)
     gram = (w2 * cols[:, None, :] * cols[None, :, :]).sum(-1)  # the same for every grid point
     # Non-negative least squares by its active sets: every subset of the columns, solved
@@ -227,9 +238,11 @@ def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.
         if not moved:
             step /= 2
     _, coef = error(x)
-    a, b, c = (*coef, 0.0)[:3]
+    overhead = [0.0] * len(every)
+    for j, value in zip(fitted, coef):
+        overhead[j] = float(value)
     ep, ed, ea, em = 10.0 ** x[:4]
-    return ep, ed, ea, em, x[4], a, b, c
+    return ep, ed, ea, em, x[4], overhead
 
 
 def machine_facts() -> dict:

@@ -219,7 +219,9 @@ def calibrate(args) -> int:
             raise ValueError(f"--step-log: {len(samples)} steps logged; the fit needs at least 8")
     else:
         samples = cal.measure(config, grid, output_len=args.output_len)
-    profile = cal.fit(samples, model_shape(args.model), hardware(args.hardware), Profile(args.hardware, fmt, kv_bytes=kv_bytes))
+    row_block = cal.CPU_ROW_BLOCK if args.hardware.startswith("cpu") else 1
+    profile = cal.fit(samples, model_shape(args.model), hardware(args.hardware),
+                      Profile(args.hardware, fmt, kv_bytes=kv_bytes, row_block=row_block))
     fit = {**profile.fit, **facts, "load_avg_1m_after": cal.machine_facts()["load_avg_1m"],
            "num_threads": args.num_threads, "engine_model": args.engine_model, "measure_s": time.perf_counter() - t0,
            "measured": "steps logged by a running server: " + " ".join(args.step_log) if args.step_log

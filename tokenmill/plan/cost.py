@@ -4,8 +4,10 @@ A roofline per step: matmul FLOPs against peak x efficiency, bytes (weights once
 the context's KV read, the new KV written) against bandwidth x efficiency; the slower of the
 two (plus, where they do not overlap, a share of the faster: see Profile.no_overlap), plus a
 fixed per-step overhead (scheduling, sampling, launch, output processing), a
-per-sequence overhead (building its rows, detokenizing), and with tensor parallelism two
-all-reduces of the step's activations per layer over the link.
+per-sequence overhead (building its rows, detokenizing), a cost per row left over from the
+matmul kernel's row blocks, and with tensor parallelism two all-reduces of the step's
+activations per layer over the link. (The simulator adds a cost per request arriving during
+a step: Profile.arrival_s.)
 
 Prefill rows and decode rows have separate compute efficiencies: on a CPU a few decode rows
 use the int4 kernel far less well than a long prompt's rows do; on a GPU a small batch of
@@ -72,6 +74,13 @@ class Profile:
     # GIL as the step. On the 2-core CPU a decode step with an arrival ran 2-4 ms (5-13%) over
     # its price. Fitted from a server's step log; 0 for an offline calibration (no front).
     arrival_s: float = 0.0
+    # Rows the device's matmul kernel computes together, and the cost of each row of a step
+    # beyond its last whole block. tokenmill's CPU kernel (model/qkernels.py) runs 4 rows at a
+    # time and a leftover row alone: on the 2-core EPYC a step's leftover rows cost ~2 ms each,
+    # so a decode step of 8 rows took 51 ms and one of 3 rows 38 ms, which no price linear in
+    # the rows matched (8 rows 6% over, 3 rows 10% under).
+    row_block: int = 1
+    per_leftover_row_s: float = 0.0
     source: str = "stated defaults, not measured"
     fit: dict = field(default_factory=dict)  # how calibrate fitted it: samples, errors, machine, date
 
@@ -188,6 +197,8 @@ class CostModel:
             ring = 2.0 * (self.tp - 1) / self.tp * tokens * self._act_bytes / self._link
             comm = 2 * self.shape.num_layers * (self.profile.allreduce_latency_s + ring)
         overhead = self.profile.step_overhead_s + self.profile.per_seq_s * num_seqs
+        if self.profile.per_leftover_row_s:
+            overhead += self.profile.per_leftover_row_s * (tokens % self.profile.row_block)
         return StepCost(compute, memory, comm, overhead, self.profile.no_overlap)
 
     def cost(self, seqs: list[SeqShape]) -> StepCost:
