@@ -98,15 +98,20 @@ def bench(port: int, flags: str, seed: int, result: Path) -> None:
     subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, stdout=subprocess.DEVNULL)
 
 
-def fit_profile(args, out: Path, calib_lines: list[str]) -> None:
+def fit_profile(args, out: Path, calib_lines: list[str], calib_results: list[Path]) -> None:
+    """Fit on the calibration runs' logged steps, and the front's latency on their clients'
+    results lined up with those steps."""
     calib_log = out / "calibration-steps.jsonl"
     calib_log.write_text("".join(calib_lines))
     subprocess.run([sys.executable, "-m", "tokenmill", "plan", "calibrate", "--num-threads", str(args.threads),
-                    "--step-log", str(calib_log), "--output", args.profile], cwd=REPO,
-                   env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, stdout=subprocess.DEVNULL)
-    fit = json.loads(Path(args.profile).read_text())["fit"]
+                    "--step-log", str(calib_log), "--bench-result", *map(str, calib_results),
+                    "--output", args.profile], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
+                   stdout=subprocess.DEVNULL)
+    p = json.loads(Path(args.profile).read_text())
+    fit = p["fit"]
     print(f"calibrated on {fit['samples']} logged steps: median |error| {fit['median_abs_rel_error']:.1%}, "
-          f"p90 {fit['p90_abs_rel_error']:.1%}", flush=True)
+          f"p90 {fit['p90_abs_rel_error']:.1%}; front: in {p['ingress_s'] * 1e3:.1f} ms, out {p['egress_s'] * 1e3:.1f} ms "
+          f"({fit['front_requests']} requests)", flush=True)
 
 
 def window_throughput(result: dict) -> float:
@@ -220,7 +225,7 @@ def main() -> None:
             server.wait(30)
     (out / "loads.json").write_text(json.dumps(loads))
     if args.calibrate:
-        fit_profile(args, out, calib_lines)
+        fit_profile(args, out, calib_lines, [out / f"{name}.json" for name, _, _, calibration in runs if calibration])
     report(args, out, runs, loads)
 
 

@@ -139,3 +139,20 @@ def test_rows_left_over_from_the_kernels_blocks_cost_extra():
     # All the step's rows count, prompt rows too: one matmul runs them together.
     mixed = [SeqShape(0, 30, True, True), SeqShape(500, 1, True, False)]
     assert blocked.step_seconds(mixed) - plain.step_seconds(mixed) == pytest.approx(0.002 * 3, abs=1e-12)
+
+
+def test_the_front_delays_the_way_in_and_out():
+    # A request reaches the scheduler ingress_s after its send and the client has each token
+    # egress_s after its step; a closed-loop client sends its next request only then.
+    from tokenmill.plan.cost import ConstantCost
+    from tokenmill.plan.simulator import Simulator
+    from tokenmill.plan.workload import TraceRequest
+
+    cost = ConstantCost(0.01)
+    cost.ingress_s, cost.egress_s = 0.004, 0.002
+    config = EngineConfig.from_flat(num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=256)
+    res = Simulator(config, 64, 2048, cost, 1000, max_concurrency=1).run([TraceRequest(0.0, 16, 3)] * 2)
+    a, b = res.records
+    assert a.ttft == pytest.approx(0.004 + 0.01 + 0.002) and a.itl == pytest.approx([0.01, 0.01])
+    assert a.latency == pytest.approx(0.004 + 0.03 + 0.002)
+    assert b.start_time == pytest.approx(a.latency) and b.ttft == pytest.approx(a.ttft)

@@ -115,14 +115,17 @@ def test_runs_start_and_fill_blocks_at_every_residue(seed, block_size, num_block
     assert res.prefix_hit_rate > 0 and sum(r.scheduler.kv.num_evictions for r in res.replicas) > 0
 
 
-def test_arrivals_lengthen_the_step_in_progress_alike():
-    # Each arrival lengthens the step (or the run's step) in progress by arrival_s; both paths
-    # must lengthen the same steps by the same amount, and the term must reach the results.
+@pytest.mark.parametrize("closed_loop", [False, True])
+def test_the_fronts_costs_apply_alike(closed_loop):
+    # Each arrival lengthens the step (or the run's step) in progress by arrival_s, and requests
+    # reach the schedulers ingress_s after their sends: both paths must do the same, and the
+    # terms must reach the results.
     trace = synthetic(120, rate=40, input_len=200, output_len=60, range_ratio=0.5, prefix_len=32, seed=8)
-    cost = CostModel(LLAMA8B, H100, Profile("H100", "bf16", arrival_s=0.004))
-    fast, slow = _run(trace, True, cost=cost), _run(trace, False, cost=cost)
+    kw = dict(max_concurrency=10, think_time_s=0.02) if closed_loop else {}
+    cost = CostModel(LLAMA8B, H100, Profile("H100", "bf16", arrival_s=0.004, ingress_s=0.003, egress_s=0.002))
+    fast, slow = _run(trace, True, cost=cost, **kw), _run(trace, False, cost=cost, **kw)
     _assert_same(fast, slow)
-    plain = _run(trace, True)[1]  # (longer steps batch more: the fleet's busy time need not grow)
+    plain = _run(trace, True, **kw)[1]  # (longer steps batch more: the fleet's busy time need not grow)
     assert [r.ttft for r in slow[1].records] != [r.ttft for r in plain.records]
 
 

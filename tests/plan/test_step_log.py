@@ -143,3 +143,50 @@ def test_calibrate_fits_the_cost_of_an_arrival_and_of_a_leftover_row(tmp_path):
     assert fitted.arrival_s == pytest.approx(truth.arrival_s, rel=0.1)
     assert fitted.row_block == 4 and fitted.per_leftover_row_s == pytest.approx(truth.per_leftover_row_s, rel=0.1)
     assert fitted.fit["median_abs_rel_error"] < 0.02
+
+
+def _bench_result(path, start_unix, sends, ttfts):
+    path.write_text(json.dumps({"start_unix": start_unix, "start_times": [t - start_unix for t in sends],
+                                "ttfts": ttfts}))
+    return str(path)
+
+
+def test_front_latency_from_requests_sent_alone_to_an_idle_engine(tmp_path):
+    # Six lone requests on an idle engine: each is taken in 4 ms after its send and prefilled in
+    # one 100 ms step, and the client has its first token 2 ms after that step. Two requests sent
+    # together and one sent into a busy step are not read (they would say 4 and 54 ms).
+    from tokenmill.cli import main
+    from tokenmill.plan.cost import Profile
+    from tokenmill.plan.front import front_latency
+
+    prefill, decode = [[0, 40, 1, 1]], [[40, 1, 1, 0]]
+    lines, sends, ttfts = [], [], []
+    t = 1.7e9
+    for i in range(6):
+        ingress = 0.004 + 0.0005 * (i % 2)
+        sends.append(t)
+        ttfts.append(ingress + 0.1 + 0.002)
+        lines.append({"t": t + ingress, "s": 0.1, "seqs": prefill, "new": 1})
+        lines += [{"t": t + ingress + 0.1 + 0.05 * j, "s": 0.05, "seqs": decode, "new": 0} for j in range(4)]
+        t += 1.0
+    sends += [t, t + 0.01]  # together: skipped
+    ttfts += [0.2, 0.2]
+    lines.append({"t": t + 0.004, "s": 0.1, "seqs": prefill + prefill, "new": 2})
+    t += 1.0
+    lines.append({"t": t - 0.02, "s": 0.05, "seqs": decode, "new": 0})  # busy at the send: skipped
+    sends.append(t)
+    ttfts.append(0.2)
+    lines.append({"t": t + 0.03, "s": 0.1, "seqs": prefill + decode, "new": 1})
+    log = tmp_path / "steps.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = _bench_result(tmp_path / "run.json", sends[0], sends, ttfts)
+    latency = front_latency([str(log)], [result])
+    assert latency.requests == 6
+    # (unix seconds near 1.7e9 carry ~0.2 us of float resolution)
+    assert latency.ingress_s == pytest.approx(0.00425, abs=1e-6) and latency.egress_s == pytest.approx(0.002, abs=1e-6)
+
+    out = tmp_path / "profile.json"
+    assert main(["plan", "calibrate", "--step-log", str(log), "--bench-result", result, "--output", str(out)]) == 0
+    profile = Profile.load(out)
+    assert profile.ingress_s == pytest.approx(0.00425, abs=1e-6) and profile.fit["front_requests"] == 6
+    assert main(["plan", "calibrate", "--bench-result", result, "--output", str(out)]) == 2  # needs the step log

@@ -74,6 +74,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--step-log", nargs="+", default=None, metavar="FILE",
                    help="fit the steps a running server logged (`tokenmill serve --step-log FILE`) instead of "
                         "running the engine here: what serving costs, HTTP front and clients included")
+    c.add_argument("--bench-result", nargs="+", default=None, metavar="FILE",
+                   help="with --step-log: `tokenmill bench --result-json` files of runs against that server; "
+                        "fits the front's latency outside the steps (send to engine, step end to client)")
     c.add_argument("--output", required=True, help="profile JSON to write")
 
     r = sub.add_parser("search", help="cheapest fleet meeting an SLO: device x TP x format x batch")
@@ -201,8 +204,11 @@ def calibrate(args) -> int:
     from tokenmill.plan import calibrate as cal
     from tokenmill.plan.catalog import hardware, model_shape
     from tokenmill.plan.cost import Profile
+    from tokenmill.plan.front import front_latency
     from tokenmill.plan.memory import GPU_KV_BYTES, kv_element_bytes
 
+    if args.bench_result and not args.step_log:
+        raise ValueError("--bench-result needs --step-log: the requests are lined up with the server's steps")
     fmt = args.weight_format or ("q4_1" if args.hardware.startswith("cpu") else "bf16")
     config = EngineConfig.from_flat(model=args.engine_model, num_threads=args.num_threads)
     # The bytes per KV element of the engine being measured (its kv_cache_dtype).
@@ -222,7 +228,15 @@ def calibrate(args) -> int:
     row_block = cal.CPU_ROW_BLOCK if args.hardware.startswith("cpu") else 1
     profile = cal.fit(samples, model_shape(args.model), hardware(args.hardware),
                       Profile(args.hardware, fmt, kv_bytes=kv_bytes, row_block=row_block))
-    fit = {**profile.fit, **facts, "load_avg_1m_after": cal.machine_facts()["load_avg_1m"],
+    front = {}
+    if args.bench_result:
+        latency = front_latency(args.step_log, args.bench_result)
+        if latency is None:
+            raise ValueError("--bench-result: fewer than 5 requests were sent alone to an idle engine; "
+                             "add a run with --max-concurrency 1")
+        profile = Profile(**{**profile.__dict__, "ingress_s": latency.ingress_s, "egress_s": latency.egress_s})
+        front = {"front_requests": latency.requests}
+    fit = {**profile.fit, **front, **facts, "load_avg_1m_after": cal.machine_facts()["load_avg_1m"],
            "num_threads": args.num_threads, "engine_model": args.engine_model, "measure_s": time.perf_counter() - t0,
            "measured": "steps logged by a running server: " + " ".join(args.step_log) if args.step_log
            else "the engine run offline (engine.step() timed alone)"}

@@ -81,6 +81,12 @@ class Profile:
     # the rows matched (8 rows 6% over, 3 rows 10% under).
     row_block: int = 1
     per_leftover_row_s: float = 0.0
+    # The front's latency outside the steps: from a client's send until the scheduler can see the
+    # request (HTTP, validation, tokenizing, the hand-over to the engine thread), and from a
+    # token's step end until the client has it (streaming). Fitted from client results lined up
+    # with the step log (`calibrate --bench-result`); 0 where none were given.
+    ingress_s: float = 0.0
+    egress_s: float = 0.0
     source: str = "stated defaults, not measured"
     fit: dict = field(default_factory=dict)  # how calibrate fitted it: samples, errors, machine, date
 
@@ -143,7 +149,9 @@ class CostModel:
         self._moe = shape.num_experts > 1
         self._link = hw.link_gbs * 1e9
         self._act_bytes = shape.hidden_size * 2  # bf16 activations per token
-        self.arrival_s = profile.arrival_s  # the simulator adds it to the step a request arrives in
+        # Not step prices: the simulator adds them to the step a request arrives in, to a
+        # request's way in, and to every token's way out.
+        self.arrival_s, self.ingress_s, self.egress_s = profile.arrival_s, profile.ingress_s, profile.egress_s
 
     def weight_bytes_read(self, num_tokens: int) -> float:
         """Weights streamed once per step; an MoE layer reads only the experts its tokens chose
@@ -219,7 +227,7 @@ class ConstantCost:
     """Every step costs the same: makes the simulator's step i start at i x seconds, so a test
     can line its steps up one for one with a real engine's."""
 
-    arrival_s = 0.0
+    arrival_s = ingress_s = egress_s = 0.0
 
     def __init__(self, seconds: float):
         self.seconds = seconds

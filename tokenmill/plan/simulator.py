@@ -12,6 +12,10 @@ scoring); a replica that is idle starts a step at once; a step's end commits its
 is work. Requests that arrive during a step wait for the next schedule(), as in the engine,
 and each lengthens that step by the cost model's arrival_s (the front's work on it).
 
+The front: a request reaches a replica's scheduler the cost model's ingress_s after its
+send (HTTP, validation, tokenizing), and each token reaches the client egress_s after its
+step ends (streaming); both 0 unless calibrated from client results.
+
 Clients: open loop (each request at its arrival time), optionally limited to max_concurrency
 in flight (a request waits for a free slot, as `tokenmill bench --max-concurrency` does), and
 with think_time_s a slot rests that long (exponential, mean think_time_s) after a response
@@ -59,10 +63,11 @@ from tokenmill.sampling import SamplingParams
 # against another KV manager).
 simulated_scheduler = Scheduler.from_config
 
-# At one instant: arrivals first, then freed client slots, step ends, an idle replica waking
-# to step (so requests sent at the same time share its first step), and last a timeline
-# sample, which sees the instant settled.
-_ARRIVE, _SLOT_FREE, _STEP_END, _WAKE, _SAMPLE = 0, 1, 2, 3, 4
+# At one instant: arrivals first, then requests through the front (reaching a scheduler),
+# freed client slots, step ends, an idle replica waking to step (so requests that reach it at
+# the same time share its first step), and last a timeline sample, which sees the instant
+# settled.
+_ARRIVE, _READY, _SLOT_FREE, _STEP_END, _WAKE, _SAMPLE = 0, 1, 2, 3, 4, 5
 
 # Fast-forward runs: at least this many steps (a shorter one is not worth its set-up), priced
 # in chunks that grow from the first (a run is often cut short by an arrival, so pricing all
@@ -228,6 +233,9 @@ class Simulator:
         # Only with a cost model that can price a decode batch from its totals.
         self.fast_forward = fast_forward and hasattr(cost_model, "decode_step_seconds")
         self._arrival_s = getattr(cost_model, "arrival_s", 0.0)
+        # The front's latency outside the steps: send to scheduler, step end to client.
+        self._ingress_s = getattr(cost_model, "ingress_s", 0.0)
+        self._egress_s = getattr(cost_model, "egress_s", 0.0)
         self._events: list = []
         self._seq = 0
         self._tracked: dict[str, tuple[_Tracked, Replica]] = {}
@@ -253,6 +261,10 @@ class Simulator:
             now, kind, _, payload = heapq.heappop(self._events)
             if kind == _ARRIVE:
                 pending.append(payload)
+            elif kind == _READY:
+                if not self._admit(payload, now):
+                    done.append(payload)
+                    free_slots += 1
             elif kind == _SLOT_FREE:
                 free_slots += 1
             elif kind == _WAKE:
@@ -271,21 +283,27 @@ class Simulator:
                     continue
                 finished = self._end_run(replica, now) if replica.run is not None else self._end_step(replica, now)
                 done.extend(finished)
-                for _ in finished:
+                for _ in finished:  # the client has the last token egress_s later
                     if self.max_concurrency and self.think_time_s > 0:
-                        self._push(now + self.rng.expovariate(1.0 / self.think_time_s), _SLOT_FREE, None)
+                        rest = self.rng.expovariate(1.0 / self.think_time_s)
+                        self._push(now + self._egress_s + rest, _SLOT_FREE, None)
+                    elif self.max_concurrency and self._egress_s:
+                        self._push(now + self._egress_s, _SLOT_FREE, None)
                     elif self.max_concurrency:
                         free_slots += 1
             while pending and free_slots > 0:
                 free_slots -= 1
                 tracked = pending.popleft()
-                if not self._send(tracked, now):
+                tracked.sent = now
+                if self._ingress_s:  # through the front first: it reaches a scheduler later
+                    self._push(now + self._ingress_s, _READY, tracked)
+                elif not self._admit(tracked, now):
                     done.append(tracked)
                     free_slots += 1
         return self._result(done)
 
-    def _send(self, tracked: _Tracked, now: float) -> bool:
-        tracked.sent = now
+    def _admit(self, tracked: _Tracked, now: float) -> bool:
+        """Route a request that reached the fleet at `now` and queue it there; False: refused."""
         tr = tracked.trace
         request = Request(
             request_id=f"req-{tracked.index}", prompt_token_ids=prompt_ids(tracked.index, tr, self.vocab_size),
@@ -600,8 +618,8 @@ class Simulator:
             ok = not t.error and t.num_tokens > 0
             records.append(RequestRecord(
                 prompt_len=t.trace.input_len, expected_output_len=t.trace.output_len, start_time=t.sent,
-                ttft=(t.first - t.sent) if ok else 0.0, itl=t.token_times if ok else [],
-                latency=(t.last - t.sent) if ok else 0.0, output_tokens=t.num_tokens if ok else 0,
+                ttft=(t.first - t.sent + self._egress_s) if ok else 0.0, itl=t.token_times if ok else [],
+                latency=(t.last - t.sent + self._egress_s) if ok else 0.0, output_tokens=t.num_tokens if ok else 0,
                 error=t.error, success=ok,
             ))
         ok = [r for r in records if r.success]
