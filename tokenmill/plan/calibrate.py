@@ -7,8 +7,9 @@ batches of B requests with prompts of L tokens, so the steps cover prefill chunk
 sizes and decode batches at many contexts. Each engine.step() is timed whole (scheduling,
 the forward pass, sampling, output processing: what a simulated step stands for) together
 with its composition. The fit: for each (prefill, decode, memory) efficiency on a log grid,
-the per-step, per-sequence and (from a server's log) per-arrival overheads by weighted least
-squares on relative error; the grid point with the smallest error wins. The one module of tokenmill.plan that imports torch.
+the per-step, per-sequence, per-arrival (a server's log only) and per-leftover-row overheads
+by weighted least squares on relative error; the grid point with the smallest error wins.
+The one module of tokenmill.plan that imports torch.
 """
 
 from __future__ import annotations
@@ -153,10 +154,10 @@ _LOG_EFF_RANGE = (-3.5, 0.0)  # efficiencies from 0.03% to 100% of the nominal p
 
 def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.ndarray) -> tuple:
     """One weighted fit of (prefill, decode, attention, memory) efficiencies, the share of
-    compute and memory time that does not overlap, and the per-step, per-sequence and
-    per-arrival overheads and the cost of a leftover row, on squared error times w2 (1 / a step's scale squared, times its
-    robust weight: relative error). For any efficiencies the overheads are a linear
-    least-squares problem (solved exactly, never negative); the efficiencies enter through
+    compute and memory time that does not overlap, and the per-step, per-sequence,
+    per-arrival and per-leftover-row overheads, on squared error times w2 (1 / a step's scale
+    squared, times its robust weight: relative error). For any efficiencies the overheads are a
+    linear least-squares problem (solved exactly, never negative); the efficiencies enter through
     max(compute, memory), so they are searched: a coarse log grid over all four (at no
     overlap and at none), then a coordinate search around the best point down to 0.5% steps
     (the grid's 60% steps alone left the fit's error dominated by where the points fell)."""
@@ -165,8 +166,8 @@ def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.
     # that is zero throughout (an offline calibration has no arrivals; a kernel without row
     # blocks leaves no rows over) has no coefficient to fit, and gets 0.
     every = [np.ones_like(nseq), nseq, arrivals, leftover]
-    fitted = [j for j, col in enumerate(every) if j < 2 or (w2 * col**2).sum() > 0]
-    cols = np.stack([every[j] for j in fitted])
+    kept = [j for j, col in enumerate(every) if j < 2 or (w2 * col**2).sum() > 0]
+    cols = np.stack([every[j] for j in kept])
     k = len(cols)
     gram = (w2 * cols[:, None, :] * cols[None, :, :]).sum(-1)  # the same for every grid point
     # Non-negative least squares by its active sets: every subset of the columns, solved
@@ -239,7 +240,7 @@ def _fit_round(feats: np.ndarray, y: np.ndarray, peak: float, bw: float, w2: np.
             step /= 2
     _, coef = error(x)
     overhead = [0.0] * len(every)
-    for j, value in zip(fitted, coef):
+    for j, value in zip(kept, coef):
         overhead[j] = float(value)
     ep, ed, ea, em = 10.0 ** x[:4]
     return ep, ed, ea, em, x[4], overhead
