@@ -15,7 +15,8 @@ concurrencies and lengths than any validation workload, two of them with a share
 lone-client loops and Poisson runs of other lengths and rates), its runs spread evenly through
 the validation runs so a drift of the machine hits both alike;
 `tokenmill plan calibrate --step-log` fits the profile on the steps the server logged during
-the calibration runs only and writes it to --profile; then each validation run is simulated
+the calibration runs only (and, with `--bench-result`, the front's latency on those runs'
+client results) and writes it to --profile; then each validation run is simulated
 with it. Every step is in steps.jsonl, so a miss can be traced to the steps that made it.
 Output throughput is taken over the simulator's window (first send to last end; see
 window_throughput). With --repeats N every workload (and the grid) runs N times, in rotated
