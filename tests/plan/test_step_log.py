@@ -146,8 +146,11 @@ def test_calibrate_fits_the_cost_of_an_arrival_and_of_a_leftover_row(tmp_path):
 
 
 def _bench_result(path, start_unix, sends, ttfts):
+    n = len(sends)  # the fields tokenmill bench writes per request
     path.write_text(json.dumps({"start_unix": start_unix, "start_times": [t - start_unix for t in sends],
-                                "ttfts": ttfts}))
+                                "ttfts": ttfts, "input_lens": [40] * n, "output_lens": [4] * n,
+                                "itls": [[0.05] * 3] * n, "e2els": [x + 0.15 for x in ttfts],
+                                "generated_texts": [""] * n, "errors": [""] * n}))
     return str(path)
 
 

@@ -18,6 +18,7 @@ import json
 import statistics
 from dataclasses import dataclass
 
+from tokenmill.bench.report import records_from_result
 from tokenmill.engine.step_log import read_step_log
 
 ALONE_S = 0.05  # no other send this close before or after
@@ -27,7 +28,7 @@ ALONE_S = 0.05  # no other send this close before or after
 class FrontLatency:
     ingress_s: float
     egress_s: float
-    requests: int  # the requests sent alone to an idle engine that both are taken over
+    requests: int  # requests sent alone to an idle engine (ingress's median is over these)
 
 
 def front_latency(step_logs: list[str], results: list[str]) -> FrontLatency | None:
@@ -39,11 +40,12 @@ def front_latency(step_logs: list[str], results: list[str]) -> FrontLatency | No
         try:
             with open(path) as f:
                 r = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--bench-result {path}: {getattr(e, 'strerror', None) or e}") from None
+            records = records_from_result(r)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"--bench-result {path}: not a readable tokenmill bench result ({e!r})") from None
         if "start_unix" not in r:
             raise ValueError(f"--bench-result {path}: no start_unix (written by an older tokenmill bench)")
-        sends += [(r["start_unix"] + x, ttft) for x, ttft in zip(r["start_times"], r["ttfts"]) if ttft > 0]
+        sends += [(r["start_unix"] + rec.start_time, rec.ttft) for rec in records if rec.success and rec.ttft > 0]
     sends.sort()
     ingress, egress = [], []
     for i, (t, ttft) in enumerate(sends):
