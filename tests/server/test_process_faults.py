@@ -15,7 +15,9 @@ import pytest
 from tests.server.checks import assert_openai_error, metric
 from tests.server.process import ServeProcess, write_tiny_checkpoint
 
-MAX_TOKENS = 120
+# Long enough that the streams outlast the checks made while draining, on a fast box too (a
+# 2-core EPYC ran 120 tokens in under 0.2 s); the tiny model holds 512 positions.
+MAX_TOKENS = 400
 DRAIN_TIMEOUT = 60  # generous: a loaded 2-core CI box runs the tiny model at ~50 tokens/s
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 
@@ -59,8 +61,11 @@ def test_sigterm_under_load_drains_and_exits_0(tiny_dir):
         threads, results = _start_streams(server.url, 8)
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        assert assert_openai_error(httpx.get(server.url + "/health"), 503)["code"] == "draining"
+        health = httpx.get(server.url + "/health")
+        while health.status_code == 200 and time.monotonic() - t0 < 5:  # until the signal is handled
+            time.sleep(0.01)
+            health = httpx.get(server.url + "/health")
+        assert assert_openai_error(health, 503)["code"] == "draining"
         refused = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert assert_openai_error(refused, 503)["code"] == "draining"
         for t in threads:
