@@ -1,4 +1,4 @@
-"""Building tokenmill's C++ kernels (attention/cpu_backend.py, qkernels.py) at first use with
+"""Building tokenmill's C++ kernels (attention/cpu_backend.py, qkernels.py, cpu_decoder.py) at first use with
 torch.utils.cpp_extension, for the instruction sets this CPU lists.
 
 Never -march=native: a VM may list AMX (and other) flags its OS does not enable, and a binary

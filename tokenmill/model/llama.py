@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.model import cpu_decoder
 from tokenmill.model.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from tokenmill.model.layers import ConcatLinear, FloatLinear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 
@@ -132,6 +133,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = FloatLinear(self.embed_tokens, None)  # shares storage, no copy
         else:
             self.lm_head = (make_head or make_linear)(head, None)
+        # Every layer in one C++ call per step where the weights and attention allow it (CPU,
+        # quantized kernels); else the layers run op by op below.
+        self.cpu_decoder = cpu_decoder.for_model(self)
 
     @torch.inference_mode()
     def forward(
@@ -144,6 +148,8 @@ class LlamaForCausalLM(nn.Module):
         h = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary(positions)
         attn_step = self.attention.prepare(meta, kv_caches[0, 0])  # once, for every layer
+        if self.cpu_decoder is not None:
+            return self.norm(self.cpu_decoder.forward(h, rope, kv_caches, attn_step))
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, (kv_caches[0, i], kv_caches[1, i]), attn_step)
         return self.norm(h)

@@ -203,10 +203,9 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, int64_t K, Dequant d
 
 // x [rows, K] float-like; q [N, K/2] uint8; scale, min [N, K/G] float16 (min empty: Q4_0's
 // symmetric form) -> y [rows, N] float32.
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t G) {
-  // No Python object is touched below: other Python threads (the server's HTTP loop) run
-  // while the kernel does, instead of waiting for the GIL until it returns.
-  pybind11::gil_scoped_release no_gil;
+// The work without the GIL handling: cpu_layer.py's decoder calls it with the GIL released.
+static torch::Tensor int4_apply(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                                const torch::Tensor& min, int64_t G) {
   const int64_t N = q.size(0), K = q.size(1) * 2;
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "int4: q must be contiguous uint8 [out, in/2]");
   TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "int4: the group size must be a multiple of 32 dividing in_features");
@@ -225,10 +224,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
 }
 
 // x [rows, K]; q [N, K] int8; scale [N, K/G] float16 -> y [rows, N] float32.
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t G) {
-  // No Python object is touched below: other Python threads (the server's HTTP loop) run
-  // while the kernel does, instead of waiting for the GIL until it returns.
-  pybind11::gil_scoped_release no_gil;
+static torch::Tensor int8_apply(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t G) {
   const int64_t N = q.size(0), K = q.size(1);
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "int8: q must be contiguous int8 [out, in]");
   TORCH_CHECK(G > 0 && K % G == 0, "int8: the group size must divide in_features");
@@ -238,6 +234,18 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   const at::Half* sp = scale.data_ptr<at::Half>();
   const int64_t groups = K / G;
   return run(x, N, K, [=](int64_t n, float* w) { dequant_int8_col(qp + n * K, sp + n * groups, K, G, w); });
+}
+
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t G) {
+  // No Python object is touched below: other Python threads (the server's HTTP loop) run
+  // while the kernel does, instead of waiting for the GIL until it returns.
+  pybind11::gil_scoped_release no_gil;
+  return int4_apply(x, q, scale, min, G);
+}
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t G) {
+  pybind11::gil_scoped_release no_gil;  // as int4_linear
+  return int8_apply(x, q, scale, G);
 }
 
 std::string isa() {

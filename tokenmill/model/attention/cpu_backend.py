@@ -184,11 +184,10 @@ static void attend_pool(const torch::Tensor& q, const torch::Tensor& k_cache, co
   }
 }
 
-void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
-                     torch::Tensor row_seq, torch::Tensor row_ctx, double scale, torch::Tensor out) {
-  // No Python object is touched below: other Python threads (the server's HTTP loop) run
-  // while the kernel does, instead of waiting for the GIL until it returns.
-  pybind11::gil_scoped_release no_gil;
+// The work without the GIL handling: cpu_layer.py's decoder calls it with the GIL released.
+static void paged_attention_apply(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                  const torch::Tensor& tables, const torch::Tensor& row_seq, const torch::Tensor& row_ctx,
+                                  double scale, torch::Tensor& out) {
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "rows must be contiguous");
   TORCH_CHECK(k_cache.strides() == v_cache.strides() && k_cache.stride(3) == 1, "K and V pools share one layout");
   TORCH_CHECK(tables.scalar_type() == at::kLong && row_seq.scalar_type() == at::kLong && row_ctx.scalar_type() == at::kLong,
@@ -207,6 +206,14 @@ void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
   } else {
     TORCH_CHECK(false, "paged_attention: float32 or bfloat16 queries only");
   }
+}
+
+void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
+                     torch::Tensor row_seq, torch::Tensor row_ctx, double scale, torch::Tensor out) {
+  // No Python object is touched below: other Python threads (the server's HTTP loop) run
+  // while the kernel does, instead of waiting for the GIL until it returns.
+  pybind11::gil_scoped_release no_gil;
+  paged_attention_apply(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, out);
 }
 """
 

@@ -1,0 +1,108 @@
+"""The C++ decoder (tokenmill/model/cpu_decoder.py) on the default model: which models take it,
+its logits against the op-by-op torch path (float32 pool: float32 rounding only; 16-bit and
+int8 pools: the same perplexity), and a token's bits the same prefilled whole, in chunks or
+decoded one at a time beside another sequence's prefill chunk."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.model import real
+from tokenmill.model.attention import AttentionMetadata, PrefillChunk
+from tokenmill.model.attention.kv_dtype import row_width
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None or shutil.which("ninja") is None, reason="no g++/ninja")
+
+BLOCK = 16
+
+
+def test_quantized_models_on_the_cpu_kernel_take_it_others_do_not():
+    assert real.model("auto", cpu_kernel=True).cpu_decoder is not None
+    assert real.model("auto").cpu_decoder is None  # torch attention: the reference path
+    assert real.model("none", cpu_kernel=True).cpu_decoder is None  # float weights: torch's matmul
+
+
+def logits_both_ways(ids: list[int], kv_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    m = real.model("auto", cpu_kernel=True)
+    fused = real.sequence_logits(m, ids, kv_dtype=kv_dtype)
+    decoder, m.cpu_decoder = m.cpu_decoder, None
+    try:
+        ops = real.sequence_logits(m, ids, kv_dtype=kv_dtype)
+    finally:
+        m.cpu_decoder = decoder
+    return fused, ops
+
+
+def test_logits_equal_the_op_by_op_path_within_float32_rounding():
+    ids = real.loaded("none").tokenizer.encode(real.text())[:128]
+    fused, ops = logits_both_ways(ids, None)
+    # Measured 5e-5 (logits span about +-30): the norms and SiLU sum in another order.
+    assert (fused - ops).abs().max().item() < 5e-4
+    assert torch.equal(fused.argmax(-1), ops.argmax(-1))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16, torch.int8], ids=str)
+def test_pools_are_written_as_the_op_by_op_path_writes_them(kv_dtype):
+    # A rounded or quantized pool turns 1e-7 differences into a rounding step now and then, so
+    # logits are compared by what they give: the same perplexity, the same next tokens.
+    ids = real.loaded("none").tokenizer.encode(real.text())
+    fused, ops = logits_both_ways(ids, kv_dtype)
+    ppl_fused, ppl_ops = real.perplexity(fused, ids), real.perplexity(ops, ids)
+    print(f"{kv_dtype}: perplexity C++ decoder {ppl_fused:.4f}, op by op {ppl_ops:.4f}")
+    assert abs(ppl_fused - ppl_ops) / ppl_ops < 0.002
+    assert (fused.argmax(-1) == ops.argmax(-1)).float().mean().item() > 0.98
+
+
+def run(m, kv, rows: list[tuple[int, list[int], int, list[int]]], prefills: list[tuple[int, list[int], int, list[int]]]):
+    """One step: decode rows then prefill chunks, each (first position, token ids, _, block
+    table); returns the hidden states in that order."""
+    ids, pos, slots = [], [], []
+    for start, toks, _, table in rows + prefills:
+        for i, t in enumerate(toks):
+            p = start + i
+            ids.append(t)
+            pos.append(p)
+            slots.append(table[p // BLOCK] * BLOCK + p % BLOCK)
+    chunks, offset = [], len(rows)
+    for start, toks, _, table in prefills:
+        end = start + len(toks)
+        chunks.append(PrefillChunk(offset, len(toks), end, torch.tensor(table[: -(-end // BLOCK)])))
+        offset += len(toks)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        num_decodes=len(rows),
+        decode_block_tables=torch.tensor([r[3] for r in rows]) if rows else None,
+        decode_context_lens=torch.tensor([r[0] + 1 for r in rows]) if rows else None,
+        prefills=chunks,
+    )
+    return m(torch.tensor(ids), torch.tensor(pos), kv, meta)
+
+
+def test_a_tokens_bits_do_not_depend_on_how_it_is_computed():
+    m = real.model("auto", cpu_kernel=True)
+    cfg = m.config
+    ids = real.loaded("none").tokenizer.encode(real.text())[:40]
+    other = real.loaded("none").tokenizer.encode(real.text())[100:133]
+
+    def pool():
+        shape = (2, cfg.num_layers, 8, cfg.num_kv_heads, BLOCK, row_width(cfg.head_dim, torch.bfloat16))
+        return torch.zeros(shape, dtype=torch.bfloat16)  # the engine's CPU default
+
+    table, other_table = [5, 2, 7], [0, 4, 6]
+    kv = pool()
+    whole = run(m, kv, [], [(0, ids, 0, table)])
+    kv = pool()
+    chunked = torch.cat([run(m, kv, [], [(s, ids[s : s + 9], 0, table)]) for s in range(0, len(ids), 9)])
+    assert torch.equal(chunked, whole)
+    # Prefill 10 tokens, then decode the rest one row at a time, each step beside a prefill
+    # chunk of another sequence (rows of both kinds in one step, as the engine batches them).
+    kv = pool()
+    decoded = [run(m, kv, [], [(0, ids[:10], 0, table)])]
+    for p in range(10, len(ids)):
+        s = (p - 10) * 3 % 30
+        step = run(m, kv, [(p, [ids[p]], 0, table)], [(s, other[s : s + 3], 0, other_table)])
+        decoded.append(step[:1])
+    assert torch.equal(torch.cat(decoded), whole)
