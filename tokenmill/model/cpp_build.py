@@ -153,10 +153,11 @@ def _store(module, path: str) -> None:
 def main() -> int:
     """Build (or find) every C++ kernel for this CPU now: `python -m tokenmill.model.cpp_build`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from tokenmill.model import qkernels
+    from tokenmill.model import cpu_decoder, qkernels
     from tokenmill.model.attention import cpu_backend
 
-    built = {"quantized linear": qkernels.kernel() is not None, "CPU attention": cpu_backend.kernel() is not None}
+    built = {"quantized linear": qkernels.kernel() is not None, "CPU attention": cpu_backend.kernel() is not None,
+             "CPU decoder": cpu_decoder.kernel() is not None}
     for what, ok in built.items():
         print(f"{what} kernel: {'ready' if ok else 'NOT built (the torch fallback will run)'}; cache {kernel_cache_dir()}")
     return 0 if all(built.values()) else 1

@@ -7,11 +7,13 @@ Weights stay in a packed layout made once at load, the size of the GGUF data: in
 its high one), int8 values [out, in], and float16 scales and minimums [out, groups]. No float
 copy of a weight exists outside a thread's cache-sized tile.
 
-One kernel for every row count. Threads split the output columns into tiles (32 columns, 4
-below 4 rows so the tile stays in L1); a tile is dequantized to float once into a thread-local
-buffer (w = q * scale + min, one fused multiply-add per weight), then every row of x is
-multiplied against it. At one row that streams the quantized weights once (the memory-bound
-case); at many rows the dequantized tile is reused from cache by every row.
+One arithmetic for every row count. From 4 rows, threads split the output columns into tiles
+of 32; a tile is dequantized to float once into a thread-local buffer (w = q * scale + min, one
+fused multiply-add per weight), then every row of x is multiplied against it from cache. Below
+4 rows nothing would reuse a tile, so each 8 weights are dequantized in registers by the same
+instruction and multiplied at once (no store and reload of a buffer), 8 columns at a time at
+one row so that 8 independent accumulator chains keep the FMA units busy: the LM head's one
+row went from 1.71 to 1.15 ms, a decode step's layers from 8.7 to 7.8 ms (AMD EPYC, AVX2).
 
 Batch-invariant by construction: the arithmetic of y[r, n] is the same sequence of operations
 whatever the row count and the thread split. Its products over k go into 8 lane accumulators in
@@ -201,6 +203,86 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, int64_t K, Dequant d
   return y;
 }
 
+#ifdef TM_AVX2
+// Fewer than kFewRows rows: nothing reuses a dequantized tile, so each 8 weights are dequantized
+// in registers, with the very instruction dequant_*_col uses, and multiplied at once: the same
+// operations in the same order as tile_matmul over the tile, so the same bits, without the
+// tile's store and reload. C columns at a time give R * C independent accumulator chains (a
+// fused multiply-add waits on the one before it in its own chain only).
+struct Int4Cols {
+  const uint8_t* q; const at::Half* s; const at::Half* m; int64_t K, G;
+  // The 32 weights of block b of column n, as 4 vectors of 8 in k order.
+  inline void block(int64_t n, int64_t b, V8 w[4]) const {
+    const int64_t groups = K / G, g = (b * 32) / G;
+    const float d = half_to_float(s[n * groups + g]), mn = m ? half_to_float(m[n * groups + g]) : -8.f * d;
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * (K / 2) + b * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(mn);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
+  }
+};
+struct Int8Cols {
+  const int8_t* q; const at::Half* s; int64_t K, G;  // G a multiple of 32 here
+  inline void block(int64_t n, int64_t b, V8 w[4]) const {
+    const int64_t groups = K / G;
+    const __m256 dv = _mm256_set1_ps(half_to_float(s[n * groups + (b * 32) / G]));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + b * 32 + j * 8)));
+      w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(qi), dv);
+    }
+  }
+};
+
+template <int R, int C, typename Cols>
+static inline void few_rows_block(const float* x, const Cols& cols, int64_t n0, float* y, int64_t N) {
+  const int64_t K = cols.K;
+  V8 acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) acc[i][j] = v_zero();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    for (int j = 0; j < C; ++j) {
+      V8 w[4];
+      cols.block(n0 + j, b, w);
+      for (int i = 0; i < R; ++i)
+        for (int u = 0; u < 4; ++u) acc[i][j] = v_fma(v_load(x + i * K + b * 32 + u * 8), w[u], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) y[i * N + n0 + j] = v_sum(acc[i][j]);  // K % 32 == 0: no k tail
+}
+
+template <int R, typename Cols>
+static void few_rows_cols(const float* x, const Cols& cols, int64_t c0, int64_t c1, float* y, int64_t N) {
+  constexpr int C = R == 1 ? 8 : (R == 2 ? 4 : 3);
+  int64_t n = c0;
+  for (; n + C <= c1; n += C) few_rows_block<R, C>(x, cols, n, y, N);
+  for (; n < c1; ++n) few_rows_block<R, 1>(x, cols, n, y, N);
+}
+
+template <typename Cols>
+static torch::Tensor run_few_rows(const torch::Tensor& x, int64_t N, const Cols& cols) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols.K, "x must be [rows, in_features]");
+  const torch::Tensor xf = x.to(torch::kFloat).contiguous();
+  const int64_t rows = xf.size(0);
+  torch::Tensor y = torch::empty({rows, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Column ranges in multiples of 24 (divisible by every C above) so each thread runs whole blocks.
+  const int64_t unit = 24, units = (N + unit - 1) / unit;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * unit, c1 = std::min(N, end * unit);
+    if (rows == 1) few_rows_cols<1>(xp, cols, c0, c1, yp, N);
+    else if (rows == 2) few_rows_cols<2>(xp, cols, c0, c1, yp, N);
+    else few_rows_cols<3>(xp, cols, c0, c1, yp, N);
+  });
+  return y;
+}
+#endif
+
 // x [rows, K] float-like; q [N, K/2] uint8; scale, min [N, K/G] float16 (min empty: Q4_0's
 // symmetric form) -> y [rows, N] float32.
 // The work without the GIL handling: cpu_layer.py's decoder calls it with the GIL released.
@@ -218,6 +300,9 @@ static torch::Tensor int4_apply(const torch::Tensor& x, const torch::Tensor& q, 
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* mp = symmetric ? nullptr : min.data_ptr<at::Half>();
   const int64_t groups = K / G;
+#ifdef TM_AVX2
+  if (x.size(0) > 0 && x.size(0) < kFewRows) return run_few_rows(x, N, Int4Cols{qp, sp, mp, K, G});
+#endif
   return run(x, N, K, [=](int64_t n, float* w) {
     dequant_int4_col(qp + n * (K / 2), sp + n * groups, mp ? mp + n * groups : nullptr, K, G, w);
   });
@@ -233,6 +318,9 @@ static torch::Tensor int8_apply(const torch::Tensor& x, const torch::Tensor& q, 
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
   const int64_t groups = K / G;
+#ifdef TM_AVX2
+  if (x.size(0) > 0 && x.size(0) < kFewRows && G % 32 == 0) return run_few_rows(x, N, Int8Cols{qp, sp, K, G});
+#endif
   return run(x, N, K, [=](int64_t n, float* w) { dequant_int8_col(qp + n * K, sp + n * groups, K, G, w); });
 }
 
