@@ -25,6 +25,14 @@ def test_quantized_models_on_the_cpu_kernel_take_it_others_do_not():
     assert real.model("none", cpu_kernel=True).cpu_decoder is None  # float weights: torch's matmul
 
 
+def test_op_by_op_where_the_decoder_kernel_does_not_build(monkeypatch):
+    from tokenmill.model import cpu_decoder
+
+    monkeypatch.setattr(cpu_decoder, "kernel", lambda: None)
+    m = real.model("auto", cpu_kernel=True)
+    assert cpu_decoder.for_model(m) is None
+
+
 def logits_both_ways(ids: list[int], kv_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     m = real.model("auto", cpu_kernel=True)
     fused = real.sequence_logits(m, ids, kv_dtype=kv_dtype)

@@ -281,7 +281,10 @@ class CpuDecoder:
         self.module, self.handle, self.scale = module, handle, scale
 
     def __del__(self):
-        self.module.release_model(self.handle)
+        try:
+            self.module.release_model(self.handle)
+        except Exception:  # at interpreter exit the module may be gone already: nothing to free
+            pass
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_caches: torch.Tensor, step) -> torch.Tensor:
         """h [T, D] float32 through every layer, in place; `step` is CpuAttention.prepare's."""
