@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=1.0, help="per timing")
     ap.add_argument("--cases", default="16x1,16x64,256x1,256x64,mixedx64",
                     help="TOKENSxBATCH,... (TOKENS 'mixed': 16..256 per text)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="tokenmill's linears (auto: bfloat16 where the CPU has AVX-512 BF16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -72,9 +74,10 @@ def main() -> None:
     from tokenmill.llm import Encoder
     from tokenmill.model.loader import encoder_model_path
 
-    enc = Encoder("minilm", num_threads=args.threads)
+    enc = Encoder("minilm", num_threads=args.threads, dtype=args.dtype)
     st = SentenceTransformer(str(encoder_model_path()), device="cpu")
-    print(f"# CPU: {cpu_model()}; threads {args.threads}; torch {torch.__version__}; "
+    linears = str(enc.linear_dtype).removeprefix("torch.")
+    print(f"# CPU: {cpu_model()}; threads {args.threads}; torch {torch.__version__}; tokenmill linears {linears}; "
           f"load average before: {os.getloadavg()}")
     print("| text tokens | batch | tokenmill emb/s | sentence-transformers emb/s | ratio |")
     print("|---:|---:|---:|---:|---:|")

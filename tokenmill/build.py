@@ -217,20 +217,22 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
 
 
 def build_async_embedder(model: str, max_batch_tokens: int | None = None, max_batch_inputs: int | None = None,
-                         num_threads: int | None = None):
-    """An embedding model (`minilm` or a sentence-transformers directory) behind AsyncEmbedder."""
+                         num_threads: int | None = None, dtype: str = "auto"):
+    """An embedding model (`minilm` or a sentence-transformers directory) behind AsyncEmbedder;
+    `dtype` its linears' (bert.DTYPES)."""
     from tokenmill.engine.async_embedder import AsyncEmbedder, EmbedLimits
     from tokenmill.model.bert import special_ids
     from tokenmill.model.loader import load_encoder
 
     if num_threads:
         torch.set_num_threads(num_threads)
-    loaded = load_encoder(model)
+    loaded = load_encoder(model, dtype)
     limits = {k: v for k, v in (("max_batch_tokens", max_batch_tokens), ("max_batch_inputs", max_batch_inputs))
               if v is not None}
     embedder = AsyncEmbedder(loaded.model, loaded.tokenizer,
                              EmbedLimits(max_input_tokens=loaded.config.max_seq_length, **limits),
                              special_ids(loaded.tokenizer), loaded.source)
-    log.info("embedding model %s: %d dimensions, %d tokens per input, %.1f MiB", loaded.source,
-             loaded.config.hidden_size, loaded.config.max_seq_length, loaded.model.num_bytes / 2**20)
+    log.info("embedding model %s: %d dimensions, %d tokens per input, %.1f MiB, linears in %s", loaded.source,
+             loaded.config.hidden_size, loaded.config.max_seq_length, loaded.model.num_bytes / 2**20,
+             str(loaded.model.linear_dtype).removeprefix("torch."))
     return embedder

@@ -67,15 +67,22 @@ class LLM:
 class Encoder:
     """The offline API of an embedding model: `Encoder("minilm").embed(texts) -> [n, dim]`."""
 
-    def __init__(self, model: str = "minilm", max_batch_tokens: int | None = None, num_threads: int | None = None):
+    def __init__(self, model: str = "minilm", max_batch_tokens: int | None = None, num_threads: int | None = None,
+                 dtype: str = "auto"):
         from tokenmill.build import build_async_embedder
 
         # The async engine's model and limits, run synchronously here: no thread, no loop.
-        self._embedder = build_async_embedder(model, max_batch_tokens=max_batch_tokens, num_threads=num_threads)
+        self._embedder = build_async_embedder(model, max_batch_tokens=max_batch_tokens, num_threads=num_threads,
+                                              dtype=dtype)
 
     @property
     def tokenizer(self):
         return self._embedder.tokenizer
+
+    @property
+    def linear_dtype(self):
+        """The torch dtype the linears run in (dtype "auto" chose it by the CPU's flags)."""
+        return self._embedder.model.linear_dtype
 
     @property
     def dimensions(self) -> int:

@@ -22,14 +22,15 @@ def write(root: Path, name: str, text: str) -> Path:
 
 def test_reads_every_folder_with_its_settings(tmp_path):
     write(tmp_path, "chat", 'kind = "generate"\nmodel = "smollm2"\n[engine]\nmax_num_seqs = 4\ndtype = "float32"\n')
-    write(tmp_path, "minilm", 'kind = "embedding"\nmodel = "minilm"\nload = false\n[engine]\nmax_batch_inputs = 32\n')
+    write(tmp_path, "minilm", 'kind = "embedding"\nmodel = "minilm"\nload = false\n[engine]\nmax_batch_inputs = 32\n'
+                              'dtype = "float32"\n')
     (tmp_path / ".hidden").mkdir()  # not a model
     (tmp_path / "README").write_text("loose files are not models")
     chat, minilm = read_repository(tmp_path)
     assert (chat.name, chat.kind, chat.model, chat.load_at_start) == ("chat", "generate", "smollm2", True)
     assert chat.settings == {"max_num_seqs": 4, "dtype": "float32"}
     assert (minilm.name, minilm.kind, minilm.load_at_start, minilm.settings) == \
-        ("minilm", "embedding", False, {"max_batch_inputs": 32})
+        ("minilm", "embedding", False, {"max_batch_inputs": 32, "dtype": "float32"})
 
 
 def test_a_model_path_is_relative_to_its_folder(tmp_path):
@@ -52,6 +53,8 @@ def test_a_model_path_is_relative_to_its_folder(tmp_path):
     ('kind = "generate"\nmodel = "smollm2"\n[engine]\ndtype = "float8"\n', ["[engine]", "dtype"]),
     ('kind = "embedding"\nmodel = "minilm"\n[engine]\nmax_num_seqs = 4\n',
      ["'max_num_seqs' is not a setting of an embedding model"]),
+    ('kind = "embedding"\nmodel = "minilm"\n[engine]\ndtype = "float16"\n',
+     ["dtype of an embedding model is one of auto, float32, bfloat16", "'float16'"]),
     ('kind = "generate"\nmodel = "smollm2"\nengine = 4\n', ["'engine' must be a table"]),
     ('kind = "generate"\nmodel = "smollm2\n', ["not valid TOML"]),
 ])

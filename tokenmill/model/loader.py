@@ -143,13 +143,13 @@ def model_file_bytes(name_or_path: str) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
-def load_encoder(name_or_path: str):
-    """`minilm` or a sentence-transformers directory -> LoadedEncoder."""
+def load_encoder(name_or_path: str, dtype: str = "auto"):
+    """`minilm` or a sentence-transformers directory -> LoadedEncoder (`dtype`: bert.DTYPES)."""
     from tokenmill.model.bert import EncoderLoadError, load_bert_dir
 
     path = encoder_model_path() if name_or_path == ENCODER_MODEL else Path(name_or_path).expanduser()
     try:
-        return load_bert_dir(path)
+        return load_bert_dir(path, dtype)
     except EncoderLoadError as e:
         raise ModelLoadError(str(e)) from e
 

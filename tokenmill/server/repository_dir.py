@@ -32,7 +32,9 @@ from tokenmill.config import EngineConfig
 CONFIG_FILE = "tokenmill.toml"
 KINDS = ("generate", "embedding")
 # An embedding model has no KV cache nor scheduler: only these settings mean something to it.
-EMBEDDING_SETTINGS = {"num_threads": int, "max_batch_tokens": int, "max_batch_inputs": int}
+EMBEDDING_SETTINGS = {"num_threads": int, "max_batch_tokens": int, "max_batch_inputs": int, "dtype": str}
+# An encoder's linear dtypes (tokenmill/model/bert.py DTYPES, which this layer may not import).
+ENCODER_DTYPES = ("auto", "float32", "bfloat16")
 _TOP_FIELDS = ("kind", "model", "load", "engine")
 NAME_PATTERN = r"[\w.:-]+"  # the names --model NAME=... accepts
 
@@ -133,7 +135,11 @@ def _embedding_settings(engine: dict, where: str) -> dict[str, Any]:
             raise RepositoryConfigError(f"{where}: [engine] {key!r} is not a setting of an embedding model; "
                                         f"those are {', '.join(EMBEDDING_SETTINGS)}")
         _check_type(key, value, EMBEDDING_SETTINGS[key], where)
-        if value < 1:
+        if key == "dtype":
+            if value not in ENCODER_DTYPES:
+                raise RepositoryConfigError(f"{where}: [engine] dtype of an embedding model is one of "
+                                            f"{', '.join(ENCODER_DTYPES)}, not {value!r}")
+        elif value < 1:
             raise RepositoryConfigError(f"{where}: [engine] {key} must be positive, not {value}")
     return dict(engine)
 
