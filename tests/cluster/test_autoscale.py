@@ -54,9 +54,12 @@ def test_bounds_and_every_decision_explained(config, loads, kvs, start):
                           pending=load if current == 0 else 0)
         assert d.current == current
         assert d.desired <= config.max_replicas
-        # Below the floor only when scaling to zero is allowed and there is nothing to do.
+        # Below the floor only when scaling to zero is allowed and there is nothing to do, and
+        # then never by going up: an idle fleet below min_replicas waits there for its
+        # scale_to_zero delay (min_replicas applies while there is load) instead of growing
+        # to the floor only to be stopped.
         if d.desired < config.floor:
-            assert config.scale_to_zero and load == 0 and d.desired == 0
+            assert config.scale_to_zero and load == 0 and d.desired <= current
         if current >= 1 and config.floor <= current <= config.max_replicas and d.changed:
             # the step cap: at most x2 up, /2 down (zero only from idle)
             assert d.desired <= max(current + 1, 2 * current)

@@ -13,7 +13,7 @@ fused multiply-add per weight), then every row of x is multiplied against it fro
 4 rows nothing would reuse a tile, so each 8 weights are dequantized in registers by the same
 instruction and multiplied at once (no store and reload of a buffer), 8 columns at a time at
 one row so that 8 independent accumulator chains keep the FMA units busy: the LM head's one
-row went from 1.71 to 1.15 ms, a decode step's layers from 8.7 to 7.8 ms (AMD EPYC, AVX2).
+row went from 1.71 to 1.15 ms, a decode step's layers from 8.7 to 7.8 ms (AMD EPYC, AVX2 code).
 
 Batch-invariant by construction: the arithmetic of y[r, n] is the same sequence of operations
 whatever the row count and the thread split. Its products over k go into 8 lane accumulators in
@@ -294,7 +294,7 @@ static torch::Tensor run_few_rows(const torch::Tensor& x, int64_t N, const Cols&
 
 // x [rows, K] float-like; q [N, K/2] uint8; scale, min [N, K/G] float16 (min empty: Q4_0's
 // symmetric form) -> y [rows, N] float32.
-// The work without the GIL handling: cpu_layer.py's decoder calls it with the GIL released.
+// The work without the GIL handling: cpu_decoder.py calls it with the GIL already released.
 static torch::Tensor int4_apply(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                                 const torch::Tensor& min, int64_t G) {
   const int64_t N = q.size(0), K = q.size(1) * 2;
@@ -310,7 +310,7 @@ static torch::Tensor int4_apply(const torch::Tensor& x, const torch::Tensor& q, 
   const at::Half* mp = symmetric ? nullptr : min.data_ptr<at::Half>();
   const int64_t groups = K / G;
 #ifdef TM_AVX2
-  if (x.size(0) > 0 && x.size(0) < kFewRows) return run_few_rows(x, N, Int4Cols{qp, sp, mp, K, G});
+  if (x.dim() == 2 && x.size(0) > 0 && x.size(0) < kFewRows) return run_few_rows(x, N, Int4Cols{qp, sp, mp, K, G});
 #endif
   return run(x, N, K, [=](int64_t n, float* w) {
     dequant_int4_col(qp + n * (K / 2), sp + n * groups, mp ? mp + n * groups : nullptr, K, G, w);
@@ -328,7 +328,7 @@ static torch::Tensor int8_apply(const torch::Tensor& x, const torch::Tensor& q, 
   const at::Half* sp = scale.data_ptr<at::Half>();
   const int64_t groups = K / G;
 #ifdef TM_AVX2
-  if (x.size(0) > 0 && x.size(0) < kFewRows && G % 32 == 0) return run_few_rows(x, N, Int8Cols{qp, sp, K, G});
+  if (x.dim() == 2 && x.size(0) > 0 && x.size(0) < kFewRows && G % 32 == 0) return run_few_rows(x, N, Int8Cols{qp, sp, K, G});
 #endif
   return run(x, N, K, [=](int64_t n, float* w) { dequant_int8_col(qp + n * K, sp + n * groups, K, G, w); });
 }

@@ -184,7 +184,7 @@ static void attend_pool(const torch::Tensor& q, const torch::Tensor& k_cache, co
   }
 }
 
-// The work without the GIL handling: cpu_layer.py's decoder calls it with the GIL released.
+// The work without the GIL handling: cpu_decoder.py calls it with the GIL already released.
 static void paged_attention_apply(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                   const torch::Tensor& tables, const torch::Tensor& row_seq, const torch::Tensor& row_ctx,
                                   double scale, torch::Tensor& out) {
