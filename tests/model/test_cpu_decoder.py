@@ -64,25 +64,25 @@ def test_pools_are_written_as_the_op_by_op_path_writes_them(kv_dtype):
     assert (fused.argmax(-1) == ops.argmax(-1)).float().mean().item() > 0.98
 
 
-def run(m, kv, rows: list[tuple[int, list[int], int, list[int]]], prefills: list[tuple[int, list[int], int, list[int]]]):
-    """One step: decode rows then prefill chunks, each (first position, token ids, _, block
-    table); returns the hidden states in that order."""
+def run(m, kv, rows: list[tuple[int, list[int], list[int]]], prefills: list[tuple[int, list[int], list[int]]]):
+    """One step: decode rows then prefill chunks, each (first position, token ids, block table);
+    returns the hidden states in that order."""
     ids, pos, slots = [], [], []
-    for start, toks, _, table in rows + prefills:
+    for start, toks, table in rows + prefills:
         for i, t in enumerate(toks):
             p = start + i
             ids.append(t)
             pos.append(p)
             slots.append(table[p // BLOCK] * BLOCK + p % BLOCK)
     chunks, offset = [], len(rows)
-    for start, toks, _, table in prefills:
+    for start, toks, table in prefills:
         end = start + len(toks)
         chunks.append(PrefillChunk(offset, len(toks), end, torch.tensor(table[: -(-end // BLOCK)])))
         offset += len(toks)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots),
         num_decodes=len(rows),
-        decode_block_tables=torch.tensor([r[3] for r in rows]) if rows else None,
+        decode_block_tables=torch.tensor([r[2] for r in rows]) if rows else None,
         decode_context_lens=torch.tensor([r[0] + 1 for r in rows]) if rows else None,
         prefills=chunks,
     )
@@ -101,16 +101,16 @@ def test_a_tokens_bits_do_not_depend_on_how_it_is_computed():
 
     table, other_table = [5, 2, 7], [0, 4, 6]
     kv = pool()
-    whole = run(m, kv, [], [(0, ids, 0, table)])
+    whole = run(m, kv, [], [(0, ids, table)])
     kv = pool()
-    chunked = torch.cat([run(m, kv, [], [(s, ids[s : s + 9], 0, table)]) for s in range(0, len(ids), 9)])
+    chunked = torch.cat([run(m, kv, [], [(s, ids[s : s + 9], table)]) for s in range(0, len(ids), 9)])
     assert torch.equal(chunked, whole)
     # Prefill 10 tokens, then decode the rest one row at a time, each step beside a prefill
     # chunk of another sequence (rows of both kinds in one step, as the engine batches them).
     kv = pool()
-    decoded = [run(m, kv, [], [(0, ids[:10], 0, table)])]
+    decoded = [run(m, kv, [], [(0, ids[:10], table)])]
     for p in range(10, len(ids)):
         s = (p - 10) * 3 % 30
-        step = run(m, kv, [(p, [ids[p]], 0, table)], [(s, other[s : s + 3], 0, other_table)])
+        step = run(m, kv, [(p, [ids[p]], table)], [(s, other[s : s + 3], other_table)])
         decoded.append(step[:1])
     assert torch.equal(torch.cat(decoded), whole)

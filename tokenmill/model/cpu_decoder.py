@@ -28,6 +28,7 @@ import torch
 from tokenmill.model import qkernels
 from tokenmill.model.attention import cpu_backend
 from tokenmill.model.cpp_build import build
+from tokenmill.model.quant import Int4Linear, Int8Linear
 
 log = logging.getLogger("tokenmill")
 
@@ -262,8 +263,6 @@ def kernel():
 def _linear_parts(lin) -> tuple[list[torch.Tensor], list[int]] | None:
     """(values, scale, min, bias) and (group, int4?) of one of the quantized kernels' linears
     with float32 output, else None (float, fp8 or mixed GGUF types: the torch path)."""
-    from tokenmill.model.quant import Int4Linear, Int8Linear
-
     if getattr(lin, "out_dtype", None) != torch.float32:
         return None
     bias = torch.empty(0) if lin.bias is None else lin.bias.float().contiguous()

@@ -149,6 +149,28 @@ static void tile_matmul(const float* x, int64_t rows, int64_t K, const float* w,
 // int4: 32-blocks of 16 bytes, byte j = input j (low nibble) | input j+16 (high nibble);
 // w = q * scale + min, scale and min per group of G inputs (G a multiple of 32); m == nullptr:
 // GGUF Q4_0's symmetric form, min = -8 * scale (exact), so the file's 18 bytes per 32 suffice.
+#ifdef TM_AVX2
+// The 32 weights of one int4 block as 4 vectors of 8 in k order, w = q * d + mn (one fused
+// multiply-add each). The tile path stores them, the few-rows path uses them in registers: one
+// function, so both compute the very same values.
+static inline void int4_block_avx2(const uint8_t* qb, float d, float mn, V8 w[4]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(mn);
+  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
+  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv);
+  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
+  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
+}
+
+// 8 int8 weights, w = q * d (as the int4 block above, shared by both paths).
+static inline V8 int8_8_avx2(const int8_t* q, __m256 dv) {
+  const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(qi), dv);
+}
+#endif
+
 static inline void dequant_int4_col(const uint8_t* q, const at::Half* s, const at::Half* m, int64_t K, int64_t G,
                                     float* w) {
   for (int64_t b = 0; b < K / 32; ++b) {
@@ -157,14 +179,9 @@ static inline void dequant_int4_col(const uint8_t* q, const at::Half* s, const a
     const uint8_t* qb = q + b * 16;
     float* wb = w + b * 32;
 #ifdef TM_AVX2
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(mn);
-    _mm256_storeu_ps(wb, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv));
-    _mm256_storeu_ps(wb + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv));
-    _mm256_storeu_ps(wb + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv));
-    _mm256_storeu_ps(wb + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv));
+    V8 v[4];
+    int4_block_avx2(qb, d, mn, v);
+    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(wb + 8 * u, v[u]);
 #else
     for (int j = 0; j < 16; ++j) {
       wb[j] = std::fma(static_cast<float>(qb[j] & 0x0F), d, mn);
@@ -181,10 +198,7 @@ static inline void dequant_int8_col(const int8_t* q, const at::Half* s, int64_t 
     int64_t k = g0;
 #ifdef TM_AVX2
     const __m256 dv = _mm256_set1_ps(d);
-    for (; k + 8 <= g0 + G; k += 8) {
-      const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k)));
-      _mm256_storeu_ps(w + k, _mm256_mul_ps(_mm256_cvtepi32_ps(qi), dv));
-    }
+    for (; k + 8 <= g0 + G; k += 8) _mm256_storeu_ps(w + k, int8_8_avx2(q + k, dv));
 #endif
     for (; k < g0 + G; ++k) w[k] = static_cast<float>(q[k]) * d;
   }
@@ -214,7 +228,7 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, int64_t K, Dequant d
 
 #ifdef TM_AVX2
 // Fewer than kFewRows rows: nothing reuses a dequantized tile, so each 8 weights are dequantized
-// in registers, with the very instruction dequant_*_col uses, and multiplied at once: the same
+// in registers, by the function dequant_*_col uses, and multiplied at once: the same
 // operations in the same order as tile_matmul over the tile, so the same bits, without the
 // tile's store and reload. C columns at a time give R * C independent accumulator chains (a
 // fused multiply-add waits on the one before it in its own chain only).
@@ -224,14 +238,7 @@ struct Int4Cols {
   inline void block(int64_t n, int64_t b, V8 w[4]) const {
     const int64_t groups = K / G, g = (b * 32) / G;
     const float d = half_to_float(s[n * groups + g]), mn = m ? half_to_float(m[n * groups + g]) : -8.f * d;
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * (K / 2) + b * 16));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(mn);
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv);
-    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
-    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
+    int4_block_avx2(q + n * (K / 2) + b * 16, d, mn, w);
   }
 };
 struct Int8Cols {
@@ -239,10 +246,7 @@ struct Int8Cols {
   inline void block(int64_t n, int64_t b, V8 w[4]) const {
     const int64_t groups = K / G;
     const __m256 dv = _mm256_set1_ps(half_to_float(s[n * groups + (b * 32) / G]));
-    for (int j = 0; j < 4; ++j) {
-      const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + b * 32 + j * 8)));
-      w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(qi), dv);
-    }
+    for (int j = 0; j < 4; ++j) w[j] = int8_8_avx2(q + n * K + b * 32 + j * 8, dv);
   }
 };
 
