@@ -111,9 +111,9 @@ _INT4_CASE = """
 import torch
 g = torch.Generator().manual_seed(3)
 x = torch.randn(5, 256, generator=g)
-q = torch.randint(0, 256, (48, 128), dtype=torch.uint8, generator=g)
-scale = (torch.rand(48, 8, generator=g) / 10).half()
-minimum = (-torch.rand(48, 8, generator=g)).half()
+q = torch.randint(0, 256, (6, 32, 32), dtype=torch.uint8, generator=g)  # 48 columns, 256 inputs
+scale = (torch.rand(6, 8, 8, generator=g) / 10).half()
+minimum = (-torch.rand(6, 8, 8, generator=g)).half()
 """
 
 # A new process (one extension module per name and process): the kernel must come from the
@@ -126,7 +126,7 @@ def through_torch(*args):
 cpp_build._load_inline = through_torch
 module = qkernels.kernel()
 assert module is not None and "torch.utils.cpp_extension" not in sys.modules
-torch.save(module.int4_linear(x, q, scale, minimum, 32), sys.argv[1])
+torch.save(module.int4_linear(x, q, scale, minimum, 32, 48), sys.argv[1])
 print(module.__file__)
 """
 
@@ -146,7 +146,7 @@ def test_a_new_process_imports_the_cached_kernel_directly_and_computes_the_same(
     assert os.path.samefile(proc.stdout.strip().splitlines()[-1], path)
     case: dict = {}
     exec(_INT4_CASE, case)
-    expected = qlinear.int4_linear(case["x"], case["q"], case["scale"], case["minimum"], 32)
+    expected = qlinear.int4_linear(case["x"], case["q"], case["scale"], case["minimum"], 32, 48)
     assert torch.equal(torch.load(out), expected)
 
 

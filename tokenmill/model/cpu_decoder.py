@@ -36,7 +36,7 @@ _LAYER_SOURCE = r"""
 // One registered model: its layers' weights, held here so a step passes none of them.
 struct QLin {
   torch::Tensor q, scale, min, bias;  // bias undefined where the linear has none
-  int64_t group = 0;
+  int64_t group = 0, out = 0;
   bool int4 = true;
 };
 struct DecoderWeights {
@@ -51,7 +51,7 @@ struct Decoder {
 static std::vector<std::unique_ptr<Decoder>> g_decoders;  // a handle is an index; freed slots stay null
 
 static torch::Tensor qlinear(const torch::Tensor& x, const QLin& l) {
-  torch::Tensor y = l.int4 ? int4_apply(x, l.q, l.scale, l.min, l.group) : int8_apply(x, l.q, l.scale, l.group);
+  torch::Tensor y = l.int4 ? int4_apply(x, l.q, l.scale, l.min, l.group, l.out) : int8_apply(x, l.q, l.scale, l.group, l.out);
   if (l.bias.defined()) y.add_(l.bias);
   return y;
 }
@@ -181,13 +181,14 @@ static QLin make_qlin(const std::vector<torch::Tensor>& t, size_t& i, const std:
   if (l.bias.numel() == 0) l.bias = torch::Tensor();
   l.group = ints[j++];
   l.int4 = ints[j++] != 0;
+  l.out = ints[j++];
   TORCH_CHECK(l.q.scalar_type() == (l.int4 ? at::kByte : at::kChar), "decoder: a linear's values have the wrong dtype");
   return l;
 }
 
 // tensors: per layer ln1, ln2, then per linear (qkv, o, gate_up, down) values, scale, min, bias
 // (empty tensors where absent); ints: heads, kv_heads, head_dim, then per layer and linear its
-// group size and 1 for int4 / 0 for int8. Returns the handle.
+// group size, 1 for int4 / 0 for int8, and out_features. Returns the handle.
 int64_t register_model(std::vector<torch::Tensor> tensors, std::vector<int64_t> ints, double eps) {
   auto dec = std::make_unique<Decoder>();
   size_t j = 0;
@@ -195,7 +196,7 @@ int64_t register_model(std::vector<torch::Tensor> tensors, std::vector<int64_t> 
   dec->kv_heads = ints[j++];
   dec->head_dim = ints[j++];
   dec->eps = eps;
-  TORCH_CHECK(tensors.size() % 18 == 0 && ints.size() == 3 + tensors.size() / 18 * 8, "decoder: malformed weights");
+  TORCH_CHECK(tensors.size() % 18 == 0 && ints.size() == 3 + tensors.size() / 18 * 12, "decoder: malformed weights");
   for (size_t i = 0; i < tensors.size();) {
     DecoderWeights w;
     w.ln1 = tensors[i++];
@@ -263,13 +264,13 @@ def kernel():
 def _linear_parts(lin) -> tuple[list[torch.Tensor], list[int]] | None:
     """(values, scale, min, bias) and (group, int4?) of one of the quantized kernels' linears
     with float32 output, else None (float, fp8 or mixed GGUF types: the torch path)."""
-    if getattr(lin, "out_dtype", None) != torch.float32:
+    if getattr(lin, "out_dtype", None) != torch.float32 or not getattr(lin, "kernel_fits", False):
         return None
     bias = torch.empty(0) if lin.bias is None else lin.bias.float().contiguous()
     if type(lin) is Int4Linear:
-        return [lin.packed, lin.scale, lin.minimum, bias], [lin.group_size, 1]
+        return [lin.packed, lin.scale, lin.minimum, bias], [lin.group_size, 1, lin.out_features]
     if type(lin) is Int8Linear:
-        return [lin.qweight, lin.scales, torch.empty(0, dtype=torch.float16), bias], [lin.group_size, 0]
+        return [lin.qweight, lin.scales, torch.empty(0, dtype=torch.float16), bias], [lin.group_size, 0, lin.out_features]
     return None
 
 

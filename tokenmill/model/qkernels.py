@@ -47,28 +47,35 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TM_AVX2 1
 #endif
+#if defined(TM_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define TM_VNNI 1
+#endif
 
-// Output columns dequantized together: 32 where rows reuse the tile, 4 (an L1-sized buffer)
-// for fewer than 4 rows. The tile only groups whole columns, so it changes no column's arithmetic.
-static constexpr int64_t kTileCols = 32, kFewRowsTileCols = 4, kFewRows = 4;
+// Activation blocks of 32 inputs; output columns in groups of 8 (one float lane each).
+static constexpr int64_t kBlock = 32, kCols = 8;
+// From this many rows, a thread runs 4 column groups for every row before moving on, so a
+// row's int8 activations are read from cache once per 32 columns instead of once per 8.
+static constexpr int64_t kManyRows = 4, kRowPassGroups = 4;
 
 static inline float half_to_float(at::Half h) {
 #ifdef __F16C__
-  return _cvtsh_ss(h.x);  // one instruction; c10's conversion is a dozen, per 32 weights
+  return _cvtsh_ss(h.x);
 #else
   return static_cast<float>(h);
 #endif
 }
 
-// --- 8-lane float vector: AVX2 or a plain array with the same lane semantics ---
-#ifdef TM_AVX2
+// --- 8-lane float vector (used by cpu_decoder.py's layer code): AVX2 or a plain array ---
+#if defined(__AVX2__) && defined(__FMA__)
 typedef __m256 V8;
 static inline V8 v_zero() { return _mm256_setzero_ps(); }
 static inline V8 v_load(const float* p) { return _mm256_loadu_ps(p); }
@@ -98,267 +105,288 @@ static inline float finish(V8 acc, const float* x, const float* w, int64_t k8, i
   return s;
 }
 
-// y[r, n] for rows r0..r0+R and columns c0..c0+C of a tile: R x C output elements, each with
-// its own lane accumulator; a wider block only shares the loads.
-template <int R, int C>
-static inline void block(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
-  V8 acc[R][C];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) acc[i][j] = v_zero();
-  const int64_t k8 = K - K % 8;
-  for (int64_t k = 0; k < k8; k += 8) {
-    V8 wv[C];
-    for (int j = 0; j < C; ++j) wv[j] = v_load(w + j * K + k);
-    for (int i = 0; i < R; ++i) {
-      V8 xv = v_load(x + i * ldx + k);
-      for (int j = 0; j < C; ++j) acc[i][j] = v_fma(xv, wv[j], acc[i][j]);
+// --- activations: int8 per block of 32, as llama.cpp's Q8 activations ---
+// d = amax / 127, q = round-half-even(x * (127 / amax)), and s = d * sum(q): the block sum of
+// the values the integers stand for (the minimum's term below). A block past K's end is zero.
+// A block holding inf or NaN gets q = 0 and d = s = NaN, so the rows it touches are NaN, as a
+// float matmul's would be. Only float multiplies, exact conversions and integer sums: the AVX2
+// and scalar versions give the same bytes.
+static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s, int32_t* qsum) {
+  const int64_t nb = (K + kBlock - 1) / kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * kBlock, n = std::min(kBlock, K - k0);
+    int8_t* qb = q + k0;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < n; ++k) {
+      const float a = std::fabs(x[k0 + k]);
+      finite = finite && std::isfinite(a);
+      amax = std::max(amax, a);
     }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) y[i * ldy + j] = finish(acc[i][j], x + i * ldx, w + j * K, k8, K);
-}
-
-// All rows of x against `cols` dequantized columns w[cols, K] (row-major), into y[:, c0:c0+cols].
-// 4 rows x 3 columns: 12 accumulators and 3 weight vectors fit AVX2's 16 registers (x is a
-// memory operand of the fused multiply-add); 4 x 4 would spill. Where AVX-512VL gives the same
-// 8-lane instructions 32 registers, 8 rows x 3 columns (24 accumulators) load each weight
-// vector for twice the rows. A block's shape only shares loads: no element's arithmetic changes.
-static void tile_matmul(const float* x, int64_t rows, int64_t K, const float* w, int64_t cols, float* y, int64_t N) {
-  int64_t r = 0;
-#ifdef __AVX512VL__
-  for (; r + 8 <= rows; r += 8) {
-    int64_t c = 0;
-    for (; c + 3 <= cols; c += 3) block<8, 3>(x + r * K, K, w + c * K, K, y + r * N + c, N);
-    for (; c < cols; ++c) block<8, 1>(x + r * K, K, w + c * K, K, y + r * N + c, N);
-  }
-#endif
-  for (; r + 4 <= rows; r += 4) {
-    int64_t c = 0;
-    for (; c + 3 <= cols; c += 3) block<4, 3>(x + r * K, K, w + c * K, K, y + r * N + c, N);
-    for (; c < cols; ++c) block<4, 1>(x + r * K, K, w + c * K, K, y + r * N + c, N);
-  }
-  for (; r < rows; ++r) {
-    int64_t c = 0;
-    for (; c + 4 <= cols; c += 4) block<1, 4>(x + r * K, K, w + c * K, K, y + r * N + c, N);
-    for (; c < cols; ++c) block<1, 1>(x + r * K, K, w + c * K, K, y + r * N + c, N);
-  }
-}
-
-// --- dequantization of one output column (K inputs) into float ---
-
-// int4: 32-blocks of 16 bytes, byte j = input j (low nibble) | input j+16 (high nibble);
-// w = q * scale + min, scale and min per group of G inputs (G a multiple of 32); m == nullptr:
-// GGUF Q4_0's symmetric form, min = -8 * scale (exact), so the file's 18 bytes per 32 suffice.
+    if (!finite) {
+      std::memset(qb, 0, kBlock);
+      d[b] = s[b] = std::numeric_limits<float>::quiet_NaN();
+      qsum[b] = 0;
+      continue;
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
 #ifdef TM_AVX2
-// The 32 weights of one int4 block as 4 vectors of 8 in k order, w = q * d + mn (one fused
-// multiply-add each). The tile path stores them, the few-rows path uses them in registers: one
-// function, so both compute the very same values.
-static inline void int4_block_avx2(const uint8_t* qb, float d, float mn, V8 w[4]) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(mn);
-  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
-  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv);
-  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
-  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
-}
-
-// 8 int8 weights, w = q * d (as the int4 block above, shared by both paths).
-static inline V8 int8_8_avx2(const int8_t* q, __m256 dv) {
-  const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(qi), dv);
-}
+    if (n == kBlock) {
+      const __m256 iv = _mm256_set1_ps(inv);
+      __m256i v[4];
+      for (int u = 0; u < 4; ++u) v[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k0 + 8 * u), iv));
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      for (int64_t k = 0; k < kBlock; ++k) sum += qb[k];
+      d[b] = amax / 127.f;
+      s[b] = d[b] * static_cast<float>(sum);
+      qsum[b] = sum;
+      continue;
+    }
 #endif
+    for (int64_t k = 0; k < kBlock; ++k) {
+      // nearbyint in the default rounding mode: half to even, as _mm256_cvtps_epi32
+      qb[k] = k < n ? static_cast<int8_t>(std::nearbyint(x[k0 + k] * inv)) : 0;
+      sum += qb[k];
+    }
+    d[b] = amax / 127.f;
+    s[b] = d[b] * static_cast<float>(sum);
+    qsum[b] = sum;
+  }
+}
 
-static inline void dequant_int4_col(const uint8_t* q, const at::Half* s, const at::Half* m, int64_t K, int64_t G,
-                                    float* w) {
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const int64_t g = (b * 32) / G;
-    const float d = half_to_float(s[g]), mn = m ? half_to_float(m[g]) : -8.f * d;
-    const uint8_t* qb = q + b * 16;
-    float* wb = w + b * 32;
+// A row's quantized activations: q [nb * 32], d and s [nb], and the integer sums of q per block.
+struct QRow { const int8_t* q; const float* d; const float* s; const int32_t* qsum; };
+
+// --- weights ---
+// Held in column groups of 8 output columns (quant.py lays them out at load): within a group,
+// 32 bytes hold 4 consecutive inputs of each of the 8 columns, lane j (bytes 4j..4j+3) column
+// j, so one 32-byte load and one 4-byte broadcast of x give the 8 columns' products for those
+// inputs without any horizontal sum.
+// int4: [ceil(N/8), K/8, 32] bytes, byte 4j+i = input 8t+i (low nibble) | input 8t+4+i (high
+//       nibble) of column j; w = q * scale + min per group of G inputs (a multiple of 32); min ==
+//       nullptr: GGUF Q4_0's symmetric form, min = -8 * scale (exact).
+// int8: [ceil(N/8), Kp/4, 32] bytes (Kp: K rounded up to 32, zeros past K), byte 4j+i = input
+//       4t+i of column j; w = q * scale per group of G (a multiple of 32, or G = K).
+// Scales and minimums are float16 [ceil(N/8), K/G, 8]: a group's 8 columns in one 16-byte load.
+struct Int4W {
+  const uint8_t* q; const at::Half* scale; const at::Half* min; int64_t K, G;
+  static constexpr bool kHasMin = true;
+  inline const uint8_t* group(int64_t c) const { return q + c * (K / 8) * 32; }
+  inline int32_t dot_scalar(int64_t c, int64_t j, int64_t b, const int8_t* x) const {
+    const uint8_t* p = group(c) + b * 4 * 32;
+    int32_t s = 0;
+    for (int t = 0; t < 4; ++t)
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t v = p[t * 32 + 4 * j + i];
+        s += (v & 0x0F) * x[8 * t + i] + (v >> 4) * x[8 * t + 4 + i];
+      }
+    return s;
+  }
+};
+struct Int8W {
+  const int8_t* q; const at::Half* scale; int64_t K, G;
+  static constexpr bool kHasMin = false;
+  inline int64_t padded_k() const { return (K + 31) / 32 * 32; }
+  inline const int8_t* group(int64_t c) const { return q + c * padded_k() * 8; }
+  inline int32_t dot_scalar(int64_t c, int64_t j, int64_t b, const int8_t* x) const {
+    const int8_t* p = group(c) + b * 8 * 32;
+    int32_t s = 0;
+    for (int t = 0; t < 8; ++t)
+      for (int i = 0; i < 4; ++i) s += p[t * 32 + 4 * j + i] * x[4 * t + i];
+    return s;
+  }
+};
+
 #ifdef TM_AVX2
-    V8 v[4];
-    int4_block_avx2(qb, d, mn, v);
-    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(wb + 8 * u, v[u]);
+static inline __m256i bcast4(const int8_t* x) {  // x[0..3] into every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+// acc + the exact int32 sums of 4 adjacent products u[k] * s[k] per lane (u unsigned, s signed).
+// Without VNNI, maddubs' int16 pair sums cannot saturate: u <= 15 (int4), or u = |w| <= 128
+// with w's sign moved onto x (int8), and 128 * 127 * 2 < 32767.
+static inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
+#ifdef TM_VNNI
+  return _mm256_dpbusd_epi32(acc, u, s);
 #else
-    for (int j = 0; j < 16; ++j) {
-      wb[j] = std::fma(static_cast<float>(qb[j] & 0x0F), d, mn);
-      wb[j + 16] = std::fma(static_cast<float>(qb[j] >> 4), d, mn);
-    }
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
-  }
 }
+// The 8 columns' integer dot products with the row's block b, lane j = column j.
+static inline __m256i block_dot(const Int4W& w, int64_t c, int64_t b, const QRow& x) {
+  const uint8_t* p = w.group(c) + b * 4 * 32;
+  const int8_t* xb = x.q + b * kBlock;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256i acc = _mm256_setzero_si256();
+  for (int t = 0; t < 4; ++t) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32));
+    acc = dot_add(acc, _mm256_and_si256(v, mask), bcast4(xb + 8 * t));
+    acc = dot_add(acc, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), bcast4(xb + 8 * t + 4));
+  }
+  return acc;
+}
+static inline __m256i block_dot(const Int8W& w, int64_t c, int64_t b, const QRow& x) {
+  const int8_t* p = w.group(c) + b * 8 * 32;
+  const int8_t* xb = x.q + b * kBlock;
+  __m256i acc = _mm256_setzero_si256();
+#ifdef TM_VNNI
+  // (w + 128) is unsigned: sum((w + 128) * x) - 128 * sum(x), one instruction per 4 inputs.
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int t = 0; t < 8; ++t) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32));
+    acc = _mm256_dpbusd_epi32(acc, _mm256_xor_si256(v, flip), bcast4(xb + 4 * t));
+  }
+  return _mm256_sub_epi32(acc, _mm256_set1_epi32(128 * x.qsum[b]));
+#else
+  for (int t = 0; t < 8; ++t) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32));
+    acc = dot_add(acc, _mm256_abs_epi8(v), _mm256_sign_epi8(bcast4(xb + 4 * t), v));
+  }
+  return acc;
+#endif
+}
+#endif
 
-// int8: w = q * scale, scale per group of G inputs (any G dividing K).
-static inline void dequant_int8_col(const int8_t* q, const at::Half* s, int64_t K, int64_t G, float* w) {
-  for (int64_t g0 = 0; g0 < K; g0 += G) {
-    const float d = half_to_float(s[g0 / G]);
-    int64_t k = g0;
+// y[n] for the 8 columns of column group c (n = 8c + j; j >= `valid` are padding, not stored)
+// of one row. Per block b: the exact integer dot product i of each column's weights and the
+// row's int8 values, then acc = fma(float(i), scale * d_b, acc) and, for int4,
+// macc = fma(min, s_b, macc); y = acc + macc. Each column's arithmetic is this sequence
+// whatever the rows, the thread split or the column's group: the integers are exact and the
+// float steps run per lane in block order.
+template <typename W>
+static inline void row_group(const W& w, int64_t c, int64_t N, const QRow& x, float* y) {
+  const int64_t nb = (w.K + kBlock - 1) / kBlock, groups = w.K / w.G;
+  const int64_t valid = std::min(kCols, N - c * kCols);
+  const at::Half* sc = w.scale + c * groups * kCols;
+  const at::Half* mn = nullptr;
+  if constexpr (W::kHasMin) mn = w.min ? w.min + c * groups * kCols : nullptr;
 #ifdef TM_AVX2
-    const __m256 dv = _mm256_set1_ps(d);
-    for (; k + 8 <= g0 + G; k += 8) _mm256_storeu_ps(w + k, int8_8_avx2(q + k, dv));
-#endif
-    for (; k < g0 + G; ++k) w[k] = static_cast<float>(q[k]) * d;
+  __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i i = block_dot(w, c, b, x);
+    const int64_t g = (b * kBlock) / w.G;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * kCols)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d, _mm256_set1_ps(x.d[b])), acc);
+    if constexpr (W::kHasMin) {
+      const __m256 m = mn ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * kCols)))
+                          : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+      macc = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s[b]), macc);
+    }
   }
+  alignas(32) float out[kCols];
+  _mm256_store_ps(out, _mm256_add_ps(acc, macc));
+  for (int64_t j = 0; j < valid; ++j) y[c * kCols + j] = out[j];
+#else
+  for (int64_t j = 0; j < valid; ++j) {
+    float acc = 0.f, macc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int32_t i = w.dot_scalar(c, j, b, x.q + b * kBlock);
+      const int64_t g = (b * kBlock) / w.G;
+      const float d = half_to_float(sc[g * kCols + j]);
+      acc = std::fma(static_cast<float>(i), d * x.d[b], acc);
+      if constexpr (W::kHasMin) macc = std::fma(mn ? half_to_float(mn[g * kCols + j]) : d * -8.f, x.s[b], macc);
+    }
+    y[c * kCols + j] = acc + macc;
+  }
+#endif
 }
 
-template <typename Dequant>
-static torch::Tensor run(const torch::Tensor& x, int64_t N, int64_t K, Dequant dequant) {
+template <typename W>
+static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
+  const int64_t K = w.K;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [rows, in_features]");
   const torch::Tensor xf = x.to(torch::kFloat).contiguous();
-  const int64_t rows = xf.size(0);
+  const int64_t rows = xf.size(0), nb = (K + kBlock - 1) / kBlock;
   torch::Tensor y = torch::empty({rows, N}, xf.options());
   if (rows == 0) return y;
+  std::vector<int8_t> xq(rows * nb * kBlock);
+  std::vector<float> xd(rows * nb), xs(rows * nb);
+  std::vector<int32_t> xsum(rows * nb);
   const float* xp = xf.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      quantize_row(xp + r * K, K, xq.data() + r * nb * kBlock, xd.data() + r * nb, xs.data() + r * nb, xsum.data() + r * nb);
+  });
   float* yp = y.data_ptr<float>();
-  const int64_t tile_cols = rows < kFewRows ? kFewRowsTileCols : kTileCols;
-  const int64_t tiles = (N + tile_cols - 1) / tile_cols;
+  auto qrow = [&](int64_t r) { return QRow{xq.data() + r * nb * kBlock, xd.data() + r * nb, xs.data() + r * nb, xsum.data() + r * nb}; };
+  const int64_t col_groups = (N + kCols - 1) / kCols;
+  if (rows < kManyRows) {
+    at::parallel_for(0, col_groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c)
+        for (int64_t r = 0; r < rows; ++r) row_group(w, c, N, qrow(r), yp + r * N);
+    });
+    return y;
+  }
+  const int64_t tiles = (col_groups + kRowPassGroups - 1) / kRowPassGroups;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(tile_cols * K);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t c0 = t * tile_cols, cols = std::min(tile_cols, N - c0);
-      for (int64_t c = 0; c < cols; ++c) dequant(c0 + c, buf.data() + c * K);
-      tile_matmul(xp, rows, K, buf.data(), cols, yp + c0, N);
+      const int64_t c1 = std::min(col_groups, (t + 1) * kRowPassGroups);
+      for (int64_t r = 0; r < rows; ++r) {
+        const QRow xr = qrow(r);
+        for (int64_t c = t * kRowPassGroups; c < c1; ++c) row_group(w, c, N, xr, yp + r * N);
+      }
     }
   });
   return y;
 }
 
-#ifdef TM_AVX2
-// Fewer than kFewRows rows: nothing reuses a dequantized tile, so each 8 weights are dequantized
-// in registers, by the function dequant_*_col uses, and multiplied at once: the same
-// operations in the same order as tile_matmul over the tile, so the same bits, without the
-// tile's store and reload. C columns at a time give R * C independent accumulator chains (a
-// fused multiply-add waits on the one before it in its own chain only).
-struct Int4Cols {
-  const uint8_t* q; const at::Half* s; const at::Half* m; int64_t K, G;
-  // The 32 weights of block b of column n, as 4 vectors of 8 in k order.
-  inline void block(int64_t n, int64_t b, V8 w[4]) const {
-    const int64_t groups = K / G, g = (b * 32) / G;
-    const float d = half_to_float(s[n * groups + g]), mn = m ? half_to_float(m[n * groups + g]) : -8.f * d;
-    int4_block_avx2(q + n * (K / 2) + b * 16, d, mn, w);
-  }
-};
-struct Int8Cols {
-  const int8_t* q; const at::Half* s; int64_t K, G;  // G a multiple of 32 here
-  inline void block(int64_t n, int64_t b, V8 w[4]) const {
-    const int64_t groups = K / G;
-    const __m256 dv = _mm256_set1_ps(half_to_float(s[n * groups + (b * 32) / G]));
-    for (int j = 0; j < 4; ++j) w[j] = int8_8_avx2(q + n * K + b * 32 + j * 8, dv);
-  }
-};
-
-template <int R, int C, typename Cols>
-static inline void few_rows_block(const float* x, const Cols& cols, int64_t n0, float* y, int64_t N) {
-  const int64_t K = cols.K;
-  V8 acc[R][C];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) acc[i][j] = v_zero();
-  for (int64_t b = 0; b < K / 32; ++b) {
-    for (int j = 0; j < C; ++j) {
-      V8 w[4];
-      cols.block(n0 + j, b, w);
-      for (int i = 0; i < R; ++i)
-        for (int u = 0; u < 4; ++u) acc[i][j] = v_fma(v_load(x + i * K + b * 32 + u * 8), w[u], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) y[i * N + n0 + j] = v_sum(acc[i][j]);  // K % 32 == 0: no k tail
+static void check_scales(const torch::Tensor& t, int64_t N, int64_t groups, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 3 && t.size(0) == (N + kCols - 1) / kCols &&
+                  t.size(1) == groups && t.size(2) == kCols,
+              what, " must be contiguous float16 [ceil(out/8), in/group, 8]");
 }
 
-template <int R, typename Cols>
-static void few_rows_cols(const float* x, const Cols& cols, int64_t c0, int64_t c1, float* y, int64_t N) {
-  constexpr int C = R == 1 ? 8 : (R == 2 ? 4 : 3);
-  int64_t n = c0;
-  for (; n + C <= c1; n += C) few_rows_block<R, C>(x, cols, n, y, N);
-  for (; n < c1; ++n) few_rows_block<R, 1>(x, cols, n, y, N);
-}
-
-template <typename Cols>
-static torch::Tensor run_few_rows(const torch::Tensor& x, int64_t N, const Cols& cols) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols.K, "x must be [rows, in_features]");
-  const torch::Tensor xf = x.to(torch::kFloat).contiguous();
-  const int64_t rows = xf.size(0);
-  torch::Tensor y = torch::empty({rows, N}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Column ranges in multiples of 24 (divisible by every C above) so each thread runs whole blocks.
-  const int64_t unit = 24, units = (N + unit - 1) / unit;
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = begin * unit, c1 = std::min(N, end * unit);
-    if (rows == 1) few_rows_cols<1>(xp, cols, c0, c1, yp, N);
-    else if (rows == 2) few_rows_cols<2>(xp, cols, c0, c1, yp, N);
-    else few_rows_cols<3>(xp, cols, c0, c1, yp, N);
-  });
-  return y;
-}
-#endif
-
-// x [rows, K] float-like; q [N, K/2] uint8; scale, min [N, K/G] float16 (min empty: Q4_0's
-// symmetric form) -> y [rows, N] float32.
+// x [rows, K] float-like; q [ceil(N/8), K/8, 32] uint8; scale, min [ceil(N/8), K/G, 8] float16
+// (min empty: Q4_0's symmetric form) -> y [rows, N] float32.
 // The work without the GIL handling: cpu_decoder.py calls it with the GIL already released.
 static torch::Tensor int4_apply(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                                const torch::Tensor& min, int64_t G) {
-  const int64_t N = q.size(0), K = q.size(1) * 2;
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "int4: q must be contiguous uint8 [out, in/2]");
-  TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "int4: the group size must be a multiple of 32 dividing in_features");
+                                const torch::Tensor& min, int64_t G, int64_t N) {
+  const int64_t K = q.dim() == 3 ? q.size(1) * 8 : 0;
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 3 && q.size(0) == (N + kCols - 1) / kCols &&
+                  q.size(2) == 32, "int4: q must be contiguous uint8 [ceil(out/8), in/8, 32]");
+  TORCH_CHECK(G > 0 && G % kBlock == 0 && K % G == 0, "int4: the group size must be a multiple of 32 dividing in_features");
+  check_scales(scale, N, K / G, "int4: scale");
   const bool symmetric = min.numel() == 0;
-  TORCH_CHECK(scale.scalar_type() == at::kHalf && min.scalar_type() == at::kHalf && scale.is_contiguous() &&
-                  min.is_contiguous() && scale.size(0) == N && scale.size(1) == K / G &&
-                  (symmetric || min.sizes() == scale.sizes()),
-              "int4: scale and min must be contiguous float16 [out, in/group]");
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const at::Half* sp = scale.data_ptr<at::Half>();
-  const at::Half* mp = symmetric ? nullptr : min.data_ptr<at::Half>();
-  const int64_t groups = K / G;
-#ifdef TM_AVX2
-  if (x.dim() == 2 && x.size(0) > 0 && x.size(0) < kFewRows) return run_few_rows(x, N, Int4Cols{qp, sp, mp, K, G});
-#endif
-  return run(x, N, K, [=](int64_t n, float* w) {
-    dequant_int4_col(qp + n * (K / 2), sp + n * groups, mp ? mp + n * groups : nullptr, K, G, w);
-  });
+  if (!symmetric) check_scales(min, N, K / G, "int4: min");
+  return run(x, N, Int4W{q.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), symmetric ? nullptr : min.data_ptr<at::Half>(), K, G});
 }
 
-// x [rows, K]; q [N, K] int8; scale [N, K/G] float16 -> y [rows, N] float32.
-static torch::Tensor int8_apply(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t G) {
-  const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "int8: q must be contiguous int8 [out, in]");
-  TORCH_CHECK(G > 0 && K % G == 0, "int8: the group size must divide in_features");
-  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.size(0) == N && scale.size(1) == K / G,
-              "int8: scale must be contiguous float16 [out, in/group]");
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const at::Half* sp = scale.data_ptr<at::Half>();
-  const int64_t groups = K / G;
-#ifdef TM_AVX2
-  if (x.dim() == 2 && x.size(0) > 0 && x.size(0) < kFewRows && G % 32 == 0) return run_few_rows(x, N, Int8Cols{qp, sp, K, G});
-#endif
-  return run(x, N, K, [=](int64_t n, float* w) { dequant_int8_col(qp + n * K, sp + n * groups, K, G, w); });
+// x [rows, K]; q [ceil(N/8), ceil(K/32) * 8, 32] int8; scale [ceil(N/8), K/G, 8] float16 -> y [rows, N] float32.
+static torch::Tensor int8_apply(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t G,
+                                int64_t N) {
+  const int64_t K = x.dim() == 2 ? x.size(1) : 0;
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 3 && q.size(0) == (N + kCols - 1) / kCols &&
+                  q.size(1) == (K + kBlock - 1) / kBlock * 8 && q.size(2) == 32,
+              "int8: q must be contiguous int8 [ceil(out/8), ceil(in/32) * 8, 32] for x's in_features");
+  TORCH_CHECK(G > 0 && K % G == 0 && (G % kBlock == 0 || G == K),
+              "int8: the group size must be a multiple of 32 dividing in_features, or in_features");
+  check_scales(scale, N, K / G, "int8: scale");
+  return run(x, N, Int8W{q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), K, G});
 }
 
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t G) {
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t G, int64_t N) {
   // No Python object is touched below: other Python threads (the server's HTTP loop) run
   // while the kernel does, instead of waiting for the GIL until it returns.
   pybind11::gil_scoped_release no_gil;
-  return int4_apply(x, q, scale, min, G);
+  return int4_apply(x, q, scale, min, G, N);
 }
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t G) {
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t G, int64_t N) {
   pybind11::gil_scoped_release no_gil;  // as int4_linear
-  return int8_apply(x, q, scale, G);
+  return int8_apply(x, q, scale, G, N);
 }
 
 std::string isa() {
-#ifdef TM_AVX2
-  std::string s = "avx2+fma";
+#if defined(TM_VNNI)
+  return "avx2+fma+f16c+avx512vnni";
+#elif defined(TM_AVX2)
+  return "avx2+fma+f16c";
 #else
-  std::string s = "scalar";
+  return "scalar";
 #endif
-#ifdef __F16C__
-  s += "+f16c";
-#endif
-  return s;
 }
 """
 

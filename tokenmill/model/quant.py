@@ -18,7 +18,8 @@ Every row, prompt or generated, one or 512 of them, runs the same kernel, whose 
 row does not depend on the other rows (qkernels.py): a request's tokens do not depend on its
 batch, and a draft verified in a chunk equals the token decoded alone (DESIGN.md). Weights are
 kept packed, the size of the GGUF data (4.5 or 8.5 bits per weight), with float16 scales; no
-dense copy. Activations run in float32 (x is cast; the result is cast back to out_dtype).
+dense copy. Activations are cast to float32 and rounded to int8 per block of 32 inside the
+kernel (as llama.cpp's Q8 activations); the result is float32, cast back to out_dtype.
 
 Where the C++ kernel cannot be built, the linears dequantize their weights in torch for each
 call (slow, for correctness only; qkernels logs it).
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # not at run time: GGUF blocks exist only where `gguf` read a
 SCALE_DTYPE = torch.float16  # the scales' dtype: GGUF's own, and 2 bytes like it
 INT4_BLOCK = 32  # int4 group sizes are multiples of it: the packing's unit
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the sizes `int4_group_size` picks among for float weights
+KERNEL_COLS = 8  # the kernel reads the scales of 8 output columns at once (column_groups)
 
 
 # --- packing ---
@@ -60,6 +62,55 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     out, half = packed.shape
     b = packed.reshape(out, half // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2).to(torch.int32)
     return torch.cat([b & 0x0F, b >> 4], dim=2).reshape(out, 2 * half)
+
+
+def column_groups(t: torch.Tensor) -> torch.Tensor:
+    """Scales [out, groups] -> the kernel's layout [ceil(out/8), groups, 8]: the 8 output
+    columns the kernel computes together side by side per group, one 16-byte load (zeros pad
+    the last column group)."""
+    out, groups = t.shape
+    pad = t.new_zeros(-out % KERNEL_COLS, groups)
+    return torch.cat([t, pad]).reshape(-1, KERNEL_COLS, groups).transpose(1, 2).contiguous()
+
+
+def from_column_groups(t: torch.Tensor, out: int) -> torch.Tensor:
+    """column_groups' inverse: [out, groups]."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:out]
+
+
+def int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values 0..15 -> the int4 kernel's [ceil(out/8), in/8, 32] uint8: per group of 8
+    output columns and 8 inputs 8t..8t+7, byte 4j+i holds input 8t+i (low nibble) and 8t+4+i
+    (high nibble) of column j, so one 32-byte load serves 8 columns (qkernels.py)."""
+    out, inp = q.shape
+    q = torch.cat([q.to(torch.uint8), torch.zeros(-out % KERNEL_COLS, inp, dtype=torch.uint8)])
+    b = q.reshape(-1, KERNEL_COLS, inp // 8, 2, 4)  # (column group, j, t, nibble, i)
+    packed = b[:, :, :, 0] | (b[:, :, :, 1] << 4)
+    return packed.permute(0, 2, 1, 3).reshape(-1, inp // 8, 32).contiguous()
+
+
+def int4_from_kernel_layout(packed: torch.Tensor, out: int) -> torch.Tensor:
+    """int4_kernel_layout's inverse: [out, in] int32 values 0..15."""
+    groups, t, _ = packed.shape
+    b = packed.reshape(groups, t, KERNEL_COLS, 4).permute(0, 2, 1, 3).to(torch.int32)
+    return torch.stack([b & 0x0F, b >> 4], dim=3).reshape(groups * KERNEL_COLS, t * 8)[:out]
+
+
+def int8_kernel_layout(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values -128..127 -> the int8 kernel's [ceil(out/8), ceil(in/32) * 8, 32] int8:
+    per group of 8 output columns and 4 inputs 4t..4t+3, byte 4j+i holds input 4t+i of
+    column j (zeros past in and out)."""
+    out, inp = q.shape
+    width = -(-inp // INT4_BLOCK) * INT4_BLOCK
+    full = torch.zeros(-(-out // KERNEL_COLS) * KERNEL_COLS, width, dtype=torch.int8)
+    full[:out, :inp] = q
+    return full.reshape(-1, KERNEL_COLS, width // 4, 4).permute(0, 2, 1, 3).reshape(-1, width // 4, 32).contiguous()
+
+
+def int8_from_kernel_layout(packed: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+    """int8_kernel_layout's inverse: [out, in] int8."""
+    groups, t, _ = packed.shape
+    return packed.reshape(groups, t, KERNEL_COLS, 4).permute(0, 2, 1, 3).reshape(groups * KERNEL_COLS, t * 4)[:out, :inp]
 
 
 # --- modules ---
@@ -86,10 +137,12 @@ class WeightOnlyLinear(nn.Module):
         self.out_dtype = out_dtype
         self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
 
+    kernel_fits = True  # Int8Linear: not for every group size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module = qkernels.kernel()
         xf = x.float()
-        y = self._kernel(module, xf) if module is not None else F.linear(xf, self.dequantized())
+        y = self._kernel(module, xf) if module is not None and self.kernel_fits else F.linear(xf, self.dequantized())
         y = y.to(self.out_dtype)
         return y if self.bias is None else y + self.bias
 
@@ -109,24 +162,25 @@ class Int4Linear(WeightOnlyLinear):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype):
         minimum = zero.double() - 8 * scale.double()
-        self._setup(pack_int4(q), scale, minimum, group_size, bias, out_dtype)
+        self._setup(q, scale, minimum, group_size, bias, out_dtype)
 
-    def _setup(self, packed, scale, minimum, group_size, bias, out_dtype) -> None:
+    def _setup(self, q, scale, minimum, group_size, bias, out_dtype) -> None:
         WeightOnlyLinear.__init__(self, bias, out_dtype)
-        out, inp = packed.shape[0], packed.shape[1] * 2
+        out, inp = q.shape
         if group_size <= 0 or group_size % INT4_BLOCK or inp % group_size:
             raise ValueError(f"int4 needs a group size that is a multiple of {INT4_BLOCK} dividing in_features={inp}")
         self.in_features, self.out_features, self.group_size = inp, out, group_size
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale.reshape(out, inp // group_size).to(SCALE_DTYPE).contiguous())
+        self.register_buffer("packed", int4_kernel_layout(q))
+        groups = inp // group_size
+        self.register_buffer("scale", column_groups(scale.reshape(out, groups).to(SCALE_DTYPE)))
         # None: symmetric (GGUF Q4_0), min = -8 * scale, kept as an empty tensor (no bytes).
-        minimum = torch.empty(0) if minimum is None else minimum.reshape(out, inp // group_size)
+        minimum = torch.empty(0) if minimum is None else column_groups(minimum.reshape(out, groups).to(SCALE_DTYPE))
         self.register_buffer("minimum", minimum.to(SCALE_DTYPE).contiguous())
 
     @classmethod
-    def _from_packed(cls, packed, scale, minimum, group_size, bias, out_dtype) -> "Int4Linear":
+    def _from_values(cls, q, scale, minimum, group_size, bias, out_dtype) -> "Int4Linear":
         lin = cls.__new__(cls)
-        lin._setup(packed, scale, minimum, group_size, bias, out_dtype)
+        lin._setup(q, scale, minimum, group_size, bias, out_dtype)
         return lin
 
     @classmethod
@@ -140,21 +194,21 @@ class Int4Linear(WeightOnlyLinear):
         scale = ((hi - lo) / 15).clamp(min=1e-6).to(SCALE_DTYPE).float()
         lo = lo.to(SCALE_DTYPE).float()
         q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
-        return cls._from_packed(pack_int4(q), scale, lo, group_size, bias, out_dtype)
+        return cls._from_values(q, scale, lo, group_size, bias, out_dtype)
 
     @classmethod
     def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int4Linear":
         packed, d, m = w.int4_blocks()  # the file's nibbles, scales and minimums as they are
-        return cls._from_packed(packed, d, m, 32, bias, out_dtype)
+        return cls._from_values(unpack_int4(packed), d, m, 32, bias, out_dtype)
 
     def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
-        return module.int4_linear(xf, self.packed, self.scale, self.minimum, self.group_size)
+        return module.int4_linear(xf, self.packed, self.scale, self.minimum, self.group_size, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         g = self.group_size
-        q = unpack_int4(self.packed).float().reshape(self.out_features, -1, g)
-        scale = self.scale.float()
-        minimum = -8 * scale if self.minimum.numel() == 0 else self.minimum.float()
+        q = int4_from_kernel_layout(self.packed, self.out_features).float().reshape(self.out_features, -1, g)
+        scale = from_column_groups(self.scale, self.out_features).float()
+        minimum = -8 * scale if self.minimum.numel() == 0 else from_column_groups(self.minimum, self.out_features).float()
         w = q * scale[..., None] + minimum[..., None]
         return w.reshape(self.out_features, self.in_features)
 
@@ -173,9 +227,11 @@ class Int8Linear(WeightOnlyLinear):
             raise ValueError(f"int8 group size {group_size} does not divide in_features={inp}")
         self.out_features, self.in_features, self.group_size = out, inp, group_size
         groups = inp // group_size
-        self.register_buffer("qweight", q.to(torch.int8).contiguous())
-        # given [groups, out] (one row of scales per input group), kept [out, groups]
-        self.register_buffer("scales", scale.reshape(groups, out).t().to(SCALE_DTYPE).contiguous())
+        self.register_buffer("qweight", int8_kernel_layout(q.to(torch.int8)))
+        # given [groups, out] (one row of scales per input group), kept in column_groups' layout
+        self.register_buffer("scales", column_groups(scale.reshape(groups, out).t().to(SCALE_DTYPE)))
+        # The kernel's int8 activation blocks of 32 must each fall in one group.
+        self.kernel_fits = group_size % INT4_BLOCK == 0 or group_size == inp
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias, out_dtype) -> "Int8Linear":
@@ -192,11 +248,13 @@ class Int8Linear(WeightOnlyLinear):
         return cls(q, d.t(), 32, bias, out_dtype)
 
     def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
-        return module.int8_linear(xf, self.qweight, self.scales, self.group_size)
+        return module.int8_linear(xf, self.qweight, self.scales, self.group_size, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        q = self.qweight.float().reshape(self.out_features, -1, self.group_size)
-        return (q * self.scales.float()[..., None]).reshape(self.out_features, self.in_features)
+        q = int8_from_kernel_layout(self.qweight, self.out_features, self.in_features).float()
+        q = q.reshape(self.out_features, -1, self.group_size)
+        scales = from_column_groups(self.scales, self.out_features).float()
+        return (q * scales[..., None]).reshape(self.out_features, self.in_features)
 
 
 def quantized_kernel(weight: "torch.Tensor | QuantizedWeight", quantization: str) -> type | None:
