@@ -25,7 +25,7 @@ from gguf.quants import quantize
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk, TorchAttention, cpu_backend
 from tokenmill.model.gguf_blocks import QuantizedWeight
 from tokenmill.model.layers import weight_nbytes
-from tokenmill.model.quant import make_linear
+from tokenmill.model.quant import from_column_groups, make_linear
 
 
 def us(fn, n: int = 30) -> float:
@@ -49,9 +49,11 @@ def bandwidth_gbs() -> float:
 
 def torch_int4(lin):
     """Before issue 21: torch's int4 kernel over the same values (bf16 activations, group 32)."""
-    q = (lin.dequantized() - lin.minimum.float().repeat_interleave(32, 1)) / lin.scale.float().repeat_interleave(32, 1)
+    scale = from_column_groups(lin.scale, lin.out_features).float()
+    minimum = from_column_groups(lin.minimum, lin.out_features).float()
+    q = (lin.dequantized() - minimum.repeat_interleave(32, 1)) / scale.repeat_interleave(32, 1)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.round().to(torch.int32).contiguous(), 1)
-    sz = torch.stack([lin.scale.t(), (lin.minimum.float() + 8 * lin.scale.float()).t()], -1).bfloat16().contiguous()
+    sz = torch.stack([scale.t(), (minimum + 8 * scale).t()], -1).bfloat16().contiguous()
     return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, sz).float()
 
 

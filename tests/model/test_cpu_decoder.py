@@ -47,8 +47,10 @@ def logits_both_ways(ids: list[int], kv_dtype: torch.dtype | None) -> tuple[torc
 def test_logits_equal_the_op_by_op_path_within_float32_rounding():
     ids = real.loaded("none").tokenizer.encode(real.text())[:128]
     fused, ops = logits_both_ways(ids, None)
-    # Measured 5e-5 (logits span about +-30): the norms and SiLU sum in another order.
-    assert (fused - ops).abs().max().item() < 5e-4
+    # Measured 5.5e-3 (logits span about +-30): the norms and SiLU sum in another order, and
+    # the linears' two-pass int8 activations (qkernels.py) round the two paths' slightly
+    # different inputs to a neighbouring integer here and there.
+    assert (fused - ops).abs().max().item() < 2e-2
     assert torch.equal(fused.argmax(-1), ops.argmax(-1))
 
 

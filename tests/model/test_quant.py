@@ -1,8 +1,9 @@
 """Quantized linears against float linears over the same (dequantized) weights.
 
-Tolerances: the kernels run float32 activations over the exact weight values, so outputs agree
-with the float32 reference to float32 summation error (1e-4 of the output scale here; the
-kernel's own bound is checked in test_qkernels.py)."""
+Tolerances: the kernels round activations to int8 per block of 32 (quant.int8_activations) and
+run them over the exact weight values, so outputs agree with a float32 matmul of those rounded
+activations to float32 summation error (1e-4 of the output scale here; the kernel's own bound
+is checked in test_qkernels.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from gguf.quants import quantize
 
 from tokenmill.model.layers import FloatLinear, weight_nbytes
 from tokenmill.model.gguf_blocks import QuantizedWeight
-from tokenmill.model.quant import Int4Linear, Int8Linear, make_linear
+from tokenmill.model.quant import Int4Linear, Int8Linear, int8_activations, make_linear
 
 OUT, IN = 96, 128
 
@@ -30,6 +31,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def x(rows: int = 5) -> torch.Tensor:
     return torch.randn(rows, IN, generator=torch.Generator().manual_seed(1))
+
+
+def xq(rows: int = 5) -> torch.Tensor:
+    """x() as the kernels round it."""
+    return int8_activations(x(rows))
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
@@ -53,7 +59,7 @@ def test_int4_kernel_zero_point_convention():
     m = (zero.double() - 8 * scale.double()).half().float().repeat_interleave(32, 1)
     w = q * s + m
     assert torch.equal(lin.dequantized(), w)
-    assert rel_err(lin(x()), x() @ w.t()) < 1e-4
+    assert rel_err(lin(x()), xq() @ w.t()) < 1e-4
 
 
 @pytest.mark.parametrize("qtype,cls", [(Q.Q4_1, Int4Linear), (Q.Q4_0, Int4Linear), (Q.Q8_0, Int8Linear)])
@@ -63,7 +69,7 @@ def test_gguf_auto_stays_quantized_and_matches_float(qtype, cls, rows):
     bias = torch.randn(OUT)
     lin = make_linear(w, bias, torch.float32, "auto", 32)
     assert isinstance(lin, cls)
-    ref = torch.nn.functional.linear(x(rows), w.dequantize(), bias)
+    ref = torch.nn.functional.linear(xq(rows), w.dequantize(), bias)
     out = lin(x(rows))
     assert out.dtype == torch.float32 and out.shape == (rows, OUT)
     assert rel_err(out, ref) < 1e-4

@@ -105,59 +105,68 @@ static inline float finish(V8 acc, const float* x, const float* w, int64_t k8, i
   return s;
 }
 
-// --- activations: int8 per block of 32, as llama.cpp's Q8 activations ---
-// d = amax / 127, q = round-half-even(x * (127 / amax)), and s = d * sum(q): the block sum of
-// the values the integers stand for (the minimum's term below). A block past K's end is zero.
-// A block holding inf or NaN gets q = 0 and d = s = NaN, so the rows it touches are NaN, as a
-// float matmul's would be. Only float multiplies, exact conversions and integer sums: the AVX2
-// and scalar versions give the same bytes.
-static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s, int32_t* qsum) {
+// --- activations: two int8 passes per block of 32 ---
+// Each block of a row is rounded to int8, x ~ q * d with d = amax / 127 and q =
+// round-half-even(x * (127 / amax)), as llama.cpp's Q8 activations; then what that leaves,
+// x - q * d, is rounded the same way to q2 * d2. The kernel multiplies both by the weights (the
+// weights are unpacked once for the two), so the activations it runs are q * d + q2 * d2, within
+// about amax / 64516 of x instead of amax / 254: one pass moved SmolLM2's logits by up to 1.4 and
+// changed its greedy answers.
+// Past K the block is zero. A block holding inf or NaN gets q = 0 and d = NaN, so its row's
+// outputs are NaN as a float matmul's would be. Only float multiplies and subtractions, exact
+// conversions and integer sums: the AVX2 and scalar versions give the same bytes.
+static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < n; ++k) {
+    const float a = std::fabs(v[k]);
+    finite = finite && std::isfinite(a);
+    amax = std::max(amax, a);
+  }
+  if (!finite) {
+    std::memset(q, 0, kBlock);
+    d = std::numeric_limits<float>::quiet_NaN();
+    return 0;
+  }
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  d = amax / 127.f;
+  int32_t sum = 0;
+#ifdef TM_AVX2
+  if (n == kBlock) {
+    const __m256 iv = _mm256_set1_ps(inv);
+    __m256i w[4];
+    for (int u = 0; u < 4; ++u) w[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * u), iv));
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    for (int64_t k = 0; k < kBlock; ++k) sum += q[k];
+    return sum;
+  }
+#endif
+  for (int64_t k = 0; k < kBlock; ++k) {
+    // nearbyint in the default rounding mode: half to even, as _mm256_cvtps_epi32
+    q[k] = k < n ? static_cast<int8_t>(std::nearbyint(v[k] * inv)) : 0;
+    sum += q[k];
+  }
+  return sum;
+}
+
+// A row's activations: per block b, q[32b..] * d[b] + q2[32b..] * d2[b]; qsum and qsum2 the
+// blocks' integer sums, s[b] the sum of the values they stand for (the minimum's term).
+struct QRow { const int8_t *q, *q2; const float *d, *d2, *s; const int32_t *qsum, *qsum2; };
+
+static void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* q2, float* d, float* d2, float* s,
+                         int32_t* qsum, int32_t* qsum2) {
   const int64_t nb = (K + kBlock - 1) / kBlock;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * kBlock, n = std::min(kBlock, K - k0);
-    int8_t* qb = q + k0;
-    float amax = 0.f;
-    bool finite = true;
-    for (int64_t k = 0; k < n; ++k) {
-      const float a = std::fabs(x[k0 + k]);
-      finite = finite && std::isfinite(a);
-      amax = std::max(amax, a);
-    }
-    if (!finite) {
-      std::memset(qb, 0, kBlock);
-      d[b] = s[b] = std::numeric_limits<float>::quiet_NaN();
-      qsum[b] = 0;
-      continue;
-    }
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
-#ifdef TM_AVX2
-    if (n == kBlock) {
-      const __m256 iv = _mm256_set1_ps(inv);
-      __m256i v[4];
-      for (int u = 0; u < 4; ++u) v[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k0 + 8 * u), iv));
-      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-      for (int64_t k = 0; k < kBlock; ++k) sum += qb[k];
-      d[b] = amax / 127.f;
-      s[b] = d[b] * static_cast<float>(sum);
-      qsum[b] = sum;
-      continue;
-    }
-#endif
-    for (int64_t k = 0; k < kBlock; ++k) {
-      // nearbyint in the default rounding mode: half to even, as _mm256_cvtps_epi32
-      qb[k] = k < n ? static_cast<int8_t>(std::nearbyint(x[k0 + k] * inv)) : 0;
-      sum += qb[k];
-    }
-    d[b] = amax / 127.f;
-    s[b] = d[b] * static_cast<float>(sum);
-    qsum[b] = sum;
+    qsum[b] = round_block(x + k0, n, q + k0, d[b]);
+    float r[kBlock] = {};
+    if (!std::isnan(d[b]))
+      for (int64_t k = 0; k < n; ++k) r[k] = x[k0 + k] - static_cast<float>(q[k0 + k]) * d[b];
+    qsum2[b] = round_block(r, n, q2 + k0, d2[b]);
+    s[b] = d[b] * static_cast<float>(qsum[b]) + d2[b] * static_cast<float>(qsum2[b]);
   }
 }
-
-// A row's quantized activations: q [nb * 32], d and s [nb], and the integer sums of q per block.
-struct QRow { const int8_t* q; const float* d; const float* s; const int32_t* qsum; };
 
 // --- weights ---
 // Held in column groups of 8 output columns (quant.py lays them out at load): within a group,
@@ -215,45 +224,51 @@ static inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
-// The 8 columns' integer dot products with the row's block b, lane j = column j.
-static inline __m256i block_dot(const Int4W& w, int64_t c, int64_t b, const QRow& x) {
+// The 8 columns' integer dot products with the row's block b, lane j = column j, for the
+// two passes: each weight vector is unpacked once and multiplied by both.
+struct Dots { __m256i a, b; };
+static inline Dots block_dot(const Int4W& w, int64_t c, int64_t b, const QRow& x) {
   const uint8_t* p = w.group(c) + b * 4 * 32;
-  const int8_t* xb = x.q + b * kBlock;
+  const int8_t *x1 = x.q + b * kBlock, *x2 = x.q2 + b * kBlock;
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  __m256i acc = _mm256_setzero_si256();
+  __m256i a1 = _mm256_setzero_si256(), a2 = _mm256_setzero_si256();
   for (int t = 0; t < 4; ++t) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32));
-    acc = dot_add(acc, _mm256_and_si256(v, mask), bcast4(xb + 8 * t));
-    acc = dot_add(acc, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), bcast4(xb + 8 * t + 4));
+    const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    a1 = dot_add(dot_add(a1, lo, bcast4(x1 + 8 * t)), hi, bcast4(x1 + 8 * t + 4));
+    a2 = dot_add(dot_add(a2, lo, bcast4(x2 + 8 * t)), hi, bcast4(x2 + 8 * t + 4));
   }
-  return acc;
+  return {a1, a2};
 }
-static inline __m256i block_dot(const Int8W& w, int64_t c, int64_t b, const QRow& x) {
+static inline Dots block_dot(const Int8W& w, int64_t c, int64_t b, const QRow& x) {
   const int8_t* p = w.group(c) + b * 8 * 32;
-  const int8_t* xb = x.q + b * kBlock;
-  __m256i acc = _mm256_setzero_si256();
+  const int8_t *x1 = x.q + b * kBlock, *x2 = x.q2 + b * kBlock;
+  __m256i a1 = _mm256_setzero_si256(), a2 = _mm256_setzero_si256();
 #ifdef TM_VNNI
   // (w + 128) is unsigned: sum((w + 128) * x) - 128 * sum(x), one instruction per 4 inputs.
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int t = 0; t < 8; ++t) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32));
-    acc = _mm256_dpbusd_epi32(acc, _mm256_xor_si256(v, flip), bcast4(xb + 4 * t));
+    const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32)), flip);
+    a1 = _mm256_dpbusd_epi32(a1, u, bcast4(x1 + 4 * t));
+    a2 = _mm256_dpbusd_epi32(a2, u, bcast4(x2 + 4 * t));
   }
-  return _mm256_sub_epi32(acc, _mm256_set1_epi32(128 * x.qsum[b]));
+  return {_mm256_sub_epi32(a1, _mm256_set1_epi32(128 * x.qsum[b])), _mm256_sub_epi32(a2, _mm256_set1_epi32(128 * x.qsum2[b]))};
 #else
   for (int t = 0; t < 8; ++t) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32));
-    acc = dot_add(acc, _mm256_abs_epi8(v), _mm256_sign_epi8(bcast4(xb + 4 * t), v));
+    const __m256i u = _mm256_abs_epi8(v);
+    a1 = dot_add(a1, u, _mm256_sign_epi8(bcast4(x1 + 4 * t), v));
+    a2 = dot_add(a2, u, _mm256_sign_epi8(bcast4(x2 + 4 * t), v));
   }
-  return acc;
+  return {a1, a2};
 #endif
 }
 #endif
 
 // y[n] for the 8 columns of column group c (n = 8c + j; j >= `valid` are padding, not stored)
-// of one row. Per block b: the exact integer dot product i of each column's weights and the
-// row's int8 values, then acc = fma(float(i), scale * d_b, acc) and, for int4,
-// macc = fma(min, s_b, macc); y = acc + macc. Each column's arithmetic is this sequence
+// of one row. Per block b: the exact integer dot products i and i2 of each column's weights
+// and the row's two int8 passes, then acc = fma(float(i), scale * d_b, acc),
+// acc = fma(float(i2), scale * d2_b, acc) and, for int4, macc = fma(min, s_b, macc); y = acc + macc. Each column's arithmetic is this sequence
 // whatever the rows, the thread split or the column's group: the integers are exact and the
 // float steps run per lane in block order.
 template <typename W>
@@ -266,10 +281,11 @@ static inline void row_group(const W& w, int64_t c, int64_t N, const QRow& x, fl
 #ifdef TM_AVX2
   __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i i = block_dot(w, c, b, x);
+    const Dots i = block_dot(w, c, b, x);
     const int64_t g = (b * kBlock) / w.G;
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * kCols)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d, _mm256_set1_ps(x.d[b])), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i.a), _mm256_mul_ps(d, _mm256_set1_ps(x.d[b])), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i.b), _mm256_mul_ps(d, _mm256_set1_ps(x.d2[b])), acc);
     if constexpr (W::kHasMin) {
       const __m256 m = mn ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * kCols)))
                           : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
@@ -283,10 +299,11 @@ static inline void row_group(const W& w, int64_t c, int64_t N, const QRow& x, fl
   for (int64_t j = 0; j < valid; ++j) {
     float acc = 0.f, macc = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
-      const int32_t i = w.dot_scalar(c, j, b, x.q + b * kBlock);
+      const int32_t i = w.dot_scalar(c, j, b, x.q + b * kBlock), i2 = w.dot_scalar(c, j, b, x.q2 + b * kBlock);
       const int64_t g = (b * kBlock) / w.G;
       const float d = half_to_float(sc[g * kCols + j]);
       acc = std::fma(static_cast<float>(i), d * x.d[b], acc);
+      acc = std::fma(static_cast<float>(i2), d * x.d2[b], acc);
       if constexpr (W::kHasMin) macc = std::fma(mn ? half_to_float(mn[g * kCols + j]) : d * -8.f, x.s[b], macc);
     }
     y[c * kCols + j] = acc + macc;
@@ -302,16 +319,23 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
   const int64_t rows = xf.size(0), nb = (K + kBlock - 1) / kBlock;
   torch::Tensor y = torch::empty({rows, N}, xf.options());
   if (rows == 0) return y;
-  std::vector<int8_t> xq(rows * nb * kBlock);
-  std::vector<float> xd(rows * nb), xs(rows * nb);
-  std::vector<int32_t> xsum(rows * nb);
+  std::vector<int8_t> xq(rows * nb * kBlock), xq2(rows * nb * kBlock);
+  std::vector<float> xd(rows * nb), xd2(rows * nb), xs(rows * nb);
+  std::vector<int32_t> xsum(rows * nb), xsum2(rows * nb);
   const float* xp = xf.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      quantize_row(xp + r * K, K, xq.data() + r * nb * kBlock, xd.data() + r * nb, xs.data() + r * nb, xsum.data() + r * nb);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r * nb;
+      quantize_row(xp + r * K, K, xq.data() + o * kBlock, xq2.data() + o * kBlock, xd.data() + o, xd2.data() + o,
+                   xs.data() + o, xsum.data() + o, xsum2.data() + o);
+    }
   });
   float* yp = y.data_ptr<float>();
-  auto qrow = [&](int64_t r) { return QRow{xq.data() + r * nb * kBlock, xd.data() + r * nb, xs.data() + r * nb, xsum.data() + r * nb}; };
+  auto qrow = [&](int64_t r) {
+    const int64_t o = r * nb;
+    return QRow{xq.data() + o * kBlock, xq2.data() + o * kBlock, xd.data() + o, xd2.data() + o, xs.data() + o,
+                xsum.data() + o, xsum2.data() + o};
+  };
   const int64_t col_groups = (N + kCols - 1) / kCols;
   if (rows < kManyRows) {
     at::parallel_for(0, col_groups, 1, [&](int64_t begin, int64_t end) {

@@ -18,8 +18,8 @@ Every row, prompt or generated, one or 512 of them, runs the same kernel, whose 
 row does not depend on the other rows (qkernels.py): a request's tokens do not depend on its
 batch, and a draft verified in a chunk equals the token decoded alone (DESIGN.md). Weights are
 kept packed, the size of the GGUF data (4.5 or 8.5 bits per weight), with float16 scales; no
-dense copy. Activations are cast to float32 and rounded to int8 per block of 32 inside the
-kernel (as llama.cpp's Q8 activations); the result is float32, cast back to out_dtype.
+dense copy. Activations are cast to float32 and rounded to two int8 passes per block of 32
+inside the kernel (int8_activations); the result is float32, cast back to out_dtype.
 
 Where the C++ kernel cannot be built, the linears dequantize their weights in torch for each
 call (slow, for correctness only; qkernels logs it).
@@ -113,6 +113,25 @@ def int8_from_kernel_layout(packed: torch.Tensor, out: int, inp: int) -> torch.T
     return packed.reshape(groups, t, KERNEL_COLS, 4).permute(0, 2, 1, 3).reshape(groups * KERNEL_COLS, t * 4)[:out, :inp]
 
 
+def int8_activations(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values the kernel's activations stand for, in `dtype` (float64: exactly): each row
+    rounded per block of 32 inputs to q * d + q2 * d2, as qkernels.py's quantize_row does in
+    float32: d = amax / 127, q = round-half-even(x * 127 / amax), then the same for x - q * d."""
+    rows, k = x.shape
+    blocks = F.pad(x.float(), (0, -k % INT4_BLOCK)).reshape(rows, -1, INT4_BLOCK)
+
+    def rounded(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amax = v.abs().amax(-1, keepdim=True)
+        # a float32 division as the kernel's (torch's `127 / t` multiplies by a reciprocal instead)
+        inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+        return torch.round(v * inv), amax / 127
+
+    q, d = rounded(blocks)
+    q2, d2 = rounded(blocks - q * d)
+    out = q.to(dtype) * d.to(dtype) + q2.to(dtype) * d2.to(dtype)
+    return out.reshape(rows, -1)[:, :k]
+
+
 # --- modules ---
 
 
@@ -142,7 +161,10 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module = qkernels.kernel()
         xf = x.float()
-        y = self._kernel(module, xf) if module is not None and self.kernel_fits else F.linear(xf, self.dequantized())
+        if module is not None and self.kernel_fits:
+            y = self._kernel(module, xf)
+        else:  # the kernel's activation rounding, then a float matmul
+            y = F.linear(int8_activations(xf.reshape(-1, xf.shape[-1])).reshape(xf.shape), self.dequantized())
         y = y.to(self.out_dtype)
         return y if self.bias is None else y + self.bias
 
