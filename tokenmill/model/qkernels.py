@@ -2,33 +2,35 @@
 scale and a minimum per group of 32k inputs (GGUF Q4_0/Q4_1, int4 quantized on load, GPTQ/AWQ
 group int4) and int8 with a scale per group (GGUF Q8_0, per-row int8).
 
-Weights stay in a packed layout made once at load, the size of the GGUF data: int4 nibbles
-[out, in/2] in GGUF's order (byte j of a 32-block holds input j in its low nibble and j+16 in
-its high one), int8 values [out, in], and float16 scales and minimums [out, groups]. No float
-copy of a weight exists outside a thread's cache-sized tile.
+Integer arithmetic, as llama.cpp's: each row's activations are rounded per block of 32 inputs
+to int8, twice (x ~ q * d + q2 * d2, the second pass rounding what the first left, so the
+activations the kernel runs are within about amax / 64516 of x: SmolLM2's perplexity moves
+-0.002%, where one pass, llama.cpp's, moved it +0.3-0.6% and flipped greedy answers). The
+weights' products with both passes are exact int32 sums (AVX-512 VNNI's dpbusd where the CPU
+lists it, AVX2's maddubs + madd else, plain loops without AVX2: the same integers), then per
+block y += float(i) * (scale * d) + float(i2) * (scale * d2), and for int4 + min * (the block's
+sum of x). The integer work is a quarter of the float work it replaced, which dequantized every
+weight to float first: a decode step's four linears x 30 layers went from 10.4 to 3.5 ms and
+the LM head's row from 2.4 to 0.66 ms (AMD EPYC, 2 threads, benchmarks/decode_parts.py).
 
-One arithmetic for every row count. From 4 rows, threads split the output columns into tiles
-of 32; a tile is dequantized to float once into a thread-local buffer (w = q * scale + min, one
-fused multiply-add per weight), then every row of x is multiplied against it from cache. Below
-4 rows nothing would reuse a tile, so each 8 weights are dequantized in registers by the same
-instruction and multiplied at once (no store and reload of a buffer), 8 columns at a time at
-one row so that 8 independent accumulator chains keep the FMA units busy: the LM head's one
-row went from 1.71 to 1.15 ms, a decode step's layers from 8.7 to 7.8 ms (AMD EPYC, AVX2 code).
+Weights stay packed, made once at load, the size of the GGUF data, in column groups of 8 output
+columns: 32 bytes hold 4 consecutive inputs of each of the 8 columns (lane j = column j), so one
+load and one 4-byte broadcast of x give the 8 columns' products for those inputs, with no
+horizontal sums (quant.py's int4_kernel_layout / int8_kernel_layout). Scales and minimums are
+float16 in the same column groups. No float copy of a weight exists.
 
-Batch-invariant by construction: the arithmetic of y[r, n] is the same sequence of operations
-whatever the row count and the thread split. Its products over k go into 8 lane accumulators in
-k order (lane = k mod 8, fused multiply-add), the lanes are summed in one fixed order, then the
-k tail (in % 8) is added in k order. The 4x3 register block and its 1-row and 1-column edges
-all run that sequence; nothing depends on which tile or thread holds a column or how many rows
-share the call. Built with -ffp-contract=off so the compiler does not fuse differently in
-different copies of the loop.
+Batch-invariant by construction: a row's activations are rounded from that row alone, its
+integer sums are exact, and the float steps of y[r, n] run in block order in column n's lane,
+whatever the row count, the thread split or the column's group. Built with -ffp-contract=off
+so the compiler does not fuse differently in different copies of the loop.
 
 Built with torch.utils.cpp_extension (g++ and ninja) at install time or else at first use, and
 imported from cpp_build's kernel cache on later starts, under a name keyed by the source and
 the CPU's flags. Instruction sets are named
 explicitly from /proc/cpuinfo (AVX2+FMA+F16C, AVX-512 F/BW/VL/VNNI where listed), never
 -march=native and never AMX, whose flags a VM may show without the OS enabling it. Where the
-build fails `kernel()` returns None and the linears fall back to dequantizing in torch (quant.py).
+build fails `kernel()` returns None and the linears fall back to torch: the same activation
+rounding, then a float matmul over the dequantized weights (quant.py).
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ _SOURCE = r"""
 
 // Activation blocks of 32 inputs; output columns in groups of 8 (one float lane each).
 static constexpr int64_t kBlock = 32, kCols = 8;
-// From this many rows, a thread runs 4 column groups for every row before moving on, so a
-// row's int8 activations are read from cache once per 32 columns instead of once per 8.
-static constexpr int64_t kManyRows = 4, kRowPassGroups = 4;
+// From this many rows, a thread runs 4 column groups over a chunk of 16 rows before moving on,
+// so a row's int8 activations are read from cache once per 32 columns instead of once per 8.
+static constexpr int64_t kManyRows = 4, kRowPassGroups = 4, kRowChunk = 16;
 
 static inline float half_to_float(at::Half h) {
 #ifdef __F16C__
@@ -224,91 +226,131 @@ static inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
-// The 8 columns' integer dot products with the row's block b, lane j = column j, for the
-// two passes: each weight vector is unpacked once and multiplied by both.
+// The 8 columns' integer dot products with block b of R rows, lane j = column j, for each
+// row's two passes: each weight vector is unpacked once and multiplied by all 2R of them.
 struct Dots { __m256i a, b; };
-static inline Dots block_dot(const Int4W& w, int64_t c, int64_t b, const QRow& x) {
+template <int R>
+static inline void block_dot(const Int4W& w, int64_t c, int64_t b, const QRow* x, Dots* out) {
   const uint8_t* p = w.group(c) + b * 4 * 32;
-  const int8_t *x1 = x.q + b * kBlock, *x2 = x.q2 + b * kBlock;
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  __m256i a1 = _mm256_setzero_si256(), a2 = _mm256_setzero_si256();
+  for (int r = 0; r < R; ++r) out[r] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
   for (int t = 0; t < 4; ++t) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32));
     const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-    a1 = dot_add(dot_add(a1, lo, bcast4(x1 + 8 * t)), hi, bcast4(x1 + 8 * t + 4));
-    a2 = dot_add(dot_add(a2, lo, bcast4(x2 + 8 * t)), hi, bcast4(x2 + 8 * t + 4));
+    for (int r = 0; r < R; ++r) {
+      const int8_t *x1 = x[r].q + b * kBlock + 8 * t, *x2 = x[r].q2 + b * kBlock + 8 * t;
+      out[r].a = dot_add(dot_add(out[r].a, lo, bcast4(x1)), hi, bcast4(x1 + 4));
+      out[r].b = dot_add(dot_add(out[r].b, lo, bcast4(x2)), hi, bcast4(x2 + 4));
+    }
   }
-  return {a1, a2};
 }
-static inline Dots block_dot(const Int8W& w, int64_t c, int64_t b, const QRow& x) {
+template <int R>
+static inline void block_dot(const Int8W& w, int64_t c, int64_t b, const QRow* x, Dots* out) {
   const int8_t* p = w.group(c) + b * 8 * 32;
-  const int8_t *x1 = x.q + b * kBlock, *x2 = x.q2 + b * kBlock;
-  __m256i a1 = _mm256_setzero_si256(), a2 = _mm256_setzero_si256();
+  for (int r = 0; r < R; ++r) out[r] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
 #ifdef TM_VNNI
   // (w + 128) is unsigned: sum((w + 128) * x) - 128 * sum(x), one instruction per 4 inputs.
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int t = 0; t < 8; ++t) {
     const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32)), flip);
-    a1 = _mm256_dpbusd_epi32(a1, u, bcast4(x1 + 4 * t));
-    a2 = _mm256_dpbusd_epi32(a2, u, bcast4(x2 + 4 * t));
+    for (int r = 0; r < R; ++r) {
+      out[r].a = _mm256_dpbusd_epi32(out[r].a, u, bcast4(x[r].q + b * kBlock + 4 * t));
+      out[r].b = _mm256_dpbusd_epi32(out[r].b, u, bcast4(x[r].q2 + b * kBlock + 4 * t));
+    }
   }
-  return {_mm256_sub_epi32(a1, _mm256_set1_epi32(128 * x.qsum[b])), _mm256_sub_epi32(a2, _mm256_set1_epi32(128 * x.qsum2[b]))};
+  for (int r = 0; r < R; ++r) {
+    out[r].a = _mm256_sub_epi32(out[r].a, _mm256_set1_epi32(128 * x[r].qsum[b]));
+    out[r].b = _mm256_sub_epi32(out[r].b, _mm256_set1_epi32(128 * x[r].qsum2[b]));
+  }
 #else
   for (int t = 0; t < 8; ++t) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t * 32));
     const __m256i u = _mm256_abs_epi8(v);
-    a1 = dot_add(a1, u, _mm256_sign_epi8(bcast4(x1 + 4 * t), v));
-    a2 = dot_add(a2, u, _mm256_sign_epi8(bcast4(x2 + 4 * t), v));
+    for (int r = 0; r < R; ++r) {
+      out[r].a = dot_add(out[r].a, u, _mm256_sign_epi8(bcast4(x[r].q + b * kBlock + 4 * t), v));
+      out[r].b = dot_add(out[r].b, u, _mm256_sign_epi8(bcast4(x[r].q2 + b * kBlock + 4 * t), v));
+    }
   }
-  return {a1, a2};
 #endif
 }
 #endif
 
-// y[n] for the 8 columns of column group c (n = 8c + j; j >= `valid` are padding, not stored)
-// of one row. Per block b: the exact integer dot products i and i2 of each column's weights
-// and the row's two int8 passes, then acc = fma(float(i), scale * d_b, acc),
-// acc = fma(float(i2), scale * d2_b, acc) and, for int4, macc = fma(min, s_b, macc); y = acc + macc. Each column's arithmetic is this sequence
-// whatever the rows, the thread split or the column's group: the integers are exact and the
-// float steps run per lane in block order.
-template <typename W>
-static inline void row_group(const W& w, int64_t c, int64_t N, const QRow& x, float* y) {
+// y[r][n] for the 8 columns of column group c (n = 8c + j; j >= `valid` are padding, not
+// stored) of R rows. Per row and block b: the exact integer dot products i and i2 of each
+// column's weights and the row's two int8 passes, then acc = fma(float(i), scale * d_b, acc),
+// acc = fma(float(i2), scale * d2_b, acc) and, for int4, macc = fma(min, s_b, macc); y = acc +
+// macc. Each column's arithmetic is this sequence whatever R, the rows beside it, the thread
+// split or the column's group: the integers are exact and the float steps run per lane in
+// block order. R only shares the weights' loads and unpacking between rows.
+template <int R, typename W>
+static inline void rows_group(const W& w, int64_t c, int64_t N, const QRow* x, float* const* y) {
   const int64_t nb = (w.K + kBlock - 1) / kBlock, groups = w.K / w.G;
   const int64_t valid = std::min(kCols, N - c * kCols);
   const at::Half* sc = w.scale + c * groups * kCols;
   const at::Half* mn = nullptr;
   if constexpr (W::kHasMin) mn = w.min ? w.min + c * groups * kCols : nullptr;
 #ifdef TM_AVX2
-  __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+  __m256 acc[R], macc[R];
+  for (int r = 0; r < R; ++r) acc[r] = macc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const Dots i = block_dot(w, c, b, x);
+    Dots i[R];
+    block_dot<R>(w, c, b, x, i);
     const int64_t g = (b * kBlock) / w.G;
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * kCols)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i.a), _mm256_mul_ps(d, _mm256_set1_ps(x.d[b])), acc);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i.b), _mm256_mul_ps(d, _mm256_set1_ps(x.d2[b])), acc);
-    if constexpr (W::kHasMin) {
-      const __m256 m = mn ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * kCols)))
-                          : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
-      macc = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s[b]), macc);
+    __m256 m = _mm256_setzero_ps();
+    if constexpr (W::kHasMin)
+      m = mn ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * kCols)))
+             : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i[r].a), _mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i[r].b), _mm256_mul_ps(d, _mm256_set1_ps(x[r].d2[b])), acc[r]);
+      if constexpr (W::kHasMin) macc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r].s[b]), macc[r]);
     }
   }
-  alignas(32) float out[kCols];
-  _mm256_store_ps(out, _mm256_add_ps(acc, macc));
-  for (int64_t j = 0; j < valid; ++j) y[c * kCols + j] = out[j];
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[kCols];
+    _mm256_store_ps(out, _mm256_add_ps(acc[r], macc[r]));
+    for (int64_t j = 0; j < valid; ++j) y[r][c * kCols + j] = out[j];
+  }
 #else
-  for (int64_t j = 0; j < valid; ++j) {
-    float acc = 0.f, macc = 0.f;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int32_t i = w.dot_scalar(c, j, b, x.q + b * kBlock), i2 = w.dot_scalar(c, j, b, x.q2 + b * kBlock);
-      const int64_t g = (b * kBlock) / w.G;
-      const float d = half_to_float(sc[g * kCols + j]);
-      acc = std::fma(static_cast<float>(i), d * x.d[b], acc);
-      acc = std::fma(static_cast<float>(i2), d * x.d2[b], acc);
-      if constexpr (W::kHasMin) macc = std::fma(mn ? half_to_float(mn[g * kCols + j]) : d * -8.f, x.s[b], macc);
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < valid; ++j) {
+      float acc = 0.f, macc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int32_t i = w.dot_scalar(c, j, b, x[r].q + b * kBlock), i2 = w.dot_scalar(c, j, b, x[r].q2 + b * kBlock);
+        const int64_t g = (b * kBlock) / w.G;
+        const float d = half_to_float(sc[g * kCols + j]);
+        acc = std::fma(static_cast<float>(i), d * x[r].d[b], acc);
+        acc = std::fma(static_cast<float>(i2), d * x[r].d2[b], acc);
+        if constexpr (W::kHasMin) macc = std::fma(mn ? half_to_float(mn[g * kCols + j]) : d * -8.f, x[r].s[b], macc);
+      }
+      y[r][c * kCols + j] = acc + macc;
     }
-    y[c * kCols + j] = acc + macc;
-  }
 #endif
+}
+
+// Rows sharing each weight load: 4 where AVX-512VL's 32 vector registers hold their 8 integer
+// and 8 float accumulators, else 2 (AVX2's 16).
+#ifdef __AVX512VL__
+static constexpr int kRowBlock = 4;
+#else
+static constexpr int kRowBlock = 2;
+#endif
+
+// Rows [r0, r1) of column group c, kRowBlock at a time, then one by one.
+template <typename W>
+static inline void rows_span(const W& w, int64_t c, int64_t N, const std::vector<QRow>& x, int64_t r0, int64_t r1,
+                             float* yp) {
+  int64_t r = r0;
+  for (; r + kRowBlock <= r1; r += kRowBlock) {
+    float* y[kRowBlock];
+    for (int i = 0; i < kRowBlock; ++i) y[i] = yp + (r + i) * N;
+    rows_group<kRowBlock>(w, c, N, x.data() + r, y);
+  }
+  for (; r < r1; ++r) {
+    float* y[1] = {yp + r * N};
+    rows_group<1>(w, c, N, x.data() + r, y);
+  }
 }
 
 template <typename W>
@@ -331,26 +373,28 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
     }
   });
   float* yp = y.data_ptr<float>();
-  auto qrow = [&](int64_t r) {
+  std::vector<QRow> xr(rows);
+  for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * nb;
-    return QRow{xq.data() + o * kBlock, xq2.data() + o * kBlock, xd.data() + o, xd2.data() + o, xs.data() + o,
-                xsum.data() + o, xsum2.data() + o};
-  };
+    xr[r] = QRow{xq.data() + o * kBlock, xq2.data() + o * kBlock, xd.data() + o, xd2.data() + o, xs.data() + o,
+                 xsum.data() + o, xsum2.data() + o};
+  }
   const int64_t col_groups = (N + kCols - 1) / kCols;
   if (rows < kManyRows) {
     at::parallel_for(0, col_groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c)
-        for (int64_t r = 0; r < rows; ++r) row_group(w, c, N, qrow(r), yp + r * N);
+      for (int64_t c = begin; c < end; ++c) rows_span(w, c, N, xr, 0, rows, yp);
     });
     return y;
   }
+  // Many rows: a thread takes kRowPassGroups column groups (their weights stay in L1) through
+  // every row, a row block at a time.
   const int64_t tiles = (col_groups + kRowPassGroups - 1) / kRowPassGroups;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c1 = std::min(col_groups, (t + 1) * kRowPassGroups);
-      for (int64_t r = 0; r < rows; ++r) {
-        const QRow xr = qrow(r);
-        for (int64_t c = t * kRowPassGroups; c < c1; ++c) row_group(w, c, N, xr, yp + r * N);
+      for (int64_t r = 0; r < rows; r += kRowChunk) {
+        const int64_t r1 = std::min(rows, r + kRowChunk);
+        for (int64_t c = t * kRowPassGroups; c < c1; ++c) rows_span(w, c, N, xr, r, r1, yp);
       }
     }
   });
