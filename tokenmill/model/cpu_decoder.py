@@ -156,18 +156,22 @@ static void write_kv(const torch::Tensor& qkv, torch::Tensor& k_cache, torch::Te
   }
 }
 
-// silu(gate) * up for gate_up = [gate | up] per row; silu(g) = g / (1 + exp(-g)).
+// silu(gate) * up for gate_up = [gate | up] per row; silu(g) = g / (1 + exp(-g)), exp by the
+// attention kernel's exp_minus (glibc's scalar exp was ~0.7 ms of a decode step and ~140 ms
+// of a 200-token prefill).
 static torch::Tensor silu_mul(const torch::Tensor& gu) {
   const int64_t rows = gu.size(0), width = gu.size(1) / 2;
   torch::Tensor out = torch::empty({rows, width}, gu.options());
   const float* p = gu.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t d = 0; d < width; ++d) {
-        const float g = p[r * 2 * width + d];
-        op[r * width + d] = (g / (1.f + std::exp(-g))) * p[r * 2 * width + width + d];
-      }
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g = p + r * 2 * width;
+      float* o = op + r * width;
+      for (int64_t d = 0; d < width; ++d) o[d] = -g[d];
+      exp_minus(o, width, 0.f);
+      for (int64_t d = 0; d < width; ++d) o[d] = (g[d] / (1.f + o[d])) * g[width + d];
+    }
   });
   return out;
 }
