@@ -174,3 +174,22 @@ def test_kernel_layouts_round_trip(out, inp):
     assert torch.equal(int8_from_kernel_layout(packed, out, inp + 5), q8)
     # byte 4j + i of a 32-byte group holds input 4t + i of column j
     assert packed[0, 1, 4 * min(out - 1, 3) + 2] == q8[min(out - 1, 3), 4 + 2]
+
+
+@pytest.mark.parametrize("drop", [("avx512_vnni",), ("avx2",)], ids=["avx2 without vnni", "scalar"])
+def test_every_instruction_set_gives_the_same_bits(drop, monkeypatch):
+    # The integer sums are exact on every path (VNNI's dpbusd, AVX2's maddubs + madd, plain
+    # loops) and the float steps are the same, so a kernel built for fewer instruction sets
+    # (another machine of this kind) must give this one's bits.
+    flags = cpp_build.cpu_flags()
+    if not all(f in flags.split() for f in drop):
+        pytest.skip(f"this CPU lists no {drop[0]}: the kernel already runs that path here")
+    monkeypatch.setattr(cpp_build, "cpu_flags", lambda: " ".join(f for f in flags.split() if f not in drop))
+    other = cpp_build.build(qkernels.PREFIX, qkernels._SOURCE, qkernels.FUNCTIONS, qkernels.CFLAGS)
+    assert other.isa() != qkernels.kernel().isa()
+    g = torch.Generator().manual_seed(6)
+    for case, make in CASES.items():
+        lin = make()
+        for rows in (1, 3, 5, 64):
+            x = torch.randn(rows, lin.in_features, generator=g)
+            assert torch.equal(lin._kernel(other, x), lin._kernel(qkernels.kernel(), x)), (case, rows)
