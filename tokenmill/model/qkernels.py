@@ -120,11 +120,26 @@ static inline float finish(V8 acc, const float* x, const float* w, int64_t k8, i
 static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
   float amax = 0.f;
   bool finite = true;
-  for (int64_t k = 0; k < n; ++k) {
-    const float a = std::fabs(v[k]);
-    finite = finite && std::isfinite(a);
-    amax = std::max(amax, a);
-  }
+#ifdef TM_AVX2
+  if (n == kBlock) {  // a maximum is exact in any order
+    const __m256 sign = _mm256_set1_ps(-0.f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int u = 0; u < 4; ++u) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8 * u));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
+      m = _mm256_max_ps(m, a);
+    }
+    finite = _mm256_movemask_ps(bad) == 0;
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float l : lanes) amax = std::max(amax, l);
+  } else
+#endif
+    for (int64_t k = 0; k < n; ++k) {
+      const float a = std::fabs(v[k]);
+      finite = finite && std::isfinite(a);
+      amax = std::max(amax, a);
+    }
   if (!finite) {
     std::memset(q, 0, kBlock);
     d = std::numeric_limits<float>::quiet_NaN();
@@ -140,7 +155,10 @@ static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
     for (int u = 0; u < 4; ++u) w[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * u), iv));
     const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    for (int64_t k = 0; k < kBlock; ++k) sum += q[k];
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(w[0], w[1]), _mm256_add_epi32(w[2], w[3]));
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+    for (int32_t l : lanes) sum += l;
     return sum;
   }
 #endif
@@ -162,9 +180,18 @@ static void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* q2, float
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * kBlock, n = std::min(kBlock, K - k0);
     qsum[b] = round_block(x + k0, n, q + k0, d[b]);
-    float r[kBlock] = {};
-    if (!std::isnan(d[b]))
-      for (int64_t k = 0; k < n; ++k) r[k] = x[k0 + k] - static_cast<float>(q[k0 + k]) * d[b];
+    alignas(32) float r[kBlock] = {};
+    if (!std::isnan(d[b])) {
+      int64_t k = 0;
+#ifdef TM_AVX2
+      const __m256 dv = _mm256_set1_ps(d[b]);
+      for (; k + 8 <= n; k += 8) {  // the scalar loop's multiply, then subtract (no fused form)
+        const __m256 qk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k0 + k))));
+        _mm256_store_ps(r + k, _mm256_sub_ps(_mm256_loadu_ps(x + k0 + k), _mm256_mul_ps(qk, dv)));
+      }
+#endif
+      for (; k < n; ++k) r[k] = x[k0 + k] - static_cast<float>(q[k0 + k]) * d[b];
+    }
     qsum2[b] = round_block(r, n, q2 + k0, d2[b]);
     s[b] = d[b] * static_cast<float>(qsum[b]) + d2[b] * static_cast<float>(qsum2[b]);
   }
