@@ -116,6 +116,29 @@ static inline const float* as_float(const K* row, int64_t dim, float* buf) {
 }
 template <>
 inline const float* as_float<float>(const float* row, int64_t, float*) { return row; }
+#if defined(__AVX2__) && defined(__FMA__)
+// The 16-bit pools 8 values at a time (the compiler leaves c10's element conversions scalar).
+template <>
+inline const float* as_float<c10::BFloat16>(const c10::BFloat16* row, int64_t dim, float* buf) {
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+    _mm256_storeu_ps(buf + d, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));  // bfloat16: the high half
+  }
+  for (; d < dim; ++d) buf[d] = static_cast<float>(row[d]);
+  return buf;
+}
+#ifdef __F16C__
+template <>
+inline const float* as_float<c10::Half>(const c10::Half* row, int64_t dim, float* buf) {
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8)
+    _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
+  for (; d < dim; ++d) buf[d] = static_cast<float>(row[d]);
+  return buf;
+}
+#endif
+#endif
 
 // A pool row's scale: 1 for float rows (a multiply by 1 is exact, so float pools keep their
 // bits), for int8 rows the float32 stored after the row's `dim` values (kv_dtype.py).
