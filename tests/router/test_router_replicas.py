@@ -59,7 +59,8 @@ def _chat(user: str, **kw) -> dict:
 
 def test_streams_pass_through_chunk_by_chunk(fleet):
     router, replicas = fleet
-    body = _chat("Name three colors.", max_tokens=24, ignore_eos=True)
+    # 64 tokens: at ~8 ms a token a replica's events can share a read, so 24 gave only 10 reads
+    body = _chat("Name three colors.", max_tokens=64, ignore_eos=True)
     direct = httpx.post(replicas[0].url + "/v1/chat/completions", json=body, timeout=120).json()
     arrivals, raw = [], b""
     with httpx.stream("POST", router.url + "/v1/chat/completions", json=body | {"stream": True}, timeout=120) as r:

@@ -49,7 +49,8 @@ def test_default_model_paris_and_drain():
         stream_started = threading.Event()
 
         def in_flight():
-            stream = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=40,
+            # 400 tokens: long enough to be in flight through the checks below at ~8 ms a token
+            stream = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=400,
                                                temperature=0, stream=True, extra_body={"ignore_eos": True})
             text, reasons = "", []
             for chunk in stream:
@@ -63,8 +64,10 @@ def test_default_model_paris_and_drain():
         t.start()
         assert stream_started.wait(60)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
         headers = {"Authorization": "Bearer sk-1"}
+        deadline = time.monotonic() + 10  # the signal handler runs on the server's own time
+        while httpx.get(server.url + "/health").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert httpx.get(server.url + "/health").status_code == 503
         refused = httpx.post(server.url + "/v1/completions", headers=headers, json={"prompt": "x", "max_tokens": 2})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
