@@ -26,10 +26,12 @@ from tokenmill.model.quant import (
     Int8Linear,
     int4_from_kernel_layout,
     int4_kernel_layout,
+    int4_kernel_layout_from_gguf,
     int8_activations,
     int8_from_kernel_layout,
     int8_kernel_layout,
     make_linear,
+    pack_int4,
 )
 
 ROWS = [1, 2, 7, 63, 64, 65, 513]
@@ -168,6 +170,7 @@ def test_kernel_layouts_round_trip(out, inp):
     g = torch.Generator().manual_seed(5)
     q4 = torch.randint(0, 16, (out, inp), generator=g, dtype=torch.int32)
     assert torch.equal(int4_from_kernel_layout(int4_kernel_layout(q4), out), q4)
+    assert torch.equal(int4_kernel_layout_from_gguf(pack_int4(q4)), int4_kernel_layout(q4))  # GGUF nibbles, repacked
     q8 = torch.randint(-128, 128, (out, inp + 5), generator=g, dtype=torch.int32).to(torch.int8)
     packed = int8_kernel_layout(q8)
     assert packed.shape == (-(-out // 8), -(-(inp + 5) // 32) * 8, 32)

@@ -57,13 +57,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, inp // 2).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """pack_int4's inverse: [out, in] int32 values 0..15."""
-    out, half = packed.shape
-    b = packed.reshape(out, half // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2).to(torch.int32)
-    return torch.cat([b & 0x0F, b >> 4], dim=2).reshape(out, 2 * half)
-
-
 def column_groups(t: torch.Tensor) -> torch.Tensor:
     """Scales [out, groups] -> the kernel's layout [ceil(out/8), groups, 8]: the 8 output
     columns the kernel computes together side by side per group, one 16-byte load (zeros pad
@@ -83,10 +76,28 @@ def int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
     output columns and 8 inputs 8t..8t+7, byte 4j+i holds input 8t+i (low nibble) and 8t+4+i
     (high nibble) of column j, so one 32-byte load serves 8 columns (qkernels.py)."""
     out, inp = q.shape
-    q = torch.cat([q.to(torch.uint8), torch.zeros(-out % KERNEL_COLS, inp, dtype=torch.uint8)])
+    q = q.to(torch.uint8)
+    if out % KERNEL_COLS:
+        q = torch.cat([q, torch.zeros(-out % KERNEL_COLS, inp, dtype=torch.uint8)])
     b = q.reshape(-1, KERNEL_COLS, inp // 8, 2, 4)  # (column group, j, t, nibble, i)
     packed = b[:, :, :, 0] | (b[:, :, :, 1] << 4)
     return packed.permute(0, 2, 1, 3).reshape(-1, inp // 8, 32).contiguous()
+
+
+def int4_kernel_layout_from_gguf(packed: torch.Tensor) -> torch.Tensor:
+    """int4_kernel_layout of pack_int4's (GGUF's) nibbles, by byte operations on them, without the
+    [out, in] values (an int32 copy of them cost 0.5 s and 100 MiB of resident memory at load): a GGUF block's bytes 0-3, 4-7, 8-11, 12-15 hold inputs 0-3, 4-7, 8-11, 12-15
+    in their low nibbles and 16 more in their high ones, and the kernel pairs inputs 8t+i and
+    8t+4+i (t = 0..3 in a block of 32)."""
+    out, half = packed.shape
+    p = packed.reshape(out, half // 16, 4, 4)  # (column, block, quarter, i)
+    a, b, c, d = p[:, :, 0], p[:, :, 1], p[:, :, 2], p[:, :, 3]
+    lo, hi = 0x0F, 0xF0
+    parts = [(a & lo) | ((b & lo) << 4), (c & lo) | ((d & lo) << 4), (a >> 4) | (b & hi), (c >> 4) | (d & hi)]
+    q = torch.stack(parts, dim=2).reshape(out, half // 4, 4)  # (column, t, i)
+    if out % KERNEL_COLS:
+        q = torch.cat([q, torch.zeros(-out % KERNEL_COLS, half // 4, 4, dtype=torch.uint8)])
+    return q.reshape(-1, KERNEL_COLS, half // 4, 4).permute(0, 2, 1, 3).reshape(-1, half // 4, 32).contiguous()
 
 
 def int4_from_kernel_layout(packed: torch.Tensor, out: int) -> torch.Tensor:
@@ -102,8 +113,10 @@ def int8_kernel_layout(q: torch.Tensor) -> torch.Tensor:
     column j (zeros past in and out)."""
     out, inp = q.shape
     width = -(-inp // INT4_BLOCK) * INT4_BLOCK
-    full = torch.zeros(-(-out // KERNEL_COLS) * KERNEL_COLS, width, dtype=torch.int8)
-    full[:out, :inp] = q
+    full = q.to(torch.int8)
+    if out % KERNEL_COLS or width != inp:
+        full = torch.zeros(-(-out // KERNEL_COLS) * KERNEL_COLS, width, dtype=torch.int8)
+        full[:out, :inp] = q
     return full.reshape(-1, KERNEL_COLS, width // 4, 4).permute(0, 2, 1, 3).reshape(-1, width // 4, 32).contiguous()
 
 
@@ -184,15 +197,16 @@ class Int4Linear(WeightOnlyLinear):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype):
         minimum = zero.double() - 8 * scale.double()
-        self._setup(q, scale, minimum, group_size, bias, out_dtype)
+        self._setup(q.shape, lambda: int4_kernel_layout(q), scale, minimum, group_size, bias, out_dtype)
 
-    def _setup(self, q, scale, minimum, group_size, bias, out_dtype) -> None:
+    def _setup(self, shape, packed, scale, minimum, group_size, bias, out_dtype) -> None:
+        """`packed`: makes the kernel layout, called once the shape and group size are checked."""
         WeightOnlyLinear.__init__(self, bias, out_dtype)
-        out, inp = q.shape
+        out, inp = shape
         if group_size <= 0 or group_size % INT4_BLOCK or inp % group_size:
             raise ValueError(f"int4 needs a group size that is a multiple of {INT4_BLOCK} dividing in_features={inp}")
         self.in_features, self.out_features, self.group_size = inp, out, group_size
-        self.register_buffer("packed", int4_kernel_layout(q))
+        self.register_buffer("packed", packed())
         groups = inp // group_size
         self.register_buffer("scale", column_groups(scale.reshape(out, groups).to(SCALE_DTYPE)))
         # None: symmetric (GGUF Q4_0), min = -8 * scale, kept as an empty tensor (no bytes).
@@ -200,9 +214,9 @@ class Int4Linear(WeightOnlyLinear):
         self.register_buffer("minimum", minimum.to(SCALE_DTYPE).contiguous())
 
     @classmethod
-    def _from_values(cls, q, scale, minimum, group_size, bias, out_dtype) -> "Int4Linear":
+    def _from_packed(cls, shape, packed, scale, minimum, group_size, bias, out_dtype) -> "Int4Linear":
         lin = cls.__new__(cls)
-        lin._setup(q, scale, minimum, group_size, bias, out_dtype)
+        lin._setup(shape, packed, scale, minimum, group_size, bias, out_dtype)
         return lin
 
     @classmethod
@@ -216,12 +230,12 @@ class Int4Linear(WeightOnlyLinear):
         scale = ((hi - lo) / 15).clamp(min=1e-6).to(SCALE_DTYPE).float()
         lo = lo.to(SCALE_DTYPE).float()
         q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
-        return cls._from_values(q, scale, lo, group_size, bias, out_dtype)
+        return cls._from_packed(q.shape, lambda: int4_kernel_layout(q), scale, lo, group_size, bias, out_dtype)
 
     @classmethod
     def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int4Linear":
         packed, d, m = w.int4_blocks()  # the file's nibbles, scales and minimums as they are
-        return cls._from_values(unpack_int4(packed), d, m, 32, bias, out_dtype)
+        return cls._from_packed(w.shape, lambda: int4_kernel_layout_from_gguf(packed), d, m, 32, bias, out_dtype)
 
     def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
         return module.int4_linear(xf, self.packed, self.scale, self.minimum, self.group_size, self.out_features)
