@@ -266,7 +266,7 @@ def kernel():
 
 
 def _linear_parts(lin) -> tuple[list[torch.Tensor], list[int]] | None:
-    """(values, scale, min, bias) and (group, int4?) of one of the quantized kernels' linears
+    """(values, scale, min, bias) and (group, int4?, out_features) of one of the quantized kernels' linears
     with float32 output, else None (float, fp8 or mixed GGUF types: the torch path)."""
     if getattr(lin, "out_dtype", None) != torch.float32 or not getattr(lin, "kernel_fits", False):
         return None

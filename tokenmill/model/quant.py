@@ -86,9 +86,10 @@ def int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
 
 def int4_kernel_layout_from_gguf(packed: torch.Tensor) -> torch.Tensor:
     """int4_kernel_layout of pack_int4's (GGUF's) nibbles, by byte operations on them, without the
-    [out, in] values (an int32 copy of them cost 0.5 s and 100 MiB of resident memory at load): a GGUF block's bytes 0-3, 4-7, 8-11, 12-15 hold inputs 0-3, 4-7, 8-11, 12-15
-    in their low nibbles and 16 more in their high ones, and the kernel pairs inputs 8t+i and
-    8t+4+i (t = 0..3 in a block of 32)."""
+    [out, in] values (an int32 copy of them cost 0.5 s and 100 MiB of resident memory at load).
+    A GGUF block's bytes 0-3, 4-7, 8-11, 12-15 hold inputs 0-3, 4-7, 8-11, 12-15 in their low
+    nibbles and those 16 further on in their high ones; the kernel pairs inputs 8t+i and 8t+4+i
+    (t = 0..3 in a block of 32)."""
     out, half = packed.shape
     p = packed.reshape(out, half // 16, 4, 4)  # (column, block, quarter, i)
     a, b, c, d = p[:, :, 0], p[:, :, 1], p[:, :, 2], p[:, :, 3]
@@ -191,9 +192,10 @@ class WeightOnlyLinear(nn.Module):
 
 class Int4Linear(WeightOnlyLinear):
     """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k // group_size
-    (GPTQ/AWQ-style: zero is the value of q = 8). Stored as GGUF Q4_1 stores it: the nibbles,
-    and per group a float16 scale d and minimum m with W = q * d + m (m = zero - 8 * scale);
-    GGUF Q4_0's blocks keep no m (m = -8d), so they stay at their 18 bytes per 32 weights."""
+    (GPTQ/AWQ-style: zero is the value of q = 8). Stored as GGUF Q4_1's data, in the kernel's
+    column groups (int4_kernel_layout, column_groups): the nibbles, and per group a float16 scale
+    d and minimum m with W = q * d + m (m = zero - 8 * scale); GGUF Q4_0's blocks keep no m
+    (m = -8d), so they stay at their 18 bytes per 32 weights."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype):
         minimum = zero.double() - 8 * scale.double()
