@@ -76,37 +76,6 @@ static inline float half_to_float(at::Half h) {
 #endif
 }
 
-// --- 8-lane float vector (used by cpu_decoder.py's layer code): AVX2 or a plain array ---
-#if defined(__AVX2__) && defined(__FMA__)
-typedef __m256 V8;
-static inline V8 v_zero() { return _mm256_setzero_ps(); }
-static inline V8 v_load(const float* p) { return _mm256_loadu_ps(p); }
-static inline V8 v_fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float v_sum(V8 v) {  // fixed order: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  __m128 s = _mm_add_ps(lo, hi);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#else
-struct V8 { float l[8]; };
-static inline V8 v_zero() { V8 v; for (int i = 0; i < 8; ++i) v.l[i] = 0.f; return v; }
-static inline V8 v_load(const float* p) { V8 v; for (int i = 0; i < 8; ++i) v.l[i] = p[i]; return v; }
-static inline V8 v_fma(V8 a, V8 b, V8 c) { for (int i = 0; i < 8; ++i) c.l[i] = std::fma(a.l[i], b.l[i], c.l[i]); return c; }
-static inline float v_sum(V8 v) {  // the AVX2 order above
-  float a = v.l[0] + v.l[4], b = v.l[1] + v.l[5], c = v.l[2] + v.l[6], d = v.l[3] + v.l[7];
-  return (a + c) + (b + d);
-}
-#endif
-
-// The k tail (K % 8) after the lanes, in k order.
-static inline float finish(V8 acc, const float* x, const float* w, int64_t k8, int64_t K) {
-  float s = v_sum(acc);
-  for (int64_t k = k8; k < K; ++k) s = std::fma(x[k], w[k], s);
-  return s;
-}
-
 // --- activations: two int8 passes per block of 32 ---
 // Each block of a row is rounded to int8, x ~ q * d with d = amax / 127 and q =
 // round-half-even(x * (127 / amax)), as llama.cpp's Q8 activations; then what that leaves,

@@ -268,8 +268,11 @@ class Int8Linear(WeightOnlyLinear):
         self.register_buffer("qweight", int8_kernel_layout(q.to(torch.int8)))
         # given [groups, out] (one row of scales per input group), kept in column_groups' layout
         self.register_buffer("scales", column_groups(scale.reshape(groups, out).t().to(SCALE_DTYPE)))
-        # The kernel's int8 activation blocks of 32 must each fall in one group.
-        self.kernel_fits = group_size % INT4_BLOCK == 0 or group_size == inp
+
+    @property
+    def kernel_fits(self) -> bool:
+        """The kernel's activation blocks of 32 must each fall in one scale group."""
+        return self.group_size % INT4_BLOCK == 0 or self.group_size == self.in_features
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias, out_dtype) -> "Int8Linear":
