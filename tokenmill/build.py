@@ -15,6 +15,7 @@ from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import Engine
 from tokenmill.model.attention import choose_backend
 from tokenmill.model.attention.kv_dtype import TORCH_KV_DTYPES
+from tokenmill.model.fp8 import Fp8Weight
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model import qkernels
 from tokenmill.model.quant import WeightOnlyLinear, make_linear
@@ -211,7 +212,9 @@ def _linear_factory(config: EngineConfig, dtype: torch.dtype, device: torch.devi
     if head and quantization == "fp8":
         quantization = "none"  # fp8 logits cost 2% perplexity on SmolLM2 for a small saving (docs/benchmarks.md)
     def make(weight, bias):
-        return make_linear(weight, bias, dtype, quantization, config.load.quant_group_size)
+        # An FP8 checkpoint's own e4m3 weights run fp8 under auto on every device (as vLLM runs them).
+        q = "auto" if isinstance(weight, Fp8Weight) and config.load.quantization == "auto" else quantization
+        return make_linear(weight, bias, dtype, q, config.load.quant_group_size)
 
     return make
 

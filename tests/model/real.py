@@ -49,14 +49,17 @@ def model(quantization: str, cpu_kernel: bool = False) -> LlamaForCausalLM:
         lm.config, lm.weights, torch.float32, factory, max_positions=2048, make_head=head, attention=attention)
 
 
-def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16, kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+def sequence_logits(m: LlamaForCausalLM, ids: list[int], block_size: int = 16, kv_dtype: torch.dtype | None = None,
+                    pools: list | None = None) -> torch.Tensor:
     """Logits [T, vocab] of one sequence run as a single prefill chunk, over a KV pool of
-    `kv_dtype` (default: the model's)."""
+    `kv_dtype` (default: the model's), appended to `pools` when given."""
     cfg = m.config
     t = len(ids)
     blocks = -(-t // block_size)
     kv_dtype = m.dtype if kv_dtype is None else kv_dtype
     kv = torch.zeros(2, cfg.num_layers, blocks, cfg.num_kv_heads, block_size, row_width(cfg.head_dim, kv_dtype), dtype=kv_dtype)
+    if pools is not None:
+        pools.append(kv)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(t),
         num_decodes=0,

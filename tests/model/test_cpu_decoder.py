@@ -33,12 +33,12 @@ def test_op_by_op_where_the_decoder_kernel_does_not_build(monkeypatch):
     assert cpu_decoder.for_model(m) is None
 
 
-def logits_both_ways(ids: list[int], kv_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_both_ways(ids: list[int], kv_dtype: torch.dtype | None, pools: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     m = real.model("auto", cpu_kernel=True)
-    fused = real.sequence_logits(m, ids, kv_dtype=kv_dtype)
+    fused = real.sequence_logits(m, ids, kv_dtype=kv_dtype, pools=pools)
     decoder, m.cpu_decoder = m.cpu_decoder, None
     try:
-        ops = real.sequence_logits(m, ids, kv_dtype=kv_dtype)
+        ops = real.sequence_logits(m, ids, kv_dtype=kv_dtype, pools=pools)
     finally:
         m.cpu_decoder = decoder
     return fused, ops
@@ -56,14 +56,27 @@ def test_logits_equal_the_op_by_op_path_within_float32_rounding():
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16, torch.int8], ids=str)
 def test_pools_are_written_as_the_op_by_op_path_writes_them(kv_dtype):
-    # A rounded or quantized pool turns 1e-7 differences into a rounding step now and then, so
-    # logits are compared by what they give: the same perplexity, the same next tokens.
+    from tokenmill.model.attention.kv_dtype import from_pool
+
     ids = real.loaded("none").tokenizer.encode(real.text())
-    fused, ops = logits_both_ways(ids, kv_dtype)
+    pools = []
+    fused, ops = logits_both_ways(ids, kv_dtype, pools)
+    # Layer 0 sees the same embeddings both ways: its K and V rows, read back as float, differ
+    # by at most one rounding step of the pool (its inputs differ by ~1e-7, the norms summing in
+    # another order) -- the same layout, rounding and int8 scales.
+    k_f, k_o = (from_pool(p[:, 0], torch.float32) for p in pools)
+    step = k_o.abs().amax(-1, keepdim=True) / (127 if kv_dtype == torch.int8 else 2**7 if kv_dtype == torch.bfloat16 else 2**10)
+    assert ((k_f - k_o).abs() <= step * 1.01 + 1e-6).all()
+    # A rounded or quantized pool turns 1e-7 differences into a rounding step now and then, so
+    # logits are compared by what they give: the same perplexity, the same next tokens. An int8
+    # pool is itself noise of that kind (agreement 0.978 with a float32 pool, docs/benchmarks.md),
+    # so two int8 runs agree less closely (measured 0.967 on an AVX-512 EPYC, before and after
+    # the attention kernel's vector reductions).
     ppl_fused, ppl_ops = real.perplexity(fused, ids), real.perplexity(ops, ids)
-    print(f"{kv_dtype}: perplexity C++ decoder {ppl_fused:.4f}, op by op {ppl_ops:.4f}")
+    agree = (fused.argmax(-1) == ops.argmax(-1)).float().mean().item()
+    print(f"{kv_dtype}: perplexity C++ decoder {ppl_fused:.4f}, op by op {ppl_ops:.4f}, agreement {agree:.3f}")
     assert abs(ppl_fused - ppl_ops) / ppl_ops < 0.002
-    assert (fused.argmax(-1) == ops.argmax(-1)).float().mean().item() > 0.98
+    assert agree > (0.95 if kv_dtype == torch.int8 else 0.98)
 
 
 def run(m, kv, rows: list[tuple[int, list[int], list[int]]], prefills: list[tuple[int, list[int], list[int]]]):

@@ -26,7 +26,7 @@ def test_rows_scaled_to_the_e4m3_range():
 def test_fp8_linear_close_to_float(dtype):
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(7, 64)
-    m = Fp8Linear(w, b, dtype)
+    m = Fp8Linear.from_float(w, b, dtype)
     out = m(x.to(dtype))
     assert out.dtype == dtype and out.shape == (7, 96)
     assert rel_err(out, x @ w.t() + b) < 0.06
@@ -36,7 +36,7 @@ def test_fp8_linear_close_to_float(dtype):
 
 def test_fp8_refuses_dimensions_the_kernel_cannot_take():
     with pytest.raises(ValueError, match="divisible by 16"):
-        Fp8Linear(torch.randn(40, 24), None, torch.bfloat16)
+        Fp8Linear.from_float(torch.randn(40, 24), None, torch.bfloat16)
 
 
 def test_tiny_model_fp8_greedy_mostly_agrees(tiny_models):

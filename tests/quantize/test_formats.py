@@ -191,3 +191,86 @@ def test_unsupported_configs_say_what(cfg, match):
     t = gptq.write(random_weight(), "x.")
     with pytest.raises(ValueError, match=match):
         read_quantized(t, cfg)
+
+
+def compressed_by_the_package(w: torch.Tensor, preset: str) -> tuple[dict, dict]:
+    """(the tensors of one linear named `x.`, the config) as compressed-tensors itself makes them
+    for one of its preset schemes: its observer's qparams, its compressor's rounding."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    args = scheme.weights
+    if args.strategy == "tensor":
+        mn, mx = w.amin().reshape(1), w.amax().reshape(1)
+    elif args.strategy == "channel":
+        mn, mx = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    elif args.strategy == "group":
+        g = w.reshape(w.shape[0], -1, args.group_size)
+        mn, mx = g.amin(-1), g.amax(-1)
+    else:  # block
+        b0, b1 = args.block_structure
+        t = w.reshape(w.shape[0] // b0, b0, w.shape[1] // b1, b1)
+        mn, mx = t.amin((1, 3)), t.amax((1, 3))
+    scale, zp = calculate_qparams(torch.minimum(mn, torch.zeros_like(mn)), torch.maximum(mx, torch.zeros_like(mx)), args)
+    fmt = "float-quantized" if args.type == "float" else "int-quantized"
+    compressor = BaseCompressor.load_from_registry(fmt)
+    tensors = compressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+    decompressed = compressor.decompress(dict(tensors), scheme)["weight"]
+    cfg = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
+                             ignore=["lm_head"]).model_dump()
+    return {f"x.{k}": v for k, v in tensors.items()} | {"x.decompressed": decompressed}, cfg
+
+
+@pytest.mark.parametrize("preset,kind", [("W8A8", GroupQuantWeight), ("W8A16", GroupQuantWeight),
+                                         ("FP8_DYNAMIC", "fp8"), ("FP8", "fp8"), ("FP8_BLOCK", torch.Tensor)])
+def test_int_and_float_quantized_read_as_the_package_decompresses(preset, kind):
+    """llm-compressor's W8A8 int8 (channel), W8A16 (group 128) and FP8 (channel, tensor, 128x128
+    block) checkpoints: tokenmill reads each linear to the weights the package decompresses."""
+    from tokenmill.model.fp8 import Fp8Weight
+
+    w = torch.randn(256, 384, generator=torch.Generator().manual_seed(1)) * 0.05
+    tensors, cfg = compressed_by_the_package(w, preset)
+    want = tensors.pop("x.decompressed").float()
+    back = read_quantized(tensors | {"lm_head.weight": torch.ones(4, 4)}, cfg)
+    assert set(back) == {"x.weight", "lm_head.weight"}
+    r = back["x.weight"]
+    assert isinstance(r, Fp8Weight if kind == "fp8" else kind)
+    got = r if isinstance(r, torch.Tensor) else r.dequantize()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("preset,module", [("W8A8", Int8Linear), ("FP8_DYNAMIC", "Fp8Linear"), ("FP8", "Fp8Linear")])
+def test_w8a8_checkpoint_weights_run_their_kernel(preset, module):
+    """W8A8 int8 runs the int8 kernel on the file's values; FP8 runs Fp8Linear on the file's e4m3
+    values and scales (not requantized), within the activations' rounding of x @ W.T."""
+    from tokenmill.model.fp8 import Fp8Linear
+
+    module = Fp8Linear if module == "Fp8Linear" else module
+    w = torch.randn(256, 384, generator=torch.Generator().manual_seed(2)) * 0.05
+    tensors, cfg = compressed_by_the_package(w, preset)
+    tensors.pop("x.decompressed")
+    r = read_quantized(tensors, cfg)["x.weight"]
+    lin = make_linear(r, None, torch.float32, "auto", 32)
+    assert type(lin) is module
+    if module is Fp8Linear:
+        assert torch.equal(lin.weight.float(), tensors["x.weight"].float())
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(3))
+    ref = x @ r.dequantize().T
+    # e4m3 activations keep 3 mantissa bits (relative error <= 2**-4); the int8 kernel's two passes far less
+    bound = (x.abs() @ r.dequantize().abs().T) * (2**-4 if module is Fp8Linear else 1e-3)
+    assert ((lin(x) - ref).abs() <= bound + 1e-6).all()
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}},
+     "float-quantized"),
+    ({"quant_method": "compressed-tensors", "format": "int-quantized",
+      "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "channel"}}}},
+     "4-bit"),
+])
+def test_compressed_tensors_schemes_that_do_not_fit_say_what(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        read_quantized({"x.weight": torch.zeros(16, 16, dtype=torch.int8), "x.weight_scale": torch.ones(16, 1)}, cfg)

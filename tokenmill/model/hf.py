@@ -67,7 +67,9 @@ def hf_weights(root: Path, config: ModelConfig, quantization: dict | None = None
                         continue
                     t = st.get_tensor(name)
                     # packed ints stay ints: as float32 an int32 word would lose its low bits
-                    weights[name] = t.to(torch.float32) if t.is_floating_point() or quantization is None else t
+                    # and e4m3 stays e4m3 (an FP8 checkpoint's weights run as they are)
+                    keep = quantization is not None and (not t.is_floating_point() or t.element_size() == 1)
+                    weights[name] = t if keep else t.to(torch.float32)
         except HFError:
             raise
         except Exception as e:  # safetensors raises its own error types for bad headers/truncation

@@ -9,6 +9,7 @@ Which format runs which kernel (see `make_linear`):
 | float or any GGUF type  | int4         | Int4Linear    | qkernels int4_linear, scale + min per group |
 | float or any GGUF type  | int8         | Int8Linear    | qkernels int8_linear, per output row        |
 | float or any GGUF type  | fp8          | Fp8Linear     | torch._scaled_mm, e4m3 W8A8 (model/fp8.py)  |
+| FP8 checkpoint (e4m3)   | auto / fp8   | Fp8Linear     | the checkpoint's e4m3 values and scales     |
 | GGUF Q4_0 / Q4_1        | auto         | Int4Linear    | the file's own int4 values and scales       |
 | GGUF Q8_0               | auto         | Int8Linear    | the file's int8 values and per-32 scales    |
 | GGUF other types        | auto         | FloatLinear   | dequantized with gguf.quants                |
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.model import qkernels
-from tokenmill.model.fp8 import Fp8Linear
+from tokenmill.model.fp8 import Fp8Linear, Fp8Weight
 from tokenmill.model.layers import FloatLinear
 
 if TYPE_CHECKING:  # not at run time: GGUF blocks exist only where `gguf` read a file
@@ -319,7 +320,9 @@ def make_linear(
 ) -> nn.Module:
     """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above)."""
     kernel = quantized_kernel(weight, quantization)
-    if not isinstance(weight, torch.Tensor):  # GGUF blocks
+    if isinstance(weight, Fp8Weight) and quantization in ("auto", "fp8"):
+        return Fp8Linear.from_checkpoint(weight, bias, dtype)
+    if not isinstance(weight, torch.Tensor):  # GGUF blocks, a checkpoint's packed ints or e4m3
         if quantization == "auto" and kernel is not None:
             return kernel.from_gguf(weight, bias, dtype)
         weight = weight.dequantize()
@@ -328,7 +331,7 @@ def make_linear(
     if kernel is Int4Linear:
         return Int4Linear.from_float(weight, bias, group_size, dtype)
     if quantization == "fp8":
-        return Fp8Linear(weight, bias, dtype)
+        return Fp8Linear.from_float(weight, bias, dtype)
     if quantization not in ("none", "auto"):
         raise ValueError(f"unknown quantization {quantization!r}")
     return FloatLinear(weight.to(dtype), None if bias is None else bias.to(dtype))

@@ -76,13 +76,13 @@ def write_checkpoint(out_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer, weig
                 shutil.copy(source / name, out_dir / name)
     else:
         config = hf_config(cfg)
-        _write_tokenizer(out_dir, tokenizer)
+        write_tokenizer(out_dir, tokenizer)
     config["quantization_config"] = quantization_config(spec) | {"tokenmill": extra or {}}
     save_file(checkpoint_tensors(weights, spec), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_tokenizer(out_dir: Path, tokenizer: Tokenizer) -> None:
+def write_tokenizer(out_dir: Path, tokenizer: Tokenizer) -> None:
     tokenizer.backend.save(str(out_dir / "tokenizer.json"))
     name = tokenizer.id_to_token
     tok_cfg = {

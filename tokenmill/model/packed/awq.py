@@ -30,6 +30,9 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return v[..., REVERSE].reshape(rows, words * 8)
 
 
+def marker(qcfg: dict) -> str:
+    return "qweight"
+
 def read(tensors: dict[str, torch.Tensor], prefix: str, qcfg: dict) -> GroupQuantWeight:
     bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
     version = str(qcfg.get("version", "gemm")).lower()

@@ -8,6 +8,7 @@ from types import ModuleType
 
 import torch
 
+from tokenmill.model.fp8 import Fp8Weight
 from tokenmill.model.packed import awq, compressed_tensors, gptq
 from tokenmill.model.packed.weight import GroupQuantWeight, warn_unsupported
 
@@ -15,14 +16,13 @@ from tokenmill.model.packed.weight import GroupQuantWeight, warn_unsupported
 @dataclass(frozen=True)
 class QuantFormat:
     name: str  # the quant_method in config.json
-    module: ModuleType
-    marker: str  # the tensor suffix every quantized linear of the format has
+    module: ModuleType  # read(tensors, prefix, qcfg), marker(qcfg): the suffix every quantized linear has
 
 
 FORMATS = {
-    "gptq": QuantFormat("gptq", gptq, "qweight"),
-    "awq": QuantFormat("awq", awq, "qweight"),
-    "compressed-tensors": QuantFormat("compressed-tensors", compressed_tensors, "weight_packed"),
+    "gptq": QuantFormat("gptq", gptq),
+    "awq": QuantFormat("awq", awq),
+    "compressed-tensors": QuantFormat("compressed-tensors", compressed_tensors),
 }
 
 
@@ -33,20 +33,22 @@ def format_for(qcfg: dict) -> QuantFormat:
     return FORMATS[method]
 
 
-def read_quantized(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict[str, "torch.Tensor | GroupQuantWeight"]:
-    """Every quantized linear's tensors -> one GroupQuantWeight named `<linear>.weight`; other
-    tensors pass through. Raises ValueError (with the tensor's name) on a malformed one."""
+def read_quantized(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict[str, "torch.Tensor | GroupQuantWeight | Fp8Weight"]:
+    """Every quantized linear's tensors -> one weight named `<linear>.weight` (a GroupQuantWeight,
+    or for FP8 an Fp8Weight or float tensor); other tensors pass through. Raises ValueError (with
+    the tensor's name) on a malformed one."""
     fmt = format_for(qcfg)
-    marker = "." + fmt.marker
-    linears = [name[: -len(fmt.marker)] for name in tensors if name.endswith(marker)]
+    suffix = fmt.module.marker(qcfg)
+    linears = [name[: -len(suffix)] for name in tensors if name.endswith("." + suffix)]
     out = dict(tensors)
     for prefix in linears:
         try:
             w = fmt.module.read(tensors, prefix, qcfg)
-        except (KeyError, RuntimeError, IndexError) as e:
-            raise ValueError(f"{prefix}{fmt.marker}: not a readable {fmt.name} tensor set ({type(e).__name__}: {e})") from e
-        for suffix in fmt.module.SUFFIXES:
-            out.pop(prefix + suffix, None)
+        except (KeyError, RuntimeError, IndexError, ValueError) as e:
+            raise ValueError(f"{prefix}{suffix}: not a readable {fmt.name} tensor set ({type(e).__name__}: {e})") from e
+        for consumed in fmt.module.SUFFIXES:
+            out.pop(prefix + consumed, None)
         out[prefix + "weight"] = w
-        warn_unsupported(prefix + "weight", w)
+        if isinstance(w, GroupQuantWeight):
+            warn_unsupported(prefix + "weight", w)
     return out

@@ -23,6 +23,9 @@ def is_v1(qcfg: dict) -> bool:
     return fmt == "gptq"
 
 
+def marker(qcfg: dict) -> str:
+    return "qweight"
+
 def read(tensors: dict[str, torch.Tensor], prefix: str, qcfg: dict) -> GroupQuantWeight:
     bits = int(qcfg["bits"])
     qweight, qzeros, scales = tensors[prefix + "qweight"], tensors[prefix + "qzeros"], tensors[prefix + "scales"]
