@@ -243,9 +243,14 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   tiles.push_back(rows);
   const int64_t num_tiles = static_cast<int64_t>(tiles.size()) - 1;
 
-  at::parallel_for(0, num_tiles * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are dealt from both ends (0, last, 1, last - 1, ...): a prompt's later tiles read
+  // more keys, and at::parallel_for hands each thread one contiguous range, so in order one
+  // thread got the long tiles and the other waited for it.
+  const int64_t num_tasks = num_tiles * kv_heads;
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, acc, scores, mx, total, rowbuf(kValueKeys * dim);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      const int64_t task = slot % 2 == 0 ? slot / 2 : num_tasks - 1 - slot / 2;
       const int64_t tile = task / kv_heads, g = task % kv_heads;
       const int64_t r0 = tiles[tile], n = tiles[tile + 1] - r0;
       const int64_t* table = tp + seqp[r0] * table_stride;
