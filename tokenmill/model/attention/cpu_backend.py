@@ -99,28 +99,44 @@ static inline void exp_minus(float* v, int64_t n, float sub) {
 #endif
 }
 
-// A key row's score against one query vector. Vector lanes hold partial sums over d = l mod
-// width, reduced by a fixed tree: the compiler's `omp simd` reduction summed its lanes one after
-// another (16 dependent adds), the larger part of a decode step's attention time at a few
-// hundred tokens of context. One function for every row, so the bits still do not depend on
-// the tile or the batch.
-static inline float dot(const float* a, const float* b, int64_t n) {
+// Scores of key rows against one query vector. Vector lanes hold partial sums over d = l mod
+// width, folded to 4 and then summed by two horizontal adds: (q0 + q1) + (q2 + q3). dot4 does
+// the same for 4 keys at once, its last two steps shared by the 4 (one hadd tree gives the 4
+// scores in one register), and gives each key the bits dot gives it, so a key's score does not
+// depend on which keys are computed beside it, nor on the tile or the batch. (The compiler's
+// `omp simd` reduction had summed 16 lanes one after another: most of a decode step's attention
+// time at a few hundred tokens of context.)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define TM_VDOT 1
+static inline bool vdot_fits(int64_t n) {
 #if defined(__AVX512F__)
-  if (n % 16 == 0 && n > 0) {
-    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-    for (int64_t i = 16; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  if (n % 8 == 0 && n > 0) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    for (int64_t i = 8; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+  return n % 16 == 0 && n > 0;
+#else
+  return n % 8 == 0 && n > 0;
+#endif
+}
+static inline __m128 dot_lanes(const float* a, const float* b, int64_t n) {  // 4 partial sums
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+  for (int64_t i = 16; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+#else
+  __m256 h = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+  for (int64_t i = 8; i < n; i += 8) h = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), h);
+#endif
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+static inline void dot4(const float* const* k, const float* q, int64_t n, float* out) {
+  const __m128 s = _mm_hadd_ps(_mm_hadd_ps(dot_lanes(k[0], q, n), dot_lanes(k[1], q, n)),
+                               _mm_hadd_ps(dot_lanes(k[2], q, n), dot_lanes(k[3], q, n)));
+  _mm_storeu_ps(out, s);
+}
+#endif
+static inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef TM_VDOT
+  if (vdot_fits(n)) {
+    const __m128 l = dot_lanes(a, b, n);
+    return _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(l, l), l));
   }
 #endif
   float s = 0.f;
@@ -207,7 +223,7 @@ static inline void prefetch_row(const K* row, int64_t dim) {
   for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(K)); b += 64) __builtin_prefetch(p + b);
 }
 
-static constexpr int64_t kValueKeys = 4;  // the value pass below is written out for 4
+static constexpr int64_t kValueKeys = 4;  // the score (dot4) and value passes below are written out for 4
 
 // Rows are grouped in tiles of consecutive rows of one sequence (a prefill chunk's rows; a
 // decode row is a tile of one). A task is (tile, KV head): each key and value row is read once
@@ -249,6 +265,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   const int64_t num_tasks = num_tiles * kv_heads;
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, acc, scores, mx, total, rowbuf(kValueKeys * dim);
+    std::vector<int64_t> row_off;
     for (int64_t slot = begin; slot < end; ++slot) {
       const int64_t task = slot % 2 == 0 ? slot / 2 : num_tasks - 1 - slot / 2;
       const int64_t tile = task / kv_heads, g = task % kv_heads;
@@ -256,6 +273,13 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       const int64_t* table = tp + seqp[r0] * table_stride;
       int64_t span = 0;  // keys the tile reads: the longest context among its rows
       for (int64_t i = 0; i < n; ++i) span = std::max(span, ctxp[r0 + i]);
+      // Each key's row offset in the pool (K and V alike), found once without a division per
+      // key: two 64-bit divisions per row read were most of a decode step's attention time.
+      row_off.resize(span);
+      for (int64_t t0 = 0, b = 0; t0 < span; t0 += block, ++b) {
+        const int64_t base = table[b] * sb + g * sh;
+        for (int64_t o = 0; o < block && t0 + o < span; ++o) row_off[t0 + o] = base + o * st;
+      }
       const int64_t m = n * group;  // query vectors in the task: row i, head j -> i * group + j
       qf.assign(m * dim, 0.f);
       for (int64_t i = 0; i < n; ++i)
@@ -265,21 +289,35 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
                 static_cast<float>(qp[(r0 + i) * sq0 + (g * group + j) * sq1 + d]) * static_cast<float>(scale);
       scores.assign(m * span, 0.f);
       mx.assign(m, -std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < span; ++t) {
-        const K* krow = kp + table[t / block] * sb + g * sh + (t % block) * st;
-        if (t + kPrefetchKeys < span) {
-          const int64_t a = t + kPrefetchKeys;
-          prefetch_row(kp + table[a / block] * sb + g * sh + (a % block) * st, dim);
+      // Scores, kValueKeys keys at a time (dot4 where it fits), in key order per query vector.
+      for (int64_t t = 0; t < span; t += kValueKeys) {
+        const int64_t nk = std::min<int64_t>(kValueKeys, span - t);
+        float kscale[kValueKeys];
+        const float* kf[kValueKeys];
+        for (int64_t k = 0; k < nk; ++k) {
+          const K* krow = kp + row_off[t + k];
+          if (t + k + kPrefetchKeys < span) prefetch_row(kp + row_off[t + k + kPrefetchKeys], dim);
+          kscale[k] = row_scale(krow, dim);
+          kf[k] = as_float(krow, dim, rowbuf.data() + k * dim);
         }
-        const float kscale = row_scale(krow, dim);
-        const float* kf = as_float(krow, dim, rowbuf.data());
         for (int64_t i = 0; i < n; ++i) {
-          if (t >= ctxp[r0 + i]) continue;
+          const int64_t keys = std::min<int64_t>(nk, std::max<int64_t>(0, ctxp[r0 + i] - t));
+          if (keys == 0) continue;
           for (int64_t j = 0; j < group; ++j) {
             const int64_t v = i * group + j;
-            const float s = dot(kf, qf.data() + v * dim, dim) * kscale;
-            scores[v * span + t] = s;
-            if (s > mx[v]) mx[v] = s;
+            const float* qv = qf.data() + v * dim;
+            float d[kValueKeys];
+#ifdef TM_VDOT
+            if (nk == 4 && vdot_fits(dim)) {
+              dot4(kf, qv, dim, d);
+            } else
+#endif
+              for (int64_t k = 0; k < keys; ++k) d[k] = dot(kf[k], qv, dim);
+            for (int64_t k = 0; k < keys; ++k) {
+              const float s = d[k] * kscale[k];
+              scores[v * span + t + k] = s;
+              if (s > mx[v]) mx[v] = s;
+            }
           }
         }
       }
@@ -299,11 +337,8 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
         float vscale[kValueKeys];
         const float* vf[kValueKeys];
         for (int64_t k = 0; k < kValueKeys; ++k) {
-          const K* vrow = vp + table[(t + k) / block] * sb + g * sh + ((t + k) % block) * st;
-          if (t + k + kPrefetchKeys < span) {
-            const int64_t a = t + k + kPrefetchKeys;
-            prefetch_row(vp + table[a / block] * sb + g * sh + (a % block) * st, dim);
-          }
+          const K* vrow = vp + row_off[t + k];
+          if (t + k + kPrefetchKeys < span) prefetch_row(vp + row_off[t + k + kPrefetchKeys], dim);
           vscale[k] = row_scale(vrow, dim);
           vf[k] = as_float(vrow, dim, rowbuf.data() + k * dim);
         }
@@ -325,7 +360,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
         }
       }
       for (; t < span; ++t) {
-        const K* vrow = vp + table[t / block] * sb + g * sh + (t % block) * st;
+        const K* vrow = vp + row_off[t];
         const float vscale = row_scale(vrow, dim);
         const float* vf = as_float(vrow, dim, rowbuf.data());
         for (int64_t i = 0; i < n; ++i) {
