@@ -3,13 +3,13 @@ scale and a minimum per group of 32k inputs (GGUF Q4_0/Q4_1, int4 quantized on l
 group int4) and int8 with a scale per group (GGUF Q8_0, per-row int8).
 
 Integer arithmetic, as llama.cpp's: each row's activations are rounded per block of 32 inputs
-to int8, twice (x ~ q * d + q2 * d2, the second pass rounding what the first left, so the
-activations the kernel runs are within about amax / 64516 of x: SmolLM2's perplexity moves
--0.002%, where one pass, llama.cpp's, moved it +0.3-0.6% and flipped greedy answers). The
-weights' products with both passes are exact int32 sums (AVX-512 VNNI's dpbusd where the CPU
-lists it, AVX2's maddubs + madd else, plain loops without AVX2: the same integers), then per
-block y += float(i) * (scale * d) + float(i2) * (scale * d2), and for int4 + min * (the block's
-sum of x). The integer work is a quarter of the float work it replaced, which dequantized every
+to int8, twice (x ~ q * d + q2 * d2, the second pass rounding what the first left on the fixed
+finer grid d2 = d / 256, so the activations the kernel runs are within about amax / 65024 of x:
+SmolLM2's perplexity moves by thousandths of a percent, where one pass, llama.cpp's, moved it
++0.3-0.6% and flipped greedy answers). The weights' products with both passes are exact int32
+sums (AVX-512 VNNI's dpbusd where the CPU lists it, AVX2's maddubs + madd else, plain loops
+without AVX2: the same integers); as d2 is d / 256 they combine in integers, I = 256 * i + i2,
+and per block y += float(I) * (scale * d2), and for int4 + min * (the block's sum of x). The integer work is a quarter of the float work it replaced, which dequantized every
 weight to float first: a decode step's four linears x 30 layers went from 10.4 to 3.5 ms and
 the LM head's row from 2.4 to 0.66 ms (AMD EPYC, 2 threads, benchmarks/decode_parts.py).
 
@@ -79,10 +79,12 @@ static inline float half_to_float(at::Half h) {
 // --- activations: two int8 passes per block of 32 ---
 // Each block of a row is rounded to int8, x ~ q * d with d = amax / 127 and q =
 // round-half-even(x * (127 / amax)), as llama.cpp's Q8 activations; then what that leaves,
-// x - q * d, is rounded the same way to q2 * d2. The kernel multiplies both by the weights (the
-// weights are unpacked once for the two), so the activations it runs are q * d + q2 * d2, within
-// about amax / 64516 of x instead of amax / 254: one pass moved SmolLM2's logits by up to 1.4 and
-// changed its greedy answers.
+// r = x - q * d (|r| <= d / 2), is rounded to q2 * d2 on the fixed grid d2 = d / 256 (q2 =
+// round-half-even(r * (256 / d)), clamped to +-127 for the rare r at d / 2). The kernel
+// multiplies both by the weights (unpacked once for the two), so the activations it runs are
+// q * d + q2 * d2, within about amax / 65024 of x instead of amax / 254: one pass moved
+// SmolLM2's logits by up to 1.4 and changed its greedy answers. d2 being d / 256 exactly lets
+// the two integer sums combine before the float step (rows_group).
 // Past K the block is zero. A block holding inf or NaN gets q = 0 and d = NaN, so its row's
 // outputs are NaN as a float matmul's would be. Only float multiplies and subtractions, exact
 // conversions and integer sums: the AVX2 and scalar versions give the same bytes.
@@ -139,6 +141,35 @@ static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
   return sum;
 }
 
+// The second pass: q2 = round-half-even(r * (256 / d)) clamped to +-127 (so d2 = d / 256);
+// returns the sum of q2. d is finite here (a non-finite block's d is NaN and q2 = 0).
+static int32_t round_residual(const float* r, int64_t n, float d, int8_t* q2) {
+  const float inv = d > 0.f ? 256.f / d : 0.f;
+  int32_t sum = 0;
+#ifdef TM_AVX2
+  if (n == kBlock) {
+    const __m256 iv = _mm256_set1_ps(inv);
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    __m256i w[4];
+    for (int u = 0; u < 4; ++u)
+      w[u] = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + 8 * u), iv))));
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q2), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(w[0], w[1]), _mm256_add_epi32(w[2], w[3]));
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+    for (int32_t l : lanes) sum += l;
+    return sum;
+  }
+#endif
+  for (int64_t k = 0; k < kBlock; ++k) {
+    const float v = k < n ? std::nearbyint(r[k] * inv) : 0.f;
+    q2[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+    sum += q2[k];
+  }
+  return sum;
+}
+
 // A row's activations: per block b, q[32b..] * d[b] + q2[32b..] * d2[b]; qsum and qsum2 the
 // blocks' integer sums, s[b] the sum of the values they stand for (the minimum's term).
 struct QRow { const int8_t *q, *q2; const float *d, *d2, *s; const int32_t *qsum, *qsum2; };
@@ -161,7 +192,13 @@ static void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* q2, float
 #endif
       for (; k < n; ++k) r[k] = x[k0 + k] - static_cast<float>(q[k0 + k]) * d[b];
     }
-    qsum2[b] = round_block(r, n, q2 + k0, d2[b]);
+    if (std::isnan(d[b])) {
+      std::memset(q2 + k0, 0, kBlock);
+      qsum2[b] = 0;
+    } else {
+      qsum2[b] = round_residual(r, n, d[b], q2 + k0);
+    }
+    d2[b] = d[b] * (1.f / 256.f);  // exact: a power of two
     s[b] = d[b] * static_cast<float>(qsum[b]) + d2[b] * static_cast<float>(qsum2[b]);
   }
 }
@@ -273,11 +310,13 @@ static inline void block_dot(const Int8W& w, int64_t c, int64_t b, const QRow* x
 
 // y[r][n] for the 8 columns of column group c (n = 8c + j; j >= `valid` are padding, not
 // stored) of R rows. Per row and block b: the exact integer dot products i and i2 of each
-// column's weights and the row's two int8 passes, then acc = fma(float(i), scale * d_b, acc),
-// acc = fma(float(i2), scale * d2_b, acc) and, for int4, macc = fma(min, s_b, macc); y = acc +
-// macc. Each column's arithmetic is this sequence whatever R, the rows beside it, the thread
-// split or the column's group: the integers are exact and the float steps run per lane in
-// block order. R only shares the weights' loads and unpacking between rows.
+// column's weights and the row's two int8 passes, combined as I = 256 * i + i2 (d2 = d / 256),
+// then acc = fma(float(I), scale * d2_b, acc) and, for int4, macc = fma(min, s_b, macc); y = acc
+// + macc. float(I) is exact for int4 weights (|I| < 2^24) and rounds once for int8 ones. Each
+// column's arithmetic is this sequence whatever R, the rows beside it, the thread split or the
+// column's group: the integers are exact and the float steps run per lane in block order. R
+// only shares the weights' loads and unpacking between rows. (One float step per block instead
+// of two: the second conversion, multiply and fma competed with dpbusd for the vector pipes.)
 template <int R, typename W>
 static inline void rows_group(const W& w, int64_t c, int64_t N, const QRow* x, float* const* y) {
   const int64_t nb = (w.K + kBlock - 1) / kBlock, groups = w.K / w.G;
@@ -298,8 +337,8 @@ static inline void rows_group(const W& w, int64_t c, int64_t N, const QRow* x, f
       m = mn ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * kCols)))
              : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
     for (int r = 0; r < R; ++r) {
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i[r].a), _mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i[r].b), _mm256_mul_ps(d, _mm256_set1_ps(x[r].d2[b])), acc[r]);
+      const __m256i both = _mm256_add_epi32(_mm256_slli_epi32(i[r].a, 8), i[r].b);  // 256 * i + i2
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), _mm256_mul_ps(d, _mm256_set1_ps(x[r].d2[b])), acc[r]);
       if constexpr (W::kHasMin) macc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r].s[b]), macc[r]);
     }
   }
@@ -316,8 +355,7 @@ static inline void rows_group(const W& w, int64_t c, int64_t N, const QRow* x, f
         const int32_t i = w.dot_scalar(c, j, b, x[r].q + b * kBlock), i2 = w.dot_scalar(c, j, b, x[r].q2 + b * kBlock);
         const int64_t g = (b * kBlock) / w.G;
         const float d = half_to_float(sc[g * kCols + j]);
-        acc = std::fma(static_cast<float>(i), d * x[r].d[b], acc);
-        acc = std::fma(static_cast<float>(i2), d * x[r].d2[b], acc);
+        acc = std::fma(static_cast<float>(i * 256 + i2), d * x[r].d2[b], acc);
         if constexpr (W::kHasMin) macc = std::fma(mn ? half_to_float(mn[g * kCols + j]) : d * -8.f, x[r].s[b], macc);
       }
       y[r][c * kCols + j] = acc + macc;

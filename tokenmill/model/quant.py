@@ -131,18 +131,16 @@ def int8_from_kernel_layout(packed: torch.Tensor, out: int, inp: int) -> torch.T
 def int8_activations(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The values the kernel's activations stand for, in `dtype` (float64: exactly): each row
     rounded per block of 32 inputs to q * d + q2 * d2, as qkernels.py's quantize_row does in
-    float32: d = amax / 127, q = round-half-even(x * 127 / amax), then the same for x - q * d."""
+    float32: d = amax / 127, q = round-half-even(x * 127 / amax), then r = x - q * d on the grid
+    d2 = d / 256: q2 = round-half-even(r * 256 / d) clamped to +-127."""
     rows, k = x.shape
     blocks = F.pad(x.float(), (0, -k % INT4_BLOCK)).reshape(rows, -1, INT4_BLOCK)
-
-    def rounded(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amax = v.abs().amax(-1, keepdim=True)
-        # a float32 division as the kernel's (torch's `127 / t` multiplies by a reciprocal instead)
-        inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-        return torch.round(v * inv), amax / 127
-
-    q, d = rounded(blocks)
-    q2, d2 = rounded(blocks - q * d)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # float32 divisions as the kernel's (torch's `127 / t` multiplies by a reciprocal instead)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q, d = torch.round(blocks * inv), amax / 127
+    inv2 = torch.where(d > 0, torch.full_like(d, 256.0) / d, torch.zeros_like(d))
+    q2, d2 = torch.round((blocks - q * d) * inv2).clamp(-127, 127), d * (1 / 256)
     out = q.to(dtype) * d.to(dtype) + q2.to(dtype) * d2.to(dtype)
     return out.reshape(rows, -1)[:, :k]
 
