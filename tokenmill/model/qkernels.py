@@ -88,6 +88,19 @@ static inline float half_to_float(at::Half h) {
 // Past K the block is zero. A block holding inf or NaN gets q = 0 and d = NaN, so its row's
 // outputs are NaN as a float matmul's would be. Only float multiplies and subtractions, exact
 // conversions and integer sums: the AVX2 and scalar versions give the same bytes.
+#ifdef TM_AVX2
+// 32 int32 values (each in int8's range) stored in order as int8; returns their sum.
+static inline int32_t pack_block(const __m256i* w, int8_t* q) {
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(w[0], w[1]), _mm256_add_epi32(w[2], w[3]));
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+  int32_t sum = 0;
+  for (int32_t l : lanes) sum += l;
+  return sum;
+}
+#endif
 static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
   float amax = 0.f;
   bool finite = true;
@@ -124,13 +137,7 @@ static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
     const __m256 iv = _mm256_set1_ps(inv);
     __m256i w[4];
     for (int u = 0; u < 4; ++u) w[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * u), iv));
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(w[0], w[1]), _mm256_add_epi32(w[2], w[3]));
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
-    for (int32_t l : lanes) sum += l;
-    return sum;
+    return pack_block(w, q);
   }
 #endif
   for (int64_t k = 0; k < kBlock; ++k) {
@@ -153,13 +160,7 @@ static int32_t round_residual(const float* r, int64_t n, float d, int8_t* q2) {
     __m256i w[4];
     for (int u = 0; u < 4; ++u)
       w[u] = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + 8 * u), iv))));
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q2), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(w[0], w[1]), _mm256_add_epi32(w[2], w[3]));
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
-    for (int32_t l : lanes) sum += l;
-    return sum;
+    return pack_block(w, q2);
   }
 #endif
   for (int64_t k = 0; k < kBlock; ++k) {

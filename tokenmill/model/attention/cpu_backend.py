@@ -223,6 +223,19 @@ static inline void prefetch_row(const K* row, int64_t dim) {
   for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(K)); b += 64) __builtin_prefetch(p + b);
 }
 
+// Pool rows t .. t + nk - 1 (offsets `off`) as float32 (into buf where converted) and their
+// scales, asking memory for the rows kPrefetchKeys further on.
+template <typename K>
+static inline void read_rows(const K* pool, const int64_t* off, int64_t t, int64_t nk, int64_t span, int64_t dim,
+                             float* buf, float* scale, const float** rows) {
+  for (int64_t k = 0; k < nk; ++k) {
+    const K* row = pool + off[t + k];
+    if (t + k + kPrefetchKeys < span) prefetch_row(pool + off[t + k + kPrefetchKeys], dim);
+    scale[k] = row_scale(row, dim);
+    rows[k] = as_float(row, dim, buf + k * dim);
+  }
+}
+
 static constexpr int64_t kValueKeys = 4;  // the score (dot4) and value passes below are written out for 4
 
 // Rows are grouped in tiles of consecutive rows of one sequence (a prefill chunk's rows; a
@@ -294,12 +307,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
         const int64_t nk = std::min<int64_t>(kValueKeys, span - t);
         float kscale[kValueKeys];
         const float* kf[kValueKeys];
-        for (int64_t k = 0; k < nk; ++k) {
-          const K* krow = kp + row_off[t + k];
-          if (t + k + kPrefetchKeys < span) prefetch_row(kp + row_off[t + k + kPrefetchKeys], dim);
-          kscale[k] = row_scale(krow, dim);
-          kf[k] = as_float(krow, dim, rowbuf.data() + k * dim);
-        }
+        read_rows(kp, row_off.data(), t, nk, span, dim, rowbuf.data(), kscale, kf);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t keys = std::min<int64_t>(nk, std::max<int64_t>(0, ctxp[r0 + i] - t));
           if (keys == 0) continue;
@@ -336,12 +344,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       for (; t + kValueKeys <= span; t += kValueKeys) {
         float vscale[kValueKeys];
         const float* vf[kValueKeys];
-        for (int64_t k = 0; k < kValueKeys; ++k) {
-          const K* vrow = vp + row_off[t + k];
-          if (t + k + kPrefetchKeys < span) prefetch_row(vp + row_off[t + k + kPrefetchKeys], dim);
-          vscale[k] = row_scale(vrow, dim);
-          vf[k] = as_float(vrow, dim, rowbuf.data() + k * dim);
-        }
+        read_rows(vp, row_off.data(), t, kValueKeys, span, dim, rowbuf.data(), vscale, vf);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t keys = std::min<int64_t>(kValueKeys, std::max<int64_t>(0, ctxp[r0 + i] - t));
           for (int64_t j = 0; j < group; ++j) {
