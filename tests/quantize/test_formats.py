@@ -274,3 +274,23 @@ def test_w8a8_checkpoint_weights_run_their_kernel(preset, module):
 def test_compressed_tensors_schemes_that_do_not_fit_say_what(cfg, match):
     with pytest.raises(ValueError, match=match):
         read_quantized({"x.weight": torch.zeros(16, 16, dtype=torch.int8), "x.weight_scale": torch.ones(16, 1)}, cfg)
+
+
+@pytest.mark.parametrize("strategy,groups,with_zero", [("group", 4, False), ("channel", 1, True)])
+def test_fp8_scales_no_kernel_takes_run_dequantized(strategy, groups, with_zero, caplog):
+    """FP8 with group scales, or with zero points, runs dequantized: (w - zp) * scale per group."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 64, generator=g).to(torch.float8_e4m3fn)
+    scale = torch.rand(16, groups, generator=g) + 0.5
+    tensors = {"x.weight": w, "x.weight_scale": scale}
+    want = w.float()
+    if with_zero:
+        zp = torch.randn(16, groups, generator=g).to(torch.float8_e4m3fn)
+        tensors["x.weight_zero_point"] = zp
+        want = want - zp.float().repeat_interleave(64 // groups, dim=1)
+    want = want * scale.repeat_interleave(64 // groups, dim=1)
+    cfg = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": not with_zero}}}}
+    got = read_quantized(tensors, cfg)["x.weight"]
+    assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    assert "runs dequantized" in caplog.text

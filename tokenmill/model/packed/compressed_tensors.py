@@ -71,9 +71,11 @@ def read(tensors: dict[str, torch.Tensor], prefix: str, qcfg: dict) -> "GroupQua
     if weight.dtype == FP8:
         if scale.shape[1] == 1 and zp is None:
             return Fp8Weight(weight, scale[:, 0].contiguous())
-        log.warning("%sweight: fp8 with %d scales per row: no fp8 kernel takes them, it runs dequantized (float)",
-                    prefix, scale.shape[1])
-        return weight.float() * scale.repeat_interleave(inp // scale.shape[1], dim=1)
+        log.warning("%sweight: fp8 with %d scales per row%s: no fp8 kernel takes them, it runs dequantized (float)",
+                    prefix, scale.shape[1], "" if zp is None else " and zero points")
+        per_input = lambda t: t.reshape(scale.shape).float().repeat_interleave(inp // scale.shape[1], dim=1)  # noqa: E731
+        w = weight.float() if zp is None else weight.float() - per_input(zp)
+        return w * per_input(scale)
     if weight.dtype != torch.int8:
         raise ValueError(f"weight dtype {weight.dtype} (want int8 or float8_e4m3fn)")
     zero = torch.full(scale.shape, 128, dtype=torch.int32) if zp is None else zp.reshape(scale.shape).to(torch.int32) + 128
