@@ -66,3 +66,15 @@ def test_fp8_perplexity_on_the_default_model():
     # (AMD EPYC) over these 275 tokens, 5 tokens apart. A bound at 90% failed on the EPYC; a
     # broken scale or layout agrees on far fewer (the int8 path: 98.9%, random: ~0%).
     assert agree > 0.85
+
+
+def test_checkpoint_fp8_weight_the_kernel_cannot_take_runs_dequantized(caplog):
+    from tokenmill.model.fp8 import Fp8Weight
+    from tokenmill.model.layers import FloatLinear
+    from tokenmill.model.quant import make_linear
+
+    w = Fp8Weight(torch.randn(24, 40).to(torch.float8_e4m3fn), torch.rand(24) + 0.5)
+    lin = make_linear(w, None, torch.float32, "auto", 32)
+    assert isinstance(lin, FloatLinear) and "runs dequantized" in caplog.text
+    x = torch.randn(3, 40)
+    assert torch.allclose(lin(x), x @ w.dequantize().T)

@@ -28,6 +28,7 @@ call (slow, for correctness only; qkernels logs it).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +38,8 @@ from torch import nn
 from tokenmill.model import qkernels
 from tokenmill.model.fp8 import Fp8Linear, Fp8Weight
 from tokenmill.model.layers import FloatLinear
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # not at run time: GGUF blocks exist only where `gguf` read a file
     from tokenmill.model.gguf_blocks import QuantizedWeight
@@ -319,7 +322,10 @@ def make_linear(
     """A module computing x @ weight.T + bias, [N, in] -> [N, out] in `dtype` (table above)."""
     kernel = quantized_kernel(weight, quantization)
     if isinstance(weight, Fp8Weight) and quantization in ("auto", "fp8"):
-        return Fp8Linear.from_checkpoint(weight, bias, dtype)
+        if not any(n % 16 for n in weight.shape):
+            return Fp8Linear.from_checkpoint(weight, bias, dtype)
+        log.warning("fp8 weight %s: _scaled_mm needs sizes divisible by 16, it runs dequantized (float)",
+                    list(weight.shape))
     if not isinstance(weight, torch.Tensor):  # GGUF blocks, a checkpoint's packed ints or e4m3
         if quantization == "auto" and kernel is not None:
             return kernel.from_gguf(weight, bias, dtype)
