@@ -104,8 +104,8 @@ static inline void exp_minus(float* v, int64_t n, float sub) {
 // the same for 4 keys at once, its last two steps shared by the 4 (one hadd tree gives the 4
 // scores in one register), and gives each key the bits dot gives it, so a key's score does not
 // depend on which keys are computed beside it, nor on the tile or the batch. (The compiler's
-// `omp simd` reduction had summed 16 lanes one after another: most of a decode step's attention
-// time at a few hundred tokens of context.)
+// `omp simd` reduction had summed 16 lanes one after another: about a quarter of the kernel's
+// samples in a decode step at a few hundred tokens of context.)
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define TM_VDOT 1
 static inline bool vdot_fits(int64_t n) {
@@ -287,7 +287,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       int64_t span = 0;  // keys the tile reads: the longest context among its rows
       for (int64_t i = 0; i < n; ++i) span = std::max(span, ctxp[r0 + i]);
       // Each key's row offset in the pool (K and V alike), found once without a division per
-      // key: two 64-bit divisions per row read were most of a decode step's attention time.
+      // key (it took two 64-bit divisions per row read and per prefetch).
       row_off.resize(span);
       for (int64_t t0 = 0, b = 0; t0 < span; t0 += block, ++b) {
         const int64_t base = table[b] * sb + g * sh;
