@@ -64,9 +64,9 @@ def test_pools_are_written_as_the_op_by_op_path_writes_them(kv_dtype):
     # Layer 0 sees the same embeddings both ways: its K and V rows, read back as float, differ
     # by at most one rounding step of the pool (its inputs differ by ~1e-7, the norms summing in
     # another order) -- the same layout, rounding and int8 scales.
-    k_f, k_o = (from_pool(p[:, 0], torch.float32) for p in pools)
-    step = k_o.abs().amax(-1, keepdim=True) / (127 if kv_dtype == torch.int8 else 2**7 if kv_dtype == torch.bfloat16 else 2**10)
-    assert ((k_f - k_o).abs() <= step * 1.01 + 1e-6).all()
+    kv_f, kv_o = (from_pool(p[:, 0], torch.float32) for p in pools)
+    step = kv_o.abs().amax(-1, keepdim=True) / (127 if kv_dtype == torch.int8 else 2**7 if kv_dtype == torch.bfloat16 else 2**10)
+    assert ((kv_f - kv_o).abs() <= step * 1.01 + 1e-6).all()
     # A rounded or quantized pool turns 1e-7 differences into a rounding step now and then, so
     # logits are compared by what they give: the same perplexity, the same next tokens. An int8
     # pool is itself noise of that kind (agreement 0.978 with a float32 pool, docs/benchmarks.md),

@@ -9,8 +9,9 @@ SmolLM2's perplexity moves by thousandths of a percent, where one pass, llama.cp
 +0.3-0.6% and flipped greedy answers). The weights' products with both passes are exact int32
 sums (AVX-512 VNNI's dpbusd where the CPU lists it, AVX2's maddubs + madd else, plain loops
 without AVX2: the same integers); as d2 is d / 256 they combine in integers, I = 256 * i + i2,
-and per block y += float(I) * (scale * d2), and for int4 + min * (the block's sum of x). The integer work is a quarter of the float work it replaced, which dequantized every
-weight to float first: a decode step's four linears x 30 layers went from 10.4 to 3.5 ms and
+and per block y += float(I) * (scale * d2), and for int4 + min * (the block's sum of x). The
+integer work is a quarter of the float work it replaced, which dequantized every weight to
+float first: a decode step's four linears x 30 layers went from 10.4 to 3.5 ms and
 the LM head's row from 2.4 to 0.66 ms (AMD EPYC, 2 threads, benchmarks/decode_parts.py).
 
 Weights stay packed, made once at load, the size of the GGUF data, in column groups of 8 output
@@ -149,7 +150,7 @@ static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
 }
 
 // The second pass: q2 = round-half-even(r * (256 / d)) clamped to +-127 (so d2 = d / 256);
-// returns the sum of q2. d is finite here (a non-finite block's d is NaN and q2 = 0).
+// returns the sum of q2. A non-finite block's d is NaN: inv is then 0 and q2 = 0.
 static int32_t round_residual(const float* r, int64_t n, float d, int8_t* q2) {
   const float inv = d > 0.f ? 256.f / d : 0.f;
   int32_t sum = 0;
@@ -171,36 +172,33 @@ static int32_t round_residual(const float* r, int64_t n, float d, int8_t* q2) {
   return sum;
 }
 
-// A row's activations: per block b, q[32b..] * d[b] + q2[32b..] * d2[b]; qsum and qsum2 the
-// blocks' integer sums, s[b] the sum of the values they stand for (the minimum's term).
-struct QRow { const int8_t *q, *q2; const float *d, *d2, *s; const int32_t *qsum, *qsum2; };
+// A row's activations: per block b, (256 * q[32b..] + q2[32b..]) * d2[b] (d2 = d / 256, the
+// only scale rows_group needs); qsum and qsum2 the blocks' integer sums, s[b] the sum of the
+// values they stand for (the minimum's term).
+struct QRow { const int8_t *q, *q2; const float *d2, *s; const int32_t *qsum, *qsum2; };
 
-static void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* q2, float* d, float* d2, float* s,
+static void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* q2, float* d2, float* s,
                          int32_t* qsum, int32_t* qsum2) {
   const int64_t nb = (K + kBlock - 1) / kBlock;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * kBlock, n = std::min(kBlock, K - k0);
-    qsum[b] = round_block(x + k0, n, q + k0, d[b]);
+    float d;
+    qsum[b] = round_block(x + k0, n, q + k0, d);
     alignas(32) float r[kBlock] = {};
-    if (!std::isnan(d[b])) {
+    if (!std::isnan(d)) {
       int64_t k = 0;
 #ifdef TM_AVX2
-      const __m256 dv = _mm256_set1_ps(d[b]);
+      const __m256 dv = _mm256_set1_ps(d);
       for (; k + 8 <= n; k += 8) {  // the scalar loop's multiply, then subtract (no fused form)
         const __m256 qk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k0 + k))));
         _mm256_store_ps(r + k, _mm256_sub_ps(_mm256_loadu_ps(x + k0 + k), _mm256_mul_ps(qk, dv)));
       }
 #endif
-      for (; k < n; ++k) r[k] = x[k0 + k] - static_cast<float>(q[k0 + k]) * d[b];
+      for (; k < n; ++k) r[k] = x[k0 + k] - static_cast<float>(q[k0 + k]) * d;
     }
-    if (std::isnan(d[b])) {
-      std::memset(q2 + k0, 0, kBlock);
-      qsum2[b] = 0;
-    } else {
-      qsum2[b] = round_residual(r, n, d[b], q2 + k0);
-    }
-    d2[b] = d[b] * (1.f / 256.f);  // exact: a power of two
-    s[b] = d[b] * static_cast<float>(qsum[b]) + d2[b] * static_cast<float>(qsum2[b]);
+    qsum2[b] = round_residual(r, n, d, q2 + k0);  // a NaN d: r is zero and so is q2
+    d2[b] = d * (1.f / 256.f);  // exact: a power of two
+    s[b] = d * static_cast<float>(qsum[b]) + d2[b] * static_cast<float>(qsum2[b]);
   }
 }
 
@@ -397,13 +395,13 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
   torch::Tensor y = torch::empty({rows, N}, xf.options());
   if (rows == 0) return y;
   std::vector<int8_t> xq(rows * nb * kBlock), xq2(rows * nb * kBlock);
-  std::vector<float> xd(rows * nb), xd2(rows * nb), xs(rows * nb);
+  std::vector<float> xd2(rows * nb), xs(rows * nb);
   std::vector<int32_t> xsum(rows * nb), xsum2(rows * nb);
   const float* xp = xf.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * nb;
-      quantize_row(xp + r * K, K, xq.data() + o * kBlock, xq2.data() + o * kBlock, xd.data() + o, xd2.data() + o,
+      quantize_row(xp + r * K, K, xq.data() + o * kBlock, xq2.data() + o * kBlock, xd2.data() + o,
                    xs.data() + o, xsum.data() + o, xsum2.data() + o);
     }
   });
@@ -411,7 +409,7 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
   std::vector<QRow> xr(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * nb;
-    xr[r] = QRow{xq.data() + o * kBlock, xq2.data() + o * kBlock, xd.data() + o, xd2.data() + o, xs.data() + o,
+    xr[r] = QRow{xq.data() + o * kBlock, xq2.data() + o * kBlock, xd2.data() + o, xs.data() + o,
                  xsum.data() + o, xsum2.data() + o};
   }
   const int64_t col_groups = (N + kCols - 1) / kCols;
