@@ -6,25 +6,38 @@
 #include <immintrin.h>
 #include <chrono>
 #include <cstdio>
-template <typename F> double ns_per(F f, long n) { auto t0 = std::chrono::steady_clock::now(); f(); auto t1 = std::chrono::steady_clock::now(); return std::chrono::duration<double, std::nano>(t1 - t0).count() / n; }
+
+static inline __m256i dp(__m256i a, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(a, u, s); }
+static inline __m512i dp(__m512i a, __m512i u, __m512i s) { return _mm512_dpbusd_epi32(a, u, s); }
+static inline __m256i splat(__m256i, int v) { return _mm256_set1_epi32(v); }
+static inline __m512i splat(__m512i, int v) { return _mm512_set1_epi32(v); }
+static inline int low(__m256i v) { return _mm256_extract_epi32(v, 0); }
+static inline int low(__m512i v) { return _mm512_cvtsi512_si32(v); }
+
+// ns per dpbusd over `iters` rounds of 12 independent accumulators (distinct starting values
+// from memory, so the compiler cannot merge them; the operands pass through an empty asm each
+// round, so it cannot fold them either).
+template <typename V>
+static double ns_per_op(long iters) {
+  volatile int init[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  V a[12];
+  for (int k = 0; k < 12; ++k) a[k] = splat(V{}, init[k]);
+  V u = splat(V{}, 0x03030303), s = splat(V{}, 0x05050505);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (long i = 0; i < iters; ++i) {
+    asm volatile("" : "+v"(u), "+v"(s));
+#pragma GCC unroll 12
+    for (int k = 0; k < 12; ++k) a[k] = dp(a[k], u, s);
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  int sink = 0;
+  for (int k = 0; k < 12; ++k) sink += low(a[k]);
+  if (sink == 42) std::puts("");  // keeps the accumulators live
+  return std::chrono::duration<double, std::nano>(t1 - t0).count() / (iters * 12.0);
+}
+
 int main() {
-  const long M = 40000000;
-  volatile int iv[12]={1,2,3,4,5,6,7,8,9,10,11,12};
-  __m256i a0=_mm256_set1_epi32(iv[0]),a1=_mm256_set1_epi32(iv[1]),a2=_mm256_set1_epi32(iv[2]),a3=_mm256_set1_epi32(iv[3]),a4=_mm256_set1_epi32(iv[4]),a5=_mm256_set1_epi32(iv[5]),a6=_mm256_set1_epi32(iv[6]),a7=_mm256_set1_epi32(iv[7]),a8=_mm256_set1_epi32(iv[8]),a9=_mm256_set1_epi32(iv[9]),a10=_mm256_set1_epi32(iv[10]),a11=_mm256_set1_epi32(iv[11]);
-  __m256i u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(5);
-  double y = ns_per([&]{ for (long i = 0; i < M; ++i) { asm volatile("" : "+v"(u), "+v"(s));
-    a0=_mm256_dpbusd_epi32(a0,u,s); a1=_mm256_dpbusd_epi32(a1,u,s); a2=_mm256_dpbusd_epi32(a2,u,s); a3=_mm256_dpbusd_epi32(a3,u,s);
-    a4=_mm256_dpbusd_epi32(a4,u,s); a5=_mm256_dpbusd_epi32(a5,u,s); a6=_mm256_dpbusd_epi32(a6,u,s); a7=_mm256_dpbusd_epi32(a7,u,s);
-    a8=_mm256_dpbusd_epi32(a8,u,s); a9=_mm256_dpbusd_epi32(a9,u,s); a10=_mm256_dpbusd_epi32(a10,u,s); a11=_mm256_dpbusd_epi32(a11,u,s);
-  }}, M * 12);
-  __m512i z0=_mm512_set1_epi32(iv[0]),z1=_mm512_set1_epi32(iv[1]),z2=_mm512_set1_epi32(iv[2]),z3=_mm512_set1_epi32(iv[3]),z4=_mm512_set1_epi32(iv[4]),z5=_mm512_set1_epi32(iv[5]),z6=_mm512_set1_epi32(iv[6]),z7=_mm512_set1_epi32(iv[7]),z8=_mm512_set1_epi32(iv[8]),z9=_mm512_set1_epi32(iv[9]),z10=_mm512_set1_epi32(iv[10]),z11=_mm512_set1_epi32(iv[11]);
-  __m512i uz = _mm512_set1_epi8(3), sz = _mm512_set1_epi8(5);
-  double z = ns_per([&]{ for (long i = 0; i < M; ++i) { asm volatile("" : "+v"(uz), "+v"(sz));
-    z0=_mm512_dpbusd_epi32(z0,uz,sz); z1=_mm512_dpbusd_epi32(z1,uz,sz); z2=_mm512_dpbusd_epi32(z2,uz,sz); z3=_mm512_dpbusd_epi32(z3,uz,sz);
-    z4=_mm512_dpbusd_epi32(z4,uz,sz); z5=_mm512_dpbusd_epi32(z5,uz,sz); z6=_mm512_dpbusd_epi32(z6,uz,sz); z7=_mm512_dpbusd_epi32(z7,uz,sz);
-    z8=_mm512_dpbusd_epi32(z8,uz,sz); z9=_mm512_dpbusd_epi32(z9,uz,sz); z10=_mm512_dpbusd_epi32(z10,uz,sz); z11=_mm512_dpbusd_epi32(z11,uz,sz);
-  }}, M * 12);
-  __m256i r = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(a0,a1),_mm256_add_epi32(a2,a3)),_mm256_add_epi32(_mm256_add_epi32(a4,a5),_mm256_add_epi32(_mm256_add_epi32(a6,a7),_mm256_add_epi32(_mm256_add_epi32(a8,a9),_mm256_add_epi32(a10,a11)))));
-  __m512i q = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(z0,z1),_mm512_add_epi32(z2,z3)),_mm512_add_epi32(_mm512_add_epi32(z4,z5),_mm512_add_epi32(_mm512_add_epi32(z6,z7),_mm512_add_epi32(_mm512_add_epi32(z8,z9),_mm512_add_epi32(z10,z11)))));
-  printf("ymm dpbusd: %.3f ns each, %.1f GMAC/s; zmm dpbusd: %.3f ns each, %.1f GMAC/s (%d)\n", y, 32 / y, z, 64 / z, (_mm256_extract_epi32(r,0) + _mm512_cvtsi512_si32(q)) & 1);
+  const long iters = 40000000;
+  const double y = ns_per_op<__m256i>(iters), z = ns_per_op<__m512i>(iters);
+  std::printf("ymm dpbusd: %.3f ns each, %.1f GMAC/s; zmm dpbusd: %.3f ns each, %.1f GMAC/s\n", y, 32 / y, z, 64 / z);
 }
