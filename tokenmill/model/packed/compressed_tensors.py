@@ -65,17 +65,16 @@ def read(tensors: dict[str, torch.Tensor], prefix: str, qcfg: dict) -> "GroupQua
     weight, scale = tensors[prefix + "weight"], tensors[prefix + "weight_scale"].float()
     zp = tensors.get(prefix + "weight_zero_point")
     if scheme.get("strategy") == "block":
-        return _dequantized_blocks(prefix, weight, scale, zp, scheme)
+        b0, b1 = (int(b) for b in scheme["block_structure"])
+        return _dequantized(prefix, weight, scale, zp, b0, b1, f"{b0}x{b1} block scales")
     out, inp = weight.shape
     scale = scale.reshape(1, 1).expand(out, 1) if scale.numel() == 1 else scale.reshape(out, -1)
     if weight.dtype == FP8:
         if scale.shape[1] == 1 and zp is None:
             return Fp8Weight(weight, scale[:, 0].contiguous())
-        log.warning("%sweight: fp8 with %d scales per row%s: no fp8 kernel takes them, it runs dequantized (float)",
-                    prefix, scale.shape[1], "" if zp is None else " and zero points")
-        per_input = lambda t: t.reshape(scale.shape).float().repeat_interleave(inp // scale.shape[1], dim=1)  # noqa: E731
-        w = weight.float() if zp is None else weight.float() - per_input(zp)
-        return w * per_input(scale)
+        why = f"fp8 with {scale.shape[1]} scales per row" + ("" if zp is None else " and zero points")
+        zp = None if zp is None else zp.reshape(scale.shape)
+        return _dequantized(prefix, weight, scale, zp, 1, inp // scale.shape[1], why)
     if weight.dtype != torch.int8:
         raise ValueError(f"weight dtype {weight.dtype} (want int8 or float8_e4m3fn)")
     zero = torch.full(scale.shape, 128, dtype=torch.int32) if zp is None else zp.reshape(scale.shape).to(torch.int32) + 128
@@ -99,17 +98,17 @@ def _read_packed(tensors: dict[str, torch.Tensor], prefix: str, scheme: dict) ->
     return GroupQuantWeight(q, scale.contiguous(), zero, g_idx, bits)
 
 
-def _dequantized_blocks(prefix: str, weight: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
-                        scheme: dict) -> torch.Tensor:
-    """Block scales ([out/b0, in/b1], one per b0 x b1 tile; edge tiles partial) -> float weights."""
-    b0, b1 = (int(b) for b in scheme["block_structure"])
+def _dequantized(prefix: str, weight: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, b0: int, b1: int,
+                 why: str) -> torch.Tensor:
+    """(weight - zp) * scale with one scale (and zero point) per b0 x b1 tile ([out/b0, in/b1];
+    edge tiles partial; a group of G is a 1 x G tile) -> float weights, with a warning."""
     out, inp = weight.shape
     rows = torch.arange(out) // b0
     cols = torch.arange(inp) // b1
     w = weight.float()
     if zp is not None:
         w = w - zp.float()[rows][:, cols]
-    log.warning("%sweight: %dx%d block scales: no kernel takes them, it runs dequantized (float)", prefix, b0, b1)
+    log.warning("%sweight: %s: no kernel takes them, it runs dequantized (float)", prefix, why)
     return w * scale[rows][:, cols]
 
 
