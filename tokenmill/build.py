@@ -98,8 +98,12 @@ def build_async_engine(config: EngineConfig, loaded=None) -> AsyncEngine:
 def _build_model(config: EngineConfig, loaded, dtype, device, max_model_len: int, attention) -> LlamaForCausalLM:
     if config.load.dense_weight_limit_gb != LoadConfig.dense_weight_limit_gb:
         log.warning("dense_weight_limit_gb is deprecated and has no effect: int4/int8 linears keep no dense copies")
+    from tokenmill.model.loader import float_embedding
+
+    # A quantized embedding table is looked up on the host; an accelerator gets a float one.
+    weights = loaded.weights if device.type == "cpu" else float_embedding(loaded.weights)
     model = LlamaForCausalLM(
-        loaded.config, loaded.weights, dtype, _linear_factory(config, dtype, device), max_model_len,
+        loaded.config, weights, dtype, _linear_factory(config, dtype, device), max_model_len,
         make_head=_linear_factory(config, dtype, device, head=True), attention=attention,
     )
     return model.to(device)  # moves what was built on the host; weights made on the device stay put

@@ -49,7 +49,7 @@ def test_quantized_tensors_stay_quantized_and_tied_head_is_quantized(tmp_path):
     write_tiny_gguf(path, "qwen2", Q.Q8_0)  # qwen2 tiny model has tied embeddings
     m = load_model(str(path), EngineConfig.from_flat(quantization="auto"))
     assert isinstance(m.weights["model.layers.0.mlp.up_proj.weight"], QuantizedWeight)
-    assert isinstance(m.weights["model.embed_tokens.weight"], torch.Tensor)  # rows are looked up
+    assert isinstance(m.weights["model.embed_tokens.weight"], QuantizedWeight)  # rows are looked up as stored
     assert isinstance(m.weights["lm_head.weight"], QuantizedWeight)
     assert "lm_head.weight" not in load_model(str(path), EngineConfig.from_flat(quantization="none")).weights
 

@@ -56,6 +56,11 @@ class QuantizedWeight:
         index = np.asarray(index)
         return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, self.shape)
 
+    def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of dequantize() (an embedding table's lookup: only those rows are read)."""
+        index = ids.numpy()
+        return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, (len(index), self.shape[1])).dequantize()
+
     def dequantize(self) -> torch.Tensor:
         """The float32 [out, in] matrix this weight encodes: the kernel formats in torch (the
         same float32 operations as gguf's reference dequantizer, so the same bits, but on

@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.model import cpu_decoder
+from tokenmill.model.embedding_rows import QuantizedEmbedding
 from tokenmill.model.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from tokenmill.model.layers import ConcatLinear, FloatLinear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 
@@ -120,7 +121,8 @@ class LlamaForCausalLM(nn.Module):
             return w
 
         embed = weights["model.embed_tokens.weight"]
-        self.embed_tokens = nn.Parameter(embed.to(dtype), requires_grad=False)
+        if isinstance(embed, torch.Tensor):
+            self.embed_tokens = nn.Parameter(embed.to(dtype), requires_grad=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions or cfg.max_position_embeddings)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, getter(f"model.layers.{i}."), make_linear, dtype, self.attention) for i in range(cfg.num_layers)
@@ -133,6 +135,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = FloatLinear(self.embed_tokens, None)  # shares storage, no copy
         else:
             self.lm_head = (make_head or make_linear)(head, None)
+        if not isinstance(embed, torch.Tensor):  # GGUF blocks: rows are dequantized as they are looked up
+            vocab, hidden = embed.shape
+            if head is embed and hasattr(self.lm_head, "dequantized_rows"):  # tied: the head's copy serves both
+                self.embed_tokens = QuantizedEmbedding(self.lm_head.dequantized_rows, vocab, hidden, dtype, "the LM head")
+            else:
+                self.embed_tokens = QuantizedEmbedding(embed.dequantized_rows, vocab, hidden, dtype, "the GGUF blocks")
         # Every layer in one C++ call per step where the weights and attention allow it (CPU,
         # quantized kernels); else the layers run op by op below.
         self.cpu_decoder = cpu_decoder.for_model(self)
@@ -145,7 +153,8 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embed_tokens)
+        embed = self.embed_tokens
+        h = embed(input_ids) if isinstance(embed, QuantizedEmbedding) else F.embedding(input_ids, embed)
         rope = self.rotary(positions)
         attn_step = self.attention.prepare(meta, kv_caches[0, 0])  # once, for every layer
         if self.cpu_decoder is not None:

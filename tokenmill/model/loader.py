@@ -84,16 +84,26 @@ def load_model(name_or_path: str, config: EngineConfig | None = None) -> LoadedM
 
 
 def _untie_quantized_embedding(cfg: ModelConfig, weights: dict, quantization: str) -> None:
-    """The lookup needs float rows, but the tied LM head reads the whole table every step: keep
-    the quantized table as `lm_head.weight` so it runs a quantized kernel (unless the user asked
-    for float weights, where the decoder's tied float head shares the embedding instead)."""
+    """A quantized table stays quantized: the decoder looks its rows up in the file encoding
+    (embedding_rows.py), and a tied LM head, which reads the whole table every step, gets it as
+    `lm_head.weight` so it runs a quantized kernel. Asked for float weights, the table is
+    dequantized once and the decoder's tied float head shares it."""
     embed = weights["model.embed_tokens.weight"]
     if isinstance(embed, torch.Tensor):
         return
-    with phase("embedding table dequantized"):
-        weights["model.embed_tokens.weight"] = embed.dequantize()
-    if cfg.tie_word_embeddings and quantization != "none" and "lm_head.weight" not in weights:
+    if quantization == "none":
+        weights["model.embed_tokens.weight"] = float_embedding(weights)["model.embed_tokens.weight"]
+    elif cfg.tie_word_embeddings and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = embed
+
+
+def float_embedding(weights: dict) -> dict:
+    """`weights` with a float embedding table (a copy of the dict where it was quantized)."""
+    embed = weights["model.embed_tokens.weight"]
+    if isinstance(embed, torch.Tensor):
+        return weights
+    with phase("embedding table dequantized"):
+        return {**weights, "model.embed_tokens.weight": embed.dequantize()}
 
 
 def default_model_path() -> Path:

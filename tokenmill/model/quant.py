@@ -293,6 +293,15 @@ class Int8Linear(WeightOnlyLinear):
     def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
         return module.int8_linear(xf, self.qweight, self.scales, self.group_size, self.out_features)
 
+    def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of dequantized(), read out of the kernel layout: a tied embedding table's
+        lookup, with no float or file copy of the table beside this one."""
+        groups, quads, _ = self.qweight.shape
+        col, lane = ids // KERNEL_COLS, ids % KERNEL_COLS
+        q = self.qweight.view(groups, quads, KERNEL_COLS, 4)[col, :, lane]  # [n, quads, 4]
+        q = q.reshape(len(ids), quads * 4)[:, : self.in_features].float().reshape(len(ids), -1, self.group_size)
+        return (q * self.scales[col, :, lane].float()[..., None]).reshape(len(ids), self.in_features)
+
     def dequantized(self) -> torch.Tensor:
         q = int8_from_kernel_layout(self.qweight, self.out_features, self.in_features).float()
         q = q.reshape(self.out_features, -1, self.group_size)

@@ -15,6 +15,7 @@ from tokenmill.config import ModelConfig
 from tokenmill.model.attention import AttentionMetadata, PrefillChunk, TorchAttention
 from tokenmill.model.layers import RotaryEmbedding
 from tokenmill.model.llama import DecoderLayer, float_linear_factory
+from tokenmill.model.loader import float_embedding
 from tokenmill.model.tokenizer import Tokenizer
 
 BLOCK = 16  # KV block size of the per-sequence scratch cache
@@ -70,7 +71,7 @@ class BlockRunner:
         self.rope = [rotary(torch.arange(len(s))) for s in sequences]
 
     def embed(self, weights: dict) -> list[torch.Tensor]:
-        table = weights["model.embed_tokens.weight"].float()
+        table = float_embedding(weights)["model.embed_tokens.weight"].float()
         return [table[torch.tensor(s)] for s in self.sequences]
 
     def layer(self, weights: dict, i: int) -> DecoderLayer:
