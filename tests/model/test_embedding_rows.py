@@ -56,6 +56,19 @@ def test_lookup_shapes_dtypes_and_bad_ids(dtype):
             emb(torch.tensor([1, bad]))
 
 
+@pytest.mark.parametrize("quantization, source", [("auto", "the LM head"), ("int8", "the GGUF blocks"),
+                                                  ("int4", "the GGUF blocks")])
+def test_the_head_serves_the_lookup_only_with_the_files_own_values(tmp_path, quantization, source):
+    """--quantization int8 requantizes the head per row: its values are no longer the table's."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", Q.Q8_0)  # tied embeddings
+    lm = load_model(str(tmp_path / "tiny.gguf"), EngineConfig.from_flat(quantization=quantization))
+    factory = lambda weight, bias: make_linear(weight, bias, torch.float32, quantization, 32)  # noqa: E731
+    model = LlamaForCausalLM(lm.config, lm.weights, torch.float32, factory, max_positions=64)
+    assert model.embed_tokens.source == source
+    ids = torch.arange(lm.config.vocab_size)
+    assert torch.equal(model.embed_tokens(ids), lm.weights["model.embed_tokens.weight"].dequantize())
+
+
 def test_float_weights_still_get_a_float_table(tmp_path):
     write_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", Q.Q8_0)
     m = load_model(str(tmp_path / "tiny.gguf"), EngineConfig.from_flat(quantization="none"))

@@ -137,7 +137,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = (make_head or make_linear)(head, None)
         if not isinstance(embed, torch.Tensor):  # GGUF blocks: rows are dequantized as they are looked up
             vocab, hidden = embed.shape
-            if head is embed and hasattr(self.lm_head, "dequantized_rows"):  # tied: the head's copy serves both
+            # Tied, and the head holds the file's own int8 values (not requantized by
+            # --quantization int8): the head's copy serves both.
+            if head is embed and getattr(self.lm_head, "file_values", False):
                 self.embed_tokens = QuantizedEmbedding(self.lm_head.dequantized_rows, vocab, hidden, dtype, "the LM head")
             else:
                 self.embed_tokens = QuantizedEmbedding(embed.dequantized_rows, vocab, hidden, dtype, "the GGUF blocks")

@@ -84,7 +84,7 @@ def load_model(name_or_path: str, config: EngineConfig | None = None) -> LoadedM
 
 
 def _untie_quantized_embedding(cfg: ModelConfig, weights: dict, quantization: str) -> None:
-    """A quantized table stays quantized: the decoder looks its rows up in the file encoding
+    """A quantized table stays quantized: the decoder dequantizes the rows it looks up
     (embedding_rows.py), and a tied LM head, which reads the whole table every step, gets it as
     `lm_head.weight` so it runs a quantized kernel. Asked for float weights, the table is
     dequantized once and the decoder's tied float head shares it."""

@@ -260,6 +260,10 @@ class Int8Linear(WeightOnlyLinear):
     (requantizing the tied LM head of SmolLM2 per row moves its logits by up to 0.5, enough to
     flip greedy tokens). Float checkpoints quantized on load use one scale per row."""
 
+    # True where the values and scales are a GGUF tensor's own (from_gguf), so dequantized_rows
+    # gives that tensor's rows exactly: a tied embedding table can be looked up here.
+    file_values = False
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, bias, out_dtype):
         super().__init__(bias, out_dtype)
         out, inp = q.shape
@@ -288,7 +292,9 @@ class Int8Linear(WeightOnlyLinear):
     @classmethod
     def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int8Linear":
         q, d = w.int8_values()
-        return cls(q, d.t(), 32, bias, out_dtype)
+        lin = cls(q, d.t(), 32, bias, out_dtype)
+        lin.file_values = True
+        return lin
 
     def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
         return module.int8_linear(xf, self.qweight, self.scales, self.group_size, self.out_features)
