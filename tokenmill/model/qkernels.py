@@ -332,21 +332,20 @@ static inline void block_dot(const Int8W& w, int64_t c0, int64_t b, const QRow* 
 // y[r][n] for the 8 columns of each of the C column groups from c0 (n = 8c + j; j >= `valid`
 // are padding, not stored) of R rows. Per row and block b: the exact integer dot products i and
 // i2 of each column's weights and the row's two int8 passes, combined as I = 256 * i + i2 (d2 =
-// d / 256), then acc = fma(float(I), scale * d2_b, acc); for int4 then, in a second loop over the
-// blocks, macc = fma(min, s_b, macc); y = acc + macc. float(I) is exact for int4 weights (|I| <
+// d / 256), then acc = fma(float(I), scale * d2_b, acc); for int4 also macc = fma(min, s_b, macc),
+// in the same loop or a second one over the blocks (kMinInLoop); y = acc + macc. float(I) is exact for int4 weights (|I| <
 // 2^24) and rounds once for int8 ones. Each column's arithmetic is this sequence whatever R, C,
 // the rows beside it, the thread split or the column's group: the integers are exact and the
 // float steps run per lane in block order. R and C only share loads between rows and groups.
 // (One float step per block instead of two: the second conversion, multiply and fma competed
-// with dpbusd for the vector pipes. The minimum's loop apart: its accumulators would not fit in
-// the registers beside the integer ones.)
+// with dpbusd for the vector pipes.)
 #ifdef TM_AVX2
 // The minimum of block b's group for the 8 columns of group gc (Q4_0's symmetric form: -8 * scale).
 template <typename W>
 static inline __m256 group_min(const W& w, int64_t gc, int64_t b) {
-  const int64_t groups = w.K / w.G, at = (gc * groups + (b * kBlock) / w.G) * kCols;
+  const int64_t groups = w.K / w.G, i = (gc * groups + (b * kBlock) / w.G) * kCols;
   const auto half8 = [](const at::Half* h) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))); };
-  return w.min ? half8(w.min + at) : _mm256_mul_ps(half8(w.scale + at), _mm256_set1_ps(-8.f));
+  return w.min ? half8(w.min + i) : _mm256_mul_ps(half8(w.scale + i), _mm256_set1_ps(-8.f));
 }
 #endif
 
