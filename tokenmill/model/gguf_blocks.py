@@ -51,15 +51,14 @@ class QuantizedWeight:
         return QuantizedWeight(np.concatenate([w.data for w in weights]), first.qtype, (rows, first.shape[1]))
 
     def rows(self, index: np.ndarray | torch.Tensor) -> "QuantizedWeight":
-        # Blocks run along the input dim, so reordering output rows keeps the encoding exact
-        # (used to undo llama.cpp's Q/K row permutation without dequantizing).
+        # Blocks run along the input dim, so picking or reordering output rows keeps the encoding
+        # exact (used to undo llama.cpp's Q/K row permutation without dequantizing).
         index = np.asarray(index)
-        return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, self.shape)
+        return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, (len(index), self.shape[1]))
 
     def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of dequantize() (an embedding table's lookup: only those rows are read)."""
-        index = ids.numpy()
-        return QuantizedWeight(np.ascontiguousarray(self.data[index]), self.qtype, (len(index), self.shape[1])).dequantize()
+        return self.rows(ids.numpy()).dequantize()
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [out, in] matrix this weight encodes: the kernel formats in torch (the
