@@ -49,6 +49,19 @@ def attention_ms(rows_ctx: list[tuple[int, int]], seqs: int, ctx: int, repeats: 
     return median_ms(lambda: kernel(q, k, v, tables, rows, lens, 0.125, out), repeats)
 
 
+def step_inputs(cfg, rows: int, context: int, prompts: int, prompt_len: int):
+    """A bfloat16 pool of random rows, `rows` decode rows at `context` tokens (one sequence each)
+    and `prompts` prompts of `prompt_len` tokens, as tests.model.test_cpu_decoder's `run` takes
+    them: (kv, decodes, prompts)."""
+    per = -(-(max(context + 1, prompt_len)) // BLOCK)
+    kv = torch.zeros(2, cfg.num_layers, per * max(rows, prompts), cfg.num_kv_heads, BLOCK,
+                     row_width(cfg.head_dim, torch.bfloat16), dtype=torch.bfloat16).normal_()
+    table = lambda i: list(range(i * per, (i + 1) * per))  # noqa: E731
+    decodes = [(context, [100 + i], table(i)) for i in range(rows)]
+    chunks = [(0, [100 + (i * 7 + j) % 5000 for j in range(prompt_len)], table(i)) for i in range(prompts)]
+    return kv, decodes, chunks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=16, help="decode rows, one sequence each")
@@ -65,12 +78,7 @@ def main() -> None:
 
     m = real.model("auto", cpu_kernel=True)
     cfg = m.config
-    per = -(-(max(C + 1, L)) // BLOCK)
-    kv = torch.zeros(2, cfg.num_layers, per * max(R, S), cfg.num_kv_heads, BLOCK,
-                     row_width(cfg.head_dim, torch.bfloat16), dtype=torch.bfloat16).normal_()
-    table = lambda i: list(range(i * per, (i + 1) * per))  # noqa: E731
-    decodes = [(C, [100 + i], table(i)) for i in range(R)]
-    prompts = [(0, [100 + (i * 7 + j) % 5000 for j in range(L)], table(i)) for i in range(S)]
+    kv, decodes, prompts = step_inputs(cfg, R, C, S, L)
     fwd = median_ms(lambda: run(m, kv, decodes, []), args.repeats)
     h = torch.randn(R, cfg.hidden_size)
     head = median_ms(lambda: m.compute_logits(h), args.repeats)

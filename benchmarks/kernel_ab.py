@@ -104,10 +104,10 @@ def attention(args, build) -> None:
 
 @torch.inference_mode()
 def decoder(args, build) -> None:
+    from benchmarks.decode_batch import step_inputs
     from tests.model import real
-    from tests.model.test_cpu_decoder import BLOCK, run
+    from tests.model.test_cpu_decoder import run
     from tokenmill.model import cpu_decoder, qkernels
-    from tokenmill.model.attention.kv_dtype import row_width
 
     model = real.model("auto", cpu_kernel=True)
     decoders = []
@@ -120,15 +120,10 @@ def decoder(args, build) -> None:
             decoders.append(cpu_decoder.for_model(model))
         finally:
             cpu_decoder.kernel = kernel
-    cfg = model.config
     rows, ctx, prompts, length = 16, 260, 4, 200
-    per = -(-(max(ctx + 1, length)) // BLOCK)
-    kv = torch.zeros(2, cfg.num_layers, per * max(rows, prompts), cfg.num_kv_heads, BLOCK,
-                     row_width(cfg.head_dim, torch.bfloat16), dtype=torch.bfloat16).normal_()
-    table = lambda i: list(range(i * per, (i + 1) * per))  # noqa: E731
-    work = {f"decoder forward, {rows} decode rows at {ctx} tokens": ([(ctx, [100 + i], table(i)) for i in range(rows)], [], 40),
-            f"decoder forward, {prompts} x {length}-token prompts": (
-                [], [(0, [100 + (i * 7 + j) % 5000 for j in range(length)], table(i)) for i in range(prompts)], 8)}
+    kv, decodes, chunks = step_inputs(model.config, rows, ctx, prompts, length)
+    work = {f"decoder forward, {rows} decode rows at {ctx} tokens": (decodes, [], 40),
+            f"decoder forward, {prompts} x {length}-token prompts": ([], chunks, 8)}
 
     def call(dec, decodes, chunks):
         def f():
