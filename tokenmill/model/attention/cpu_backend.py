@@ -50,6 +50,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -158,6 +159,12 @@ inline const float* as_float<float>(const float* row, int64_t, float*) { return 
 template <>
 inline const float* as_float<c10::BFloat16>(const c10::BFloat16* row, int64_t dim, float* buf) {
   int64_t d = 0;
+#ifdef __AVX512F__
+  for (; d + 16 <= dim; d += 16) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d)));
+    _mm512_storeu_ps(buf + d, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+  }
+#endif
   for (; d + 8 <= dim; d += 8) {
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
     _mm256_storeu_ps(buf + d, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));  // bfloat16: the high half
@@ -169,6 +176,10 @@ inline const float* as_float<c10::BFloat16>(const c10::BFloat16* row, int64_t di
 template <>
 inline const float* as_float<c10::Half>(const c10::Half* row, int64_t dim, float* buf) {
   int64_t d = 0;
+#ifdef __AVX512F__
+  for (; d + 16 <= dim; d += 16)
+    _mm512_storeu_ps(buf + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))));
+#endif
   for (; d + 8 <= dim; d += 8)
     _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
   for (; d < dim; ++d) buf[d] = static_cast<float>(row[d]);
@@ -188,10 +199,75 @@ inline float row_scale<int8_t>(const int8_t* row, int64_t dim) {
   return s;
 }
 
-// a[d] += p * v[d]: one key's share of a query's value sum.
-static inline void add_scaled(float* a, const float* v, float p, int64_t dim) {
-#pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) a[d] += p * v[d];
+// The value sum of one query vector over `keys` value rows: a[d] = fma(p[k], v[k][d], a[d]) for
+// k in key order, one rounding per key (the compiler contracted `a[d] += p * v[d]` so before). A
+// chunk of 64 columns keeps its accumulator in registers over all the keys; stored and reloaded
+// every 4 keys, it was the kernel's hottest line in a decode step.
+#if defined(__AVX512F__)
+#define TM_VSUM 1
+using VecF = __m512;
+static constexpr int64_t kLanes = 16;
+static inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+static inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+static inline VecF vset(float x) { return _mm512_set1_ps(x); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define TM_VSUM 1
+using VecF = __m256;
+static constexpr int64_t kLanes = 8;
+static inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+static inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+static inline VecF vset(float x) { return _mm256_set1_ps(x); }
+#endif
+#ifdef TM_VSUM
+template <int U>  // U vectors of columns from d0
+static inline void value_chunk(float* a, const float* const* v, const float* p, int64_t keys, int64_t d0) {
+  VecF acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = vload(a + d0 + u * kLanes);
+  for (int64_t k = 0; k < keys; ++k) {
+    const VecF pk = vset(p[k]);
+    for (int u = 0; u < U; ++u) acc[u] = vfma(pk, vload(v[k] + d0 + u * kLanes), acc[u]);
+  }
+  for (int u = 0; u < U; ++u) vstore(a + d0 + u * kLanes, acc[u]);
+}
+#endif
+static inline void value_sum(float* a, const float* const* v, const float* p, int64_t keys, int64_t dim) {
+  int64_t d = 0;
+#ifdef TM_VSUM
+  constexpr int kChunk = 64 / kLanes;
+  for (; d + kChunk * kLanes <= dim; d += kChunk * kLanes) value_chunk<kChunk>(a, v, p, keys, d);
+  for (; d + kLanes <= dim; d += kLanes) value_chunk<1>(a, v, p, keys, d);
+#endif
+  for (; d < dim; ++d)  // contracted to an fma where the CPU has one, as the vectors' arithmetic
+    for (int64_t k = 0; k < keys; ++k) a[d] += p[k] * v[k][d];
+}
+
+// The largest of v[0 .. n) that `if (v[i] > m) m = v[i]` in order gives from m = -inf: a NaN
+// never wins. Lanes can keep a different zero where +0 and -0 tie, and the softmax subtracts
+// the maximum, so either gives the same bits. (The scalar compare after each score was a tenth
+// of a decode step's attention.)
+static inline float max_of(const float* v, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#ifdef TM_VSUM
+  if (n >= kLanes) {
+    VecF acc = vset(m);
+    for (; i + kLanes <= n; i += kLanes)
+#if defined(__AVX512F__)
+      acc = _mm512_max_ps(vload(v + i), acc);  // a NaN in the first operand gives the second
+#else
+      acc = _mm256_max_ps(vload(v + i), acc);
+#endif
+    alignas(64) float lanes[kLanes];
+    vstore(lanes, acc);
+    for (float l : lanes)
+      if (l > m) m = l;
+  }
+#endif
+  for (; i < n; ++i)
+    if (v[i] > m) m = v[i];
+  return m;
 }
 
 // The softmax's denominator: 8 lane sums over i = l mod 8, a fixed tree over the lanes, then the
@@ -237,7 +313,8 @@ static inline void read_rows(const K* pool, const int64_t* off, int64_t t, int64
   }
 }
 
-static constexpr int64_t kValueKeys = 4;  // the score (dot4) and value passes below are written out for 4
+static constexpr int64_t kScoreKeys = 4;  // the score pass (dot4) is written out for 4 keys
+static constexpr int64_t kValueKeys = 16;  // V rows converted per pass of the value sum
 
 // Rows are grouped in tiles of consecutive rows of one sequence (a prefill chunk's rows; a
 // decode row is a tile of one). A task is (tile, KV head): each key and value row is read once
@@ -272,21 +349,24 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   }
   tiles.push_back(rows);
   const int64_t num_tiles = static_cast<int64_t>(tiles.size()) - 1;
-
-  // Tasks are dealt from both ends (0, last, 1, last - 1, ...): a prompt's later tiles read
-  // more keys, and at::parallel_for hands each thread one contiguous range, so in order one
-  // thread got the long tiles and the other waited for it.
+  std::vector<int64_t> spans(num_tiles), order(num_tiles);  // keys each tile reads: its longest context
+  for (int64_t tile = 0; tile < num_tiles; ++tile) {
+    order[tile] = tile;
+    for (int64_t r = tiles[tile]; r < tiles[tile + 1]; ++r) spans[tile] = std::max(spans[tile], ctxp[r]);
+  }
+  // The longest tiles first, and each thread takes the next task when it finishes one: with
+  // fixed halves one thread waited on the other, 14% of a decode step's attention samples on
+  // 2 threads, even with equal tasks.
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return spans[a] > spans[b]; });
   const int64_t num_tasks = num_tiles * kv_heads;
-  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> qf, acc, scores, mx, total, rowbuf(kValueKeys * dim);
     std::vector<int64_t> row_off;
-    for (int64_t slot = begin; slot < end; ++slot) {
-      const int64_t task = slot % 2 == 0 ? slot / 2 : num_tasks - 1 - slot / 2;
-      const int64_t tile = task / kv_heads, g = task % kv_heads;
-      const int64_t r0 = tiles[tile], n = tiles[tile + 1] - r0;
+    for (int64_t slot = next++; slot < num_tasks; slot = next++) {
+      const int64_t tile = order[slot / kv_heads], g = slot % kv_heads;
+      const int64_t r0 = tiles[tile], n = tiles[tile + 1] - r0, span = spans[tile];
       const int64_t* table = tp + seqp[r0] * table_stride;
-      int64_t span = 0;  // keys the tile reads: the longest context among its rows
-      for (int64_t i = 0; i < n; ++i) span = std::max(span, ctxp[r0 + i]);
       // Each key's row offset in the pool (K and V alike), found once without a division per
       // key (it took two 64-bit divisions per row read and per prefetch).
       row_off.resize(span);
@@ -302,12 +382,11 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
             qf[(i * group + j) * dim + d] =
                 static_cast<float>(qp[(r0 + i) * sq0 + (g * group + j) * sq1 + d]) * static_cast<float>(scale);
       scores.assign(m * span, 0.f);
-      mx.assign(m, -std::numeric_limits<float>::infinity());
-      // Scores, kValueKeys keys at a time (dot4 where it fits), in key order per query vector.
-      for (int64_t t = 0; t < span; t += kValueKeys) {
-        const int64_t nk = std::min<int64_t>(kValueKeys, span - t);
-        float kscale[kValueKeys];
-        const float* kf[kValueKeys];
+      // Scores, kScoreKeys keys at a time (dot4 where it fits), in key order per query vector.
+      for (int64_t t = 0; t < span; t += kScoreKeys) {
+        const int64_t nk = std::min<int64_t>(kScoreKeys, span - t);
+        float kscale[kScoreKeys];
+        const float* kf[kScoreKeys];
         read_rows(kp, row_off.data(), t, nk, span, dim, rowbuf.data(), kscale, kf);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t keys = std::min<int64_t>(nk, std::max<int64_t>(0, ctxp[r0 + i] - t));
@@ -315,63 +394,40 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
           for (int64_t j = 0; j < group; ++j) {
             const int64_t v = i * group + j;
             const float* qv = qf.data() + v * dim;
-            float d[kValueKeys];
+            float d[kScoreKeys];
 #ifdef TM_VDOT
             if (nk == 4 && vdot_fits(dim)) {
               dot4(kf, qv, dim, d);
             } else
 #endif
               for (int64_t k = 0; k < keys; ++k) d[k] = dot(kf[k], qv, dim);
-            for (int64_t k = 0; k < keys; ++k) {
-              const float s = d[k] * kscale[k];
-              scores[v * span + t + k] = s;
-              if (s > mx[v]) mx[v] = s;
-            }
+            for (int64_t k = 0; k < keys; ++k) scores[v * span + t + k] = d[k] * kscale[k];
           }
         }
       }
-      total.assign(m, 0.f);
+      total.resize(m);
+      mx.resize(m);
       for (int64_t v = 0; v < m; ++v) {
         const int64_t ctx = ctxp[r0 + v / group];
         float* sv = scores.data() + v * span;
+        mx[v] = max_of(sv, ctx);
         exp_minus(sv, ctx, mx[v]);
         total[v] = sum(sv, ctx);
       }
-      // The value sum, kValueKeys keys per pass over a query's accumulator: a[d] gets the same
-      // additions in the same key order as one key at a time (so the same bits), with a quarter
-      // of the loads and stores of the accumulator.
+      // The value sum, kValueKeys keys per pass over the query vectors (value_sum).
       acc.assign(m * dim, 0.f);
-      int64_t t = 0;
-      for (; t + kValueKeys <= span; t += kValueKeys) {
+      for (int64_t t = 0; t < span; t += kValueKeys) {
+        const int64_t nk = std::min<int64_t>(kValueKeys, span - t);
         float vscale[kValueKeys];
         const float* vf[kValueKeys];
-        read_rows(vp, row_off.data(), t, kValueKeys, span, dim, rowbuf.data(), vscale, vf);
+        read_rows(vp, row_off.data(), t, nk, span, dim, rowbuf.data(), vscale, vf);
         for (int64_t i = 0; i < n; ++i) {
-          const int64_t keys = std::min<int64_t>(kValueKeys, std::max<int64_t>(0, ctxp[r0 + i] - t));
-          for (int64_t j = 0; j < group; ++j) {
+          const int64_t keys = std::min<int64_t>(nk, std::max<int64_t>(0, ctxp[r0 + i] - t));
+          for (int64_t j = 0; j < group && keys > 0; ++j) {
             const int64_t v = i * group + j;
-            const float* sv = scores.data() + v * span + t;
-            float* a = acc.data() + v * dim;
-            if (keys == kValueKeys) {
-              const float p0 = sv[0] * vscale[0], p1 = sv[1] * vscale[1], p2 = sv[2] * vscale[2], p3 = sv[3] * vscale[3];
-              const float *v0 = vf[0], *v1 = vf[1], *v2 = vf[2], *v3 = vf[3];
-#pragma omp simd
-              for (int64_t d = 0; d < dim; ++d) a[d] = a[d] + p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
-            } else {
-              for (int64_t k = 0; k < keys; ++k) add_scaled(a, vf[k], sv[k] * vscale[k], dim);
-            }
-          }
-        }
-      }
-      for (; t < span; ++t) {
-        const K* vrow = vp + row_off[t];
-        const float vscale = row_scale(vrow, dim);
-        const float* vf = as_float(vrow, dim, rowbuf.data());
-        for (int64_t i = 0; i < n; ++i) {
-          if (t >= ctxp[r0 + i]) continue;
-          for (int64_t j = 0; j < group; ++j) {
-            const int64_t v = i * group + j;
-            add_scaled(acc.data() + v * dim, vf, scores[v * span + t] * vscale, dim);
+            float p[kValueKeys];
+            for (int64_t k = 0; k < keys; ++k) p[k] = scores[v * span + t + k] * vscale[k];
+            value_sum(acc.data() + v * dim, vf, p, keys, dim);
           }
         }
       }
