@@ -52,6 +52,7 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -384,8 +385,13 @@ static inline void rows_group(const W& w, int64_t c0, int64_t N, const QRow* x, 
   for (int c = 0; c < C; ++c) {
     const int64_t gc = c0 + c, valid = std::min(kCols, N - gc * kCols);
     for (int r = 0; r < R; ++r) {
+      const __m256 sum = _mm256_add_ps(acc[r][c], macc[r][c]);
+      if (valid == kCols) {  // the 8 floats straight out (through a buffer, GCC called memmove for them)
+        _mm256_storeu_ps(y[r] + gc * kCols, sum);
+        continue;
+      }
       alignas(32) float out[kCols];
-      _mm256_store_ps(out, _mm256_add_ps(acc[r][c], macc[r][c]));
+      _mm256_store_ps(out, sum);
       for (int64_t j = 0; j < valid; ++j) y[r][gc * kCols + j] = out[j];
     }
   }
@@ -452,23 +458,25 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
   const int64_t rows = xf.size(0), nb = (K + kBlock - 1) / kBlock;
   torch::Tensor y = torch::empty({rows, N}, xf.options());
   if (rows == 0) return y;
-  std::vector<int8_t> xq(rows * nb * kBlock), xq2(rows * nb * kBlock);
-  std::vector<float> xd2(rows * nb), xs(rows * nb);
-  std::vector<int32_t> xsum(rows * nb), xsum2(rows * nb);
+  // Left uninitialized (quantize_row writes every element): zeroing them was a serial memset
+  // of about 1.2 MB per linear in an 800-row prefill, the other thread waiting.
+  std::unique_ptr<int8_t[]> xq(new int8_t[rows * nb * kBlock]), xq2(new int8_t[rows * nb * kBlock]);
+  std::unique_ptr<float[]> xd2(new float[rows * nb]), xs(new float[rows * nb]);
+  std::unique_ptr<int32_t[]> xsum(new int32_t[rows * nb]), xsum2(new int32_t[rows * nb]);
   const float* xp = xf.data_ptr<float>();
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {  // 4: a 16-row step on both threads
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * nb;
-      quantize_row(xp + r * K, K, xq.data() + o * kBlock, xq2.data() + o * kBlock, xd2.data() + o,
-                   xs.data() + o, xsum.data() + o, xsum2.data() + o);
+      quantize_row(xp + r * K, K, xq.get() + o * kBlock, xq2.get() + o * kBlock, xd2.get() + o,
+                   xs.get() + o, xsum.get() + o, xsum2.get() + o);
     }
   });
   float* yp = y.data_ptr<float>();
   std::vector<QRow> xr(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * nb;
-    xr[r] = QRow{xq.data() + o * kBlock, xq2.data() + o * kBlock, xd2.data() + o, xs.data() + o,
-                 xsum.data() + o, xsum2.data() + o};
+    xr[r] = QRow{xq.get() + o * kBlock, xq2.get() + o * kBlock, xd2.get() + o, xs.get() + o,
+                 xsum.get() + o, xsum2.get() + o};
   }
   const int64_t col_groups = (N + kCols - 1) / kCols;
   if (rows < kManyRows) {
