@@ -55,6 +55,11 @@ CASES = [
     (8, 2, 128, 8, [7, 8, 9, 64]),  # GQA 4, head dim 128
     (16, 2, 64, 16, [100, 3]),  # GQA 8
     (4, 1, 48, 4, [1, 2, 3, 4, 5, 13]),  # odd head dim, tiny blocks
+    # the decode rows' register versions (1-4 heads per KV head at head dim 64, 1-2 at 128)
+    (8, 4, 64, 16, [3, 19, 64]),  # GQA 2
+    (12, 3, 64, 16, [2, 35]),  # GQA 4
+    (4, 4, 128, 16, [1, 5, 33, 70]),  # no GQA, head dim 128
+    (8, 4, 128, 16, [2, 40]),  # GQA 2, head dim 128
 ]
 
 
@@ -101,21 +106,31 @@ def prefill_meta(first_row: int, chunks: list[tuple[int, int]], table: torch.Ten
     )
 
 
+# (heads, kv heads, head dim): SmolLM2's, then shapes of the decode rows' other register
+# versions (a decode row takes them, a prefill chunk the general loop) and one without any.
+SHAPES = [(9, 3, 64), (4, 4, 64), (8, 4, 64), (12, 3, 64), (4, 4, 128), (8, 4, 128), (8, 2, 128)]
+
+
+KV_DTYPES = [None, torch.bfloat16, torch.float16, torch.int8]
+BITS_CASES = ([(dtype, kv, SHAPES[0]) for dtype in (torch.float32, torch.bfloat16) for kv in KV_DTYPES]
+              + [(torch.float32, kv, shape) for shape in SHAPES[1:] for kv in KV_DTYPES])
+
+
 @pytest.mark.skipif(not CAN_BUILD, reason="no g++/ninja")
-@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.float16, torch.int8], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_tokens_bits_do_not_depend_on_how_it_is_computed(dtype, kv_dtype):
+@pytest.mark.parametrize("dtype, kv_dtype, shape", BITS_CASES, ids=lambda v: f"h{v[0]}kv{v[1]}d{v[2]}" if isinstance(v, tuple) else str(v))
+def test_a_tokens_bits_do_not_depend_on_how_it_is_computed(dtype, kv_dtype, shape):
     # One 70-token sequence (block 16, 5 blocks): its rows prefilled as one chunk, as chunks of
     # 9 (a chunked prefill or a prefix-cache hit), decoded one at a time, verified as a 4-row
     # chunk after decodes of other sequences: bit for bit the same output. In every pool dtype
     # (None: the model's), as the pool is written: rounded or quantized.
+    heads, kv_heads, dim = shape
     g = torch.Generator().manual_seed(7)
     block, n = 16, 70
     kv_dtype = dtype if kv_dtype is None else kv_dtype
-    k_cache = to_pool(torch.randn(32, 3, block, 64, generator=g), kv_dtype)
-    v_cache = to_pool(torch.randn(32, 3, block, 64, generator=g), kv_dtype)
+    k_cache = to_pool(torch.randn(32, kv_heads, block, dim, generator=g), kv_dtype)
+    v_cache = to_pool(torch.randn(32, kv_heads, block, dim, generator=g), kv_dtype)
     table = torch.randperm(32, generator=g)[:5]
-    q = torch.randn(n, 9, 64, generator=g).to(dtype)
+    q = torch.randn(n, heads, dim, generator=g).to(dtype)
     backend = choose_backend(torch.device("cpu"), dtype, kv_dtype)
     assert isinstance(backend, CpuAttention)
 

@@ -313,6 +313,108 @@ static inline void read_rows(const K* pool, const int64_t* off, int64_t t, int64
   }
 }
 
+#ifdef __AVX512F__
+// A decode row (a tile of one) against one KV head: its `M` query vectors (the heads that share
+// the KV head) and each key or value row are held in registers, where the general loop below
+// loads both from L1 for every product, and those loads set its pace. The operations are
+// dot_lanes', dot4's, dot's and value_sum's in the same order, so the bits are the same.
+// 16 pool values as float32, exact for every pool dtype as as_float.
+template <typename K> static inline __m512 load16(const K* p);
+template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <> inline __m512 load16<int8_t>(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+template <int D>
+static inline __m128 dot_lanes_reg(const __m512* k, const __m512* q) {  // dot_lanes, both in registers
+  __m512 acc = _mm512_mul_ps(k[0], q[0]);
+  for (int d = 1; d < D; ++d) acc = _mm512_fmadd_ps(k[d], q[d], acc);
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+// scores [M, ctx] of the query vectors qf [M, 16 * D] against keys 0 .. ctx - 1.
+template <int M, int D, typename K>
+static void decode_scores(const float* qf, const K* pool, const int64_t* off, int64_t ctx, float* scores) {
+  constexpr int64_t dim = 16 * D;
+  __m512 q[M][D];
+  for (int v = 0; v < M; ++v)
+    for (int d = 0; d < D; ++d) q[v][d] = _mm512_loadu_ps(qf + v * dim + 16 * d);
+  int64_t t = 0;
+  for (; t + 4 <= ctx; t += 4) {
+    __m128 l[M][4];
+    alignas(16) float ks[4];
+    for (int k = 0; k < 4; ++k) {
+      const K* row = pool + off[t + k];
+      if (t + k + kPrefetchKeys < ctx) prefetch_row(pool + off[t + k + kPrefetchKeys], dim);
+      ks[k] = row_scale(row, dim);
+      __m512 kr[D];
+      for (int d = 0; d < D; ++d) kr[d] = load16(row + 16 * d);
+      for (int v = 0; v < M; ++v) l[v][k] = dot_lanes_reg<D>(kr, q[v]);
+    }
+    const __m128 scale4 = _mm_load_ps(ks);
+    for (int v = 0; v < M; ++v) {  // dot4's tree, then the scale, as the scalar `d[k] * kscale[k]`
+      const __m128 s = _mm_hadd_ps(_mm_hadd_ps(l[v][0], l[v][1]), _mm_hadd_ps(l[v][2], l[v][3]));
+      _mm_storeu_ps(scores + v * ctx + t, _mm_mul_ps(s, scale4));
+    }
+  }
+  for (; t < ctx; ++t) {
+    const K* row = pool + off[t];
+    const float ks = row_scale(row, dim);
+    __m512 kr[D];
+    for (int d = 0; d < D; ++d) kr[d] = load16(row + 16 * d);
+    for (int v = 0; v < M; ++v) {
+      const __m128 l = dot_lanes_reg<D>(kr, q[v]);
+      scores[v * ctx + t] = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(l, l), l)) * ks;
+    }
+  }
+}
+// acc [M, 16 * D] = the value sums of the softmaxed scores [M, ctx] (value_sum's fmas, key order).
+template <int M, int D, typename K>
+static void decode_values(const float* scores, const K* pool, const int64_t* off, int64_t ctx, float* acc) {
+  constexpr int64_t dim = 16 * D;
+  __m512 a[M][D];
+  for (int v = 0; v < M; ++v)
+    for (int d = 0; d < D; ++d) a[v][d] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < ctx; ++t) {
+    const K* row = pool + off[t];
+    if (t + kPrefetchKeys < ctx) prefetch_row(pool + off[t + kPrefetchKeys], dim);
+    const float vs = row_scale(row, dim);
+    __m512 vr[D];
+    for (int d = 0; d < D; ++d) vr[d] = load16(row + 16 * d);
+    for (int v = 0; v < M; ++v) {
+      const __m512 p = _mm512_set1_ps(scores[v * ctx + t] * vs);
+      for (int d = 0; d < D; ++d) a[v][d] = _mm512_fmadd_ps(p, vr[d], a[v][d]);
+    }
+  }
+  for (int v = 0; v < M; ++v)
+    for (int d = 0; d < D; ++d) _mm512_storeu_ps(acc + v * dim + 16 * d, a[v][d]);
+}
+#endif
+
+template <typename K>
+struct DecodeRow {  // the register versions for this shape, or nulls where none is compiled
+  void (*scores)(const float*, const K*, const int64_t*, int64_t, float*) = nullptr;
+  void (*values)(const float*, const K*, const int64_t*, int64_t, float*) = nullptr;
+};
+template <typename K>
+static DecodeRow<K> decode_row(int64_t group, int64_t dim) {
+#ifdef __AVX512F__
+#define TM_DECODE_ROW(M, D) \
+  if (group == M && dim == 16 * D) return {decode_scores<M, D, K>, decode_values<M, D, K>};
+  // head_dim 64 (SmolLM2, TinyLlama-style) with up to 4 heads per KV head; 128 with up to 2
+  TM_DECODE_ROW(1, 4) TM_DECODE_ROW(2, 4) TM_DECODE_ROW(3, 4) TM_DECODE_ROW(4, 4)
+  TM_DECODE_ROW(1, 8) TM_DECODE_ROW(2, 8)
+#undef TM_DECODE_ROW
+#endif
+  return {};
+}
+
 static constexpr int64_t kScoreKeys = 4;  // the score pass (dot4) is written out for 4 keys
 static constexpr int64_t kValueKeys = 16;  // V rows converted per pass of the value sum
 
@@ -359,6 +461,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   // 2 threads, even with equal tasks.
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return spans[a] > spans[b]; });
   const int64_t num_tasks = num_tiles * kv_heads;
+  const DecodeRow<K> fast = decode_row<K>(group, dim);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> qf, acc, scores, mx, total, rowbuf(kValueKeys * dim);
@@ -382,8 +485,10 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
             qf[(i * group + j) * dim + d] =
                 static_cast<float>(qp[(r0 + i) * sq0 + (g * group + j) * sq1 + d]) * static_cast<float>(scale);
       scores.assign(m * span, 0.f);
+      const bool one_row = n == 1 && fast.scores;
+      if (one_row) fast.scores(qf.data(), kp, row_off.data(), span, scores.data());
       // Scores, kScoreKeys keys at a time (dot4 where it fits), in key order per query vector.
-      for (int64_t t = 0; t < span; t += kScoreKeys) {
+      for (int64_t t = 0; t < span && !one_row; t += kScoreKeys) {
         const int64_t nk = std::min<int64_t>(kScoreKeys, span - t);
         float kscale[kScoreKeys];
         const float* kf[kScoreKeys];
@@ -416,7 +521,8 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       }
       // The value sum, kValueKeys keys per pass over the query vectors (value_sum).
       acc.assign(m * dim, 0.f);
-      for (int64_t t = 0; t < span; t += kValueKeys) {
+      if (one_row) fast.values(scores.data(), vp, row_off.data(), span, acc.data());
+      for (int64_t t = 0; t < span && !one_row; t += kValueKeys) {
         const int64_t nk = std::min<int64_t>(kValueKeys, span - t);
         float vscale[kValueKeys];
         const float* vf[kValueKeys];
