@@ -395,28 +395,101 @@ static void decode_values(const float* scores, const K* pool, const int64_t* off
   for (int v = 0; v < M; ++v)
     for (int d = 0; d < D; ++d) _mm512_storeu_ps(acc + v * dim + 16 * d, a[v][d]);
 }
-#endif
-
-template <typename K>
-struct DecodeRow {  // the register versions for this shape, or nulls where none is compiled
-  void (*scores)(const float*, const K*, const int64_t*, int64_t, float*) = nullptr;
-  void (*values)(const float*, const K*, const int64_t*, int64_t, float*) = nullptr;
-};
-template <typename K>
-static DecodeRow<K> decode_row(int64_t group, int64_t dim) {
-#ifdef __AVX512F__
-#define TM_DECODE_ROW(M, D) \
-  if (group == M && dim == 16 * D) return {decode_scores<M, D, K>, decode_values<M, D, K>};
-  // head_dim 64 (SmolLM2, TinyLlama-style) with up to 4 heads per KV head; 128 with up to 2
-  TM_DECODE_ROW(1, 4) TM_DECODE_ROW(2, 4) TM_DECODE_ROW(3, 4) TM_DECODE_ROW(4, 4)
-  TM_DECODE_ROW(1, 8) TM_DECODE_ROW(2, 8)
-#undef TM_DECODE_ROW
-#endif
-  return {};
+// A tile of rows (a prefill chunk's): the scores [m, span] (stride span) of its m query vectors,
+// the 4 key rows of a step held in registers for all of them; vector v keeps the keys before
+// its row's context, ctx[v / group]. dot4's and dot's operations, so the same bits.
+template <int D, typename K>
+static void tile_scores(const float* qf, int64_t m, int64_t group, const int64_t* ctx, const K* pool,
+                        const int64_t* off, int64_t span, float* scores) {
+  constexpr int64_t dim = 16 * D;
+  const auto load_q = [&](int64_t v, __m512* q) {
+    for (int d = 0; d < D; ++d) q[d] = _mm512_loadu_ps(qf + v * dim + 16 * d);
+  };
+  int64_t t = 0;
+  for (; t + 4 <= span; t += 4) {
+    __m512 kr[4][D];
+    alignas(16) float ks[4];
+    for (int k = 0; k < 4; ++k) {
+      const K* row = pool + off[t + k];
+      if (t + k + kPrefetchKeys < span) prefetch_row(pool + off[t + k + kPrefetchKeys], dim);
+      ks[k] = row_scale(row, dim);
+      for (int d = 0; d < D; ++d) kr[k][d] = load16(row + 16 * d);
+    }
+    const __m128 scale4 = _mm_load_ps(ks);
+    for (int64_t v = 0; v < m; ++v) {
+      const int64_t keys = std::min<int64_t>(4, std::max<int64_t>(0, ctx[v / group] - t));
+      if (keys == 0) continue;
+      __m512 q[D];
+      load_q(v, q);
+      const __m128 s = _mm_hadd_ps(_mm_hadd_ps(dot_lanes_reg<D>(kr[0], q), dot_lanes_reg<D>(kr[1], q)),
+                                   _mm_hadd_ps(dot_lanes_reg<D>(kr[2], q), dot_lanes_reg<D>(kr[3], q)));
+      alignas(16) float out[4];
+      _mm_store_ps(out, _mm_mul_ps(s, scale4));
+      for (int64_t k = 0; k < keys; ++k) scores[v * span + t + k] = out[k];
+    }
+  }
+  for (; t < span; ++t) {
+    const K* row = pool + off[t];
+    const float ks = row_scale(row, dim);
+    __m512 kr[D];
+    for (int d = 0; d < D; ++d) kr[d] = load16(row + 16 * d);
+    for (int64_t v = 0; v < m; ++v) {
+      if (t >= ctx[v / group]) continue;
+      __m512 q[D];
+      load_q(v, q);
+      const __m128 l = dot_lanes_reg<D>(kr, q);
+      scores[v * span + t] = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(l, l), l)) * ks;
+    }
+  }
 }
+// The value sums of one row's G query vectors, acc [G, 16 * D], over `keys` converted value rows
+// vf with weights p [G][kValueKeys]: value_sum's fmas in key order, the G accumulators in
+// registers so that each value row is loaded once for the G of them.
+template <int G, int D>
+static void group_values(float* acc, const float* const* vf, const float* p, int64_t keys) {
+  constexpr int64_t dim = 16 * D, stride = 16;  // p's stride: kValueKeys (checked where it is declared)
+  __m512 a[G][D];
+  for (int g = 0; g < G; ++g)
+    for (int d = 0; d < D; ++d) a[g][d] = _mm512_loadu_ps(acc + g * dim + 16 * d);
+  for (int64_t k = 0; k < keys; ++k) {
+    __m512 vr[D];
+    for (int d = 0; d < D; ++d) vr[d] = _mm512_loadu_ps(vf[k] + 16 * d);
+    for (int g = 0; g < G; ++g) {
+      const __m512 pk = _mm512_set1_ps(p[g * stride + k]);
+      for (int d = 0; d < D; ++d) a[g][d] = _mm512_fmadd_ps(pk, vr[d], a[g][d]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int d = 0; d < D; ++d) _mm512_storeu_ps(acc + g * dim + 16 * d, a[g][d]);
+}
+#endif
 
 static constexpr int64_t kScoreKeys = 4;  // the score pass (dot4) is written out for 4 keys
 static constexpr int64_t kValueKeys = 16;  // V rows converted per pass of the value sum
+static constexpr int64_t kMaxGroup = 4;  // the most heads per KV head with register paths
+
+template <typename K>
+struct RegisterPaths {  // the register versions for this shape (nulls where none is compiled)
+  void (*decode_scores)(const float*, const K*, const int64_t*, int64_t, float*) = nullptr;
+  void (*decode_values)(const float*, const K*, const int64_t*, int64_t, float*) = nullptr;
+  void (*group_values)(float*, const float* const*, const float*, int64_t) = nullptr;
+  // head_dim 64 only: at 128 a step's 4 key rows would fill every register
+  void (*tile_scores)(const float*, int64_t, int64_t, const int64_t*, const K*, const int64_t*, int64_t, float*) = nullptr;
+};
+template <typename K>
+static RegisterPaths<K> register_paths(int64_t group, int64_t dim) {
+#ifdef __AVX512F__
+  static_assert(kValueKeys == 16, "group_values reads p at a stride of 16");
+  const auto tile64 = tile_scores<4, K>;
+#define TM_REGISTER_PATHS(M, D, TILE) \
+  if (group == M && dim == 16 * D) return {decode_scores<M, D, K>, decode_values<M, D, K>, group_values<M, D>, TILE};
+  // head_dim 64 (SmolLM2, TinyLlama-style) with up to 4 heads per KV head; 128 with up to 2
+  TM_REGISTER_PATHS(1, 4, tile64) TM_REGISTER_PATHS(2, 4, tile64) TM_REGISTER_PATHS(3, 4, tile64)
+  TM_REGISTER_PATHS(4, 4, tile64) TM_REGISTER_PATHS(1, 8, nullptr) TM_REGISTER_PATHS(2, 8, nullptr)
+#undef TM_REGISTER_PATHS
+#endif
+  return {};
+}
 
 // Rows are grouped in tiles of consecutive rows of one sequence (a prefill chunk's rows; a
 // decode row is a tile of one). A task is (tile, KV head): each key and value row is read once
@@ -461,7 +534,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   // 2 threads, even with equal tasks.
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return spans[a] > spans[b]; });
   const int64_t num_tasks = num_tiles * kv_heads;
-  const DecodeRow<K> fast = decode_row<K>(group, dim);
+  const RegisterPaths<K> fast = register_paths<K>(group, dim);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> qf, acc, scores, mx, total, rowbuf(kValueKeys * dim);
@@ -485,10 +558,14 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
             qf[(i * group + j) * dim + d] =
                 static_cast<float>(qp[(r0 + i) * sq0 + (g * group + j) * sq1 + d]) * static_cast<float>(scale);
       scores.assign(m * span, 0.f);
-      const bool one_row = n == 1 && fast.scores;
-      if (one_row) fast.scores(qf.data(), kp, row_off.data(), span, scores.data());
+      const bool one_row = n == 1 && fast.decode_scores;
+      if (one_row) {
+        fast.decode_scores(qf.data(), kp, row_off.data(), span, scores.data());
+      } else if (fast.tile_scores) {
+        fast.tile_scores(qf.data(), m, group, ctxp + r0, kp, row_off.data(), span, scores.data());
+      }
       // Scores, kScoreKeys keys at a time (dot4 where it fits), in key order per query vector.
-      for (int64_t t = 0; t < span && !one_row; t += kScoreKeys) {
+      for (int64_t t = 0; t < span && !one_row && !fast.tile_scores; t += kScoreKeys) {
         const int64_t nk = std::min<int64_t>(kScoreKeys, span - t);
         float kscale[kScoreKeys];
         const float* kf[kScoreKeys];
@@ -521,7 +598,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       }
       // The value sum, kValueKeys keys per pass over the query vectors (value_sum).
       acc.assign(m * dim, 0.f);
-      if (one_row) fast.values(scores.data(), vp, row_off.data(), span, acc.data());
+      if (one_row) fast.decode_values(scores.data(), vp, row_off.data(), span, acc.data());
       for (int64_t t = 0; t < span && !one_row; t += kValueKeys) {
         const int64_t nk = std::min<int64_t>(kValueKeys, span - t);
         float vscale[kValueKeys];
@@ -529,12 +606,16 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
         read_rows(vp, row_off.data(), t, nk, span, dim, rowbuf.data(), vscale, vf);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t keys = std::min<int64_t>(nk, std::max<int64_t>(0, ctxp[r0 + i] - t));
-          for (int64_t j = 0; j < group && keys > 0; ++j) {
+          if (keys == 0) continue;
+          float p[kMaxGroup * kValueKeys];  // p[j * kValueKeys + k]: head j's weight of key t + k
+          const bool grouped = fast.group_values && group <= kMaxGroup;
+          for (int64_t j = 0; j < group; ++j) {
             const int64_t v = i * group + j;
-            float p[kValueKeys];
-            for (int64_t k = 0; k < keys; ++k) p[k] = scores[v * span + t + k] * vscale[k];
-            value_sum(acc.data() + v * dim, vf, p, keys, dim);
+            float* pj = grouped ? p + j * kValueKeys : p;
+            for (int64_t k = 0; k < keys; ++k) pj[k] = scores[v * span + t + k] * vscale[k];
+            if (!grouped) value_sum(acc.data() + v * dim, vf, p, keys, dim);
           }
+          if (grouped) fast.group_values(acc.data() + i * group * dim, vf, p, keys);
         }
       }
       for (int64_t v = 0; v < m; ++v) {
