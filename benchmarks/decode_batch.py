@@ -3,7 +3,7 @@ for one layer (decode rows, and prompts prefilled as one chunk each), and the C+
 forward for the same rows (every layer: linears, attention, norms), plus the LM head.
 
     PYTHONPATH=. python benchmarks/decode_batch.py [--rows 16] [--context 260] [--prompts 4]
-        [--prompt-len 200] [--repeats 30]
+        [--prompt-len 200] [--repeats 30] [--threads N]
 
 Medians in milliseconds; the pool is bfloat16 (the CPU default), filled with random rows. The
 CPU model is printed first. To compare two commits, run this from a `git worktree` of each,
@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"CPU: {machine_facts()['cpu']}, {torch.get_num_threads()} threads")
     R, C, S, L = args.rows, args.context, args.prompts, args.prompt_len
     dec = attention_ms([(i, C) for i in range(R)], R, C, args.repeats)
