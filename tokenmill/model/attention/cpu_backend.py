@@ -340,7 +340,7 @@ static inline __m128 dot_lanes_reg(const __m512* k, const __m512* q) {  // dot_l
 }
 // scores [M, ctx] of the query vectors qf [M, 16 * D] against keys 0 .. ctx - 1.
 template <int M, int D, typename K>
-static void decode_scores(const float* qf, const K* pool, const int64_t* off, int64_t ctx, float* scores) {
+static void decode_scores(const float* qf, const K* pool, const K* vpool, const int64_t* off, int64_t ctx, float* scores) {
   constexpr int64_t dim = 16 * D;
   __m512 q[M][D];
   for (int v = 0; v < M; ++v)
@@ -351,7 +351,10 @@ static void decode_scores(const float* qf, const K* pool, const int64_t* off, in
     alignas(16) float ks[4];
     for (int k = 0; k < 4; ++k) {
       const K* row = pool + off[t + k];
-      if (t + k + kPrefetchKeys < ctx) prefetch_row(pool + off[t + k + kPrefetchKeys], dim);
+      if (t + k + kPrefetchKeys < ctx) {
+        prefetch_row(pool + off[t + k + kPrefetchKeys], dim);
+        prefetch_row(vpool + off[t + k + kPrefetchKeys], dim);
+      }
       ks[k] = row_scale(row, dim);
       __m512 kr[D];
       for (int d = 0; d < D; ++d) kr[d] = load16(row + 16 * d);
@@ -470,7 +473,7 @@ static constexpr int64_t kMaxGroup = 4;  // the most heads per KV head with regi
 
 template <typename K>
 struct RegisterPaths {  // the register versions for this shape (nulls where none is compiled)
-  void (*decode_scores)(const float*, const K*, const int64_t*, int64_t, float*) = nullptr;
+  void (*decode_scores)(const float*, const K*, const K*, const int64_t*, int64_t, float*) = nullptr;
   void (*decode_values)(const float*, const K*, const int64_t*, int64_t, float*) = nullptr;
   void (*group_values)(float*, const float* const*, const float*, int64_t) = nullptr;
   // head_dim 64 only: at 128 a step's 4 key rows would fill every register
@@ -560,7 +563,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       scores.assign(m * span, 0.f);
       const bool one_row = n == 1 && fast.decode_scores;
       if (one_row) {
-        fast.decode_scores(qf.data(), kp, row_off.data(), span, scores.data());
+        fast.decode_scores(qf.data(), kp, vp, row_off.data(), span, scores.data());
       } else if (fast.tile_scores) {
         fast.tile_scores(qf.data(), m, group, ctxp + r0, kp, row_off.data(), span, scores.data());
       }
