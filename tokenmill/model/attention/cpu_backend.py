@@ -116,29 +116,36 @@ static inline bool vdot_fits(int64_t n) {
   return n % 8 == 0 && n > 0;
 #endif
 }
+static inline __m128 fold_lanes(__m256 h) {  // 8 partial sums to 4
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#if defined(__AVX512F__)
+static inline __m128 fold_lanes(__m512 acc) {  // 16 partial sums to 8, then to 4
+  return fold_lanes(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
+}
+#endif
 static inline __m128 dot_lanes(const float* a, const float* b, int64_t n) {  // 4 partial sums
 #if defined(__AVX512F__)
   __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
   for (int64_t i = 16; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
 #else
-  __m256 h = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-  for (int64_t i = 8; i < n; i += 8) h = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), h);
+  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+  for (int64_t i = 8; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
 #endif
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  return fold_lanes(acc);
+}
+// A score from its 4 partial sums, (l0 + l1) + (l2 + l3); score4 does it for 4 keys in one tree.
+static inline float score1(__m128 l) { return _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(l, l), l)); }
+static inline __m128 score4(__m128 l0, __m128 l1, __m128 l2, __m128 l3) {
+  return _mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3));
 }
 static inline void dot4(const float* const* k, const float* q, int64_t n, float* out) {
-  const __m128 s = _mm_hadd_ps(_mm_hadd_ps(dot_lanes(k[0], q, n), dot_lanes(k[1], q, n)),
-                               _mm_hadd_ps(dot_lanes(k[2], q, n), dot_lanes(k[3], q, n)));
-  _mm_storeu_ps(out, s);
+  _mm_storeu_ps(out, score4(dot_lanes(k[0], q, n), dot_lanes(k[1], q, n), dot_lanes(k[2], q, n), dot_lanes(k[3], q, n)));
 }
 #endif
 static inline float dot(const float* a, const float* b, int64_t n) {
 #ifdef TM_VDOT
-  if (vdot_fits(n)) {
-    const __m128 l = dot_lanes(a, b, n);
-    return _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(l, l), l));
-  }
+  if (vdot_fits(n)) return score1(dot_lanes(a, b, n));
 #endif
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -154,16 +161,28 @@ static inline const float* as_float(const K* row, int64_t dim, float* buf) {
 }
 template <>
 inline const float* as_float<float>(const float* row, int64_t, float*) { return row; }
+#ifdef __AVX512F__
+// 16 pool values as float32 in a register, exact for every pool dtype.
+template <typename K> static inline __m512 load16(const K* p);
+template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <> inline __m512 load16<int8_t>(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
 // The 16-bit pools 8 values at a time (the compiler leaves c10's element conversions scalar).
 template <>
 inline const float* as_float<c10::BFloat16>(const c10::BFloat16* row, int64_t dim, float* buf) {
   int64_t d = 0;
 #ifdef __AVX512F__
-  for (; d + 16 <= dim; d += 16) {
-    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d)));
-    _mm512_storeu_ps(buf + d, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
-  }
+  for (; d + 16 <= dim; d += 16) _mm512_storeu_ps(buf + d, load16(row + d));
 #endif
   for (; d + 8 <= dim; d += 8) {
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
@@ -177,8 +196,7 @@ template <>
 inline const float* as_float<c10::Half>(const c10::Half* row, int64_t dim, float* buf) {
   int64_t d = 0;
 #ifdef __AVX512F__
-  for (; d + 16 <= dim; d += 16)
-    _mm512_storeu_ps(buf + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))));
+  for (; d + 16 <= dim; d += 16) _mm512_storeu_ps(buf + d, load16(row + d));
 #endif
   for (; d + 8 <= dim; d += 8)
     _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
@@ -318,25 +336,15 @@ static inline void read_rows(const K* pool, const int64_t* off, int64_t t, int64
 // the KV head) and each key or value row are held in registers, where the general loop below
 // loads both from L1 for every product, and those loads set its pace. The operations are
 // dot_lanes', dot4's, dot's and value_sum's in the same order, so the bits are the same.
-// 16 pool values as float32, exact for every pool dtype as as_float.
-template <typename K> static inline __m512 load16(const K* p);
-template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
-  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
-template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-template <> inline __m512 load16<int8_t>(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+template <int D, typename K>
+static inline void load_row(const K* row, __m512* out) {  // a pool row of 16 * D values
+  for (int d = 0; d < D; ++d) out[d] = load16(row + 16 * d);
 }
 template <int D>
 static inline __m128 dot_lanes_reg(const __m512* k, const __m512* q) {  // dot_lanes, both in registers
   __m512 acc = _mm512_mul_ps(k[0], q[0]);
   for (int d = 1; d < D; ++d) acc = _mm512_fmadd_ps(k[d], q[d], acc);
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  return fold_lanes(acc);
 }
 // scores [M, ctx] of the query vectors qf [M, 16 * D] against keys 0 .. ctx - 1.
 template <int M, int D, typename K>
@@ -357,24 +365,20 @@ static void decode_scores(const float* qf, const K* pool, const K* vpool, const 
       }
       ks[k] = row_scale(row, dim);
       __m512 kr[D];
-      for (int d = 0; d < D; ++d) kr[d] = load16(row + 16 * d);
+      load_row<D>(row, kr);
       for (int v = 0; v < M; ++v) l[v][k] = dot_lanes_reg<D>(kr, q[v]);
     }
     const __m128 scale4 = _mm_load_ps(ks);
     for (int v = 0; v < M; ++v) {  // dot4's tree, then the scale, as the scalar `d[k] * kscale[k]`
-      const __m128 s = _mm_hadd_ps(_mm_hadd_ps(l[v][0], l[v][1]), _mm_hadd_ps(l[v][2], l[v][3]));
-      _mm_storeu_ps(scores + v * ctx + t, _mm_mul_ps(s, scale4));
+      _mm_storeu_ps(scores + v * ctx + t, _mm_mul_ps(score4(l[v][0], l[v][1], l[v][2], l[v][3]), scale4));
     }
   }
   for (; t < ctx; ++t) {
     const K* row = pool + off[t];
     const float ks = row_scale(row, dim);
     __m512 kr[D];
-    for (int d = 0; d < D; ++d) kr[d] = load16(row + 16 * d);
-    for (int v = 0; v < M; ++v) {
-      const __m128 l = dot_lanes_reg<D>(kr, q[v]);
-      scores[v * ctx + t] = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(l, l), l)) * ks;
-    }
+    load_row<D>(row, kr);
+    for (int v = 0; v < M; ++v) scores[v * ctx + t] = score1(dot_lanes_reg<D>(kr, q[v])) * ks;
   }
 }
 // acc [M, 16 * D] = the value sums of the softmaxed scores [M, ctx] (value_sum's fmas, key order).
@@ -389,7 +393,7 @@ static void decode_values(const float* scores, const K* pool, const int64_t* off
     if (t + kPrefetchKeys < ctx) prefetch_row(pool + off[t + kPrefetchKeys], dim);
     const float vs = row_scale(row, dim);
     __m512 vr[D];
-    for (int d = 0; d < D; ++d) vr[d] = load16(row + 16 * d);
+    load_row<D>(row, vr);
     for (int v = 0; v < M; ++v) {
       const __m512 p = _mm512_set1_ps(scores[v * ctx + t] * vs);
       for (int d = 0; d < D; ++d) a[v][d] = _mm512_fmadd_ps(p, vr[d], a[v][d]);
@@ -416,7 +420,7 @@ static void tile_scores(const float* qf, int64_t m, int64_t group, const int64_t
       const K* row = pool + off[t + k];
       if (t + k + kPrefetchKeys < span) prefetch_row(pool + off[t + k + kPrefetchKeys], dim);
       ks[k] = row_scale(row, dim);
-      for (int d = 0; d < D; ++d) kr[k][d] = load16(row + 16 * d);
+      load_row<D>(row, kr[k]);
     }
     const __m128 scale4 = _mm_load_ps(ks);
     for (int64_t v = 0; v < m; ++v) {
@@ -424,8 +428,8 @@ static void tile_scores(const float* qf, int64_t m, int64_t group, const int64_t
       if (keys == 0) continue;
       __m512 q[D];
       load_q(v, q);
-      const __m128 s = _mm_hadd_ps(_mm_hadd_ps(dot_lanes_reg<D>(kr[0], q), dot_lanes_reg<D>(kr[1], q)),
-                                   _mm_hadd_ps(dot_lanes_reg<D>(kr[2], q), dot_lanes_reg<D>(kr[3], q)));
+      const __m128 s = score4(dot_lanes_reg<D>(kr[0], q), dot_lanes_reg<D>(kr[1], q), dot_lanes_reg<D>(kr[2], q),
+                              dot_lanes_reg<D>(kr[3], q));
       alignas(16) float out[4];
       _mm_store_ps(out, _mm_mul_ps(s, scale4));
       for (int64_t k = 0; k < keys; ++k) scores[v * span + t + k] = out[k];
@@ -435,13 +439,12 @@ static void tile_scores(const float* qf, int64_t m, int64_t group, const int64_t
     const K* row = pool + off[t];
     const float ks = row_scale(row, dim);
     __m512 kr[D];
-    for (int d = 0; d < D; ++d) kr[d] = load16(row + 16 * d);
+    load_row<D>(row, kr);
     for (int64_t v = 0; v < m; ++v) {
       if (t >= ctx[v / group]) continue;
       __m512 q[D];
       load_q(v, q);
-      const __m128 l = dot_lanes_reg<D>(kr, q);
-      scores[v * span + t] = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(l, l), l)) * ks;
+      scores[v * span + t] = score1(dot_lanes_reg<D>(kr, q)) * ks;
     }
   }
 }
@@ -538,6 +541,7 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return spans[a] > spans[b]; });
   const int64_t num_tasks = num_tiles * kv_heads;
   const RegisterPaths<K> fast = register_paths<K>(group, dim);
+  const bool grouped = fast.group_values && group <= kMaxGroup;  // a row's value sums in one call
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> qf, acc, scores, mx, total, rowbuf(kValueKeys * dim);
@@ -611,7 +615,6 @@ static void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const t
           const int64_t keys = std::min<int64_t>(nk, std::max<int64_t>(0, ctxp[r0 + i] - t));
           if (keys == 0) continue;
           float p[kMaxGroup * kValueKeys];  // p[j * kValueKeys + k]: head j's weight of key t + k
-          const bool grouped = fast.group_values && group <= kMaxGroup;
           for (int64_t j = 0; j < group; ++j) {
             const int64_t v = i * group + j;
             float* pj = grouped ? p + j * kValueKeys : p;
