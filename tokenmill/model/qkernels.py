@@ -90,42 +90,14 @@ static inline float half_to_float(at::Half h) {
 // Past K the block is zero. A block holding inf or NaN gets q = 0 and d = NaN, so its row's
 // outputs are NaN as a float matmul's would be. Only float multiplies and subtractions, exact
 // conversions and integer sums: the AVX2 and scalar versions give the same bytes.
-#ifdef TM_AVX2
-// 32 int32 values (each in int8's range) stored in order as int8; returns their sum.
-static inline int32_t pack_block(const __m256i* w, int8_t* q) {
-  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(w[0], w[1]), _mm256_add_epi32(w[2], w[3]));
-  alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
-  int32_t sum = 0;
-  for (int32_t l : lanes) sum += l;
-  return sum;
-}
-#endif
 static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
   float amax = 0.f;
   bool finite = true;
-#ifdef TM_AVX2
-  if (n == kBlock) {  // a maximum is exact in any order
-    const __m256 sign = _mm256_set1_ps(-0.f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    for (int u = 0; u < 4; ++u) {
-      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8 * u));
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
-      m = _mm256_max_ps(m, a);
-    }
-    finite = _mm256_movemask_ps(bad) == 0;
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, m);
-    for (float l : lanes) amax = std::max(amax, l);
-  } else
-#endif
-    for (int64_t k = 0; k < n; ++k) {
-      const float a = std::fabs(v[k]);
-      finite = finite && std::isfinite(a);
-      amax = std::max(amax, a);
-    }
+  for (int64_t k = 0; k < n; ++k) {
+    const float a = std::fabs(v[k]);
+    finite = finite && std::isfinite(a);
+    amax = std::max(amax, a);
+  }
   if (!finite) {
     std::memset(q, 0, kBlock);
     d = std::numeric_limits<float>::quiet_NaN();
@@ -134,14 +106,6 @@ static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   d = amax / 127.f;
   int32_t sum = 0;
-#ifdef TM_AVX2
-  if (n == kBlock) {
-    const __m256 iv = _mm256_set1_ps(inv);
-    __m256i w[4];
-    for (int u = 0; u < 4; ++u) w[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * u), iv));
-    return pack_block(w, q);
-  }
-#endif
   for (int64_t k = 0; k < kBlock; ++k) {
     // nearbyint in the default rounding mode: half to even, as _mm256_cvtps_epi32
     q[k] = k < n ? static_cast<int8_t>(std::nearbyint(v[k] * inv)) : 0;
@@ -155,16 +119,6 @@ static int32_t round_block(const float* v, int64_t n, int8_t* q, float& d) {
 static int32_t round_residual(const float* r, int64_t n, float d, int8_t* q2) {
   const float inv = d > 0.f ? 256.f / d : 0.f;
   int32_t sum = 0;
-#ifdef TM_AVX2
-  if (n == kBlock) {
-    const __m256 iv = _mm256_set1_ps(inv);
-    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
-    __m256i w[4];
-    for (int u = 0; u < 4; ++u)
-      w[u] = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + 8 * u), iv))));
-    return pack_block(w, q2);
-  }
-#endif
   for (int64_t k = 0; k < kBlock; ++k) {
     const float v = k < n ? std::nearbyint(r[k] * inv) : 0.f;
     q2[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
@@ -178,28 +132,113 @@ static int32_t round_residual(const float* r, int64_t n, float d, int8_t* q2) {
 // values they stand for (the minimum's term).
 struct QRow { const int8_t *q, *q2; const float *d2, *s; const int32_t *qsum, *qsum2; };
 
+// One block, any length up to 32: round_block, then the residual's pass. The path for a row's
+// last, partial block, and for every block without AVX2.
+static void quantize_block(const float* x, int64_t n, int8_t* q, int8_t* q2, float& d2, float& s, int32_t& qsum,
+                           int32_t& qsum2) {
+  float d;
+  qsum = round_block(x, n, q, d);
+  alignas(32) float r[kBlock] = {};
+  if (!std::isnan(d))
+    for (int64_t k = 0; k < n; ++k) r[k] = x[k] - static_cast<float>(q[k]) * d;
+  qsum2 = round_residual(r, n, d, q2);  // a NaN d: r is zero and so is q2
+  d2 = d * (1.f / 256.f);  // exact: a power of two
+  s = d * static_cast<float>(qsum) + d2 * static_cast<float>(qsum2);
+}
+
+#ifdef TM_AVX2
+// The 8 vectors' maxima as one vector, lane b the maximum of m[b] (a maximum is exact in any
+// order). In registers: the 8 maxima stored one by one and loaded as a vector waited on the
+// store queue, half of the rounding's time.
+static inline __m256 max_lanes8(const __m256* m) {
+  __m256 y[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m256* v = m + 4 * h;
+    const __m256 a = _mm256_max_ps(_mm256_unpacklo_ps(v[0], v[1]), _mm256_unpackhi_ps(v[0], v[1]));
+    const __m256 b = _mm256_max_ps(_mm256_unpacklo_ps(v[2], v[3]), _mm256_unpackhi_ps(v[2], v[3]));
+    y[h] = _mm256_max_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xEE));  // per half: v[0..3]
+  }
+  return _mm256_max_ps(_mm256_permute2f128_ps(y[0], y[1], 0x20), _mm256_permute2f128_ps(y[0], y[1], 0x31));
+}
+static inline int32_t sum8(__m256i v) {  // integer sums are exact in any order
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+// 32 int32 values (each in int8's range) stored in order as int8; returns their sum.
+static inline int32_t pack_block(const __m256i* w, int8_t* q) {
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return sum8(_mm256_add_epi32(_mm256_add_epi32(w[0], w[1]), _mm256_add_epi32(w[2], w[3])));
+}
+
+// Up to 8 full blocks with quantize_block's arithmetic, in passes over the blocks: one block at
+// a time, each block's chain (its maximum, a division, the rounding, the residual's division
+// and rounding, the sums moved to integer registers) ran end to end with little to overlap it,
+// and the rounding was 8% of a 16-row decode step. Here the maxima come first, the divisions
+// for all the blocks are one vector division (IEEE division: the scalar one's bits), and the
+// blocks' roundings are independent of each other.
+static void quantize_blocks8(const float* x, int64_t nblk, int8_t* q, int8_t* q2, float* d2, float* s, int32_t* qsum,
+                             int32_t* qsum2) {
+  const __m256 sign = _mm256_set1_ps(-0.f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  alignas(32) float inv[8], d[8], inv2[8];
+  __m256 m[8];
+  int bad = 0;  // blocks holding inf or NaN, one bit each
+  for (int64_t b = 0; b < 8; ++b) {
+    m[b] = _mm256_setzero_ps();
+    if (b >= nblk) continue;
+    __m256 nf = _mm256_setzero_ps();
+    for (int u = 0; u < 4; ++u) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b * kBlock + 8 * u));
+      nf = _mm256_or_ps(nf, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+      m[b] = _mm256_max_ps(m[b], a);
+    }
+    bad |= (_mm256_movemask_ps(nf) != 0) << b;
+  }
+  // round_block's inv = amax > 0 ? 127 / amax : 0 and d = amax / 127; round_residual's 256 / d.
+  const __m256 zero = _mm256_setzero_ps(), a = max_lanes8(m);
+  const __m256 dv = _mm256_div_ps(a, _mm256_set1_ps(127.f));
+  _mm256_store_ps(inv, _mm256_and_ps(_mm256_cmp_ps(a, zero, _CMP_GT_OQ), _mm256_div_ps(_mm256_set1_ps(127.f), a)));
+  _mm256_store_ps(d, dv);
+  _mm256_store_ps(inv2, _mm256_and_ps(_mm256_cmp_ps(dv, zero, _CMP_GT_OQ), _mm256_div_ps(_mm256_set1_ps(256.f), dv)));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int64_t b = 0; b < nblk; ++b) {
+    const float* v = x + b * kBlock;
+    if (bad >> b & 1) {  // round_block's non-finite block: q = q2 = 0, d = NaN
+      quantize_block(v, kBlock, q + b * kBlock, q2 + b * kBlock, d2[b], s[b], qsum[b], qsum2[b]);
+      continue;
+    }
+    const __m256 iv = _mm256_set1_ps(inv[b]), db = _mm256_set1_ps(d[b]), iv2 = _mm256_set1_ps(inv2[b]);
+    __m256i w[4], w2[4];
+    for (int u = 0; u < 4; ++u) {
+      const __m256 xv = _mm256_loadu_ps(v + 8 * u);
+      w[u] = _mm256_cvtps_epi32(_mm256_mul_ps(xv, iv));
+      // the residual from q as stored (|x * inv| <= 127: the packing saturates nothing)
+      const __m256 r = _mm256_sub_ps(xv, _mm256_mul_ps(_mm256_cvtepi32_ps(w[u]), db));
+      w2[u] = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(r, iv2))));
+    }
+    qsum[b] = pack_block(w, q + b * kBlock);
+    qsum2[b] = pack_block(w2, q2 + b * kBlock);
+    d2[b] = d[b] * (1.f / 256.f);
+    s[b] = d[b] * static_cast<float>(qsum[b]) + d2[b] * static_cast<float>(qsum2[b]);
+  }
+}
+#endif
+
 static void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* q2, float* d2, float* s,
                          int32_t* qsum, int32_t* qsum2) {
   const int64_t nb = (K + kBlock - 1) / kBlock;
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t k0 = b * kBlock, n = std::min(kBlock, K - k0);
-    float d;
-    qsum[b] = round_block(x + k0, n, q + k0, d);
-    alignas(32) float r[kBlock] = {};
-    if (!std::isnan(d)) {
-      int64_t k = 0;
+  int64_t b = 0;
 #ifdef TM_AVX2
-      const __m256 dv = _mm256_set1_ps(d);
-      for (; k + 8 <= n; k += 8) {  // the scalar loop's multiply, then subtract (no fused form)
-        const __m256 qk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k0 + k))));
-        _mm256_store_ps(r + k, _mm256_sub_ps(_mm256_loadu_ps(x + k0 + k), _mm256_mul_ps(qk, dv)));
-      }
+  for (const int64_t full = K / kBlock; b < full; b += 8) {
+    const int64_t n = std::min<int64_t>(8, full - b);
+    quantize_blocks8(x + b * kBlock, n, q + b * kBlock, q2 + b * kBlock, d2 + b, s + b, qsum + b, qsum2 + b);
+  }
+  b = K / kBlock;
 #endif
-      for (; k < n; ++k) r[k] = x[k0 + k] - static_cast<float>(q[k0 + k]) * d;
-    }
-    qsum2[b] = round_residual(r, n, d, q2 + k0);  // a NaN d: r is zero and so is q2
-    d2[b] = d * (1.f / 256.f);  // exact: a power of two
-    s[b] = d * static_cast<float>(qsum[b]) + d2[b] * static_cast<float>(qsum2[b]);
+  for (; b < nb; ++b) {
+    const int64_t k0 = b * kBlock;
+    quantize_block(x + k0, std::min(kBlock, K - k0), q + k0, q2 + k0, d2[b], s[b], qsum[b], qsum2[b]);
   }
 }
 
