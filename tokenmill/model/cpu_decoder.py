@@ -38,6 +38,8 @@ struct QLin {
   torch::Tensor q, scale, min, bias;  // bias undefined where the linear has none
   int64_t group = 0, out = 0;
   bool int4 = true;
+  Int4W w4{};  // the weights as the kernels read them (pointers into q, scale, min), checked once
+  Int8W w8{};
 };
 struct DecoderWeights {
   torch::Tensor ln1, ln2;
@@ -50,10 +52,24 @@ struct Decoder {
 };
 static std::vector<std::unique_ptr<Decoder>> g_decoders;  // a handle is an index; freed slots stay null
 
-static torch::Tensor qlinear(const torch::Tensor& x, const QLin& l) {
-  torch::Tensor y = l.int4 ? int4_apply(x, l.q, l.scale, l.min, l.group, l.out) : int8_apply(x, l.q, l.scale, l.group, l.out);
-  if (l.bias.defined()) y.add_(l.bias);
-  return y;
+static void product(const float* x, int64_t rows, const QLin& l, float* y, bool add) {
+  if (l.int4) run_into(x, rows, l.out, l.w4, y, add);
+  else run_into(x, rows, l.out, l.w8, y, add);
+}
+
+// y [rows, out] = x @ W.T + bias, or with add, y += that: y + (x @ W.T + bias), the bits of
+// y.add_(linear(x)). Without a bias the sum goes straight into y (no buffer, no pass over it).
+static void qlinear(const float* x, int64_t rows, const QLin& l, float* y, bool add) {
+  if (!l.bias.defined()) return product(x, rows, l, y, add);
+  std::vector<float> t(add ? rows * l.out : 0);
+  float* p = add ? t.data() : y;
+  product(x, rows, l, p, false);
+  const float* b = l.bias.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t n = 0; n < l.out; ++n) {
+      p[r * l.out + n] += b[n];
+      if (add) y[r * l.out + n] += p[r * l.out + n];
+    }
 }
 
 // --- 8-lane float vector: AVX2 or a plain array with the same lane semantics ---
@@ -99,12 +115,8 @@ static inline float sum_squares(const float* x, int64_t n) {
 // on one thread while the other spun).
 static constexpr int64_t kRowGrain = 4;
 
-static torch::Tensor rms_norm(const torch::Tensor& h, const torch::Tensor& w, double eps) {
-  const int64_t rows = h.size(0), dim = h.size(1);
-  torch::Tensor out = torch::empty_like(h);
-  const float* hp = h.data_ptr<float>();
+static void rms_norm(const float* hp, int64_t rows, int64_t dim, const torch::Tensor& w, double eps, float* op) {
   const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* x = hp + r * dim;
@@ -112,29 +124,18 @@ static torch::Tensor rms_norm(const torch::Tensor& h, const torch::Tensor& w, do
       for (int64_t d = 0; d < dim; ++d) op[r * dim + d] = (x[d] * inv) * wp[d];
     }
   });
-  return out;
 }
 
-// Rotate-half RoPE in place on the first `heads` heads of each row of qkv, as layers.apply_rope:
+// Rotate-half RoPE in place on the first `heads` heads of a row, as layers.apply_rope:
 // x * cos + rotate_half(x) * sin_signed, where sin_signed's first half is negated.
-static void rope(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads, int64_t dim) {
-  const int64_t rows = qkv.size(0), ld = qkv.size(1), half = dim / 2;
-  float* p = qkv.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(dim);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* c = cp + r * dim;
-      const float* s = sp + r * dim;
-      for (int64_t j = 0; j < heads; ++j) {
-        float* y = p + r * ld + j * dim;
-        std::copy(y, y + dim, x.begin());
-        for (int64_t d = 0; d < half; ++d) y[d] = x[d] * c[d] + x[d + half] * s[d];
-        for (int64_t d = half; d < dim; ++d) y[d] = x[d] * c[d] + x[d - half] * s[d];
-      }
-    }
-  });
+static inline void rope_row(float* row, const float* c, const float* s, int64_t heads, int64_t dim, float* x) {
+  const int64_t half = dim / 2;
+  for (int64_t j = 0; j < heads; ++j) {
+    float* y = row + j * dim;
+    std::copy(y, y + dim, x);
+    for (int64_t d = 0; d < half; ++d) y[d] = x[d] * c[d] + x[d + half] * s[d];
+    for (int64_t d = half; d < dim; ++d) y[d] = x[d] * c[d] + x[d - half] * s[d];
+  }
 }
 
 // One K or V row into the pool, as kv_dtype.to_pool rounds it: float types by conversion
@@ -154,33 +155,36 @@ inline void store_row<int8_t>(const float* x, int8_t* dst, int64_t dim) {
   std::memcpy(dst + dim, &scale, sizeof scale);
 }
 
+// Per row of qkv [rows, ld]: RoPE on its q and k heads, then its K and V rows into the pool at
+// its slot. One pass over the rows, split between the threads: the rows' slots are distinct.
 template <typename K>
-static void write_kv_rows(const torch::Tensor& qkv, torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
-                          int64_t heads, int64_t kv_heads, int64_t dim) {
-  const int64_t rows = qkv.size(0), ld = qkv.size(1), block = k_cache.size(2);
-  const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1), st = k_cache.stride(2);
-  const float* p = qkv.data_ptr<float>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
+static void rope_store_rows(float* p, int64_t rows, int64_t ld, const float* cp, const float* sp, torch::Tensor& k_cache,
+                            torch::Tensor& v_cache, const int64_t* slot, int64_t heads, int64_t kv_heads, int64_t dim) {
+  const int64_t block = k_cache.size(2), sb = k_cache.stride(0), sh = k_cache.stride(1), st = k_cache.stride(2);
   K* kp = k_cache.data_ptr<K>();
   K* vp = v_cache.data_ptr<K>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = slot[r] / block, off = slot[r] % block;
-    TORCH_CHECK(slot[r] >= 0 && b < k_cache.size(0), "a KV slot lies outside the pool");
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      const int64_t at = b * sb + g * sh + off * st;
-      store_row<K>(p + r * ld + (heads + g) * dim, kp + at, dim);
-      store_row<K>(p + r * ld + (heads + kv_heads + g) * dim, vp + at, dim);
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = p + r * ld;
+      rope_row(row, cp + r * dim, sp + r * dim, heads + kv_heads, dim, x.data());
+      const int64_t b = slot[r] / block, off = slot[r] % block;
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        const int64_t at = b * sb + g * sh + off * st;
+        store_row<K>(row + (heads + g) * dim, kp + at, dim);
+        store_row<K>(row + (heads + kv_heads + g) * dim, vp + at, dim);
+      }
     }
-  }
+  });
 }
 
-static void write_kv(const torch::Tensor& qkv, torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
-                     int64_t heads, int64_t kv_heads, int64_t dim) {
+static void rope_store(float* p, int64_t rows, int64_t ld, const float* cp, const float* sp, torch::Tensor& k_cache,
+                       torch::Tensor& v_cache, const int64_t* slot, int64_t heads, int64_t kv_heads, int64_t dim) {
   switch (k_cache.scalar_type()) {
-    case at::kFloat: return write_kv_rows<float>(qkv, k_cache, v_cache, slots, heads, kv_heads, dim);
-    case at::kBFloat16: return write_kv_rows<at::BFloat16>(qkv, k_cache, v_cache, slots, heads, kv_heads, dim);
-    case at::kHalf: return write_kv_rows<at::Half>(qkv, k_cache, v_cache, slots, heads, kv_heads, dim);
-    case at::kChar: return write_kv_rows<int8_t>(qkv, k_cache, v_cache, slots, heads, kv_heads, dim);
+    case at::kFloat: return rope_store_rows<float>(p, rows, ld, cp, sp, k_cache, v_cache, slot, heads, kv_heads, dim);
+    case at::kBFloat16: return rope_store_rows<at::BFloat16>(p, rows, ld, cp, sp, k_cache, v_cache, slot, heads, kv_heads, dim);
+    case at::kHalf: return rope_store_rows<at::Half>(p, rows, ld, cp, sp, k_cache, v_cache, slot, heads, kv_heads, dim);
+    case at::kChar: return rope_store_rows<int8_t>(p, rows, ld, cp, sp, k_cache, v_cache, slot, heads, kv_heads, dim);
     default: TORCH_CHECK(false, "decoder: a float32, bfloat16, float16 or int8 pool only");
   }
 }
@@ -188,11 +192,7 @@ static void write_kv(const torch::Tensor& qkv, torch::Tensor& k_cache, torch::Te
 // silu(gate) * up for gate_up = [gate | up] per row; silu(g) = g / (1 + exp(-g)), exp by the
 // attention kernel's exp_minus (glibc's scalar exp was ~0.7 ms of a decode step and ~140 ms
 // of a 200-token prefill).
-static torch::Tensor silu_mul(const torch::Tensor& gu) {
-  const int64_t rows = gu.size(0), width = gu.size(1) / 2;
-  torch::Tensor out = torch::empty({rows, width}, gu.options());
-  const float* p = gu.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+static void silu_mul(const float* p, int64_t rows, int64_t width, float* op) {
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* g = p + r * 2 * width;
@@ -202,10 +202,10 @@ static torch::Tensor silu_mul(const torch::Tensor& gu) {
       for (int64_t d = 0; d < width; ++d) o[d] = (g[d] / (1.f + o[d])) * g[width + d];
     }
   });
-  return out;
 }
 
-static QLin make_qlin(const std::vector<torch::Tensor>& t, size_t& i, const std::vector<int64_t>& ints, size_t& j) {
+static QLin make_qlin(const std::vector<torch::Tensor>& t, size_t& i, const std::vector<int64_t>& ints, size_t& j,
+                      int64_t in_features) {
   QLin l;
   l.q = t[i++];
   l.scale = t[i++];
@@ -216,6 +216,11 @@ static QLin make_qlin(const std::vector<torch::Tensor>& t, size_t& i, const std:
   l.int4 = ints[j++] != 0;
   l.out = ints[j++];
   TORCH_CHECK(l.q.scalar_type() == (l.int4 ? at::kByte : at::kChar), "decoder: a linear's values have the wrong dtype");
+  TORCH_CHECK(!l.bias.defined() || (l.bias.scalar_type() == at::kFloat && l.bias.is_contiguous() && l.bias.numel() == l.out),
+              "decoder: a bias must be contiguous float32 [out_features]");
+  if (l.int4) l.w4 = int4_weights(l.q, l.scale, l.min, l.group, l.out);
+  else l.w8 = int8_weights(l.q, l.scale, l.group, l.out, in_features);
+  TORCH_CHECK((l.int4 ? l.w4.K : l.w8.K) == in_features, "decoder: a linear's in_features do not match the layer");
   return l;
 }
 
@@ -234,10 +239,15 @@ int64_t register_model(std::vector<torch::Tensor> tensors, std::vector<int64_t> 
     DecoderWeights w;
     w.ln1 = tensors[i++];
     w.ln2 = tensors[i++];
-    w.qkv = make_qlin(tensors, i, ints, j);
-    w.o = make_qlin(tensors, i, ints, j);
-    w.gate_up = make_qlin(tensors, i, ints, j);
-    w.down = make_qlin(tensors, i, ints, j);
+    const int64_t hidden = w.ln1.numel();
+    w.qkv = make_qlin(tensors, i, ints, j, hidden);
+    w.o = make_qlin(tensors, i, ints, j, dec->heads * dec->head_dim);
+    w.gate_up = make_qlin(tensors, i, ints, j, hidden);
+    w.down = make_qlin(tensors, i, ints, j, w.gate_up.out / 2);
+    TORCH_CHECK(w.qkv.out == (dec->heads + 2 * dec->kv_heads) * dec->head_dim && w.o.out == hidden && w.down.out == hidden &&
+                    w.ln2.numel() == hidden && (dec->layers.empty() || (hidden == dec->layers[0].ln1.numel() &&
+                                                                        w.gate_up.out == dec->layers[0].gate_up.out)),
+                "decoder: the layers' shapes do not fit together");
     dec->layers.push_back(std::move(w));
   }
   g_decoders.push_back(std::move(dec));
@@ -255,22 +265,42 @@ void decoder_forward(int64_t handle, torch::Tensor h, torch::Tensor cos, torch::
   TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(g_decoders.size()) && g_decoders[handle], "decoder: no such model");
   const Decoder& dec = *g_decoders[handle];  // taken with the GIL held: register_model may grow the vector
   pybind11::gil_scoped_release no_gil;  // as the kernels: the server's HTTP loop runs meanwhile
-  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.numel() == h.size(0) * dec.head_dim &&
+                  sin.sizes() == cos.sizes() &&
                   slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == h.size(0),
-              "decoder: contiguous float32 rows, int64 slots");
-  const int64_t rows = h.size(0), heads = dec.heads, kv_heads = dec.kv_heads, dim = dec.head_dim;
+              "decoder: contiguous float32 rows, cos and sin [rows, head_dim], int64 slots");
+  TORCH_CHECK(kv.dim() == 6 && kv.size(0) == 2 && kv.size(1) == static_cast<int64_t>(dec.layers.size()),
+              "decoder: kv must be [2, layers, blocks, kv_heads, block, width]");
+  const int64_t rows = h.size(0), hidden = h.size(1), heads = dec.heads, kv_heads = dec.kv_heads, dim = dec.head_dim;
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(slot[r] >= 0 && slot[r] / kv.size(4) < kv.size(2), "a KV slot lies outside the pool");
+  // The step's buffers, reused by every layer (the layers' shapes are checked equal at registration).
+  const DecoderWeights& w0 = dec.layers.front();
+  TORCH_CHECK(hidden == w0.ln1.numel(), "decoder: rows of the wrong width");
+  const int64_t inter = w0.gate_up.out / 2;
+  // torch's allocator: 64-byte aligned and not zeroed, where a std::vector was neither
+  torch::Tensor buffers = torch::empty({3 * rows * inter + rows * hidden}, h.options());
+  float *normed = buffers.data_ptr<float>(), *gu = normed + rows * hidden, *act = gu + 2 * rows * inter;
+  torch::Tensor qkv = torch::empty({rows, w0.qkv.out}, h.options());
+  torch::Tensor q = qkv.narrow(1, 0, heads * dim).view({rows, heads, dim});
+  torch::Tensor o = torch::empty({rows, heads, dim}, h.options());
+  float* hp = h.data_ptr<float>();
   for (size_t i = 0; i < dec.layers.size(); ++i) {
     const DecoderWeights& w = dec.layers[i];
     torch::Tensor k_cache = kv.select(0, 0).select(0, static_cast<int64_t>(i));
     torch::Tensor v_cache = kv.select(0, 1).select(0, static_cast<int64_t>(i));
-    torch::Tensor qkv = qlinear(rms_norm(h, w.ln1, dec.eps), w.qkv);
-    rope(qkv, cos, sin, heads + kv_heads, dim);
-    write_kv(qkv, k_cache, v_cache, slots, heads, kv_heads, dim);
-    torch::Tensor q = qkv.narrow(1, 0, heads * dim).view({rows, heads, dim});
-    torch::Tensor o = torch::empty({rows, heads, dim}, h.options());
+    rms_norm(hp, rows, hidden, w.ln1, dec.eps, normed);
+    qlinear(normed, rows, w.qkv, qkv.data_ptr<float>(), false);
+    rope_store(qkv.data_ptr<float>(), rows, qkv.size(1), cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache, v_cache, slot,
+               heads, kv_heads, dim);
     paged_attention_apply(q, k_cache, v_cache, tables, row_seq, row_ctx, scale, o);
-    h.add_(qlinear(o.view({rows, heads * dim}), w.o));
-    h.add_(qlinear(silu_mul(qlinear(rms_norm(h, w.ln2, dec.eps), w.gate_up)), w.down));
+    qlinear(o.data_ptr<float>(), rows, w.o, hp, true);
+    rms_norm(hp, rows, hidden, w.ln2, dec.eps, normed);
+    qlinear(normed, rows, w.gate_up, gu, false);
+    silu_mul(gu, rows, inter, act);
+    qlinear(act, rows, w.down, hp, true);
   }
 }
 """

@@ -390,7 +390,7 @@ static inline __m256 group_min(const W& w, int64_t gc, int64_t b) {
 #endif
 
 template <int R, int C, typename W>
-static inline void rows_group(const W& w, int64_t c0, int64_t N, const QRow* x, float* const* y) {
+static inline void rows_group(const W& w, int64_t c0, int64_t N, const QRow* x, float* const* y, bool add) {
   const int64_t nb = (w.K + kBlock - 1) / kBlock, groups = w.K / w.G;
 #ifdef TM_AVX2
   // The minimum's term rides in the block loop while its accumulators fit beside the integer
@@ -424,14 +424,15 @@ static inline void rows_group(const W& w, int64_t c0, int64_t N, const QRow* x, 
   for (int c = 0; c < C; ++c) {
     const int64_t gc = c0 + c, valid = std::min(kCols, N - gc * kCols);
     for (int r = 0; r < R; ++r) {
-      const __m256 sum = _mm256_add_ps(acc[r][c], macc[r][c]);
+      __m256 sum = _mm256_add_ps(acc[r][c], macc[r][c]);
+      if (add) sum = _mm256_add_ps(_mm256_loadu_ps(y[r] + gc * kCols), sum);  // residual + y, as torch's add_
       if (valid == kCols) {  // the 8 floats straight out (through a buffer, GCC called memmove for them)
         _mm256_storeu_ps(y[r] + gc * kCols, sum);
         continue;
       }
       alignas(32) float out[kCols];
-      _mm256_store_ps(out, sum);
-      for (int64_t j = 0; j < valid; ++j) y[r][gc * kCols + j] = out[j];
+      _mm256_store_ps(out, _mm256_add_ps(acc[r][c], macc[r][c]));
+      for (int64_t j = 0; j < valid; ++j) y[r][gc * kCols + j] = add ? y[r][gc * kCols + j] + out[j] : out[j];
     }
   }
 #else
@@ -450,7 +451,7 @@ static inline void rows_group(const W& w, int64_t c0, int64_t N, const QRow* x, 
           acc = std::fma(static_cast<float>(i * 256 + i2), d * x[r].d2[b], acc);
           if constexpr (W::kHasMin) macc = std::fma(mn ? half_to_float(mn[g * kCols + j]) : d * -8.f, x[r].s[b], macc);
         }
-        y[r][gc * kCols + j] = acc + macc;
+        y[r][gc * kCols + j] = add ? y[r][gc * kCols + j] + (acc + macc) : acc + macc;
       }
   }
 #endif
@@ -469,40 +470,37 @@ static constexpr int kRowBlock = 2, kColBlock = 1;
 // the rest one by one.
 template <int C, typename W>
 static inline void rows_span_c(const W& w, int64_t c0, int64_t N, const std::vector<QRow>& x, int64_t r0, int64_t r1,
-                               float* yp) {
+                               float* yp, bool add) {
   int64_t r = r0;
   for (; r + kRowBlock <= r1; r += kRowBlock) {
     float* y[kRowBlock];
     for (int i = 0; i < kRowBlock; ++i) y[i] = yp + (r + i) * N;
-    rows_group<kRowBlock, C>(w, c0, N, x.data() + r, y);
+    rows_group<kRowBlock, C>(w, c0, N, x.data() + r, y, add);
   }
   for (; r < r1; ++r) {
     float* y[1] = {yp + r * N};
-    rows_group<1, C>(w, c0, N, x.data() + r, y);
+    rows_group<1, C>(w, c0, N, x.data() + r, y, add);
   }
 }
 template <typename W>
 static inline void rows_span(const W& w, int64_t c0, int64_t c1, int64_t N, const std::vector<QRow>& x, int64_t r0,
-                             int64_t r1, float* yp) {
+                             int64_t r1, float* yp, bool add) {
   int64_t c = c0;
-  for (; c + kColBlock <= c1; c += kColBlock) rows_span_c<kColBlock>(w, c, N, x, r0, r1, yp);
-  for (; c < c1; ++c) rows_span_c<1>(w, c, N, x, r0, r1, yp);
+  for (; c + kColBlock <= c1; c += kColBlock) rows_span_c<kColBlock>(w, c, N, x, r0, r1, yp, add);
+  for (; c < c1; ++c) rows_span_c<1>(w, c, N, x, r0, r1, yp, add);
 }
 
+// y [rows, N] = x [rows, K] @ W.T, or with add, y += x @ W.T: each element y + (the product's
+// value), the bits of torch's y.add_(product), without the product's buffer or a pass over it.
 template <typename W>
-static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
-  const int64_t K = w.K;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [rows, in_features]");
-  const torch::Tensor xf = x.to(torch::kFloat).contiguous();
-  const int64_t rows = xf.size(0), nb = (K + kBlock - 1) / kBlock;
-  torch::Tensor y = torch::empty({rows, N}, xf.options());
-  if (rows == 0) return y;
+static void run_into(const float* xp, int64_t rows, int64_t N, const W& w, float* yp, bool add) {
+  const int64_t K = w.K, nb = (K + kBlock - 1) / kBlock;
+  if (rows == 0) return;
   // Left uninitialized (quantize_row writes every element): zeroing them was a serial memset
   // of about 1.2 MB per linear in an 800-row prefill, the other thread waiting.
   std::unique_ptr<int8_t[]> xq(new int8_t[rows * nb * kBlock]), xq2(new int8_t[rows * nb * kBlock]);
   std::unique_ptr<float[]> xd2(new float[rows * nb]), xs(new float[rows * nb]);
   std::unique_ptr<int32_t[]> xsum(new int32_t[rows * nb]), xsum2(new int32_t[rows * nb]);
-  const float* xp = xf.data_ptr<float>();
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {  // 4: a 16-row step on both threads
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * nb;
@@ -510,7 +508,6 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
                    xs.get() + o, xsum.get() + o, xsum2.get() + o);
     }
   });
-  float* yp = y.data_ptr<float>();
   std::vector<QRow> xr(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * nb;
@@ -522,9 +519,9 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
     // One group at a time: a row or two read each weight once, at memory speed, and two groups
     // in step are two streams 4.6 KB apart, which halved the LM head's one-row speed.
     at::parallel_for(0, col_groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) rows_span_c<1>(w, c, N, xr, 0, rows, yp);
+      for (int64_t c = begin; c < end; ++c) rows_span_c<1>(w, c, N, xr, 0, rows, yp, add);
     });
-    return y;
+    return;
   }
   // Many rows: a thread takes kRowPassGroups column groups (their weights stay in L1) through
   // every row, a row block at a time.
@@ -534,10 +531,18 @@ static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
       const int64_t c1 = std::min(col_groups, (t + 1) * kRowPassGroups);
       for (int64_t r = 0; r < rows; r += kRowChunk) {
         const int64_t r1 = std::min(rows, r + kRowChunk);
-        rows_span(w, t * kRowPassGroups, c1, N, xr, r, r1, yp);
+        rows_span(w, t * kRowPassGroups, c1, N, xr, r, r1, yp, add);
       }
     }
   });
+}
+
+template <typename W>
+static torch::Tensor run(const torch::Tensor& x, int64_t N, const W& w) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, "x must be [rows, in_features]");
+  const torch::Tensor xf = x.to(torch::kFloat).contiguous();
+  torch::Tensor y = torch::empty({xf.size(0), N}, xf.options());
+  run_into(xf.data_ptr<float>(), xf.size(0), N, w, y.data_ptr<float>(), false);
   return y;
 }
 
@@ -547,11 +552,9 @@ static void check_scales(const torch::Tensor& t, int64_t N, int64_t groups, cons
               what, " must be contiguous float16 [ceil(out/8), in/group, 8]");
 }
 
-// x [rows, K] float-like; q [ceil(N/8), K/8, 32] uint8; scale, min [ceil(N/8), K/G, 8] float16
-// (min empty: Q4_0's symmetric form) -> y [rows, N] float32.
-// The work without the GIL handling: cpu_decoder.py calls it with the GIL already released.
-static torch::Tensor int4_apply(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                                const torch::Tensor& min, int64_t G, int64_t N) {
+// q [ceil(N/8), K/8, 32] uint8; scale, min [ceil(N/8), K/G, 8] float16 (min empty: Q4_0's
+// symmetric form), checked.
+static Int4W int4_weights(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& min, int64_t G, int64_t N) {
   const int64_t K = q.dim() == 3 ? q.size(1) * 8 : 0;
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 3 && q.size(0) == (N + kCols - 1) / kCols &&
                   q.size(2) == 32, "int4: q must be contiguous uint8 [ceil(out/8), in/8, 32]");
@@ -559,32 +562,30 @@ static torch::Tensor int4_apply(const torch::Tensor& x, const torch::Tensor& q, 
   check_scales(scale, N, K / G, "int4: scale");
   const bool symmetric = min.numel() == 0;
   if (!symmetric) check_scales(min, N, K / G, "int4: min");
-  return run(x, N, Int4W{q.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), symmetric ? nullptr : min.data_ptr<at::Half>(), K, G});
+  return Int4W{q.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), symmetric ? nullptr : min.data_ptr<at::Half>(), K, G};
 }
 
-// x [rows, K]; q [ceil(N/8), ceil(K/32) * 8, 32] int8; scale [ceil(N/8), K/G, 8] float16 -> y [rows, N] float32.
-static torch::Tensor int8_apply(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t G,
-                                int64_t N) {
-  const int64_t K = x.dim() == 2 ? x.size(1) : 0;
+// q [ceil(N/8), ceil(K/32) * 8, 32] int8; scale [ceil(N/8), K/G, 8] float16, checked.
+static Int8W int8_weights(const torch::Tensor& q, const torch::Tensor& scale, int64_t G, int64_t N, int64_t K) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 3 && q.size(0) == (N + kCols - 1) / kCols &&
                   q.size(1) == (K + kBlock - 1) / kBlock * 8 && q.size(2) == 32,
               "int8: q must be contiguous int8 [ceil(out/8), ceil(in/32) * 8, 32] for x's in_features");
   TORCH_CHECK(G > 0 && K % G == 0 && (G % kBlock == 0 || G == K),
               "int8: the group size must be a multiple of 32 dividing in_features, or in_features");
   check_scales(scale, N, K / G, "int8: scale");
-  return run(x, N, Int8W{q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), K, G});
+  return Int8W{q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), K, G};
 }
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor min, int64_t G, int64_t N) {
   // No Python object is touched below: other Python threads (the server's HTTP loop) run
   // while the kernel does, instead of waiting for the GIL until it returns.
   pybind11::gil_scoped_release no_gil;
-  return int4_apply(x, q, scale, min, G, N);
+  return run(x, N, int4_weights(q, scale, min, G, N));
 }
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t G, int64_t N) {
   pybind11::gil_scoped_release no_gil;  // as int4_linear
-  return int8_apply(x, q, scale, G, N);
+  return run(x, N, int8_weights(q, scale, G, N, x.dim() == 2 ? x.size(1) : 0));
 }
 
 std::string isa() {
