@@ -68,7 +68,7 @@ _SOURCE = r"""
 static constexpr int64_t kBlock = 32, kCols = 8;
 // From this many rows, a thread runs 4 column groups over a chunk of 16 rows before moving on,
 // so a row's int8 activations are read from cache once per 32 columns instead of once per 8.
-static constexpr int64_t kManyRows = 4, kRowPassGroups = 4, kRowChunk = 16;
+static constexpr int64_t kManyRows = 4, kRowPassGroups = 4, kRowChunk = 16, kPrefetchRows = 32;
 
 static inline float half_to_float(at::Half h) {
 #ifdef __F16C__
@@ -529,6 +529,14 @@ static void run_into(const float* xp, int64_t rows, int64_t N, const W& w, float
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c1 = std::min(col_groups, (t + 1) * kRowPassGroups);
+      // A few rows: the first row block waits on the tile's weights from memory (the LM head's
+      // 28 MB at 16 rows), so ask for the next tile's while this one computes. Many rows
+      // amortize that wait, and the prefetches only cost there.
+      if (rows <= kPrefetchRows && t + 1 < end) {
+        const char* p = reinterpret_cast<const char*>(w.group(c1));
+        const char* e = reinterpret_cast<const char*>(w.group(std::min(col_groups, c1 + kRowPassGroups)));
+        for (; p < e; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+      }
       for (int64_t r = 0; r < rows; r += kRowChunk) {
         const int64_t r1 = std::min(rows, r + kRowChunk);
         rows_span(w, t * kRowPassGroups, c1, N, xr, r, r1, yp, add);
