@@ -424,14 +424,14 @@ static inline void rows_group(const W& w, int64_t c0, int64_t N, const QRow* x, 
   for (int c = 0; c < C; ++c) {
     const int64_t gc = c0 + c, valid = std::min(kCols, N - gc * kCols);
     for (int r = 0; r < R; ++r) {
-      __m256 sum = _mm256_add_ps(acc[r][c], macc[r][c]);
-      if (add) sum = _mm256_add_ps(_mm256_loadu_ps(y[r] + gc * kCols), sum);  // residual + y, as torch's add_
+      const __m256 sum = _mm256_add_ps(acc[r][c], macc[r][c]);
       if (valid == kCols) {  // the 8 floats straight out (through a buffer, GCC called memmove for them)
-        _mm256_storeu_ps(y[r] + gc * kCols, sum);
+        float* out = y[r] + gc * kCols;
+        _mm256_storeu_ps(out, add ? _mm256_add_ps(_mm256_loadu_ps(out), sum) : sum);  // add: y + sum, as torch's add_
         continue;
       }
       alignas(32) float out[kCols];
-      _mm256_store_ps(out, _mm256_add_ps(acc[r][c], macc[r][c]));
+      _mm256_store_ps(out, sum);
       for (int64_t j = 0; j < valid; ++j) y[r][gc * kCols + j] = add ? y[r][gc * kCols + j] + out[j] : out[j];
     }
   }
