@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import statistics
 import time
 from pathlib import Path
@@ -63,8 +64,10 @@ def linear(args, build) -> None:
     from tokenmill.model.gguf_blocks import QuantizedWeight
     from tokenmill.model.quant import make_linear
 
-    mods = [build(qkernels.PREFIX, source_of(root, "model/qkernels.py"), qkernels.FUNCTIONS, qkernels.CFLAGS)
-            for root in (args.a, args.b)]
+    sources = [source_of(root, "model/qkernels.py") for root in (args.a, args.b)]
+    # An older tree may lack some of today's functions (the GGUF repacking came later).
+    mods = [build(qkernels.PREFIX, src, [f for f in qkernels.FUNCTIONS if re.search(rf"\b{f}\(", src)], qkernels.CFLAGS)
+            for src in sources]
     shapes = {"q|k|v 960x576 Q4_1": (Q.Q4_1, 960, 576), "gate|up 3072x576 Q4_1": (Q.Q4_1, 3072, 576),
               "down 576x1536 Q4_1": (Q.Q4_1, 576, 1536), "o 576x576 Q4_1": (Q.Q4_1, 576, 576),
               "LM head 49152x576 Q8_0": (Q.Q8_0, 49152, 576)}

@@ -179,6 +179,39 @@ def test_kernel_layouts_round_trip(out, inp):
     assert packed[0, 1, 4 * min(out - 1, 3) + 2] == q8[min(out - 1, 3), 4 + 2]
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("out,inp", [(1, 32), (13, 96), (16, 544), (97, 160)])
+def test_gguf_blocks_repacked_in_cpp_give_the_torch_paths_buffers(qtype, out, inp, monkeypatch):
+    # Start-up repacks the file's blocks in C++ (qkernels' int4/int8_from_gguf); torch's path
+    # stays as the fallback and the reference, byte for byte, padding columns included. The
+    # file's mapping is read-only: so is the source here.
+    w = gguf(qtype, out, inp, seed=out)
+    w.data.setflags(write=False)
+    fast = make_linear(w, None, torch.float32, "auto", 32)
+    monkeypatch.setattr(qkernels, "kernel", lambda: None)
+    slow = make_linear(w, None, torch.float32, "auto", 32)
+    assert fast.state_dict().keys() == slow.state_dict().keys()
+    for name, got in fast.state_dict().items():
+        want = slow.state_dict()[name]
+        assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous(), name
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+    assert fast.file_values if qtype == Q.Q8_0 else fast.minimum.numel() == (0 if qtype == Q.Q4_0 else fast.scale.numel())
+
+
+def test_gguf_blocks_of_the_wrong_size_or_layout_are_refused():
+    k = qkernels.kernel()
+    blocks = np.zeros((8, 40), np.uint8)  # 8 rows of two Q4_1 blocks
+    assert [t.shape for t in k.int4_from_gguf(blocks, 8, 64, True)] == [(1, 8, 32), (1, 2, 8), (1, 2, 8)]
+    with pytest.raises(RuntimeError, match="expected 320 bytes"):
+        k.int4_from_gguf(blocks[:, :20], 8, 64, True)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        k.int4_from_gguf(np.zeros((8, 80), np.uint8)[:, ::2], 8, 64, True)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        k.int8_from_gguf(blocks, 8, 60)
+    with pytest.raises(RuntimeError, match="expected"):
+        k.int8_from_gguf(np.zeros(320, np.float32), 8, 64)  # not bytes
+
+
 @pytest.mark.parametrize("drop", [("avx512_vnni",), ("avx2",)], ids=["avx2 without vnni", "scalar"])
 def test_every_instruction_set_gives_the_same_bits(drop, monkeypatch):
     # The integer sums are exact on every path (VNNI's dpbusd, AVX2's maddubs + madd, plain

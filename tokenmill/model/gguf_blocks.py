@@ -127,6 +127,17 @@ class QuantizedWeight:
             None if m is None else torch.from_numpy(m.reshape(out, groups)),
         )
 
+    def kernel_layout(self, module) -> list[torch.Tensor]:
+        """The blocks in the int4 or int8 kernel's layouts (quant.py), repacked by `module`
+        (qkernels' C++) from the file's bytes in one pass: int4 [q, scale, min] (min empty for
+        Q4_0), int8 [q, scale]; what int4_blocks / int8_values then quant.py's layouts give."""
+        out, inp = self.shape
+        if self.qtype == Q.Q8_0:
+            return module.int8_from_gguf(self.data, out, inp)
+        if self.qtype in (Q.Q4_0, Q.Q4_1):
+            return module.int4_from_gguf(self.data, out, inp, self.qtype == Q.Q4_1)
+        raise ValueError(f"no kernel layout for {self.qtype.name}")
+
     def int8_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Q8_0 -> (q [out, in] int8, d [out, in/32] float16) with w = d * q: each block is an
         fp16 scale d, then 32 int8 values."""

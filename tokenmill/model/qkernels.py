@@ -596,6 +596,102 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   return run(x, N, int8_weights(q, scale, G, N, x.dim() == 2 ? x.size(1) : 0));
 }
 
+// GGUF's blocks straight into the layouts above, one pass over the file's bytes: the same
+// repacking in numpy and torch (quant.py's int4_kernel_layout_from_gguf, int8_kernel_layout,
+// column_groups) took about 0.35 s of every start. `blocks`: any contiguous byte buffer (the
+// file's read-only mapping) of N rows of K/32 blocks.
+struct GgufBlocks {
+  const uint8_t* p;
+  int64_t N, K, nb, groups;
+};
+
+static GgufBlocks gguf_blocks(const pybind11::buffer& blocks, int64_t N, int64_t K, int64_t block_bytes) {
+  const pybind11::buffer_info info = blocks.request();
+  TORCH_CHECK(N > 0 && K > 0 && K % kBlock == 0, "gguf blocks: need out > 0 and in a multiple of 32");
+  const int64_t size = N * (K / kBlock) * block_bytes;
+  TORCH_CHECK(info.itemsize == 1 && info.size == size, "gguf blocks: expected ", size, " bytes");
+  int64_t expect = 1;  // C-contiguous bytes
+  for (int64_t d = info.ndim - 1; d >= 0; --d) {
+    TORCH_CHECK(info.shape[d] == 1 || info.strides[d] == expect, "gguf blocks: the buffer must be contiguous");
+    expect *= info.shape[d];
+  }
+  return GgufBlocks{static_cast<const uint8_t*>(info.ptr), N, K, K / kBlock, (N + kCols - 1) / kCols};
+}
+
+// Each column's fp16 at byte `at` of its blocks -> [ceil(N/8), K/32, 8] (column_groups).
+static void gguf_scales(const GgufBlocks& b, int64_t block_bytes, int64_t at, uint16_t* out, int64_t g, int64_t n1) {
+  for (int64_t n = g * kCols; n < n1; ++n)
+    for (int64_t k = 0; k < b.nb; ++k)
+      std::memcpy(out + (g * b.nb + k) * kCols + n % kCols, b.p + (n * b.nb + k) * block_bytes + at, 2);
+}
+
+static torch::Tensor layout_tensor(std::vector<int64_t> shape, at::ScalarType dtype, bool padded) {
+  // Only the last group's missing columns need zeros; every other byte is written.
+  return padded ? torch::zeros(shape, torch::dtype(dtype)) : torch::empty(shape, torch::dtype(dtype));
+}
+
+// Q4_1 (has_min: fp16 d, fp16 m, 16 bytes) or Q4_0 (fp16 d, 16 bytes) -> (q, scale, min) as
+// int4_linear takes them; min is empty for Q4_0. A block's byte i holds input i (low nibble) and
+// input 16 + i (high); the kernel's byte 4j + i of quad t holds inputs 8t' + i and 8t' + 4 + i.
+std::vector<torch::Tensor> int4_from_gguf(pybind11::buffer blocks, int64_t N, int64_t K, bool has_min) {
+  const int64_t bytes = has_min ? 20 : 18;
+  const GgufBlocks b = gguf_blocks(blocks, N, K, bytes);
+  pybind11::gil_scoped_release no_gil;  // a load thread's repacking lets the server's thread run
+  const bool padded = N % kCols != 0;
+  torch::Tensor q = layout_tensor({b.groups, K / 8, 32}, at::kByte, padded);
+  torch::Tensor scale = layout_tensor({b.groups, b.nb, kCols}, at::kHalf, padded);
+  torch::Tensor min = has_min ? layout_tensor({b.groups, b.nb, kCols}, at::kHalf, padded)
+                              : torch::empty({0}, torch::dtype(at::kHalf));
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>());
+  uint16_t* mp = has_min ? reinterpret_cast<uint16_t*>(min.data_ptr<at::Half>()) : nullptr;
+  at::parallel_for(0, b.groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n1 = std::min(N, (g + 1) * kCols);
+      gguf_scales(b, bytes, 0, sp, g, n1);
+      if (has_min) gguf_scales(b, bytes, 2, mp, g, n1);
+      for (int64_t n = g * kCols; n < n1; ++n)
+        for (int64_t k = 0; k < b.nb; ++k) {
+          const uint8_t* s = b.p + (n * b.nb + k) * bytes + bytes - 16;
+          uint8_t* d = qp + (g * (K / 8) + k * 4) * 32 + 4 * (n % kCols);
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t x0 = s[i], x1 = s[4 + i], x2 = s[8 + i], x3 = s[12 + i];
+            d[i] = uint8_t((x0 & 0x0F) | ((x1 & 0x0F) << 4));
+            d[32 + i] = uint8_t((x2 & 0x0F) | ((x3 & 0x0F) << 4));
+            d[64 + i] = uint8_t((x0 >> 4) | (x1 & 0xF0));
+            d[96 + i] = uint8_t((x2 >> 4) | (x3 & 0xF0));
+          }
+        }
+    }
+  });
+  return {q, scale, min};
+}
+
+// Q8_0 (fp16 d, 32 int8) -> (q, scale) as int8_linear takes them, group size 32.
+std::vector<torch::Tensor> int8_from_gguf(pybind11::buffer blocks, int64_t N, int64_t K) {
+  constexpr int64_t bytes = 34;
+  const GgufBlocks b = gguf_blocks(blocks, N, K, bytes);
+  pybind11::gil_scoped_release no_gil;
+  const bool padded = N % kCols != 0;
+  torch::Tensor q = layout_tensor({b.groups, K / 4, 32}, at::kChar, padded);
+  torch::Tensor scale = layout_tensor({b.groups, b.nb, kCols}, at::kHalf, padded);
+  int8_t* qp = q.data_ptr<int8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>());
+  at::parallel_for(0, b.groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n1 = std::min(N, (g + 1) * kCols);
+      gguf_scales(b, bytes, 0, sp, g, n1);
+      for (int64_t n = g * kCols; n < n1; ++n)
+        for (int64_t k = 0; k < b.nb; ++k) {
+          const uint8_t* s = b.p + (n * b.nb + k) * bytes + 2;
+          int8_t* d = qp + (g * (K / 4) + k * 8) * 32 + 4 * (n % kCols);
+          for (int t = 0; t < 8; ++t) std::memcpy(d + 32 * t, s + 4 * t, 4);
+        }
+    }
+  });
+  return {q, scale};
+}
+
 std::string isa() {
 #if defined(TM_VNNI)
   return "avx2+fma+f16c+avx512vnni";
@@ -608,7 +704,8 @@ std::string isa() {
 """
 
 
-PREFIX, FUNCTIONS, CFLAGS = "tokenmill_qlinear", ["int4_linear", "int8_linear", "isa"], ["-O3", "-fopenmp", "-ffp-contract=off"]
+PREFIX, CFLAGS = "tokenmill_qlinear", ["-O3", "-fopenmp", "-ffp-contract=off"]
+FUNCTIONS = ["int4_linear", "int8_linear", "int4_from_gguf", "int8_from_gguf", "isa"]
 
 
 @functools.cache

@@ -200,27 +200,35 @@ class Int4Linear(WeightOnlyLinear):
     (m = -8d), so they stay at their 18 bytes per 32 weights."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, out_dtype):
-        minimum = zero.double() - 8 * scale.double()
-        self._setup(q.shape, lambda: int4_kernel_layout(q), scale, minimum, group_size, bias, out_dtype)
+        self._setup(q.shape, group_size, bias, out_dtype)
+        self._store_grouped(int4_kernel_layout(q), scale, zero.double() - 8 * scale.double())
 
-    def _setup(self, shape, packed, scale, minimum, group_size, bias, out_dtype) -> None:
-        """`packed`: makes the kernel layout, called once the shape and group size are checked."""
+    def _setup(self, shape, group_size, bias, out_dtype) -> None:
         WeightOnlyLinear.__init__(self, bias, out_dtype)
         out, inp = shape
         if group_size <= 0 or group_size % INT4_BLOCK or inp % group_size:
             raise ValueError(f"int4 needs a group size that is a multiple of {INT4_BLOCK} dividing in_features={inp}")
         self.in_features, self.out_features, self.group_size = inp, out, group_size
-        self.register_buffer("packed", packed())
-        groups = inp // group_size
-        self.register_buffer("scale", column_groups(scale.reshape(out, groups).to(SCALE_DTYPE)))
-        # None: symmetric (GGUF Q4_0), min = -8 * scale, kept as an empty tensor (no bytes).
-        minimum = torch.empty(0) if minimum is None else column_groups(minimum.reshape(out, groups).to(SCALE_DTYPE))
-        self.register_buffer("minimum", minimum.to(SCALE_DTYPE).contiguous())
+
+    def _store_grouped(self, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> None:
+        """_store with scale and minimum given [out, groups]; minimum None: symmetric (GGUF Q4_0)."""
+        out, groups = self.out_features, self.in_features // self.group_size
+        scale = column_groups(scale.reshape(out, groups).to(SCALE_DTYPE))
+        minimum = None if minimum is None else column_groups(minimum.reshape(out, groups).to(SCALE_DTYPE))
+        self._store(packed, scale, minimum)
+
+    def _store(self, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> None:
+        """The kernel's layouts: int4_kernel_layout's nibbles, column_groups' scales and minimums."""
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        # Symmetric: min = -8 * scale, kept as an empty tensor (no bytes).
+        self.register_buffer("minimum", torch.empty(0, dtype=SCALE_DTYPE) if minimum is None or minimum.numel() == 0
+                             else minimum.to(SCALE_DTYPE).contiguous())
 
     @classmethod
-    def _from_packed(cls, shape, packed, scale, minimum, group_size, bias, out_dtype) -> "Int4Linear":
+    def _bare(cls, shape, group_size, bias, out_dtype) -> "Int4Linear":
         lin = cls.__new__(cls)
-        lin._setup(shape, packed, scale, minimum, group_size, bias, out_dtype)
+        lin._setup(shape, group_size, bias, out_dtype)
         return lin
 
     @classmethod
@@ -234,12 +242,20 @@ class Int4Linear(WeightOnlyLinear):
         scale = ((hi - lo) / 15).clamp(min=1e-6).to(SCALE_DTYPE).float()
         lo = lo.to(SCALE_DTYPE).float()
         q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
-        return cls._from_packed(q.shape, lambda: int4_kernel_layout(q), scale, lo, group_size, bias, out_dtype)
+        lin = cls._bare(q.shape, group_size, bias, out_dtype)
+        lin._store_grouped(int4_kernel_layout(q), scale, lo)
+        return lin
 
     @classmethod
     def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int4Linear":
-        packed, d, m = w.int4_blocks()  # the file's nibbles, scales and minimums as they are
-        return cls._from_packed(w.shape, lambda: int4_kernel_layout_from_gguf(packed), d, m, 32, bias, out_dtype)
+        lin = cls._bare(w.shape, INT4_BLOCK, bias, out_dtype)
+        layout = _file_layout(w)
+        if layout is not None:
+            lin._store(*layout)
+        else:
+            packed, d, m = w.int4_blocks()  # the file's nibbles, scales and minimums as they are
+            lin._store_grouped(int4_kernel_layout_from_gguf(packed), d, m)
+        return lin
 
     def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
         return module.int4_linear(xf, self.packed, self.scale, self.minimum, self.group_size, self.out_features)
@@ -265,15 +281,18 @@ class Int8Linear(WeightOnlyLinear):
     file_values = False
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, bias, out_dtype):
-        super().__init__(bias, out_dtype)
-        out, inp = q.shape
+        self._setup(q.shape, group_size, bias, out_dtype)
+        groups = self.in_features // group_size
+        self.register_buffer("qweight", int8_kernel_layout(q.to(torch.int8)))
+        # given [groups, out] (one row of scales per input group), kept in column_groups' layout
+        self.register_buffer("scales", column_groups(scale.reshape(groups, self.out_features).t().to(SCALE_DTYPE)))
+
+    def _setup(self, shape, group_size, bias, out_dtype) -> None:
+        WeightOnlyLinear.__init__(self, bias, out_dtype)
+        out, inp = shape
         if group_size <= 0 or inp % group_size:
             raise ValueError(f"int8 group size {group_size} does not divide in_features={inp}")
         self.out_features, self.in_features, self.group_size = out, inp, group_size
-        groups = inp // group_size
-        self.register_buffer("qweight", int8_kernel_layout(q.to(torch.int8)))
-        # given [groups, out] (one row of scales per input group), kept in column_groups' layout
-        self.register_buffer("scales", column_groups(scale.reshape(groups, out).t().to(SCALE_DTYPE)))
 
     @property
     def kernel_fits(self) -> bool:
@@ -291,8 +310,15 @@ class Int8Linear(WeightOnlyLinear):
 
     @classmethod
     def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int8Linear":
-        q, d = w.int8_values()
-        lin = cls(q, d.t(), 32, bias, out_dtype)
+        layout = _file_layout(w)
+        if layout is not None:
+            lin = cls.__new__(cls)
+            lin._setup(w.shape, INT4_BLOCK, bias, out_dtype)
+            lin.register_buffer("qweight", layout[0])
+            lin.register_buffer("scales", layout[1])
+        else:
+            q, d = w.int8_values()
+            lin = cls(q, d.t(), INT4_BLOCK, bias, out_dtype)
         lin.file_values = True
         return lin
 
@@ -313,6 +339,14 @@ class Int8Linear(WeightOnlyLinear):
         q = q.reshape(self.out_features, -1, self.group_size)
         scales = from_column_groups(self.scales, self.out_features).float()
         return (q * scales[..., None]).reshape(self.out_features, self.in_features)
+
+
+def _file_layout(w) -> list[torch.Tensor] | None:
+    """A GGUF tensor's blocks in the kernel's layouts, repacked by the C++ module in one pass
+    (gguf_blocks.QuantizedWeight.kernel_layout); None without the module or for other packed
+    weights, which take the torch path."""
+    module = qkernels.kernel()
+    return None if module is None or not hasattr(w, "kernel_layout") else w.kernel_layout(module)
 
 
 def quantized_kernel(weight: "torch.Tensor | QuantizedWeight", quantization: str) -> type | None:
