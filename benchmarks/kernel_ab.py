@@ -40,11 +40,14 @@ def source_of(root: str, rel: str, name: str = "_SOURCE") -> str:
     return getattr(module, name)
 
 
-def paired(fa, fb, n: int) -> tuple[float, float]:
-    """Medians (ms) of n calls each, in the order A B B A A B ... after two of each to warm up."""
+def paired(fa, fb, n: int, before=None) -> tuple[float, float]:
+    """Medians (ms) of n calls each, in the order A B B A A B ... after two of each to warm up;
+    `before` (untimed) runs ahead of each call."""
     ta, tb = [], []
     for i in range(n + 2):
         for f, acc in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
+            if before is not None:
+                before()
             t = time.perf_counter()
             f()
             acc.append(time.perf_counter() - t)
@@ -71,13 +74,19 @@ def linear(args, build) -> None:
     shapes = {"q|k|v 960x576 Q4_1": (Q.Q4_1, 960, 576), "gate|up 3072x576 Q4_1": (Q.Q4_1, 3072, 576),
               "down 576x1536 Q4_1": (Q.Q4_1, 576, 1536), "o 576x576 Q4_1": (Q.Q4_1, 576, 576),
               "LM head 49152x576 Q8_0": (Q.Q8_0, 49152, 576)}
+    # --cold: 64 MB read between calls, so each call finds its weights in memory, not in the
+    # caches (a decode step reads the model's 92 MB: the L3 holds none of a layer's weights when
+    # it comes round again, where a loop over one linear keeps all of them there).
+    sweep = torch.ones(16 << 20) if args.cold else None
+    before = (lambda: sweep.sum()) if args.cold else None
     for name, (qtype, n, k) in shapes.items():
         w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
         lin = make_linear(QuantizedWeight(quantize(w, qtype), qtype, (n, k)), None, torch.float32, "auto", 32)
         out = []
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k)
-            a, b = paired(lambda: lin._kernel(mods[0], x), lambda: lin._kernel(mods[1], x), 7 if n > 10000 and rows > 16 else 41)
+            a, b = paired(lambda: lin._kernel(mods[0], x), lambda: lin._kernel(mods[1], x),
+                          7 if n > 10000 and rows > 16 else 41, before)
             out.append(f"{rows} rows {a * 1e3:.0f} / {b * 1e3:.0f} us ({a / b:.2f}x)")
         print(f"{name}: " + "; ".join(out), flush=True)
 
@@ -144,6 +153,7 @@ def main() -> None:
     ap.add_argument("--b", required=True, help="checkout B (after)")
     ap.add_argument("what", choices=["linear", "attention", "decoder"])
     ap.add_argument("--rows", default="1,16,64,256", help="linear: row counts")
+    ap.add_argument("--cold", action="store_true", help="linear: weights read from memory (caches swept between calls)")
     ap.add_argument("--context", type=int, default=260, help="attention: keys per decode row")
     args = ap.parse_args()
     from tokenmill.model.cpp_build import build
