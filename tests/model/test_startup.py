@@ -242,3 +242,7 @@ def test_serve_logs_every_start_up_phase_and_its_total():
     for phase in ["interpreter and imports done", "HTTP server listening", "gguf read", "model built",
                   "kernel tokenmill_qlinear", "KV cache allocated", "model 'smollm2' ready"]:
         assert re.search(rf"startup: {re.escape(phase)}.* \d+\.\d\d s", log), (phase, log[-3000:])
+    # The start runs with the cyclic GC off; it is on again once the model is in, with the
+    # start's objects (imports, tokenizer, model) frozen out of its collections.
+    frozen = re.search(r"startup: cyclic GC on again, (\d+) objects of the start frozen", log)
+    assert frozen and int(frozen[1]) > 100_000, log[-3000:]

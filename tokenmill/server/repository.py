@@ -103,7 +103,12 @@ def add_repository_routes(app: FastAPI, models: ServedModels, repo: Repository |
             await asyncio.to_thread(serving.engine.shutdown)
             models.detach(name)
             del serving
-            gc.collect()  # the weights and the KV pool are freed now, not at some later collection
+            # The weights and the KV pool are freed now, not at some later collection. The start's
+            # objects were frozen out of collections (run.serve): back in first, or an engine
+            # loaded at start would keep its cycles; what is left is frozen again.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
         finally:
             repo._busy.discard(name)
         return JSONResponse({"name": name, "state": "unavailable"})
