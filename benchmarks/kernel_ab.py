@@ -132,19 +132,23 @@ def decoder(args, build) -> None:
             decoders.append(cpu_decoder.for_model(model))
         finally:
             cpu_decoder.kernel = kernel
-    rows, ctx, prompts, length = 16, 260, 4, 200
-    kv, decodes, chunks = step_inputs(model.config, rows, ctx, prompts, length)
-    work = {f"decoder forward, {rows} decode rows at {ctx} tokens": (decodes, [], 40),
-            f"decoder forward, {prompts} x {length}-token prompts": ([], chunks, 8)}
+    ctx, prompts, length = 260, 4, 200
+    work = {}
+    for rows in (int(r) for r in args.decode_rows.split(",")):
+        kv, decodes, _ = step_inputs(model.config, rows, ctx, prompts, length)
+        work[f"decoder forward, {rows} decode rows at {ctx} tokens"] = (kv, decodes, [], 40)
+    kv, _, chunks = step_inputs(model.config, 1, ctx, prompts, length)
+    work[f"decoder forward, {prompts} x {length}-token prompts"] = (kv, [], chunks, 8)
 
-    def call(dec, decodes, chunks):
+    def call(dec, kv, decodes, chunks):
         def f():
             model.cpu_decoder = dec
             run(model, kv, decodes, chunks)
         return f
 
-    for name, (decodes, chunks, n) in work.items():
-        print(show(name, *paired(call(decoders[0], decodes, chunks), call(decoders[1], decodes, chunks), n)), flush=True)
+    for name, (kv, decodes, chunks, n) in work.items():
+        a, b = call(decoders[0], kv, decodes, chunks), call(decoders[1], kv, decodes, chunks)
+        print(show(name, *paired(a, b, n)), flush=True)
 
 
 def main() -> None:
@@ -155,6 +159,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,64,256", help="linear: row counts")
     ap.add_argument("--cold", action="store_true", help="linear: weights read from memory (caches swept between calls)")
     ap.add_argument("--context", type=int, default=260, help="attention: keys per decode row")
+    ap.add_argument("--decode-rows", default="16", help="decoder: decode row counts (one sequence each)")
     args = ap.parse_args()
     from tokenmill.model.cpp_build import build
     from tokenmill.plan.calibrate import machine_facts
