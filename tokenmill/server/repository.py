@@ -103,12 +103,14 @@ def add_repository_routes(app: FastAPI, models: ServedModels, repo: Repository |
             await asyncio.to_thread(serving.engine.shutdown)
             models.detach(name)
             del serving
-            # The weights and the KV pool are freed now, not at some later collection. The start's
-            # objects were frozen out of collections (run.serve): back in first, or an engine
-            # loaded at start would keep its cycles; what is left is frozen again.
+            # The weights and the KV pool are freed now, not at some later collection. `tokenmill
+            # serve` froze its start's objects out of collections (run.serve): back in first, or
+            # an engine loaded at start would keep its cycles; what is left is frozen again.
+            frozen = gc.get_freeze_count() > 0
             gc.unfreeze()
             gc.collect()
-            gc.freeze()
+            if frozen:
+                gc.freeze()
         finally:
             repo._busy.discard(name)
         return JSONResponse({"name": name, "state": "unavailable"})
