@@ -15,6 +15,7 @@ from gguf.quants import quantize
 from tests.model import real
 from tests.model.gguf_files import write_tiny_gguf
 from tokenmill.config import EngineConfig
+from tokenmill.model import qkernels
 from tokenmill.model.embedding_rows import QuantizedEmbedding
 from tokenmill.model.gguf_blocks import QuantizedWeight
 from tokenmill.model.llama import LlamaForCausalLM
@@ -40,6 +41,22 @@ def test_rows_from_a_tied_int8_head_are_the_tables_rows():
     t = table(Q.Q8_0)
     head = Int8Linear.from_gguf(t, None, torch.float32)
     assert torch.equal(head.dequantized_rows(IDS), t.dequantize()[IDS])
+
+
+@pytest.mark.parametrize("kind", ["Q8_0 head", "per-row int8, 100 inputs"])
+def test_the_kernels_row_lookup_gives_the_torch_paths_bits(kind, monkeypatch):
+    # One C++ call (qkernels.int8_rows) where torch took a dozen small ops a step; torch's stays
+    # as the fallback. 100 inputs: a padded last quad group and one scale per row.
+    if kind == "Q8_0 head":
+        head = Int8Linear.from_gguf(table(Q.Q8_0), None, torch.float32)
+    else:
+        head = Int8Linear.from_float(torch.randn(37, 100, generator=torch.Generator().manual_seed(1)), None, torch.float32)
+    assert qkernels.kernel() is not None
+    fast = head.dequantized_rows(IDS)
+    with pytest.raises(IndexError, match="out of range for a table of 37 rows"):
+        head.dequantized_rows(torch.tensor([3, 37]))
+    monkeypatch.setattr(qkernels, "kernel", lambda: None)
+    assert torch.equal(fast, head.dequantized_rows(IDS))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

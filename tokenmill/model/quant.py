@@ -327,7 +327,12 @@ class Int8Linear(WeightOnlyLinear):
 
     def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of dequantized(), read out of the kernel layout: a tied embedding table's
-        lookup, with no float or file copy of the table beside this one."""
+        lookup, with no float or file copy of the table beside this one. One C++ call where the
+        module is built (the same bits); torch's ops else."""
+        module = qkernels.kernel()
+        if module is not None and self.kernel_fits:
+            return module.int8_rows(ids.long().contiguous(), self.qweight, self.scales, self.group_size,
+                                    self.out_features, self.in_features)
         groups, quads, _ = self.qweight.shape
         col, lane = ids // KERNEL_COLS, ids % KERNEL_COLS
         q = self.qweight.view(groups, quads, KERNEL_COLS, 4)[col, :, lane]  # [n, quads, 4]
