@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from typing import Callable
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
-from tokenmill.model import cpu_decoder
+from tokenmill.model import cpu_decoder, weight_arena
 from tokenmill.model.embedding_rows import QuantizedEmbedding
 from tokenmill.model.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from tokenmill.model.layers import ConcatLinear, FloatLinear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+
+log = logging.getLogger("tokenmill")
 
 # (weight, bias) -> module computing x @ weight.T + bias; the loader passes a quantizing one.
 LinearFactory = Callable[[object, "torch.Tensor | None"], nn.Module]
@@ -143,6 +147,12 @@ class LlamaForCausalLM(nn.Module):
                 self.embed_tokens = QuantizedEmbedding(self.lm_head.dequantized_rows, vocab, hidden, dtype, "the LM head")
             else:
                 self.embed_tokens = QuantizedEmbedding(embed.dequantized_rows, vocab, hidden, dtype, "the GGUF blocks")
+        # The quantized kernels' weights on huge pages (CPU); before the decoder holds them.
+        arena = weight_arena.gather(self)
+        if arena is not None:
+            huge = weight_arena.huge_page_bytes(arena)
+            log.info("weights: %.1f MiB of quantized kernel buffers in one arena, %s on huge pages", arena.numel() / 2**20,
+                     "unknown" if huge is None else f"{huge / 2**20:.1f} MiB")
         # Every layer in one C++ call per step where the weights and attention allow it (CPU,
         # quantized kernels); else the layers run op by op below.
         self.cpu_decoder = cpu_decoder.for_model(self)
