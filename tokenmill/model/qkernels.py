@@ -638,6 +638,62 @@ torch::Tensor int8_rows(torch::Tensor ids, torch::Tensor q, torch::Tensor scale,
   return out;
 }
 
+// The greedy token of each row of logits: the index of the row's first maximum, a NaN counting
+// as larger than any number (torch.argmax's rule, so the same index). torch's argmax walks a row
+// one element at a time: 42 us for one row of the default model's 49,152 logits, 344 us for 16;
+// here two vector passes over it, the second stopping at the first maximum.
+static int64_t first_max(const float* x, int64_t n) {
+  int64_t i = 0;
+  float m = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+#ifdef TM_AVX2
+  __m256 mv[4], un = _mm256_setzero_ps();
+  for (auto& v : mv) v = _mm256_set1_ps(m);
+  for (; i + 32 <= n; i += 32)
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * u);
+      un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      mv[u] = _mm256_max_ps(mv[u], v);
+    }
+  nan = _mm256_movemask_ps(un) != 0;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(mv[0], mv[1]), _mm256_max_ps(mv[2], mv[3])));
+  for (float l : lanes) m = std::max(m, l);
+#endif
+  for (; i < n; ++i) {
+    nan = nan || std::isnan(x[i]);
+    m = std::max(m, x[i]);
+  }
+  // The first element equal to the maximum (-0 and +0 are equal, as torch's > keeps the first
+  // of them), or with a NaN anywhere, the first NaN.
+  int64_t j = 0;
+#ifdef TM_AVX2
+  const __m256 target = _mm256_set1_ps(m);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const int hit = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+    if (hit) return j + __builtin_ctz(hit);
+  }
+#endif
+  for (; j < n; ++j)
+    if (nan ? std::isnan(x[j]) : x[j] == m) return j;
+  return 0;  // n == 0 is refused before this
+}
+
+torch::Tensor greedy_tokens(torch::Tensor logits) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0,
+              "greedy tokens: logits must be contiguous float32 [rows, vocab]");
+  pybind11::gil_scoped_release no_gil;  // as int4_linear
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  torch::Tensor out = torch::empty({rows}, torch::dtype(torch::kLong));
+  const float* p = logits.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) o[r] = first_max(p + r * n, n);
+  });
+  return out;
+}
+
 // GGUF's blocks straight into the layouts above, one pass over the file's bytes: the same
 // repacking in numpy and torch (quant.py's int4_kernel_layout_from_gguf, int8_kernel_layout,
 // column_groups) took about 0.35 s of every start. `blocks`: any contiguous byte buffer (the
@@ -747,7 +803,7 @@ std::string isa() {
 
 
 PREFIX, CFLAGS = "tokenmill_qlinear", ["-O3", "-fopenmp", "-ffp-contract=off"]
-FUNCTIONS = ["int4_linear", "int8_linear", "int8_rows", "int4_from_gguf", "int8_from_gguf", "isa"]
+FUNCTIONS = ["int4_linear", "int8_linear", "int8_rows", "greedy_tokens", "int4_from_gguf", "int8_from_gguf", "isa"]
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.model import qkernels
 from tokenmill.model.grammar_mask import apply_bitmask_
 from tokenmill.model.host import to_device
 from tokenmill.model.rejection import verify_greedy, verify_sampled
@@ -43,7 +44,7 @@ class Sampler:
         """One token per row; `requests` are the rows' sequences (each with .sample set),
         `bitmask` the step record's grammar bitmask when some row is constrained."""
         if _plain_greedy(requests):
-            return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
+            return [SampleResult(t) for t in greedy_tokens(logits).tolist()]
         logits = logits.float()
         dev = logits.device
         batch, vocab = logits.shape
@@ -61,7 +62,7 @@ class Sampler:
         if constrained:
             self._unblock_eos(logits, requests, constrained)
 
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy_tokens(logits)
         random_rows = [i for i, r in enumerate(requests) if not r.sample.params.greedy]
         if random_rows:
             rows = to_device(random_rows, dev)
@@ -117,7 +118,7 @@ class Sampler:
         of the target's own per request; see tokenmill/model/rejection.py."""
         drafts = [r.draft_token_ids for r in requests]
         sizes = [len(d) + 1 for d in drafts]
-        argmax = logits.argmax(dim=-1).tolist()
+        argmax = greedy_tokens(logits).tolist()
         raw_logprobs = None
         probs = {}
         if not _plain_greedy(requests):
@@ -181,6 +182,17 @@ class Sampler:
             draws.exponential_(generator=self.generator)
             noise.index_copy_(0, to_device(unseeded, probs.device), draws)
         return (probs / noise).argmax(dim=-1)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax, int64. On the CPU in one C++ pass pair (qkernels.greedy_tokens: the same
+    indices, a NaN counting as the largest); torch's argmax there walks the row element by
+    element, 42 us for one row of a 49,152-token vocabulary and 344 us for 16."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1]:
+        module = qkernels.kernel()
+        if module is not None:
+            return module.greedy_tokens(logits.contiguous())
+    return logits.argmax(dim=-1)
 
 
 def _plain_greedy(requests: list[ScheduledSeq]) -> bool:
