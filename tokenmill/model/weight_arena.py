@@ -4,8 +4,9 @@ Why: a decode step reads every weight once, 92 MiB for the default model, in a f
 buffers of 30 KB to 28 MB. On 4 KiB pages that is about 23,000 pages a step, each one a TLB
 miss and a page walk whose tables the weights themselves have pushed out of the caches; the
 hardware prefetchers also stop at each 4 KiB boundary. On 2 MiB pages the same bytes are
-about 46 pages. Measured on the default model at one row, forward and LM head: 5.96 -> 5.32 ms
-and 6.44 -> 5.36 ms, paired in one process (docs/benchmarks.md).
+about 46 pages. Measured on the default model at one row, forward and LM head, paired in one
+process (benchmarks/weight_arena_ab.py): 1.17x and 1.13x; at 16 rows, which are compute-bound,
+1.00-1.03x (docs/benchmarks.md).
 
 The kernels' buffers are copied once, at model build, in the order a step reads them (layer by
 layer, the LM head last), each 64-byte aligned, into one anonymous private mapping aligned to
