@@ -162,3 +162,17 @@ def test_kernel_refuses_a_context_past_its_table():
     lens[1] = meta.decode_block_tables.shape[1] * 16 + 1
     with pytest.raises(RuntimeError, match="longer than its block table"):
         cpu_backend.kernel()(q, k_cache, v_cache, meta.decode_block_tables, torch.arange(2), lens, 0.125, torch.empty(q.shape))
+
+
+def test_a_decode_only_steps_rows_are_the_general_paths():
+    """CpuStep.rows' shortcut for steps without prompt chunks gives what its loop gives: each
+    row's table padded, its own sequence, its context."""
+    tables = torch.tensor([[3, 7, 0], [1, 2, 9]])
+    lens = torch.tensor([20, 40])
+    meta = AttentionMetadata(torch.tensor([50, 41]), 2, tables, lens, [])
+    fast = cpu_backend.CpuStep(meta, 16).rows
+    # the loop's answer, with a zero-token prompt chunk sending the step down that path
+    slow_meta = AttentionMetadata(torch.tensor([50, 41]), 2, tables, lens, [PrefillChunk(2, 0, 0, torch.tensor([5]))])
+    slow = cpu_backend.CpuStep(slow_meta, 16).rows
+    assert torch.equal(fast[0], slow[0][:2]) and torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
+    assert fast[0].dtype == fast[1].dtype == fast[2].dtype == torch.long and fast[0].is_contiguous()

@@ -33,7 +33,7 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 class _Request(BaseModel):
     # NaN/inf would slip past range checks (every comparison with NaN is False).
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
