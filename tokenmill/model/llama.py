@@ -3,9 +3,8 @@ and Qwen3 (per-head q/k RMSNorm) differ only by ModelConfig flags."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import logging
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

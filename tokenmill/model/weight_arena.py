@@ -11,11 +11,11 @@ process (benchmarks/weight_arena_ab.py): 1.17x and 1.13x; at 16 rows, which are 
 The kernels' buffers are copied once, at model build, in the order a step reads them (layer by
 layer, the LM head last), each 64-byte aligned, into one anonymous private mapping aligned to
 2 MiB and advised MADV_HUGEPAGE; the modules then hold views of it and the old buffers are
-freed (and their heap pages handed back). The values are the same bytes. Finding 46 free
-2 MiB pages can make the kernel compact memory first: 8 ms with free huge pages at hand, up
-to about 0.25 s of the start on a machine whose memory is fragmented. Where the kernel grants
-no huge pages (THP "never", or no 2 MiB page free) the mapping is plain pages and nothing else
-changes.
+freed (and their heap pages handed back). The values are the same bytes. Faulting the 46
+pages in costs 8 ms where the process had just freed huge pages, and about 0.25 s of the start
+on this VM for memory it had not touched since boot (its host backs memory at first touch).
+Where the kernel grants no huge pages (THP "never", or no 2 MiB page free) the mapping is
+plain pages and nothing else changes.
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class _Request(BaseModel):
-    # NaN/inf would slip past range checks (every comparison with NaN is False).
+    # NaN/inf would slip past range checks (every comparison with NaN is False). Strict: a JSON
+    # boolean is not a number (lax mode took `"prompt": [[false]]` as token 0); ints still
+    # stand for floats.
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore", strict=True)
 
 
