@@ -187,6 +187,16 @@ class WeightOnlyLinear(nn.Module):
     def _kernel(self, module, xf: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _setup(self, shape, group_size, bias, out_dtype) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _bare(cls, shape, group_size, bias, out_dtype):
+        """A linear with its shape and group size checked and set, its weight buffers still to store."""
+        lin = cls.__new__(cls)
+        lin._setup(shape, group_size, bias, out_dtype)
+        return lin
+
     def dequantized(self) -> torch.Tensor:
         """The float32 [out, in] weight the kernel multiplies by (its own values and scales)."""
         raise NotImplementedError
@@ -224,12 +234,6 @@ class Int4Linear(WeightOnlyLinear):
         # Symmetric: min = -8 * scale, kept as an empty tensor (no bytes).
         self.register_buffer("minimum", torch.empty(0, dtype=SCALE_DTYPE) if minimum is None or minimum.numel() == 0
                              else minimum.to(SCALE_DTYPE).contiguous())
-
-    @classmethod
-    def _bare(cls, shape, group_size, bias, out_dtype) -> "Int4Linear":
-        lin = cls.__new__(cls)
-        lin._setup(shape, group_size, bias, out_dtype)
-        return lin
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias, group_size: int, out_dtype) -> "Int4Linear":
@@ -312,8 +316,7 @@ class Int8Linear(WeightOnlyLinear):
     def from_gguf(cls, w: QuantizedWeight, bias, out_dtype) -> "Int8Linear":
         layout = _file_layout(w)
         if layout is not None:
-            lin = cls.__new__(cls)
-            lin._setup(w.shape, INT4_BLOCK, bias, out_dtype)
+            lin = cls._bare(w.shape, INT4_BLOCK, bias, out_dtype)
             lin.register_buffer("qweight", layout[0])
             lin.register_buffer("scales", layout[1])
         else:
