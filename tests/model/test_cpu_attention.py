@@ -164,15 +164,17 @@ def test_kernel_refuses_a_context_past_its_table():
         cpu_backend.kernel()(q, k_cache, v_cache, meta.decode_block_tables, torch.arange(2), lens, 0.125, torch.empty(q.shape))
 
 
-def test_a_decode_only_steps_rows_are_the_general_paths():
-    """CpuStep.rows' shortcut for steps without prompt chunks gives what its loop gives: each
-    row's table padded, its own sequence, its context."""
-    tables = torch.tensor([[3, 7, 0], [1, 2, 9]])
-    lens = torch.tensor([20, 40])
-    meta = AttentionMetadata(torch.tensor([50, 41]), 2, tables, lens, [])
-    fast = cpu_backend.CpuStep(meta, 16).rows
-    # the loop's answer, with a zero-token prompt chunk sending the step down that path
-    slow_meta = AttentionMetadata(torch.tensor([50, 41]), 2, tables, lens, [PrefillChunk(2, 0, 0, torch.tensor([5]))])
-    slow = cpu_backend.CpuStep(slow_meta, 16).rows
-    assert torch.equal(fast[0], slow[0][:2]) and torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
-    assert fast[0].dtype == fast[1].dtype == fast[2].dtype == torch.long and fast[0].is_contiguous()
+def test_a_steps_rows_pad_each_table_and_name_each_rows_sequence_and_context():
+    """CpuStep.rows: the decode rows' tables (padded already) as one block, then a table per
+    prompt chunk, padded with zeros to the widest; each row's sequence and context."""
+    tables, lens = torch.tensor([[3, 7, 0], [1, 2, 9]]), torch.tensor([20, 40])
+    decode_only = cpu_backend.CpuStep(AttentionMetadata(torch.tensor([50, 41]), 2, tables, lens, []), 16).rows
+    assert torch.equal(decode_only[0], tables) and decode_only[1].tolist() == [0, 1] and decode_only[2].tolist() == [20, 40]
+    chunks = [PrefillChunk(2, 2, 5, torch.tensor([4])), PrefillChunk(4, 1, 40, torch.tensor([5, 6, 8, 11]))]
+    mixed = cpu_backend.CpuStep(AttentionMetadata(torch.arange(5), 2, tables, lens, chunks), 16).rows
+    assert mixed[0].tolist() == [[3, 7, 0, 0], [1, 2, 9, 0], [4, 0, 0, 0], [5, 6, 8, 11]]
+    assert mixed[1].tolist() == [0, 1, 2, 2, 3] and mixed[2].tolist() == [20, 40, 4, 5, 40]
+    prompts_only = cpu_backend.CpuStep(AttentionMetadata(torch.arange(3), 0, None, None, chunks), 16).rows
+    assert prompts_only[0].tolist() == [[4, 0, 0, 0], [5, 6, 8, 11]] and prompts_only[1].tolist() == [0, 0, 1]
+    assert prompts_only[2].tolist() == [4, 5, 40]
+    assert all(t.dtype == torch.long for t in mixed + decode_only + prompts_only)

@@ -688,24 +688,20 @@ class CpuStep(TorchStep):
         decode rows' sequences first, then one per prefill chunk, whose row i sees the keys up
         to its own position."""
         meta = self.meta
-        if not meta.prefills and meta.decode_block_tables is not None:
-            # Decode rows only: the tables come padded already, one sequence a row. (The loop
-            # below split them into a tensor per row and copied each back: 60 us a one-row step
-            # with the caches cold, more with 16 rows.)
-            return (meta.decode_block_tables.long().contiguous(), torch.arange(meta.num_decodes),
-                    meta.decode_context_lens.long())
-        tables = [] if meta.decode_block_tables is None else list(meta.decode_block_tables)
-        seq = list(range(meta.num_decodes))
+        decode, nd, chunks = meta.decode_block_tables, meta.num_decodes, meta.prefills
+        widths = [len(chunk.block_table) for chunk in chunks] + ([] if decode is None else [decode.shape[1]])
+        padded = torch.zeros(nd + len(chunks), max(widths), dtype=torch.long)
+        if decode is not None:
+            # One copy: the decode rows' tables come padded already. (Split into a tensor per row
+            # and copied back one by one, they cost 60 us of a one-row step with cold caches.)
+            padded[:nd, : decode.shape[1]] = decode
+        seq = list(range(nd))
         ctx = [] if meta.decode_context_lens is None else [meta.decode_context_lens]
-        for chunk in meta.prefills:
-            seq += [len(tables)] * chunk.num_tokens
-            tables.append(chunk.block_table)
+        for i, chunk in enumerate(chunks):
+            padded[nd + i, : len(chunk.block_table)] = chunk.block_table
+            seq += [nd + i] * chunk.num_tokens
             first = chunk.context_len - chunk.num_tokens + 1
             ctx.append(torch.arange(first, chunk.context_len + 1))
-        width = max(len(t) for t in tables)
-        padded = torch.zeros(len(tables), width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            padded[i, : len(t)] = t
         return padded, torch.tensor(seq, dtype=torch.long), torch.cat(ctx).long()
 
 
