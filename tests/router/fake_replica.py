@@ -17,7 +17,8 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9, "prompt_
 
 
 class FakeReplica:
-    """mode: "ok"; "errors" (every completion a 500); "slow" (the first byte after `delay` s)."""
+    """mode: "ok"; "errors" (every completion a 500); "slow" (the first byte after `delay` s);
+    "late_end" (a stream's body ends `delay` s after its [DONE] event)."""
 
     def __init__(self, mode: str = "ok", delay: float = 0.5):
         self.mode, self.delay = mode, delay
@@ -78,5 +79,7 @@ class FakeReplica:
         for _ in range(4):
             await out.write(b'data: {"choices": [{"index": 0, "text": "ok "}]}\n\n')
         await out.write(f"data: {json.dumps({'choices': [], 'usage': USAGE})}\n\ndata: [DONE]\n\n".encode())
+        if self.mode == "late_end":
+            await asyncio.sleep(self.delay)
         await out.write_eof()
         return out

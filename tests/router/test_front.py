@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.router.fake_replica import FakeReplica
+from tests.router.polling import until
 from tests.server.checks import metric
 from tests.server.process import ServeProcess
 
@@ -72,3 +73,23 @@ def test_a_stream_is_relayed_whole_and_its_usage_counted(router):
     assert metric(text, "tokenmill_router_requests_total", outcome="ok") >= 3
     assert metric(text, "tokenmill_router_prompt_tokens_total") >= 3 * 5  # the usage event was found
     assert metric(text, "tokenmill_router_actual_cached_tokens_total") == before  # the fake caches nothing
+
+
+def test_a_client_leaving_after_the_last_event_was_served(router):
+    """The client has [DONE] and hangs up while the router still reads the replica's body end:
+    that request was served (ok), not cancelled by the client."""
+    client, replica = router
+    counts = {o: metric(client.get("/metrics", headers=AUTH).text, "tokenmill_router_requests_total", outcome=o)
+              for o in ("ok", "cancelled")}
+    replica.mode = "late_end"
+    try:
+        # Its own connection, closed when the block ends: the hang-up the router sees.
+        with httpx.stream("POST", client.base_url.join("/v1/completions"), headers=AUTH, timeout=30,
+                          json={"model": "m", "prompt": "Hi", "stream": True}) as r:
+            assert r.read().endswith(b"data: [DONE]\n\n")
+        until(lambda: metric(client.get("/metrics", headers=AUTH).text, "tokenmill_router_requests_total",
+                             outcome="ok") == counts["ok"] + 1, 10)
+        text = client.get("/metrics", headers=AUTH).text
+        assert metric(text, "tokenmill_router_requests_total", outcome="cancelled") == counts["cancelled"]
+    finally:
+        replica.mode = "ok"

@@ -216,6 +216,8 @@ class Fleet:
         # The usage event is the last data event before [DONE]: the last few reads hold it.
         # Kept as chunks and joined once at the end, not copied on every chunk.
         tail: deque[bytes] = deque((first,), maxlen=_TAIL_CHUNKS)
+        # None until the client has had the whole stream: a client that leaves after that (while
+        # the replica's body end is still read) was served, not cancelled.
         ok: bool | None = None
         reusable = False  # the replica's body was read to its end: its connection can serve again
         try:
@@ -242,10 +244,7 @@ class Fleet:
             ok = broke is None
             reusable = ok and await _read_to_end(content)
         except ConnectionError:  # the client left: no fault of the replica's
-            ok = None
-        except asyncio.CancelledError:  # the client left (handler cancellation)
-            ok = None
-            raise
+            pass
         finally:
             # A whole stream frees its connection for reuse; a cut one closes it, which is
             # what tells the replica to abort the request.
