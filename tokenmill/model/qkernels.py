@@ -256,6 +256,7 @@ static void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* q2, float
 struct Int4W {
   const uint8_t* q; const at::Half* scale; const at::Half* min; int64_t K, G;
   static constexpr bool kHasMin = true;
+  static constexpr int64_t kBlockBytes = 4 * 32;  // a block of 32 inputs of a group's 8 columns
   inline const uint8_t* group(int64_t c) const { return q + c * (K / 8) * 32; }
   inline int32_t dot_scalar(int64_t c, int64_t j, int64_t b, const int8_t* x) const {
     const uint8_t* p = group(c) + b * 4 * 32;
@@ -271,6 +272,7 @@ struct Int4W {
 struct Int8W {
   const int8_t* q; const at::Half* scale; int64_t K, G;
   static constexpr bool kHasMin = false;
+  static constexpr int64_t kBlockBytes = 8 * 32;
   inline int64_t padded_k() const { return (K + 31) / 32 * 32; }
   inline const int8_t* group(int64_t c) const { return q + c * padded_k() * 8; }
   inline int32_t dot_scalar(int64_t c, int64_t j, int64_t b, const int8_t* x) const {
@@ -389,7 +391,36 @@ static inline __m256 group_min(const W& w, int64_t gc, int64_t b) {
 }
 #endif
 
-template <int R, int C, typename W>
+// The one- to three-row path reads its weights once, from memory, a column group after the
+// next: ask for them kStreamAhead bytes before the block being read, every line of the values,
+// and the scales' and minimums' lines the same distance ahead in inputs. The hardware's own
+// prefetch left the cores computing and waiting by turns (the decoder's linears at 55-85% of
+// the rate a plain read of the same bytes gets); with this the one-row decoder step ran 1.08-1.11x
+// faster, paired. 1 KB ahead gained nothing, 8 KB less than 2-4 KB. Past a thread's last group
+// the lines are the next one's, or beyond the buffer: a prefetch never faults.
+static constexpr int64_t kStreamAhead = 4096;
+// scale_ahead: the bytes of scales (and of minimums) as far ahead as kStreamAhead is in values.
+// always_inline: out of line, GCC saw a function of prefetches alone as one without effects and
+// deleted its calls (the one-row loop had no prefetch left, and no gain).
+template <typename W>
+__attribute__((always_inline)) static inline void stream_ahead(const W& w, int64_t c, int64_t b, int64_t scale_ahead) {
+  const char* v = reinterpret_cast<const char*>(w.group(c)) + b * W::kBlockBytes + kStreamAhead;
+  __builtin_prefetch(v, 0, 2);
+  __builtin_prefetch(v + 64, 0, 2);
+  if constexpr (W::kBlockBytes == 256) {
+    __builtin_prefetch(v + 128, 0, 2);
+    __builtin_prefetch(v + 192, 0, 2);
+  }
+  if (b % 4 == 0) {  // 16 bytes a group of 32 inputs: a line every 4 blocks at G = 32
+    const int64_t i = (c * (w.K / w.G) + (b * kBlock) / w.G) * kCols;
+    __builtin_prefetch(reinterpret_cast<const char*>(w.scale + i) + scale_ahead, 0, 2);
+    if constexpr (W::kHasMin)
+      if (w.min) __builtin_prefetch(reinterpret_cast<const char*>(w.min + i) + scale_ahead, 0, 2);
+  }
+}
+
+// kStream: the one- to three-row path's (stream_ahead).
+template <int R, int C, typename W, bool kStream = false>
 static inline void rows_group(const W& w, int64_t c0, int64_t N, const QRow* x, float* const* y, bool add) {
   const int64_t nb = (w.K + kBlock - 1) / kBlock, groups = w.K / w.G;
 #ifdef TM_AVX2
@@ -399,7 +430,9 @@ static inline void rows_group(const W& w, int64_t c0, int64_t N, const QRow* x, 
   __m256 acc[R][C], macc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = macc[r][c] = _mm256_setzero_ps();
+  const int64_t scale_ahead = kStream ? kStreamAhead / W::kBlockBytes * 2 * kCols / std::max<int64_t>(1, w.G / kBlock) : 0;
   for (int64_t b = 0; b < nb; ++b) {
+    if constexpr (kStream) stream_ahead(w, c0, b, scale_ahead);
     Dots i[R][C];
     block_dot<R, C>(w, c0, b, x, i);
     const int64_t g = (b * kBlock) / w.G;
@@ -483,7 +516,7 @@ struct Prefetch {
 
 // Rows [r0, r1) of column groups [c0, c1), kColBlock groups and kRowBlock rows at a time, then
 // the rest one by one.
-template <int C, typename W>
+template <int C, bool kStream = false, typename W>
 static inline void rows_span_c(const W& w, int64_t c0, int64_t N, const std::vector<QRow>& x, int64_t r0, int64_t r1,
                                float* yp, bool add, Prefetch* pf = nullptr) {
   int64_t r = r0;
@@ -491,12 +524,12 @@ static inline void rows_span_c(const W& w, int64_t c0, int64_t N, const std::vec
     float* y[kRowBlock];
     for (int i = 0; i < kRowBlock; ++i) y[i] = yp + (r + i) * N;
     if (pf) pf->some();
-    rows_group<kRowBlock, C>(w, c0, N, x.data() + r, y, add);
+    rows_group<kRowBlock, C, W, kStream>(w, c0, N, x.data() + r, y, add);
   }
   for (; r < r1; ++r) {
     float* y[1] = {yp + r * N};
     if (pf) pf->some();
-    rows_group<1, C>(w, c0, N, x.data() + r, y, add);
+    rows_group<1, C, W, kStream>(w, c0, N, x.data() + r, y, add);
   }
 }
 template <typename W>
@@ -536,7 +569,7 @@ static void run_into(const float* xp, int64_t rows, int64_t N, const W& w, float
     // One group at a time: a row or two read each weight once, at memory speed, and two groups
     // in step are two streams 4.6 KB apart, which halved the LM head's one-row speed.
     at::parallel_for(0, col_groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) rows_span_c<1>(w, c, N, xr, 0, rows, yp, add);
+      for (int64_t c = begin; c < end; ++c) rows_span_c<1, true>(w, c, N, xr, 0, rows, yp, add);
     });
     return;
   }
