@@ -395,9 +395,10 @@ static inline __m256 group_min(const W& w, int64_t gc, int64_t b) {
 // next: ask for them kStreamAhead bytes before the block being read, every line of the values,
 // and the scales' and minimums' lines the same distance ahead in inputs. The hardware's own
 // prefetch left the cores computing and waiting by turns (the decoder's linears at 55-85% of
-// the rate a plain read of the same bytes gets); with this the one-row decoder step ran 1.08-1.11x
-// faster, paired. 1 KB ahead gained nothing, 8 KB less than 2-4 KB. Past a thread's last group
-// the lines are the next one's, or beyond the buffer: a prefetch never faults.
+// the rate a plain read of the same bytes gets); with this the one- and two-row decoder steps ran
+// 1.07-1.08x faster, paired (benchmarks/kernel_ab.py decoder). 1 KB ahead gained nothing, 8 KB
+// less than 2-4 KB, and the values' lines alone less than with the scales'. Past a thread's last
+// group the lines are the next one's, or beyond the buffer: a prefetch never faults.
 static constexpr int64_t kStreamAhead = 4096;
 // scale_ahead: the bytes of scales (and of minimums) as far ahead as kStreamAhead is in values.
 // always_inline: out of line, GCC saw a function of prefetches alone as one without effects and
