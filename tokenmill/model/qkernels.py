@@ -259,7 +259,7 @@ struct Int4W {
   static constexpr int64_t kBlockBytes = 4 * 32;  // a block of 32 inputs of a group's 8 columns
   inline const uint8_t* group(int64_t c) const { return q + c * (K / 8) * 32; }
   inline int32_t dot_scalar(int64_t c, int64_t j, int64_t b, const int8_t* x) const {
-    const uint8_t* p = group(c) + b * 4 * 32;
+    const uint8_t* p = group(c) + b * kBlockBytes;
     int32_t s = 0;
     for (int t = 0; t < 4; ++t)
       for (int i = 0; i < 4; ++i) {
@@ -276,7 +276,7 @@ struct Int8W {
   inline int64_t padded_k() const { return (K + 31) / 32 * 32; }
   inline const int8_t* group(int64_t c) const { return q + c * padded_k() * 8; }
   inline int32_t dot_scalar(int64_t c, int64_t j, int64_t b, const int8_t* x) const {
-    const int8_t* p = group(c) + b * 8 * 32;
+    const int8_t* p = group(c) + b * kBlockBytes;
     int32_t s = 0;
     for (int t = 0; t < 8; ++t)
       for (int i = 0; i < 4; ++i) s += p[t * 32 + 4 * j + i] * x[4 * t + i];
@@ -313,7 +313,7 @@ static inline void block_dot(const Int4W& w, int64_t c0, int64_t b, const QRow* 
   for (int t = 0; t < 4; ++t) {
     __m256i lo[C], hi[C];
     for (int c = 0; c < C; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.group(c0 + c) + b * 4 * 32 + t * 32));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.group(c0 + c) + b * Int4W::kBlockBytes + t * 32));
       lo[c] = _mm256_and_si256(v, mask);
       hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
     }
@@ -340,7 +340,7 @@ static inline void block_dot(const Int8W& w, int64_t c0, int64_t b, const QRow* 
   for (int t = 0; t < 8; ++t) {
     __m256i u[C];
     for (int c = 0; c < C; ++c)
-      u[c] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.group(c0 + c) + b * 8 * 32 + t * 32)), flip);
+      u[c] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.group(c0 + c) + b * Int8W::kBlockBytes + t * 32)), flip);
     for (int r = 0; r < R; ++r) {
       const __m256i s1 = bcast4(x[r].q + b * kBlock + 4 * t), s2 = bcast4(x[r].q2 + b * kBlock + 4 * t);
       for (int c = 0; c < C; ++c) {
@@ -359,7 +359,7 @@ static inline void block_dot(const Int8W& w, int64_t c0, int64_t b, const QRow* 
 #else
   for (int t = 0; t < 8; ++t) {
     for (int c = 0; c < C; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.group(c0 + c) + b * 8 * 32 + t * 32));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.group(c0 + c) + b * Int8W::kBlockBytes + t * 32));
       const __m256i u = _mm256_abs_epi8(v);
       for (int r = 0; r < R; ++r) {
         out[r][c].a = dot_add(out[r][c].a, u, _mm256_sign_epi8(bcast4(x[r].q + b * kBlock + 4 * t), v));
