@@ -30,9 +30,28 @@ if [[ ! -d "$CACHE/src" ]]; then
   mv "$CACHE/src.tmp" "$CACHE/src"
 fi
 
-# CPU only; native so the peer gets the same SIMD the host offers tokenmill's torch kernels.
+# CPU only, with every instruction set this CPU lists, named one by one: never GGML_NATIVE,
+# since a VM may list AMX without the OS enabling it and a -march=native binary then dies with
+# SIGILL at start. AMX goes in only where the kernel grants this process the tile state
+# (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), as it does tokenmill's own AMX kernels.
+flags=" $(grep -m1 -E '^(flags|Features)' /proc/cpuinfo || true) "
+has() { [[ "$flags" == *" $1 "* ]]; }
+onoff() { if has "$1"; then echo ON; else echo OFF; fi; }
+amx_granted() {
+  python3 -c 'import ctypes,sys; sys.exit(ctypes.CDLL(None).syscall(158, 0x1023, 18) != 0)' 2>/dev/null
+}
+AMX=OFF
+if has amx_tile && has amx_int8 && amx_granted; then AMX=ON; fi
+isa=(
+  -DGGML_AVX="$(onoff avx)" -DGGML_AVX2="$(onoff avx2)" -DGGML_FMA="$(onoff fma)" -DGGML_F16C="$(onoff f16c)"
+  -DGGML_BMI2="$(onoff bmi2)" -DGGML_AVX_VNNI="$(onoff avx_vnni)" -DGGML_AVX512="$(onoff avx512f)"
+  -DGGML_AVX512_VBMI="$(onoff avx512vbmi)" -DGGML_AVX512_VNNI="$(onoff avx512_vnni)"
+  -DGGML_AVX512_BF16="$(onoff avx512_bf16)" -DGGML_AMX_TILE="$AMX" -DGGML_AMX_INT8="$AMX"
+  -DGGML_AMX_BF16="$([[ $AMX == ON ]] && onoff amx_bf16 || echo OFF)"
+)
+echo "llama.cpp build: ${isa[*]}" >&2
 cmake -S "$CACHE/src/vendor/llama.cpp" -B "$CACHE/build" -G Ninja \
   -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
-  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF >&2
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF "${isa[@]}" -DBUILD_SHARED_LIBS=OFF >&2
 cmake --build "$CACHE/build" --target llama-server -j "$JOBS" >&2
 echo "$BIN"

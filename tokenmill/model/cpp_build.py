@@ -31,7 +31,7 @@ from tokenmill.startup import phase
 
 log = logging.getLogger("tokenmill")
 
-# /proc/cpuinfo flag -> compiler flag. AMX is left out on purpose (module docstring).
+# /proc/cpuinfo flag -> compiler flag. AMX is never one of them (module docstring; isa_flags).
 _ISA_FLAGS = {
     "avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c",
     "avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl", "avx512_vnni": "-mavx512vnni",
@@ -48,11 +48,15 @@ def cpu_flags() -> str:
 
 def isa_flags(flags: str) -> list[str]:
     """Compiler flags for the instruction sets /proc/cpuinfo lists; AVX2 only with FMA (the
-    kernels' AVX2 paths need both)."""
+    kernels' AVX2 paths need both). AMX-INT8 listed only defines TM_AMX_LISTED: qkernels then
+    compiles its tile code in functions of their own target and runs it only where the OS
+    grants the tile state, never enabling AMX for the whole build."""
     have = set(flags.split())
     out = [f for name, f in _ISA_FLAGS.items() if name in have]
     if not {"avx2", "fma"} <= have:
         out = [f for f in out if f not in ("-mavx2", "-mfma")]
+    if {"amx_tile", "amx_int8"} <= have:
+        out.append("-DTM_AMX_LISTED")
     return out
 
 
