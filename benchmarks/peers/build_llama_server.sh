@@ -32,22 +32,17 @@ fi
 
 # CPU only, with every instruction set this CPU lists, named one by one: never GGML_NATIVE,
 # since a VM may list AMX without the OS enabling it and a -march=native binary then dies with
-# SIGILL at start. AMX goes in only where the kernel grants this process the tile state
-# (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), as it does tokenmill's own AMX kernels.
+# SIGILL at start. AMX stays off: built in where the OS does grant it (Intel Xeon, family 6
+# model 167, Dec 2026), llama.cpp's AMX matmul (tinygemm_kernel_amx, Q4_1) died with SIGILL at
+# its first tilezero on the first request.
 flags=" $(grep -m1 -E '^(flags|Features)' /proc/cpuinfo || true) "
 has() { [[ "$flags" == *" $1 "* ]]; }
 onoff() { if has "$1"; then echo ON; else echo OFF; fi; }
-amx_granted() {
-  python3 -c 'import ctypes,sys; sys.exit(ctypes.CDLL(None).syscall(158, 0x1023, 18) != 0)' 2>/dev/null
-}
-AMX=OFF
-if has amx_tile && has amx_int8 && amx_granted; then AMX=ON; fi
 isa=(
   -DGGML_AVX="$(onoff avx)" -DGGML_AVX2="$(onoff avx2)" -DGGML_FMA="$(onoff fma)" -DGGML_F16C="$(onoff f16c)"
   -DGGML_BMI2="$(onoff bmi2)" -DGGML_AVX_VNNI="$(onoff avx_vnni)" -DGGML_AVX512="$(onoff avx512f)"
   -DGGML_AVX512_VBMI="$(onoff avx512vbmi)" -DGGML_AVX512_VNNI="$(onoff avx512_vnni)"
-  -DGGML_AVX512_BF16="$(onoff avx512_bf16)" -DGGML_AMX_TILE="$AMX" -DGGML_AMX_INT8="$AMX"
-  -DGGML_AMX_BF16="$([[ $AMX == ON ]] && onoff amx_bf16 || echo OFF)"
+  -DGGML_AVX512_BF16="$(onoff avx512_bf16)" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 )
 echo "llama.cpp build: ${isa[*]}" >&2
 cmake -S "$CACHE/src/vendor/llama.cpp" -B "$CACHE/build" -G Ninja \
