@@ -585,9 +585,10 @@ struct alignas(64) AmxConfig {
 // Column groups [c0, c0 + here) of W as B tiles: block b's tile for half h at out + (2b + h) *
 // 512, its row k holding inputs 32b + 4k .. 32b + 4k + 3 of the half's 16 columns (4 bytes each,
 // group 2h + g's columns at bytes 32g..). Groups past `here` are zeros.
-static inline void amx_weights(const Int4W& w, int64_t c0, int64_t here, int64_t nb, uint8_t* out) {
+static inline void amx_weights(const Int4W& w, int64_t c0, int64_t here, int64_t b0, int64_t b1, uint8_t* out) {
   const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-  for (int64_t b = 0; b < nb; ++b)
+  out -= b0 * 1024;
+  for (int64_t b = b0; b < b1; ++b)
     for (int64_t g = 0; g < kAmxGroups; ++g)
       for (int t = 0; t < 4; ++t) {
         // quad t: the low nibbles are inputs 8t..8t+3 (row 2t), the high ones 8t+4..8t+7
@@ -598,8 +599,9 @@ static inline void amx_weights(const Int4W& w, int64_t c0, int64_t here, int64_t
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 64), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
       }
 }
-static inline void amx_weights(const Int8W& w, int64_t c0, int64_t here, int64_t nb, uint8_t* out) {
-  for (int64_t b = 0; b < nb; ++b)
+static inline void amx_weights(const Int8W& w, int64_t c0, int64_t here, int64_t b0, int64_t b1, uint8_t* out) {
+  out -= b0 * 1024;
+  for (int64_t b = b0; b < b1; ++b)
     for (int64_t g = 0; g < kAmxGroups; ++g)
       for (int t = 0; t < 8; ++t) {
         uint8_t* o = out + (2 * b + g / 2) * 512 + t * 64 + 32 * (g % 2);
@@ -688,7 +690,10 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_span(const W& w, in
   alignas(64) float acc[kAmxRows * 32];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t c0 = t * kAmxGroups, here = std::min(kAmxGroups, col_groups - c0);
-    amx_weights(w, c0, here, nb, wt.get());
+    // One row chunk: each block's weights unpacked as it comes, into two slots, so the rows'
+    // int8 stay in L1 (the whole tile's, 18-48 KB, pushed them out); more: once for all chunks.
+    const bool jit = rows <= kAmxRows;
+    if (!jit) amx_weights(w, c0, here, 0, nb, wt.get());
     // A few rows (as the VNNI path's Prefetch, to kPrefetchRows): the next tile's weights asked
     // of memory a share per block, while this tile's sums are made (decoder at 16 rows 1.04x,
     // the LM head 1.10x; many rows amortize the wait).
@@ -711,8 +716,10 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_span(const W& w, in
           _tile_zero(7);
           _tile_loadd(0, q + b * kBlock, stride);
           _tile_loadd(1, q2 + b * kBlock, stride);
-          _tile_loadd(2, wt.get() + (2 * b) * 512, 64);
-          _tile_loadd(3, wt.get() + (2 * b + 1) * 512, 64);
+          uint8_t* wb = jit ? wt.get() + (b & 1) * 1024 : wt.get() + b * 1024;
+          if (jit) amx_weights(w, c0, here, b, b + 1, wb);
+          _tile_loadd(2, wb, 64);
+          _tile_loadd(3, wb + 512, 64);
           if constexpr (W::kUnsigned) {
             _tile_dpbsud(4, 0, 2);
             _tile_dpbsud(5, 1, 2);
