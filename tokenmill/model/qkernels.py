@@ -555,8 +555,8 @@ static inline void rows_span(const W& w, int64_t c0, int64_t c1, int64_t N, cons
 // --- many rows on AMX ---
 // The integer sums of each block, exact int32 as dpbusd's, from AMX's tile multiply: one
 // instruction takes 16 rows' activations (a tile of 16 x 32 int8) times 16 columns' weights
-// (8 x 64 bytes: 4 inputs of each column a row, the layout the column groups already hold), for
-// the two passes in turn. The float steps after it are rows_group's, per lane in block order,
+// (8 x 64 bytes: 4 inputs of each column a row, the column groups' own layout, int4's nibbles
+// split), for the two passes in turn. The float steps after it are rows_group's, per lane in block order,
 // on the same integers: the same bits as the VNNI path, so a row's outputs still do not depend
 // on its batch or on which path ran it.
 
@@ -564,7 +564,8 @@ static inline void rows_span(const W& w, int64_t c0, int64_t c1, int64_t N, cons
 // XTILEDATA); where the OS has not enabled AMX, though the CPU lists it, the request fails and
 // the VNNI path runs. Asked once per process; the grant holds for every thread.
 static bool amx_granted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
   return ok;
 }
 
@@ -582,17 +583,17 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16] = {16, 16, 8, 8, 16, 16, 16, 16};
 };
 
-// Column groups [c0, c0 + here) of W as B tiles: block b's tile for half h at out + (2b + h) *
-// 512, its row k holding inputs 32b + 4k .. 32b + 4k + 3 of the half's 16 columns (4 bytes each,
-// group 2h + g's columns at bytes 32g..). Groups past `here` are zeros.
+// Blocks [b0, b1) of column groups [c0, c0 + here) of W as B tiles: block b's tile for half h
+// at out + (2 (b - b0) + h) * 512, its row k holding inputs 32b + 4k .. 32b + 4k + 3 of the
+// half's 16 columns (4 bytes each, group 2h + g's columns at bytes 32g..). Groups past `here`
+// are zeros.
 static inline void amx_weights(const Int4W& w, int64_t c0, int64_t here, int64_t b0, int64_t b1, uint8_t* out) {
   const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-  out -= b0 * 1024;
   for (int64_t b = b0; b < b1; ++b)
     for (int64_t g = 0; g < kAmxGroups; ++g)
       for (int t = 0; t < 4; ++t) {
         // quad t: the low nibbles are inputs 8t..8t+3 (row 2t), the high ones 8t+4..8t+7
-        uint8_t* o = out + (2 * b + g / 2) * 512 + 2 * t * 64 + 32 * (g % 2);
+        uint8_t* o = out + (2 * (b - b0) + g / 2) * 512 + 2 * t * 64 + 32 * (g % 2);
         const __m256i v = g < here ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.group(c0 + g) + b * Int4W::kBlockBytes + t * 32))
                                    : zero;
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_and_si256(v, mask));
@@ -600,11 +601,10 @@ static inline void amx_weights(const Int4W& w, int64_t c0, int64_t here, int64_t
       }
 }
 static inline void amx_weights(const Int8W& w, int64_t c0, int64_t here, int64_t b0, int64_t b1, uint8_t* out) {
-  out -= b0 * 1024;
   for (int64_t b = b0; b < b1; ++b)
     for (int64_t g = 0; g < kAmxGroups; ++g)
       for (int t = 0; t < 8; ++t) {
-        uint8_t* o = out + (2 * b + g / 2) * 512 + t * 64 + 32 * (g % 2);
+        uint8_t* o = out + (2 * (b - b0) + g / 2) * 512 + t * 64 + 32 * (g % 2);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o),
                             g < here ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.group(c0 + g) + b * Int8W::kBlockBytes + t * 32))
                                      : _mm256_setzero_si256());
@@ -685,14 +685,15 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_span(const W& w, in
   const int64_t nb = (w.K + kBlock - 1) / kBlock, col_groups = (N + kCols - 1) / kCols, stride = nb * kBlock;
   const AmxConfig cfg;
   _tile_loadconfig(&cfg);
-  std::unique_ptr<uint8_t[]> wt(new uint8_t[nb * 1024]);
+  // One row chunk: each block's weights unpacked as it comes, into two slots, so the rows' int8
+  // stay in L1 (the whole tile's, 18-48 KB, pushed them out: 1.03-1.21x at 9-16 rows); more
+  // chunks: once for all of them (unpacked per chunk, 0.83-0.93x).
+  const bool jit = rows <= kAmxRows;
+  std::unique_ptr<uint8_t[]> wt(new uint8_t[(jit ? 2 : nb) * 1024]);
   alignas(64) int32_t sums[2][4 * 256];
   alignas(64) float acc[kAmxRows * 32];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t c0 = t * kAmxGroups, here = std::min(kAmxGroups, col_groups - c0);
-    // One row chunk: each block's weights unpacked as it comes, into two slots, so the rows'
-    // int8 stay in L1 (the whole tile's, 18-48 KB, pushed them out); more: once for all chunks.
-    const bool jit = rows <= kAmxRows;
     if (!jit) amx_weights(w, c0, here, 0, nb, wt.get());
     // A few rows (as the VNNI path's Prefetch, to kPrefetchRows): the next tile's weights asked
     // of memory a share per block, while this tile's sums are made (decoder at 16 rows 1.04x,
