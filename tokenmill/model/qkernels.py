@@ -708,6 +708,7 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_span(const W& w, in
       const int64_t n = std::min(kAmxRows, rows - r0);
       const int8_t *q = x[r0].q, *q2 = x[r0].q2;
       std::memset(acc, 0, sizeof(acc));
+      if (jit) amx_weights(w, c0, here, 0, 1, wt.get());
       for (int64_t b = 0; b <= nb; ++b) {
         if (b < nb) {
           int32_t* s = sums[b & 1];
@@ -717,8 +718,10 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_span(const W& w, in
           _tile_zero(7);
           _tile_loadd(0, q + b * kBlock, stride);
           _tile_loadd(1, q2 + b * kBlock, stride);
-          uint8_t* wb = jit ? wt.get() + (b & 1) * 1024 : wt.get() + b * 1024;
-          if (jit) amx_weights(w, c0, here, b, b + 1, wb);
+          // jit: the next block's weights unpacked a block ahead, into the other slot: a tile
+          // load right after the stores that wrote its bytes waited on them.
+          if (jit && b + 1 < nb) amx_weights(w, c0, here, b + 1, b + 2, wt.get() + ((b + 1) & 1) * 1024);
+          const uint8_t* wb = jit ? wt.get() + (b & 1) * 1024 : wt.get() + b * 1024;
           _tile_loadd(2, wb, 64);
           _tile_loadd(3, wb + 512, 64);
           if constexpr (W::kUnsigned) {
