@@ -33,9 +33,13 @@ from tokenmill.model.tokenizer import Tokenizer
 
 DTYPES = ("auto", "float32", "bfloat16")
 # The /proc/cpuinfo flag of x86 CPUs that multiply bfloat16 in hardware (oneDNN's bfloat16 GEMM
-# uses it; every AMX CPU has it too, and AMX alone is not trusted: a VM may list it without the
-# OS enabling it). Without it oneDNN emulates bfloat16: 10x slower here, and not batch-invariant.
+# uses it). Without it oneDNN emulates bfloat16: 10x slower here, and not batch-invariant.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16"})
+# Where the CPU lists AMX-BF16, oneDNN's bfloat16 GEMM runs AMX kernels whose blocking follows the
+# row count, and a row's embedding then depends on its batch: on an Intel Xeon with AMX granted,
+# a text alone and in a batch of 17 differed by 7.8e-4 (brg_matmul avx10_1_512_amx). auto keeps
+# float32 there; the encoders promise the same embedding whatever the batch.
+BATCH_VARIANT_BF16_FLAGS = frozenset({"amx_bf16"})
 
 
 def linear_dtype(name: str, flags: str) -> torch.dtype:
@@ -43,7 +47,9 @@ def linear_dtype(name: str, flags: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"encoder dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
-        return torch.bfloat16 if NATIVE_BF16_FLAGS & set(flags.split()) else torch.float32
+        have = set(flags.split())
+        native = NATIVE_BF16_FLAGS & have and not BATCH_VARIANT_BF16_FLAGS & have
+        return torch.bfloat16 if native else torch.float32
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
