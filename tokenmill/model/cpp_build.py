@@ -3,8 +3,9 @@ torch.utils.cpp_extension, for the instruction sets this CPU lists.
 
 Never -march=native: a VM may list AMX (and other) flags its OS does not enable, and a binary
 built for them dies with SIGILL. The kernels ask for the sets they use, named one by one from
-/proc/cpuinfo; AMX only as a define (isa_flags), its code guarded at run time. A build's cache entry is keyed by its source and flags, so a shared home
-directory or image never hands an AVX-512 build to another CPU.
+/proc/cpuinfo; AMX only as a define (isa_flags), its code guarded at run time. A build's
+cache entry is keyed by its source and flags, so a shared home directory or image never hands
+an AVX-512 build to another CPU.
 
 A start with a build already made skips torch's load_inline altogether: importing
 torch.utils.cpp_extension (setuptools) and its ninja run cost about 0.4 s a kernel even when
