@@ -392,12 +392,18 @@ static inline void block_dot(const Int8W& w, int64_t c0, int64_t b, const QRow* 
 // (One float step per block instead of two: the second conversion, multiply and fma competed
 // with dpbusd for the vector pipes.)
 #ifdef TM_AVX2
-// The minimum of block b's group for the 8 columns of group gc (Q4_0's symmetric form: -8 * scale).
+// The scale, and the minimum, of block b's group for the 8 columns of group gc (Q4_0's
+// symmetric form: min = -8 * scale).
+static inline __m256 half8(const at::Half* h) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))); }
+template <typename W>
+static inline int64_t group_index(const W& w, int64_t gc, int64_t b) {
+  return (gc * (w.K / w.G) + (b * kBlock) / w.G) * kCols;
+}
+template <typename W>
+static inline __m256 group_scale(const W& w, int64_t gc, int64_t b) { return half8(w.scale + group_index(w, gc, b)); }
 template <typename W>
 static inline __m256 group_min(const W& w, int64_t gc, int64_t b) {
-  const int64_t groups = w.K / w.G, i = (gc * groups + (b * kBlock) / w.G) * kCols;
-  const auto half8 = [](const at::Half* h) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))); };
-  return w.min ? half8(w.min + i) : _mm256_mul_ps(half8(w.scale + i), _mm256_set1_ps(-8.f));
+  return w.min ? half8(w.min + group_index(w, gc, b)) : _mm256_mul_ps(group_scale(w, gc, b), _mm256_set1_ps(-8.f));
 }
 #endif
 
@@ -611,11 +617,12 @@ static inline void amx_weights(const Int8W& w, int64_t c0, int64_t here, int64_t
       }
 }
 
-// 16 float16 values: group c's 8 and group c + 1's (zeros where c + 1 is past `here`).
-static inline __m512 half16(const at::Half* p, int64_t stride, bool second) {
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i hi = second ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + stride)) : _mm_setzero_si128();
-  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+// group8(c) and group8(c + 1) (zeros where `second` is false: c + 1 is past the tile's groups)
+// as one vector of 16 lanes, a half tile's columns.
+template <typename F>
+static inline __m512 pair16(F group8, int64_t c, bool second) {
+  const __m256 lo = group8(c), hi = second ? group8(c + 1) : _mm256_setzero_ps();
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
 }
 
 // Block b's float step (rows_group's acc line) for the tile's `n` rows: sums holds the block's
@@ -624,10 +631,9 @@ static inline __m512 half16(const at::Half* p, int64_t stride, bool second) {
 template <typename W>
 static inline void amx_block_step(const W& w, int64_t c0, int64_t here, int64_t b, const QRow* x, int64_t n,
                                   const int32_t* sums, float* acc) {
-  const int64_t groups = w.K / w.G, g = (b * kBlock) / w.G;
+  const auto scale = [&](int64_t c) { return group_scale(w, c, b); };
   __m512 d[2];
-  for (int h = 0; h < 2; ++h)
-    d[h] = 2 * h < here ? half16(w.scale + ((c0 + 2 * h) * groups + g) * kCols, groups * kCols, 2 * h + 1 < here) : _mm512_setzero_ps();
+  for (int h = 0; h < 2; ++h) d[h] = 2 * h < here ? pair16(scale, c0 + 2 * h, 2 * h + 1 < here) : _mm512_setzero_ps();
   for (int64_t r = 0; r < n; ++r) {
     const __m512 d2 = _mm512_set1_ps(x[r].d2[b]);
     for (int h = 0; h < 2; ++h) {
@@ -644,17 +650,15 @@ static inline void amx_block_step(const W& w, int64_t c0, int64_t here, int64_t 
 template <int R, typename W>
 static inline void amx_rows_out(const W& w, int64_t c0, int64_t here, int64_t N, const QRow* x, const float* acc,
                                 float* const* y, bool add) {
-  const int64_t nb = (w.K + kBlock - 1) / kBlock, groups = w.K / w.G;
+  const int64_t nb = (w.K + kBlock - 1) / kBlock;
   __m512 macc[R][2];
   for (int r = 0; r < R; ++r) macc[r][0] = macc[r][1] = _mm512_setzero_ps();
   if constexpr (W::kHasMin)
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t g = (b * kBlock) / w.G;
+      const auto minimum = [&](int64_t c) { return group_min(w, c, b); };
       for (int h = 0; h < 2; ++h) {
         if (2 * h >= here) continue;
-        const int64_t i = ((c0 + 2 * h) * groups + g) * kCols;
-        const __m512 m = w.min ? half16(w.min + i, groups * kCols, 2 * h + 1 < here)
-                               : _mm512_mul_ps(half16(w.scale + i, groups * kCols, 2 * h + 1 < here), _mm512_set1_ps(-8.f));  // group_min's Q4_0 form
+        const __m512 m = pair16(minimum, c0 + 2 * h, 2 * h + 1 < here);
         for (int r = 0; r < R; ++r) macc[r][h] = _mm512_fmadd_ps(m, _mm512_set1_ps(x[r].s[b]), macc[r][h]);
       }
     }
