@@ -254,6 +254,27 @@ def test_async_request_failure_is_raised_to_its_caller_only(tiny_models, monkeyp
     assert_pool_whole(engine.engine)
 
 
+def test_a_slow_consumer_gets_the_tokens_made_before_its_request_failed(tiny_models, monkeypatch):
+    _, loaded = tiny_models("llama")
+    engine = build_async_engine(EngineConfig.from_flat(model="tiny", num_kv_blocks=64), loaded)
+    _poison_sampling(monkeypatch, after_tokens=3)
+
+    async def main():
+        bad = SamplingParams(temperature=0.5, seed=POISON_SEED, max_tokens=50, ignore_eos=True)
+        stream = engine.generate([1, 2, 3], bad, "bad")
+        seen = [await stream.__anext__()]
+        await asyncio.sleep(1.0)  # the next tokens and the failure queue up behind a slow consumer
+        with pytest.raises(RequestFailedError):
+            async for out in stream:
+                seen.append(out)
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(main(), 60))
+    assert len(seen[-1].outputs[0].token_ids) == 3  # every token made before the fault was delivered
+    engine.shutdown()
+    assert_pool_whole(engine.engine)
+
+
 def test_gauges_true_after_every_add_abort_and_finish(tiny_models):
     """No gauge waits for the next step: a slow step must not hide a queue, and an engine that
     goes idle must not keep the last busy figures."""

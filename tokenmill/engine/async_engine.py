@@ -155,14 +155,19 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True  # the engine never kept it, or already dropped it
                     raise item
-                # Coalesce: only the newest cumulative output matters to a slow consumer.
+                # Coalesce: only the newest cumulative output matters to a slow consumer. A failure
+                # behind it is raised after it: the tokens made before the fault still reach the
+                # caller (raised at once, a slow consumer lost them).
+                failure = None
                 while not q.empty() and not item.finished:
                     nxt = q.get_nowait()
                     if isinstance(nxt, BaseException):
-                        finished = True
-                        raise nxt
+                        failure, finished = nxt, True  # the engine already dropped the request
+                        break
                     item = nxt
                 yield item
+                if failure is not None:
+                    raise failure
                 if item.finished:
                     finished = True
                     return
